@@ -1,0 +1,1 @@
+"""Architecture definitions: data only, one JSON file per architecture (read by common.arch)."""

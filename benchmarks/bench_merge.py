@@ -1,0 +1,166 @@
+"""Speed and memory of mkmerge next to an I/O floor, on random Llama-shaped bf16 models.
+
+    python benchmarks/bench_merge.py [--sizes 0.5b,1.1b] [--repeat 3] [--root /tmp/mk-bench]
+                                     [--methods linear,ties,slerp] [--mergekit /path/to/venv/bin/mergekit-yaml]
+
+For each size it builds (once, cached under --root) a base and two fine-tunes, warms the
+page cache, then measures, alternating runs and reporting medians:
+
+* floor: read every input tensor file once and write one model's worth of bytes
+  (what any merge must at least do);
+* each merge through the `mkmerge` command line, in a child process whose peak RSS comes
+  from the kernel (wait4 rusage), so the number includes Python, torch and everything else.
+
+With --mergekit, the same recipes also run through mergekit as a black box for comparison.
+Prints one table; tests never assert on these numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from model_family import build_llama_family  # noqa: E402
+
+RECIPES = {
+    "linear": """merge_method: linear
+models:
+  - model: {m0}
+    parameters: {{weight: 0.4}}
+  - model: {m1}
+    parameters: {{weight: 0.3}}
+  - model: {m2}
+    parameters: {{weight: 0.3}}
+dtype: bfloat16
+""",
+    "slerp": """merge_method: slerp
+base_model: {m0}
+models:
+  - model: {m0}
+  - model: {m1}
+parameters:
+  t: 0.4
+dtype: bfloat16
+""",
+    "ties": """merge_method: ties
+base_model: {m0}
+models:
+  - model: {m1}
+    parameters: {{weight: 0.5, density: 0.5}}
+  - model: {m2}
+    parameters: {{weight: 0.5, density: 0.5}}
+dtype: bfloat16
+""",
+    "dare_ties": """merge_method: dare_ties
+base_model: {m0}
+models:
+  - model: {m1}
+    parameters: {{weight: 0.5, density: 0.5}}
+  - model: {m2}
+    parameters: {{weight: 0.5, density: 0.5}}
+dtype: bfloat16
+""",
+}
+
+
+def run_child(command: list[str]) -> tuple[float, float]:
+    """Wall seconds and peak RSS (MB) of a child process, from the kernel's accounting."""
+    started = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(process.pid, 0)
+    wall = time.perf_counter() - started
+    if status != 0:
+        err = process.stderr.read().decode() if process.stderr else ""
+        raise RuntimeError(f"{' '.join(command)} failed ({status}):\n{err[-2000:]}")
+    return wall, usage.ru_maxrss / 1024
+
+
+def weight_files(model: Path) -> list[Path]:
+    return sorted(model.glob("*.safetensors"))
+
+
+def floor_command(models: list[Path], out: Path) -> list[str]:
+    """A child that reads all input weights once and writes one model's worth of bytes."""
+    code = f"""
+import os
+chunk = bytearray(64 << 20)
+view = memoryview(chunk)
+models = {[[str(f) for f in weight_files(m)] for m in models]!r}
+with open({str(out)!r}, "wb") as sink:
+    for i, files in enumerate(models):
+        for name in files:
+            with open(name, "rb", buffering=0) as source:
+                while True:
+                    n = source.readinto(chunk)
+                    if not n:
+                        break
+                    if i == 0:
+                        sink.write(view[:n])
+    sink.flush()
+    os.fsync(sink.fileno())
+"""
+    return [sys.executable, "-c", code]
+
+
+def warm(models: list[Path]) -> None:
+    for model in models:
+        for name in weight_files(model):
+            with open(name, "rb", buffering=0) as handle:
+                while handle.read(64 << 20):
+                    pass
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="0.5b,1.1b")
+    parser.add_argument("--methods", default="linear,ties,slerp")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--root", default="/tmp/mk-bench")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--mergekit", default=None, help="path to mergekit-yaml in its own venv")
+    args = parser.parse_args()
+
+    root = Path(args.root)
+    rows = []
+    for size in args.sizes.split(","):
+        models = build_llama_family(root / size, size, 3)
+        warm(models)
+        out = root / "out"
+        runs: dict[str, list[tuple[float, float]]] = {}
+        commands: dict[str, list[str]] = {"floor": floor_command(models, root / "floor.bin")}
+        for method in args.methods.split(","):
+            recipe = root / f"{method}.yml"
+            recipe.write_text(RECIPES[method].format(m0=models[0], m1=models[1], m2=models[2]))
+            command = [sys.executable, "-m", "mkmerge", str(recipe), str(out), "--overwrite", "--quiet"]
+            if args.threads:
+                command += ["--threads", str(args.threads)]
+            commands[method] = command
+            if args.mergekit:
+                commands[f"{method} (mergekit)"] = [args.mergekit, str(recipe), str(out) + "-mk", "--lazy-unpickle"]
+        for _ in range(args.repeat):
+            for label, command in commands.items():
+                for stale in (out, Path(str(out) + "-mk")):
+                    shutil.rmtree(stale, ignore_errors=True)
+                runs.setdefault(label, []).append(run_child(command))
+        floor = statistics.median(w for w, _ in runs["floor"])
+        for label, samples in runs.items():
+            wall = statistics.median(w for w, _ in samples)
+            rss = statistics.median(r for _, r in samples)
+            rows.append((size, label, wall, wall / floor, rss))
+        (root / "floor.bin").unlink(missing_ok=True)
+
+    print(f"\n{'size':6s} {'run':22s} {'wall s':>8s} {'x floor':>8s} {'peak RSS MB':>12s}")
+    for size, label, wall, ratio, rss in rows:
+        print(f"{size:6s} {label:22s} {wall:8.2f} {ratio:8.2f} {rss:12.0f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""One hierarchy of domain errors.
+
+Every error the tools expect to meet (a bad recipe, a missing model, a corrupt file, a
+shape conflict) is an :class:`MkError`. Each carries the data that identifies the culprit
+(which model, which tensor, which recipe field and line) and renders as one readable
+paragraph with a fix where one is known. The CLIs print ``render()`` and exit with
+``exit_code``; a traceback is shown only with ``--debug``.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class MkError(Exception):
+    """Base of all expected failures: a clean message, an optional hint, an exit code."""
+
+    exit_code = 1
+    title = "error"
+
+    def __init__(self, message: str, *, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def render(self) -> str:
+        text = f"{self.title}: {self.message}"
+        if self.hint:
+            text += f"\n  hint: {self.hint}"
+        return text
+
+
+class RecipeError(MkError):
+    """The recipe (or command line) is malformed: names the field and, when known, the line."""
+
+    exit_code = 2
+    title = "recipe error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        field: str | None = None,
+        line: int | None = None,
+        file: str | None = None,
+        hint: str | None = None,
+    ):
+        self.field = field
+        self.line = line
+        self.file = file
+        where = []
+        if file:
+            where.append(str(file) + (f":{line}" if line else ""))
+        elif line:
+            where.append(f"line {line}")
+        if field:
+            where.append(f"field `{field}`")
+        prefix = f"{', '.join(where)}: " if where else ""
+        super().__init__(prefix + message, hint=hint)
+
+
+class ModelNotFoundError(MkError):
+    """A model reference resolves to nothing: no local directory, no usable Hub snapshot."""
+
+    exit_code = 3
+    title = "model not found"
+
+    def __init__(self, message: str, *, model: str | None = None, hint: str | None = None):
+        self.model = model
+        super().__init__(message, hint=hint)
+
+
+class TensorFileError(MkError):
+    """A weight file is truncated, corrupt, or not what its name says."""
+
+    exit_code = 4
+    title = "bad weight file"
+
+    def __init__(self, message: str, *, path: str | None = None, hint: str | None = None):
+        self.path = path
+        super().__init__(message, hint=hint)
+
+
+class UnsafePickleError(TensorFileError):
+    """A legacy .bin checkpoint asks the unpickler for something other than tensor data."""
+
+    title = "refused unsafe pickle"
+
+
+class ArchitectureError(MkError):
+    """Architecture definitions are missing, inconsistent, or mixed without --allow-crimes."""
+
+    exit_code = 5
+    title = "architecture error"
+
+
+class ShapeMismatchError(MkError):
+    """Input tensors that must agree in shape do not."""
+
+    exit_code = 6
+    title = "shape mismatch"
+
+
+class MissingTensorError(MkError):
+    """A required tensor is absent from an input model."""
+
+    exit_code = 6
+    title = "missing tensor"
+
+
+class MergeError(MkError):
+    """The math cannot proceed with these inputs (weights summing to zero, k = 0, ...)."""
+
+    exit_code = 7
+    title = "merge error"
+
+
+class OutputError(MkError):
+    """The output location cannot be written (exists, not a directory, disk full)."""
+
+    exit_code = 8
+    title = "output error"
+
+
+def did_you_mean(name: str, known: Iterable[str]) -> str | None:
+    """A "did you mean X?" hint for a misspelled name, or None when nothing is close."""
+    matches = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    return f"did you mean `{matches[0]}`?" if matches else None

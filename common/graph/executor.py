@@ -1,0 +1,282 @@
+"""The executor: runs a plan's tasks with a small working set, overlapping read, compute and write.
+
+Three kinds of work run side by side:
+
+* reader threads execute ``LoadTensor`` tasks ahead of compute, in schedule order, while the
+  bytes they hold stay under a prefetch budget (the load the compute loop is waiting for is
+  always admitted, so a long-lived tensor can never starve it);
+* the calling thread runs every other task in schedule order and frees each result as soon as
+  its last consumer has run;
+* one writer thread hands finished output tensors to the sink, behind a queue bounded in bytes.
+
+Output bytes do not depend on the number of threads: tasks are pure, randomness comes from
+per-tensor generators, and compute happens in a fixed order on one thread.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from common.graph.events import ProgressEvent, ProgressListener
+from common.graph.schedule import Schedule, build_schedule
+from common.graph.tasks import OutputTensor, Task
+
+DEFAULT_PREFETCH_BYTES = 768 * 1024**2
+DEFAULT_WRITE_QUEUE_BYTES = 512 * 1024**2
+
+
+@dataclass
+class ExecutionContext:
+    """What tasks may consult while running: open tensor sources, the device, the run seed."""
+
+    sources: Mapping[str, object]
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    seed: int = 0
+
+
+@dataclass
+class RunStats:
+    tensors: int = 0
+    bytes_written: int = 0
+    bytes_read: int = 0
+    seconds: float = 0.0
+
+
+class _ByteBudget:
+    """A counting gate in bytes: acquire blocks while the budget is spent, unless forced."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.used = 0
+        self._cond = threading.Condition()
+        self.wanted_index = -1  # schedule position of the load the compute loop waits for
+        self.cancelled = False
+
+    def acquire(self, nbytes: int, index: int | None = None) -> bool:
+        """Take ``nbytes``; a load at schedule position ``index`` the compute loop awaits never waits."""
+        with self._cond:
+            while not self.cancelled:
+                forced = index is not None and index <= self.wanted_index
+                if self.used == 0 or self.used + nbytes <= self.limit or forced:
+                    self.used += nbytes
+                    return True
+                self._cond.wait()
+            return False
+
+    def release(self, nbytes: int) -> None:
+        with self._cond:
+            self.used -= nbytes
+            self._cond.notify_all()
+
+    def want(self, index: int) -> None:
+        with self._cond:
+            if index > self.wanted_index:
+                self.wanted_index = index
+                self._cond.notify_all()
+
+    def cancel(self) -> None:
+        with self._cond:
+            self.cancelled = True
+            self._cond.notify_all()
+
+
+class Executor:
+    """Runs output tensors' task graphs and streams results to a sink."""
+
+    def __init__(
+        self,
+        ctx: ExecutionContext,
+        *,
+        threads: int | None = None,
+        readers: int = 2,
+        prefetch_bytes: int = DEFAULT_PREFETCH_BYTES,
+        write_queue_bytes: int = DEFAULT_WRITE_QUEUE_BYTES,
+        listener: ProgressListener | None = None,
+    ):
+        self.ctx = ctx
+        self.threads = threads
+        self.readers = max(1, readers)
+        self.prefetch_bytes = prefetch_bytes
+        self.write_queue_bytes = write_queue_bytes
+        self.listener = listener
+
+    def run(
+        self,
+        outputs: Sequence[OutputTensor],
+        sink: Callable[[OutputTensor, torch.Tensor], None],
+    ) -> RunStats:
+        schedule = build_schedule(outputs)
+        previous_threads = torch.get_num_threads()
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        try:
+            return _Run(self, schedule, sink).go()
+        finally:
+            torch.set_num_threads(previous_threads)
+
+
+class _Run:
+    """State of one execution (kept apart so an Executor can be reused)."""
+
+    def __init__(self, executor: Executor, schedule: Schedule, sink):
+        self.ex = executor
+        self.schedule = schedule
+        self.sink = sink
+        self.remaining = dict(schedule.consumers)
+        self.values: dict[Task, torch.Tensor] = {}
+        self.futures: dict[Task, Future] = {}
+        self.futures_ready = threading.Condition()
+        self.budget = _ByteBudget(executor.prefetch_bytes)
+        self.held_bytes: dict[Task, int] = {}
+        self.stats = RunStats()
+        self.failure: BaseException | None = None
+
+    # -- reading ---------------------------------------------------------------------------
+    def _prefetch(self, pool: ThreadPoolExecutor) -> None:
+        for index, task in self.schedule.loads:
+            nbytes = getattr(task, "nbytes", 0)
+            if not self.budget.acquire(nbytes, index):
+                return
+            future = pool.submit(task.execute, [], self.ex.ctx)
+            with self.futures_ready:
+                self.futures[task] = future
+                self.held_bytes[task] = nbytes
+                self.futures_ready.notify_all()
+
+    def _await_load(self, index: int, task: Task) -> torch.Tensor:
+        self.budget.want(index)
+        with self.futures_ready:
+            while task not in self.futures:
+                if self.failure is not None:
+                    raise self.failure
+                self.futures_ready.wait(timeout=0.5)
+            future = self.futures.pop(task)
+        tensor = future.result()
+        self.stats.bytes_read += tensor.numel() * tensor.element_size()
+        return tensor
+
+    # -- writing ---------------------------------------------------------------------------
+    def _writer(self, items: queue.Queue, budget: _ByteBudget) -> None:
+        while True:
+            item = items.get()
+            if item is None:
+                return
+            output, tensor, nbytes = item
+            try:
+                if self.failure is None:
+                    self.sink(output, tensor)
+                    self.stats.tensors += 1
+                    self.stats.bytes_written += nbytes
+                    self._emit(output, nbytes)
+            except BaseException as error:  # surfaced to the compute loop
+                self.failure = error
+                budget.cancel()
+            finally:
+                budget.release(nbytes)
+
+    def _emit(self, output: OutputTensor, nbytes: int) -> None:
+        if self.ex.listener is not None:
+            self.ex.listener(
+                ProgressEvent(
+                    kind="tensor_written",
+                    name=output.name,
+                    tensors_done=self.stats.tensors,
+                    tensors_total=len(self.schedule.outputs),
+                    bytes_done=self.stats.bytes_written,
+                    bytes_total=self.schedule.output_bytes,
+                )
+            )
+
+    # -- compute ---------------------------------------------------------------------------
+    def _release(self, task: Task) -> None:
+        self.remaining[task] -= 1
+        if self.remaining[task] == 0:
+            self.values.pop(task, None)
+            nbytes = self.held_bytes.pop(task, 0)
+            if nbytes:
+                self.budget.release(nbytes)
+
+    def _finish_output(self, output: OutputTensor, tensor: torch.Tensor, writes, write_budget) -> None:
+        if tensor.dtype != output.dtype:
+            tensor = tensor.to(output.dtype)
+        if tensor.device.type != "cpu":
+            tensor = tensor.cpu()
+        if tuple(tensor.shape) != tuple(output.shape):
+            raise RuntimeError(
+                f"internal error: {output.name} planned as {list(output.shape)} "
+                f"but computed as {list(tensor.shape)}"
+            )
+        nbytes = output.nbytes
+        write_budget.acquire(nbytes)
+        if self.failure is not None:
+            raise self.failure
+        writes.put((output, tensor.contiguous(), nbytes))
+
+    def go(self) -> RunStats:
+        started = time.perf_counter()
+        listener = self.ex.listener
+        if listener is not None:
+            listener(
+                ProgressEvent(
+                    kind="start",
+                    tensors_total=len(self.schedule.outputs),
+                    bytes_total=self.schedule.output_bytes,
+                )
+            )
+        write_budget = _ByteBudget(self.ex.write_queue_bytes)
+        writes: queue.Queue = queue.Queue()
+        writer = threading.Thread(target=self._writer, args=(writes, write_budget), daemon=True)
+        writer.start()
+        pool = ThreadPoolExecutor(max_workers=self.ex.readers, thread_name_prefix="mk-read")
+        prefetcher = threading.Thread(target=self._prefetch, args=(pool,), daemon=True)
+        prefetcher.start()
+        try:
+            self._compute(writes, write_budget)
+        except BaseException as error:
+            self.failure = self.failure or error
+            raise
+        finally:
+            self.budget.cancel()
+            writes.put(None)
+            writer.join()
+            prefetcher.join()
+            pool.shutdown(wait=True, cancel_futures=True)
+            self.values.clear()
+        if self.failure is not None:
+            raise self.failure
+        self.stats.seconds = time.perf_counter() - started
+        if listener is not None:
+            listener(
+                ProgressEvent(
+                    kind="finish",
+                    tensors_done=self.stats.tensors,
+                    tensors_total=len(self.schedule.outputs),
+                    bytes_done=self.stats.bytes_written,
+                    bytes_total=self.schedule.output_bytes,
+                )
+            )
+        return self.stats
+
+    def _compute(self, writes, write_budget) -> None:
+        ctx = self.ex.ctx
+        for index, task in enumerate(self.schedule.order):
+            if self.failure is not None:
+                raise self.failure
+            if task.is_io:
+                self.values[task] = self._await_load(index, task)
+            else:
+                deps = task.dependencies()
+                value = task.execute([self.values[d] for d in deps], ctx)
+                self.values[task] = value
+                for dep in deps:
+                    self._release(dep)
+            for output in self.schedule.outputs_at.get(index, ()):
+                self._finish_output(output, self.values[task], writes, write_budget)
+                self._release(task)

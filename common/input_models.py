@@ -1,0 +1,107 @@
+"""Input models: references resolved to files, config and architecture (metadata only).
+
+Opening an input reads ``config.json`` and the weight files' headers, never tensor data,
+so everything here is cheap and happens before the first byte of weights moves.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.arch import ArchitectureDefinition, WeightInfo, find_architecture, infer_architecture
+from common.errors import ArchitectureError, RecipeError
+from common.loading import ModelFiles, ModelReference, TensorInfo, open_model, resolve_model_path
+
+
+@dataclass(frozen=True, eq=False)
+class InputModel:
+    """One resolved input: where it lives, what it holds, how its tensors are laid out."""
+
+    ref: ModelReference
+    path: Path
+    files: ModelFiles
+    arch: ArchitectureDefinition
+    num_layers: int
+
+    @property
+    def key(self) -> str:
+        return str(self.ref)
+
+    @property
+    def config(self) -> dict:
+        return self.files.config
+
+    def locate(self, weight: WeightInfo) -> str | None:
+        """The stored name of ``weight`` in this model: its name, an alias, or a tied name."""
+        tensors = self.files.tensors
+        for name in (weight.name, *weight.aliases, *weight.tied_names):
+            if name in tensors:
+                return name
+        return None
+
+    def info(self, name: str) -> TensorInfo:
+        return self.files.tensors.info(name)
+
+
+def open_input_models(
+    refs: Iterable[ModelReference],
+    *,
+    allow_crimes: bool = False,
+    cache_dir: str | None = None,
+) -> dict[ModelReference, InputModel]:
+    """Resolve and open each distinct reference (document order kept); check architectures agree."""
+    opened: dict[ModelReference, InputModel] = {}
+    for ref in refs:
+        if ref in opened:
+            continue
+        if ref.lora is not None:
+            raise RecipeError(
+                f"`{ref}` applies a LoRA adapter; adapter inputs are not supported by this version",
+                field="model",
+                hint="merge the adapter into the model first and reference the merged directory",
+            )
+        path = resolve_model_path(ref, cache_dir=cache_dir)
+        files = open_model(path)
+        config = dict(files.config)
+        if ref.override_architecture:
+            config["architectures"] = [ref.override_architecture]
+            files.config = config
+        opened[ref] = InputModel(ref=ref, path=path, files=files, arch=None, num_layers=0)  # type: ignore[arg-type]
+    _assign_architectures(list(opened.values()), allow_crimes)
+    return opened
+
+
+def _assign_architectures(models: list[InputModel], allow_crimes: bool) -> None:
+    known = {id(m): find_architecture(m.config) for m in models}
+    if any(arch is None for arch in known.values()):
+        names = [sorted(m.files.tensors.names()) for m in models]
+        inferred = infer_architecture(names, models[0].config)
+        unknown = sorted({str((m.config.get("architectures") or ["?"])[0]) for m in models if known[id(m)] is None})
+        warnings.warn(
+            f"no architecture definition for {', '.join(unknown)}; inferred one from tensor names "
+            "(final norm and lm_head are treated as pre-weights, layer count is not updated in config.json)",
+            stacklevel=2,
+        )
+        known = {id(m): known[id(m)] or inferred for m in models}
+    first = known[id(models[0])]
+    for model in models:
+        arch = known[id(model)]
+        if arch.name != first.name and not allow_crimes:
+            raise ArchitectureError(
+                f"inputs have different architectures: {models[0].ref} is {first.name}, "
+                f"{model.ref} is {arch.name}",
+                hint="pass --allow-crimes to merge them anyway (the first model's architecture is used)",
+            )
+        chosen = first if allow_crimes else arch
+        object.__setattr__(model, "arch", chosen)
+        object.__setattr__(model, "num_layers", _layers(model, chosen))
+
+
+def _layers(model: InputModel, arch: ArchitectureDefinition) -> int:
+    try:
+        return arch.num_layers(model.config)
+    except ArchitectureError as error:
+        raise ArchitectureError(f"{model.ref}: {error.message}", hint=error.hint) from None

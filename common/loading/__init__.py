@@ -1,0 +1,31 @@
+"""Model references -> lazy tensor sources.
+
+A :class:`ModelReference` names a model; :func:`resolve_model_path` turns it into a
+directory (local, or a Hugging Face Hub snapshot); :func:`open_model` reads that
+directory's config.json and weight headers into a :class:`ModelFiles` whose
+:class:`TensorSource` loads one tensor at a time. Nothing before `load()` reads tensor data.
+"""
+
+from common.loading.hub import CONFIG_PATTERNS, hub_cache_dir, hub_offline, resolve_model_path
+from common.loading.model import ModelFiles, ShardedSource, open_model, open_tensor_file
+from common.loading.pickle_source import PickleCheckpoint
+from common.loading.reference import ModelReference
+from common.loading.safetensors_source import SAFETENSORS_DTYPES, SafetensorsFile
+from common.loading.source import TensorInfo, TensorSource
+
+__all__ = [
+    "CONFIG_PATTERNS",
+    "ModelFiles",
+    "ModelReference",
+    "PickleCheckpoint",
+    "SAFETENSORS_DTYPES",
+    "SafetensorsFile",
+    "ShardedSource",
+    "TensorInfo",
+    "TensorSource",
+    "hub_cache_dir",
+    "hub_offline",
+    "open_model",
+    "open_tensor_file",
+    "resolve_model_path",
+]

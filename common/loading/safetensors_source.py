@@ -1,0 +1,201 @@
+"""One `.safetensors` file: header parsed and validated at open, tensors read by offset.
+
+We read each tensor with `os.preadv` into a freshly allocated buffer instead of holding an
+mmap view: pages touched through an mmap count toward the process RSS for as long as the
+mapping lives, and the engine must keep peak RSS bounded by the tensors in flight. A
+positioned read into an owned buffer is also faster than page-faulting the same bytes, and
+`pread` needs no shared file position, so concurrent loads need no lock.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import sys
+import threading
+from pathlib import Path
+
+import torch
+
+from common.errors import MissingTensorError, TensorFileError, did_you_mean
+from common.loading.source import TensorInfo, TensorSource, read_bytes
+
+# The reference implementation refuses headers above 100 MB; a larger length field means
+# the file is not safetensors (or its first bytes are damaged).
+MAX_HEADER_BYTES = 100_000_000
+
+_DTYPE_NAMES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+    "U16": "uint16",
+    "U32": "uint32",
+    "U64": "uint64",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+    "F8_E8M0": "float8_e8m0fnu",
+}
+# Only the dtypes this torch build has; the rest are reported as unsupported at open.
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    code: getattr(torch, name)
+    for code, name in _DTYPE_NAMES.items()
+    if isinstance(getattr(torch, name, None), torch.dtype)
+}
+
+
+class SafetensorsFile(TensorSource):
+    """A single safetensors file; `metadata` is its `__metadata__` string map."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        try:
+            self._fd: int | None = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        except OSError as error:
+            raise TensorFileError(
+                f"cannot open {self.path}: {error.strerror or error}", path=str(self.path)
+            ) from error
+        self._close_lock = threading.Lock()
+        try:
+            size = os.fstat(self._fd).st_size
+            self.metadata, self._entries, self._data_start = _read_header(self._fd, size, self.path)
+        except OSError as error:  # e.g. a directory, or an I/O error
+            self.close()
+            raise TensorFileError(
+                f"cannot read {self.path}: {error.strerror or error}", path=str(self.path)
+            ) from error
+        except BaseException:
+            self.close()
+            raise
+
+    def names(self) -> list[str]:
+        return list(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def info(self, name: str) -> TensorInfo:
+        return self._entry(name)[0]
+
+    def load(self, name: str) -> torch.Tensor:
+        info, begin = self._entry(name)
+        fd = self._fd
+        if fd is None:
+            raise TensorFileError(
+                f"{self.path} was closed before tensor `{name}` was read", path=str(self.path)
+            )
+        buffer = read_bytes(fd, info.nbytes, self._data_start + begin, path=self.path, name=name)
+        if sys.byteorder != "little":
+            buffer = _to_native(buffer, info.dtype)
+        return buffer.view(info.dtype).reshape(info.shape)
+
+    def close(self) -> None:
+        with self._close_lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+
+    def _entry(self, name: str) -> tuple[TensorInfo, int]:
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise MissingTensorError(
+                f"tensor `{name}` is not in {self.path}", hint=did_you_mean(name, self._entries)
+            ) from None
+
+    def __repr__(self) -> str:
+        return f"SafetensorsFile({str(self.path)!r}, {len(self._entries)} tensors)"
+
+
+def _read_header(
+    fd: int, size: int, path: Path
+) -> tuple[dict[str, str], dict[str, tuple[TensorInfo, int]], int]:
+    """Parse and validate the header: (metadata, name -> (info, data begin), data start)."""
+
+    def corrupt(what: str) -> TensorFileError:
+        return TensorFileError(
+            f"corrupt header in {path}: {what}",
+            path=str(path),
+            hint="the file is damaged or not a safetensors file; download or convert it again",
+        )
+
+    if size < 8:
+        raise TensorFileError(
+            f"truncated: {path} has {size} bytes, too few for a safetensors header length",
+            path=str(path),
+            hint="the file is damaged or an interrupted download; download it again",
+        )
+    (header_len,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+    if header_len > MAX_HEADER_BYTES:
+        raise corrupt(f"header length field says {header_len} bytes (limit {MAX_HEADER_BYTES})")
+    if 8 + header_len > size:
+        raise TensorFileError(
+            f"truncated: {path} header needs bytes up to {8 + header_len} but file has {size}",
+            path=str(path),
+            hint="the file is damaged or an interrupted download; download it again",
+        )
+    raw = os.pread(fd, header_len, 8)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise corrupt(f"header is not valid JSON ({error})") from None
+    if not isinstance(header, dict):
+        raise corrupt(f"header is a JSON {type(header).__name__}, expected an object")
+
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise corrupt("`__metadata__` is not an object")
+    data_start = 8 + header_len
+    data_size = size - data_start
+    entries = {}
+    for name, entry in header.items():
+        info, begin, end = _parse_entry(name, entry, corrupt)
+        if end > data_size:
+            raise TensorFileError(
+                f"truncated: tensor `{name}` needs bytes up to {data_start + end} but file {path} has {size}",
+                path=str(path),
+                hint="the file is damaged or an interrupted download; download it again",
+            )
+        entries[name] = (info, begin)
+    return {str(k): str(v) for k, v in metadata.items()}, entries, data_start
+
+
+def _parse_entry(name: str, entry: object, corrupt) -> tuple[TensorInfo, int, int]:
+    if not isinstance(entry, dict):
+        raise corrupt(f"entry for `{name}` is not an object")
+    code, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if code not in SAFETENSORS_DTYPES:
+        supported = ", ".join(SAFETENSORS_DTYPES)
+        raise corrupt(f"tensor `{name}` has unsupported dtype {code!r} (supported: {supported})")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise corrupt(f"tensor `{name}` has invalid shape {shape!r}")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(type(o) is int and o >= 0 for o in offsets)
+        or offsets[0] > offsets[1]
+    ):
+        raise corrupt(f"tensor `{name}` has invalid data_offsets {offsets!r}")
+    info = TensorInfo(name, SAFETENSORS_DTYPES[code], tuple(shape))
+    begin, end = offsets
+    if end - begin != info.nbytes:
+        raise corrupt(
+            f"tensor `{name}` is {code}{list(shape)} = {info.nbytes} bytes "
+            f"but data_offsets span {end - begin}"
+        )
+    return info, begin, end
+
+
+def _to_native(buffer: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Byte-swap little-endian element data on a big-endian host."""
+    width = dtype.itemsize
+    if width == 1 or buffer.numel() == 0:
+        return buffer
+    return buffer.view(-1, width).flip(-1).contiguous().view(-1)

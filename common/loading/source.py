@@ -1,0 +1,86 @@
+"""What every weight file offers: tensor metadata without data, and one tensor on demand."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from common.errors import TensorFileError
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Name, dtype and shape of a stored tensor, known from headers alone."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+
+@runtime_checkable
+class TensorSource(Protocol):
+    """One checkpoint file or a set of shards, read lazily.
+
+    `info` touches metadata only. `load` returns a fresh, owned, contiguous CPU tensor and
+    may be called concurrently from several reader threads.
+    """
+
+    def names(self) -> list[str]: ...
+
+    def __contains__(self, name: object) -> bool: ...
+
+    def info(self, name: str) -> TensorInfo: ...
+
+    def load(self, name: str) -> torch.Tensor: ...
+
+    def close(self) -> None: ...
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def read_bytes(fd: int, nbytes: int, offset: int, *, path: os.PathLike, name: str) -> torch.Tensor:
+    """A fresh uint8 tensor holding `nbytes` read from `fd` at `offset`.
+
+    Reads straight into the tensor's memory (no intermediate bytes object) and loops,
+    because one positioned read may return short (Linux caps a read near 2 GiB).
+    """
+    buffer = torch.empty(nbytes, dtype=torch.uint8)
+    view = memoryview(buffer.numpy()).cast("B")
+    done = 0
+    while done < nbytes:
+        try:
+            if hasattr(os, "preadv"):
+                count = os.preadv(fd, [view[done:]], offset + done)
+            else:
+                chunk = os.pread(fd, min(nbytes - done, 1 << 30), offset + done)
+                count = len(chunk)
+                view[done : done + count] = chunk
+        except OSError as error:
+            raise TensorFileError(
+                f"cannot read tensor `{name}` from {path}: {error.strerror or error}", path=str(path)
+            ) from error
+        if count == 0:
+            raise TensorFileError(
+                f"truncated: tensor `{name}` needs bytes up to {offset + nbytes} "
+                f"but {path} ended at {offset + done}",
+                path=str(path),
+                hint="the file is damaged or an interrupted download; download it again",
+            )
+        done += count
+    return buffer

@@ -1,0 +1,25 @@
+"""Sharded safetensors output, config.json, tokenizer files, model card, atomic finalize."""
+
+from common.writing.model_files import copy_tokenizer_files, write_config, write_model_card
+from common.writing.output_dir import OutputDirectory
+from common.writing.safetensors_writer import (
+    INDEX_FILE,
+    SINGLE_FILE,
+    PlannedTensor,
+    ShardedWriter,
+    ShardPlan,
+    plan_shards,
+)
+
+__all__ = [
+    "INDEX_FILE",
+    "SINGLE_FILE",
+    "OutputDirectory",
+    "PlannedTensor",
+    "ShardPlan",
+    "ShardedWriter",
+    "copy_tokenizer_files",
+    "plan_shards",
+    "write_config",
+    "write_model_card",
+]

@@ -1,0 +1,125 @@
+"""The non-weight files of an output model: config.json, tokenizer files, model card, recipe copy."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from common.arch import set_config_value
+
+# Files that make up a tokenizer (and its generation defaults) in a model directory.
+TOKENIZER_FILES = (
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.json",
+    "tokenizer.model",
+    "added_tokens.json",
+    "merges.txt",
+    "vocab.json",
+    "vocab.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
+# Architecture "tagalong" files some multimodal models need next to their weights.
+TAGALONG_FILES = ("preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json")
+
+DTYPE_NAMES = {
+    torch.float32: "float32",
+    torch.float16: "float16",
+    torch.bfloat16: "bfloat16",
+    torch.float64: "float64",
+    torch.int64: "int64",
+}
+
+
+def write_config(
+    directory: Path,
+    config: dict,
+    *,
+    dtype: torch.dtype | None = None,
+    updates: dict[str, object] | None = None,
+) -> dict:
+    """Write ``config.json``: the donor's config with only the given fields changed.
+
+    Edited as JSON rather than through transformers so fields the installed transformers does
+    not know survive untouched. ``updates`` keys may be dotted paths (``text_config.x``).
+    """
+    config = json.loads(json.dumps(config))  # deep copy; never mutate the donor's dict
+    if dtype is not None:
+        name = DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+        keys = [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]
+        for key in keys:
+            config[key] = name
+    for key, value in (updates or {}).items():
+        set_config_value(config, key, value)
+    with open(Path(directory) / "config.json", "w") as handle:
+        json.dump(config, handle, indent=2, sort_keys=True)
+        handle.write("\n")
+    return config
+
+
+def copy_tokenizer_files(donor: Path, directory: Path) -> list[str]:
+    """Copy the donor's tokenizer (and tagalong) files that exist; returns the names copied."""
+    copied = []
+    for name in TOKENIZER_FILES + TAGALONG_FILES:
+        source = Path(donor) / name
+        if source.is_file():
+            shutil.copyfile(source, Path(directory) / name)
+            copied.append(name)
+    for source in sorted(Path(donor).glob("*.tiktoken")):
+        shutil.copyfile(source, Path(directory) / source.name)
+        copied.append(source.name)
+    return copied
+
+
+def looks_like_hub_id(reference: str) -> bool:
+    """Whether a model path reads as a Hub repo id (for links in the model card)."""
+    if reference.startswith(("/", "~", ".")) or reference.count("/") > 1:
+        return False
+    return not Path(reference).exists()
+
+
+def _model_link(reference: str) -> str:
+    return f"[{reference}](https://huggingface.co/{reference})" if looks_like_hub_id(reference) else reference
+
+
+def write_model_card(
+    directory: Path,
+    *,
+    title: str,
+    tool: str,
+    method_name: str,
+    method_url: str | None,
+    base_model: str | None,
+    models: Sequence[str],
+    recipe_text: str,
+    base_listed_with_models: bool = False,
+) -> None:
+    """Write README.md: front matter for the Hub, what was merged and how, and the recipe."""
+    hub_ids = [m for m in ([base_model] if base_model else []) + list(models) if looks_like_hub_id(m)]
+    lines = ["---"]
+    if hub_ids:
+        lines.append("base_model:")
+        lines += [f"- {m}" for m in dict.fromkeys(hub_ids)]
+    lines += ["library_name: transformers", "tags:", "- mergekit", "- merge", f"- {tool}", "---", f"# {title}", ""]
+    lines.append(f"This model was built with [mksuite](https://github.com/mksuite/mksuite) `{tool}`.")
+    lines.append("")
+    method = f"[{method_name}]({method_url})" if method_url else method_name
+    sentence = f"It was merged using the {method} merge method"
+    others = list(models)
+    if base_model and not base_listed_with_models:
+        sentence += f", using {_model_link(base_model)} as a base"
+    elif base_model:
+        others = [base_model] + [m for m in others if m != base_model]
+    lines += [sentence + ".", ""]
+    if others:
+        lines += ["The following models were included:", ""]
+        lines += [f"* {_model_link(m)}" for m in dict.fromkeys(others)]
+        lines.append("")
+    lines += ["## Recipe", "", "```yaml", recipe_text.rstrip("\n"), "```", ""]
+    (Path(directory) / "README.md").write_text("\n".join(lines))

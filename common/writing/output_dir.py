@@ -1,0 +1,67 @@
+"""An output directory that appears only when complete.
+
+Everything is written into a hidden sibling directory (``.NAME.partial-*``) and moved into
+place by one rename at the end. An exception or Ctrl-C removes the partial directory; a
+killed process leaves only a hidden ``.partial`` directory, never something at OUT that
+looks like a model.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from common.errors import OutputError
+
+PARTIAL_MARKER = ".partial-"
+
+
+class OutputDirectory:
+    """Context manager: ``with OutputDirectory(out) as staging: ...; staging.commit()``."""
+
+    def __init__(self, final: Path | str, *, overwrite: bool = False):
+        self.final = Path(final).expanduser().absolute()
+        self.overwrite = overwrite
+        self.path: Path | None = None
+        self.committed = False
+
+    def check(self) -> None:
+        """Fail early (before planning work) if OUT cannot be produced."""
+        if self.final.exists():
+            if not self.final.is_dir():
+                raise OutputError(f"{self.final} exists and is not a directory")
+            if any(self.final.iterdir()) and not self.overwrite:
+                raise OutputError(
+                    f"{self.final} already exists and is not empty",
+                    hint="choose another output directory or pass --overwrite to replace it",
+                )
+        parent = self.final.parent
+        if parent.exists() and not os.access(parent, os.W_OK):
+            raise OutputError(f"cannot write into {parent}")
+
+    def __enter__(self) -> OutputDirectory:
+        self.check()
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        self.path = Path(tempfile.mkdtemp(prefix=f".{self.final.name}{PARTIAL_MARKER}", dir=self.final.parent))
+        return self
+
+    def commit(self) -> Path:
+        """Move the finished directory into place (replacing OUT when overwriting)."""
+        assert self.path is not None
+        trash = None
+        if self.final.exists():
+            if any(self.final.iterdir()) and not self.overwrite:
+                raise OutputError(f"{self.final} appeared while merging; refusing to replace it")
+            trash = self.final.with_name(f".{self.final.name}.replaced-{os.getpid()}")
+            os.rename(self.final, trash)
+        os.rename(self.path, self.final)
+        self.committed = True
+        if trash is not None:
+            shutil.rmtree(trash, ignore_errors=True)
+        return self.final
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if not self.committed and self.path is not None:
+            shutil.rmtree(self.path, ignore_errors=True)

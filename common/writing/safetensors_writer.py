@@ -1,0 +1,204 @@
+"""Sharded safetensors output whose layout is decided before any tensor exists.
+
+Names, dtypes and shapes of every output tensor are known from the plan, so the shard split,
+each file's header and every tensor's byte offset are computed up front
+(:func:`plan_shards`). Tensors are then written straight to their offsets as they are
+computed, in any order: no shard is ever buffered in memory. The writer is an explicit state
+machine (planned -> open -> finished) that refuses calls out of order, unknown or repeated
+tensors, and tensors whose dtype or shape differ from the plan.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+for _name, _code in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2")):
+    if hasattr(torch, _name):
+        SAFETENSORS_DTYPES[getattr(torch, _name)] = _code
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        count = 1
+        for dim in self.shape:
+            count *= dim
+        return count * torch.empty((), dtype=self.dtype).element_size()
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    filename: str
+    tensors: tuple[PlannedTensor, ...]
+    offsets: tuple[int, ...]  # data offset of each tensor, relative to the data section
+    header: bytes  # 8-byte length prefix + padded JSON
+
+    @property
+    def data_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    @property
+    def file_bytes(self) -> int:
+        return len(self.header) + self.data_bytes
+
+
+def split_into_shards(tensors: Sequence[PlannedTensor], max_shard_bytes: int) -> list[list[PlannedTensor]]:
+    """Greedy split in order: a shard closes when the next tensor would overflow it."""
+    shards: list[list[PlannedTensor]] = []
+    current: list[PlannedTensor] = []
+    size = 0
+    for tensor in tensors:
+        if current and size + tensor.nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append(tensor)
+        size += tensor.nbytes
+    if current or not shards:
+        shards.append(current)
+    return shards
+
+
+def _header(tensors: Sequence[PlannedTensor], metadata: dict[str, str]) -> tuple[bytes, tuple[int, ...]]:
+    entries: dict[str, object] = {"__metadata__": dict(metadata)}
+    offsets = []
+    position = 0
+    for tensor in tensors:
+        if tensor.dtype not in SAFETENSORS_DTYPES:
+            raise ValueError(f"safetensors cannot store dtype {tensor.dtype} ({tensor.name})")
+        entries[tensor.name] = {
+            "dtype": SAFETENSORS_DTYPES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [position, position + tensor.nbytes],
+        }
+        offsets.append(position)
+        position += tensor.nbytes
+    body = json.dumps(entries, separators=(",", ":")).encode()
+    body += b" " * ((8 - (8 + len(body)) % 8) % 8)  # keep the data section 8-byte aligned
+    return struct.pack("<Q", len(body)) + body, tuple(offsets)
+
+
+def plan_shards(
+    tensors: Sequence[PlannedTensor],
+    max_shard_bytes: int,
+    metadata: dict[str, str] | None = None,
+) -> list[ShardPlan]:
+    """Decide files, headers and offsets for ``tensors`` (in the given order)."""
+    metadata = {"format": "pt", **(metadata or {})}
+    groups = split_into_shards(tensors, max_shard_bytes)
+    count = len(groups)
+    plans = []
+    for number, group in enumerate(groups, start=1):
+        filename = SINGLE_FILE if count == 1 else f"model-{number:05d}-of-{count:05d}.safetensors"
+        header, offsets = _header(group, metadata)
+        plans.append(ShardPlan(filename, tuple(group), offsets, header))
+    return plans
+
+
+def index_json(plans: Sequence[ShardPlan], extra_metadata: dict[str, object] | None = None) -> dict:
+    """The ``model.safetensors.index.json`` content for a multi-shard layout."""
+    weight_map = {t.name: plan.filename for plan in plans for t in plan.tensors}
+    metadata = {"total_size": sum(p.data_bytes for p in plans), **(extra_metadata or {})}
+    return {"metadata": metadata, "weight_map": dict(sorted(weight_map.items()))}
+
+
+class ShardedWriter:
+    """Writes planned tensors straight to their offsets; refuses anything off-plan."""
+
+    def __init__(self, directory: Path, plans: Sequence[ShardPlan]):
+        self.directory = Path(directory)
+        self.plans = list(plans)
+        self._where: dict[str, tuple[int, int, PlannedTensor]] = {}
+        for shard, plan in enumerate(self.plans):
+            for tensor, offset in zip(plan.tensors, plan.offsets):
+                self._where[tensor.name] = (shard, len(plan.header) + offset, tensor)
+        self._fds: list[int] = []
+        self._written: set[str] = set()
+        self._lock = threading.Lock()
+        self.state = "planned"
+
+    def open(self) -> None:
+        if self.state != "planned":
+            raise RuntimeError(f"writer.open() called in state {self.state}")
+        for plan in self.plans:
+            path = self.directory / plan.filename
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            self._fds.append(fd)
+            os.ftruncate(fd, plan.file_bytes)
+            _pwrite_all(fd, plan.header, 0)
+        self.state = "open"
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if self.state != "open":
+            raise RuntimeError(f"writer.write() called in state {self.state}")
+        if name not in self._where:
+            raise KeyError(f"tensor {name} is not in the output plan")
+        shard, offset, planned = self._where[name]
+        if tensor.dtype != planned.dtype or tuple(tensor.shape) != planned.shape:
+            raise ValueError(
+                f"{name}: planned {planned.dtype} {list(planned.shape)}, "
+                f"got {tensor.dtype} {list(tensor.shape)}"
+            )
+        with self._lock:
+            if name in self._written:
+                raise ValueError(f"tensor {name} written twice")
+            self._written.add(name)
+        if planned.nbytes:
+            data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+            _pwrite_all(self._fds[shard], memoryview(data), offset)
+
+    def finish(self) -> None:
+        """Check completeness, flush to disk and write the index (when sharded)."""
+        if self.state != "open":
+            raise RuntimeError(f"writer.finish() called in state {self.state}")
+        missing = [name for name in self._where if name not in self._written]
+        if missing:
+            raise RuntimeError(f"{len(missing)} planned tensors were never written, e.g. {missing[0]}")
+        for fd in self._fds:
+            os.fsync(fd)
+        self.close()
+        if len(self.plans) > 1:
+            with open(self.directory / INDEX_FILE, "w") as handle:
+                json.dump(index_json(self.plans), handle, indent=2)
+                handle.write("\n")
+        self.state = "finished"
+
+    def close(self) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
+
+
+def _pwrite_all(fd: int, data, offset: int) -> None:
+    view = memoryview(data).cast("B")
+    while len(view):
+        written = os.pwrite(fd, view, offset)
+        view = view[written:]
+        offset += written

@@ -1,0 +1,124 @@
+"""`mkmerge`: merge models from a mergekit-style YAML recipe.
+
+Examples:
+
+    mkmerge recipe.yml ./merged
+    mkmerge recipe.yml ./merged --device cuda --shard-size 2G
+    mkmerge methods
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from common.build import BuildOptions
+from common.cli import (
+    AllowCrimes,
+    CacheDir,
+    CopyTokenizer,
+    Cuda,
+    Debug,
+    Device,
+    ModelCard,
+    OutPath,
+    Overwrite,
+    ProgressView,
+    Quiet,
+    Seed,
+    ShardSize,
+    Threads,
+    cli_errors,
+    err_console,
+    human_bytes,
+    parse_device,
+    parse_size,
+)
+
+merge_app = typer.Typer(add_completion=False, rich_markup_mode="rich", help=__doc__)
+methods_app = typer.Typer(add_completion=False, help="List merge methods and their parameters.")
+
+
+@merge_app.command(help=__doc__, no_args_is_help=True)
+def merge(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML (mergekit format).")],
+    out: OutPath,
+    device: Device = "cpu",
+    cuda: Cuda = False,
+    threads: Threads = None,
+    shard_size: ShardSize = "5G",
+    seed: Seed = 0,
+    allow_crimes: AllowCrimes = False,
+    overwrite: Overwrite = False,
+    copy_tokenizer: CopyTokenizer = True,
+    write_model_card: ModelCard = True,
+    cache_dir: CacheDir = None,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    from mkmerge.run import load_recipe, run_merge
+
+    with cli_errors(debug):
+        started = time.perf_counter()
+        options = BuildOptions(
+            device=parse_device(device, cuda),
+            threads=threads,
+            shard_size=parse_size(shard_size),
+            seed=seed,
+            overwrite=overwrite,
+        )
+        parsed = load_recipe(recipe)
+        with ProgressView(f"{parsed.merge_method}", quiet) as view:
+            plan, stats = run_merge(
+                parsed,
+                out,
+                options,
+                allow_crimes=allow_crimes,
+                copy_tokenizer=copy_tokenizer,
+                write_card=write_model_card,
+                cache_dir=cache_dir,
+                listener=view,
+            )
+        elapsed = time.perf_counter() - started
+        view.summary(
+            f"[green]merged[/green] {len(plan.models)} models with {plan.method.name}: "
+            f"{stats.tensors} tensors, {human_bytes(stats.bytes_written)}, {plan.num_layers} layers "
+            f"-> {out} in {elapsed:.1f} s"
+        )
+
+
+@methods_app.command()
+def methods() -> None:
+    """List every merge method with its parameters and whether it needs a base model."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from mkmerge.methods import METHODS, REQUIRED
+
+    table = Table(title="merge methods")
+    for column in ("method", "base model", "parameters"):
+        table.add_column(column)
+    for method in METHODS.values():
+        params = []
+        for spec in method.parameters:
+            default = "required" if spec.default is REQUIRED else repr(spec.default)
+            params.append(f"{spec.name} ({'per model' if spec.per_model else 'global'}, {default})")
+        table.add_row(method.name, method.base_model, "\n".join(params) or "-")
+    Console().print(table)
+
+
+SUBCOMMANDS = {"methods": methods_app}
+
+
+def main() -> None:
+    """Console entry: `mkmerge RECIPE OUT [options]` or `mkmerge methods`."""
+    if len(sys.argv) > 1 and sys.argv[1] in SUBCOMMANDS:
+        app = SUBCOMMANDS[sys.argv[1]]
+        sys.argv = [f"mkmerge {sys.argv[1]}"] + sys.argv[2:]
+        app(prog_name=sys.argv[0])
+    else:
+        merge_app(prog_name="mkmerge")

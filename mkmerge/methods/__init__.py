@@ -1,0 +1,268 @@
+"""Merge methods: declared by their parameters, registered by name.
+
+Each method is a :class:`MergeMethod`: its parameters (global or per-model, with defaults),
+how it treats the base model, how many inputs it takes, and ``run``, an adapter from a
+:class:`MethodCall` (everything the engine resolved for one output tensor) to a pure math
+function in a sibling module. The engine validates recipes against these declarations and
+never needs to know a method's math.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from common.errors import MergeError, RecipeError, did_you_mean
+from mkmerge.methods.linear import linear_merge
+from mkmerge.methods.passthrough import passthrough
+from mkmerge.methods.slerp import slerp_merge
+from mkmerge.methods.task_arithmetic import TASK_VECTOR_VARIANTS, TaskVectorVariant, task_vector_merge
+
+REQUIRED: Any = object()
+"""Default of a parameter that must be given (per-model ones: except for the base model)."""
+
+
+@dataclass(frozen=True)
+class ParameterSpec:
+    """One parameter a method reads from the recipe."""
+
+    name: str
+    per_model: bool  # True: one value per input model ("tensor" parameter); False: global
+    default: Any = REQUIRED  # REQUIRED: must resolve; None: optional with no value
+    kind: type = float  # float | bool | int
+    help: str = ""
+
+    @property
+    def required(self) -> bool:
+        return self.default is REQUIRED
+
+
+@dataclass(frozen=True)
+class MethodCall:
+    """Everything a method sees for one output tensor."""
+
+    tensors: tuple[torch.Tensor, ...]  # ordinary (non-base) inputs present, in input order
+    base: torch.Tensor | None  # the base input, if the method uses one and it is present
+    per_model: tuple[Mapping[str, Any], ...]  # resolved per-model params, aligned with tensors
+    base_params: Mapping[str, Any]  # resolved per-model params of the base model
+    params: Mapping[str, Any]  # resolved global params
+    generator: Callable[[int], torch.Generator]  # generator(i): seeded for tensors[i]
+    tensor_name: str
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """A registered merge method: its declaration and its adapter to the math."""
+
+    name: str
+    pretty_name: str
+    reference_url: str | None
+    parameters: tuple[ParameterSpec, ...]
+    base_model: str  # "required" | "optional" | "none" (the base is an ordinary input)
+    min_inputs: int  # counting the base where it is an input
+    max_inputs: int | None  # None: no limit
+    run: Callable[[MethodCall], torch.Tensor]
+
+    def global_parameters(self) -> tuple[ParameterSpec, ...]:
+        return tuple(p for p in self.parameters if not p.per_model)
+
+    def per_model_parameters(self) -> tuple[ParameterSpec, ...]:
+        return tuple(p for p in self.parameters if p.per_model)
+
+    def parameter(self, name: str) -> ParameterSpec | None:
+        return next((p for p in self.parameters if p.name == name), None)
+
+
+# --- adapters: MethodCall -> pure function
+
+
+def _naming_tensor(run: Callable[[MethodCall], torch.Tensor]) -> Callable[[MethodCall], torch.Tensor]:
+    """Prefix math errors with the output tensor's name: the pure functions do not know it."""
+
+    @functools.wraps(run)
+    def named(call: MethodCall) -> torch.Tensor:
+        try:
+            return run(call)
+        except MergeError as error:
+            raise MergeError(f"tensor `{call.tensor_name}`: {error.message}", hint=error.hint) from error
+
+    return named
+
+
+@_naming_tensor
+def _run_linear(call: MethodCall) -> torch.Tensor:
+    tensors, params = list(call.tensors), list(call.per_model)
+    if call.base is not None:  # the engine passes it as an ordinary input; accept it either way
+        tensors.append(call.base)
+        params.append(call.base_params)
+    weights = [p["weight"] for p in params]
+    return linear_merge(tensors, weights, normalize=bool(call.params["normalize"]))
+
+
+@_naming_tensor
+def _run_slerp(call: MethodCall) -> torch.Tensor:
+    present = ([call.base] if call.base is not None else []) + list(call.tensors)
+    if len(present) == 1:
+        return present[0]
+    if call.base is None or len(call.tensors) != 1:
+        raise MergeError(
+            f"slerp merges the base model with exactly one other model; this tensor has "
+            f"{len(call.tensors)} other input(s) and {'a' if call.base is not None else 'no'} base",
+            hint="list exactly two models, one of them the `base_model`",
+        )
+    return slerp_merge(float(call.params["t"]), call.base, call.tensors[0])
+
+
+def _task_vector_runner(variant: TaskVectorVariant) -> Callable[[MethodCall], torch.Tensor]:
+    @_naming_tensor
+    def run(call: MethodCall) -> torch.Tensor:
+        if call.base is None:
+            raise MergeError(
+                "this method merges deltas from the base model, but no base tensor was given",
+                hint="set `base_model` in the recipe",
+            )
+        count = len(call.tensors)
+        generators = (
+            [call.generator(i) for i in range(count)] if variant.sparsifier == "random" else None
+        )
+        return task_vector_merge(
+            call.base,
+            call.tensors,
+            [p["weight"] for p in call.per_model],
+            [p["density"] for p in call.per_model],
+            sparsifier=variant.sparsifier,
+            consensus=variant.consensus,
+            normalize=bool(call.params["normalize"]),
+            rescale=bool(call.params["rescale"]),
+            lambda_=float(call.params["lambda"]),
+            generators=generators,
+        )
+
+    return run
+
+
+@_naming_tensor
+def _run_passthrough(call: MethodCall) -> torch.Tensor:
+    inputs = list(call.tensors) + ([call.base] if call.base is not None else [])
+    if len(inputs) != 1:
+        raise MergeError(
+            f"passthrough copies exactly one input per tensor, but {len(inputs)} inputs have it",
+            hint="list a single model (and no different `base_model`), or use `mkstack` for stacking",
+        )
+    params = call.per_model[0] if call.tensors else call.base_params
+    return passthrough(inputs[0], params.get("scale"))
+
+
+# --- declarations
+
+_WEIGHT = ParameterSpec("weight", per_model=True, help="mixing weight of this model")
+_DENSITY = ParameterSpec("density", per_model=True, default=1.0, help="fraction of delta entries kept")
+_LAMBDA = ParameterSpec("lambda", per_model=False, default=1.0, help="scale of the merged delta")
+_INT8_MASK = ParameterSpec(
+    "int8_mask",
+    per_model=False,
+    default=False,
+    kind=bool,
+    help="store masks as int8 (memory only; no numeric effect)",
+)
+
+_TASK_VECTOR_INFO = {
+    "task_arithmetic": ("Task Arithmetic", "https://arxiv.org/abs/2212.04089"),
+    "ties": ("TIES", "https://arxiv.org/abs/2306.01708"),
+    "dare_linear": ("Linear DARE", "https://arxiv.org/abs/2311.03099"),
+    "dare_ties": ("DARE TIES", "https://arxiv.org/abs/2311.03099"),
+}
+
+
+def _task_vector_method(name: str) -> MergeMethod:
+    variant = TASK_VECTOR_VARIANTS[name]
+    pretty_name, url = _TASK_VECTOR_INFO[name]
+    parameters = (
+        _WEIGHT,
+        _DENSITY,
+        ParameterSpec(
+            "normalize", per_model=False, default=variant.normalize_default, kind=bool,
+            help="divide the merged delta by the sum of the (agreeing) weights",
+        ),
+        ParameterSpec(
+            "rescale", per_model=False, default=variant.rescale_default, kind=bool,
+            help="restore each sparsified delta's L1 norm",
+        ),
+        _LAMBDA,
+        _INT8_MASK,
+    )
+    return MergeMethod(
+        name=name,
+        pretty_name=pretty_name,
+        reference_url=url,
+        parameters=parameters,
+        base_model="required",
+        min_inputs=1,
+        max_inputs=None,
+        run=_task_vector_runner(variant),
+    )
+
+
+def _build_registry() -> dict[str, MergeMethod]:
+    methods = [
+        MergeMethod(
+            name="linear",
+            pretty_name="Linear",
+            reference_url="https://arxiv.org/abs/2203.05482",
+            parameters=(
+                _WEIGHT,
+                ParameterSpec(
+                    "normalize", per_model=False, default=True, kind=bool, help="divide by the sum of weights"
+                ),
+            ),
+            base_model="none",
+            min_inputs=1,
+            max_inputs=None,
+            run=_run_linear,
+        ),
+        MergeMethod(
+            name="slerp",
+            pretty_name="SLERP",
+            reference_url="https://en.wikipedia.org/wiki/Slerp",
+            parameters=(
+                ParameterSpec("t", per_model=False, help="interpolation factor: 0 = base, 1 = other model"),
+            ),
+            base_model="required",
+            min_inputs=2,
+            max_inputs=2,
+            run=_run_slerp,
+        ),
+        *(_task_vector_method(name) for name in TASK_VECTOR_VARIANTS),
+        MergeMethod(
+            name="passthrough",
+            pretty_name="Passthrough",
+            reference_url=None,
+            parameters=(
+                ParameterSpec("scale", per_model=True, default=None, help="multiply the tensor by this"),
+            ),
+            base_model="none",
+            min_inputs=1,
+            max_inputs=1,
+            run=_run_passthrough,
+        ),
+    ]
+    return {method.name: method for method in methods}
+
+
+METHODS: dict[str, MergeMethod] = _build_registry()
+
+
+def get_method(name: str) -> MergeMethod:
+    """The registered method called ``name``; a recipe error naming the field otherwise."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise RecipeError(
+            f"unknown merge method `{name}`; known methods: {', '.join(sorted(METHODS))}",
+            field="merge_method",
+            hint=did_you_mean(name, METHODS),
+        ) from None

@@ -1,0 +1,364 @@
+"""Recipe + input headers -> a plan: one task graph per output tensor.
+
+Planning reads config.json files and weight headers only. Every error knowable from them
+(missing parameters, missing tensors, shape conflicts, layer ranges, zero weight sums) is
+raised here, before any tensor data is read.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from common.arch import ArchitectureDefinition, WeightInfo
+from common.errors import MergeError, MissingTensorError, RecipeError, ShapeMismatchError
+from common.graph import CastTensor, LoadTensor, OutputTensor, ScaleTensor, SliceRows, Task
+from common.input_models import InputModel, open_input_models
+from common.loading import ModelReference
+from mkmerge.methods import REQUIRED, MergeMethod, get_method
+from mkmerge.parameters import layer_position, resolve_parameter
+from mkmerge.slices import PlannedSlice, SliceSource, output_slices, referenced_models
+from mkmerge.tasks import MergeTensor
+
+# How a method copes with embedding matrices of different sizes (SPEC §2.0).
+COMMON_SUBMATRIX = {"linear", "slerp", "nuslerp", "model_stock", "arcee_fusion", "karcher"}
+CUT_TO_BASE = {
+    "task_arithmetic", "ties", "dare_linear", "dare_ties",
+    "breadcrumbs", "breadcrumbs_ties", "della", "della_linear",
+}  # fmt: skip
+RANDOM_METHODS = {"dare_linear", "dare_ties", "della", "della_linear", "arcee_fusion"}
+
+
+@dataclass
+class MergePlan:
+    recipe: object
+    method: MergeMethod
+    models: dict[ModelReference, InputModel]
+    donor: InputModel
+    arch: ArchitectureDefinition
+    num_layers: int
+    outputs: list[OutputTensor]
+    out_dtype: torch.dtype | None
+    config_dtype: torch.dtype | None
+    uses_slices: bool
+
+    @property
+    def output_bytes(self) -> int:
+        return sum(o.nbytes for o in self.outputs)
+
+    def config_updates(self) -> dict[str, object]:
+        updates: dict[str, object] = {}
+        if self.uses_slices and self.arch.num_layers_config_key:
+            updates[self.arch.num_layers_config_key] = self.num_layers
+        return updates
+
+
+@dataclass(frozen=True)
+class _Input:
+    """One source's contribution to one output tensor."""
+
+    source: SliceSource
+    model: InputModel
+    name: str  # stored tensor name in that model
+    is_base: bool
+
+
+def plan_merge(recipe, *, allow_crimes: bool = False, seed: int = 0, cache_dir: str | None = None) -> MergePlan:
+    method = get_method(recipe.merge_method)
+    models = open_input_models(referenced_models(recipe), allow_crimes=allow_crimes, cache_dir=cache_dir)
+    slices = output_slices(recipe, models)
+    donor = models[recipe.base_model] if recipe.base_model is not None else next(iter(models.values()))
+    arch = donor.arch
+    planner = _TensorPlanner(recipe, method, models, seed)
+    for output_slice in slices:
+        planner.check_slice(output_slice)
+    outputs: list[OutputTensor] = []
+    total_layers = sum(s.length for s in slices)
+
+    def add(weight_for, output_slice: PlannedSlice, k: int | None, out_weight: WeightInfo, t: float) -> None:
+        planned = planner.plan_tensor(output_slice, out_weight, weight_for, t)
+        if planned is not None:
+            outputs.append(planned)
+
+    first, last = slices[0], slices[-1]
+    for i, weight in enumerate(arch.pre_weights(total_layers)):
+        add(lambda src, i=i: models[src.model].arch.pre_weights(models[src.model].num_layers)[i], first, None, weight, 0.0)
+    out_index = 0
+    for output_slice in slices:
+        for k in range(output_slice.length):
+            t = layer_position(k, output_slice.length)
+            out_weights = arch.layer_weights(out_index, total_layers)
+            for w, weight in enumerate(out_weights):
+                add(
+                    lambda src, k=k, w=w: models[src.model].arch.layer_weights(
+                        src.start + k, models[src.model].num_layers
+                    )[w],
+                    output_slice,
+                    k,
+                    weight,
+                    t,
+                )
+            out_index += 1
+    for i, weight in enumerate(arch.post_weights(total_layers)):
+        add(lambda src, i=i: models[src.model].arch.post_weights(models[src.model].num_layers)[i], last, None, weight, 0.0)
+
+    return MergePlan(
+        recipe=recipe,
+        method=method,
+        models=models,
+        donor=donor,
+        arch=arch,
+        num_layers=total_layers,
+        outputs=outputs,
+        out_dtype=recipe.out_dtype,
+        config_dtype=recipe.out_dtype or recipe.dtype,
+        uses_slices=bool(recipe.slices),
+    )
+
+
+class _TensorPlanner:
+    def __init__(self, recipe, method: MergeMethod, models: Mapping[ModelReference, InputModel], seed: int):
+        self.recipe = recipe
+        self.method = method
+        self.models = models
+        self.seed = seed
+
+    # -- slice-level checks ------------------------------------------------------------------
+    def base_of(self, output_slice: PlannedSlice) -> ModelReference | None:
+        return output_slice.base_model or self.recipe.base_model
+
+    def check_slice(self, output_slice: PlannedSlice) -> None:
+        method, base = self.method, self.base_of(output_slice)
+        where = {"field": output_slice.field, "line": output_slice.line}
+        if method.base_model == "required" and base is None:
+            raise RecipeError(
+                f"merge method `{method.name}` needs a base model",
+                field="base_model",
+                line=self.recipe.line_of(("merge_method",)),
+                hint="add `base_model: <the model the others were fine-tuned from>`",
+            )
+        if method.base_model != "none" and base is not None:
+            if base not in {s.model for s in output_slice.sources}:
+                raise RecipeError(
+                    f"base model {base} is not one of this slice's sources",
+                    hint="with `slices:` list the base model as a source of every slice",
+                    **where,
+                )
+        count = len(output_slice.sources)
+        if count < method.min_inputs or (method.max_inputs is not None and count > method.max_inputs):
+            expected = (
+                f"exactly {method.min_inputs}"
+                if method.min_inputs == method.max_inputs
+                else f"at least {method.min_inputs}"
+                + (f" and at most {method.max_inputs}" if method.max_inputs is not None else "")
+            )
+            counted = " (the base model counts as one)" if method.base_model != "none" and base else ""
+            raise RecipeError(
+                f"merge method `{method.name}` takes {expected} input models{counted}, "
+                f"but {count} are given: {', '.join(str(s.model) for s in output_slice.sources)}",
+                **where,
+            )
+
+    # -- one output tensor -------------------------------------------------------------------
+    def plan_tensor(self, output_slice: PlannedSlice, out_weight: WeightInfo, weight_for, t: float) -> OutputTensor | None:
+        base_ref = self.base_of(output_slice) if self.method.base_model != "none" else None
+        inputs, missing = [], []
+        base_taken = False
+        for source in output_slice.sources:
+            model = self.models[source.model]
+            weight = weight_for(source)
+            name = model.locate(weight)
+            is_base = source.model == base_ref and not base_taken
+            base_taken = base_taken or is_base
+            if name is None:
+                missing.append((source, weight))
+                continue
+            inputs.append(_Input(source, model, name, is_base))
+        if missing and not out_weight.optional:
+            source, weight = missing[0]
+            raise MissingTensorError(
+                f"{source.model} has no tensor {weight.name}"
+                + (f" (nor {', '.join(weight.aliases + weight.tied_names)})" if weight.aliases or weight.tied_names else ""),
+                hint="is it the same architecture as the other models? check its weight files",
+            )
+        if not inputs:
+            return None
+        if base_ref is not None and not any(i.is_base for i in inputs):
+            if any(s.model == base_ref for s, _ in missing):
+                raise MissingTensorError(f"the base model {base_ref} has no tensor {out_weight.name}")
+        inputs = self._reconcile_shapes(out_weight, inputs)
+        return self._build(output_slice, out_weight, inputs, t)
+
+    def _reconcile_shapes(self, weight: WeightInfo, inputs: list[_Input]) -> list[_Input]:
+        shapes = {i.model.info(i.name).shape for i in inputs}
+        if len(shapes) == 1:
+            return inputs
+        name = self.method.name
+        if weight.is_embed and (name in COMMON_SUBMATRIX or name in CUT_TO_BASE):
+            return inputs  # rows are cut in _build
+        if name in CUT_TO_BASE:
+            base = next((i for i in inputs if i.is_base), None)
+            if base is not None:
+                base_shape = base.model.info(base.name).shape
+                kept = []
+                for i in inputs:
+                    if i.model.info(i.name).shape == base_shape:
+                        kept.append(i)
+                    else:
+                        warnings.warn(
+                            f"{i.model.ref}: {i.name} has shape {list(i.model.info(i.name).shape)}, "
+                            f"the base has {list(base_shape)}; leaving this model out of that tensor",
+                            stacklevel=2,
+                        )
+                return kept
+        listing = "; ".join(f"{i.model.ref}: {list(i.model.info(i.name).shape)}" for i in inputs)
+        raise ShapeMismatchError(
+            f"tensor {weight.name} has different shapes in the inputs ({listing})",
+            hint="merged models must share an architecture and size (same hidden size, heads, layers)",
+        )
+
+    def _params_for(self, inp: _Input, output_slice: PlannedSlice, t: float) -> dict:
+        levels = [inp.source.parameters, output_slice.parameters, self.recipe.parameters]
+        values = {}
+        for spec in self.method.parameters:
+            if not spec.per_model:
+                continue
+            value = resolve_parameter(spec.name, levels, inp.name, t)
+            if value is None:
+                if spec.default is REQUIRED:
+                    if inp.is_base and self.method.base_model != "none":
+                        continue
+                    role = "base model" if inp.source.model == self.recipe.base_model else "model"
+                    raise RecipeError(
+                        f"merge method `{self.method.name}` needs parameter `{spec.name}` for {role} "
+                        f"{inp.source.model} (tensor {inp.name})",
+                        field=f"{inp.source.field}.parameters.{spec.name}",
+                        line=inp.source.line,
+                        hint=f"set `{spec.name}` for that model, or once under the recipe's `parameters:`",
+                    )
+                value = spec.default
+            values[spec.name] = _convert(spec.kind, value)
+        return values
+
+    def _globals(self, output_slice: PlannedSlice, name: str, t: float) -> dict:
+        levels = [output_slice.parameters, self.recipe.parameters]
+        values = {}
+        for spec in self.method.parameters:
+            if spec.per_model:
+                continue
+            value = resolve_parameter(spec.name, levels, name, t)
+            if value is None:
+                if spec.default is REQUIRED:
+                    raise RecipeError(
+                        f"merge method `{self.method.name}` needs parameter `{spec.name}` (tensor {name})",
+                        field=f"parameters.{spec.name}",
+                        line=self.recipe.line_of(("parameters",)) or self.recipe.line_of(("merge_method",)),
+                    )
+                value = spec.default
+            values[spec.name] = _convert(spec.kind, value)
+        return values
+
+    def _build(self, output_slice: PlannedSlice, weight: WeightInfo, inputs: list[_Input], t: float) -> OutputTensor:
+        compute = _dtype_name(weight.force_dtype) or self.recipe.dtype
+        if compute is None:
+            reference = next((i for i in inputs if i.is_base), inputs[0])
+            compute = reference.model.info(reference.name).dtype
+        rows, cols = self._target_shape(weight, inputs)
+        tasks: list[Task] = []
+        for inp in inputs:
+            info = inp.model.info(inp.name)
+            task: Task = LoadTensor(inp.model.key, inp.name, info.nbytes)
+            if info.dtype != compute:
+                task = CastTensor(task, compute)
+            if rows is not None and (info.shape[0] != rows or (cols is not None and info.shape[1] != cols)):
+                if info.shape[0] < rows:
+                    raise ShapeMismatchError(
+                        f"{inp.model.ref}: {inp.name} has {info.shape[0]} rows, fewer than the base's {rows}",
+                        hint="configure a `tokenizer:` block so vocabularies are aligned instead of cut",
+                    )
+                task = SliceRows(task, rows, cols if len(info.shape) > 1 else None)
+            tasks.append(task)
+        shape = tuple(inputs[0].model.info(inputs[0].name).shape)
+        if rows is not None:
+            shape = (rows,) + ((cols,) if cols is not None else tuple(shape[1:]))
+        out_dtype = _dtype_name(weight.force_dtype) or self.recipe.out_dtype or compute
+        root = self._merge_task(output_slice, weight.name, inputs, tasks, t)
+        return OutputTensor(weight.name, out_dtype, shape, root)
+
+    def _target_shape(self, weight: WeightInfo, inputs: list[_Input]) -> tuple[int | None, int | None]:
+        shapes = [i.model.info(i.name).shape for i in inputs]
+        if len(set(shapes)) == 1 or not weight.is_embed:
+            return None, None
+        if self.method.name in CUT_TO_BASE:
+            base = next(i for i in inputs if i.is_base)
+            shape = base.model.info(base.name).shape
+            rows, cols = shape[0], (shape[1] if len(shape) > 1 else None)
+        else:
+            rows = min(s[0] for s in shapes)
+            cols = min(s[1] for s in shapes) if len(shapes[0]) > 1 else None
+        warnings.warn(
+            f"{weight.name}: inputs have different vocabulary sizes ({sorted({s[0] for s in shapes})} rows); "
+            f"cutting to {rows} rows. config.json keeps the donor's vocab_size, which may then disagree. "
+            "A `tokenizer:` block aligns vocabularies instead",
+            stacklevel=2,
+        )
+        return rows, cols
+
+    def _merge_task(self, output_slice, name: str, inputs: list[_Input], tasks: list[Task], t: float) -> Task:
+        per_model = [self._params_for(inp, output_slice, t) for inp in inputs]
+        params = self._globals(output_slice, name, t)
+        method = self.method
+        if method.name == "passthrough" and len(tasks) == 1:
+            scale = per_model[0].get("scale")
+            return tasks[0] if scale is None or scale == 1.0 else ScaleTensor(tasks[0], float(scale))
+        self._check_weights(name, inputs, per_model, params)
+        base_index = next((k for k, i in enumerate(inputs) if i.is_base), None)
+        return MergeTensor(
+            method=method.name,
+            inputs=tuple(tasks),
+            base_index=base_index,
+            per_model=tuple(tuple(sorted(p.items())) for p in per_model),
+            params=tuple(sorted(params.items())),
+            tensor_name=name if method.name in RANDOM_METHODS else "",
+            seed=self.seed if method.name in RANDOM_METHODS else 0,
+        )
+
+    def _check_weights(self, name: str, inputs: Sequence[_Input], per_model: list[dict], params: dict) -> None:
+        if self.method.name == "linear" and params.get("normalize", True):
+            total = sum(p.get("weight", 0.0) for p in per_model)
+            if total == 0:
+                listing = ", ".join(f"{i.source.model}: {p.get('weight')}" for i, p in zip(inputs, per_model))
+                raise MergeError(
+                    f"the `weight` values of tensor {name} sum to zero, so normalising divides by zero ({listing})",
+                    hint="change the weights, or set `normalize: false`",
+                )
+        if self.method.name == "ties":
+            for inp, p in zip(inputs, per_model):
+                density = p.get("density", 1.0)
+                numel = 1
+                for dim in inp.model.info(inp.name).shape:
+                    numel *= dim
+                if not inp.is_base and density < 1 and int(density * numel) == 0:
+                    raise MergeError(
+                        f"density {density} keeps no entry of {name} ({numel} values) for {inp.source.model}",
+                        hint="raise `density` for this model or tensor",
+                    )
+
+
+def _convert(kind: type, value):
+    if value is None:
+        return None
+    if kind is bool:
+        return bool(value)
+    if kind is int:
+        return int(value)
+    return float(value)
+
+
+def _dtype_name(name: str | None) -> torch.dtype | None:
+    if not name:
+        return None
+    return getattr(torch, name.removeprefix("torch."))

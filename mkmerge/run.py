@@ -1,0 +1,70 @@
+"""Run a merge: recipe text -> plan -> execute -> a complete output directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from common.build import BuildOptions, build_model
+from common.graph import ProgressListener, RunStats
+from common.writing import copy_tokenizer_files, write_config, write_model_card
+from common.writing.output_dir import OutputDirectory
+from mkmerge.methods import METHODS
+from mkmerge.plan import MergePlan, plan_merge
+from mkmerge.recipe import parse_recipe
+
+RECIPE_COPY = "mergekit_config.yml"
+
+
+def load_recipe(path: Path):
+    from common.errors import RecipeError
+
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise RecipeError(f"recipe file {path} does not exist") from None
+    except (IsADirectoryError, UnicodeDecodeError) as error:
+        raise RecipeError(f"cannot read recipe {path}: {error}") from None
+    return parse_recipe(text, known_methods=METHODS.keys(), source_name=str(path))
+
+
+def run_merge(
+    recipe,
+    out: Path,
+    options: BuildOptions,
+    *,
+    allow_crimes: bool = False,
+    copy_tokenizer: bool = True,
+    write_card: bool = True,
+    cache_dir: str | None = None,
+    listener: ProgressListener | None = None,
+) -> tuple[MergePlan, RunStats]:
+    OutputDirectory(out, overwrite=options.overwrite).check()
+    plan = plan_merge(recipe, allow_crimes=allow_crimes, seed=options.seed, cache_dir=cache_dir)
+    sources = {model.key: model.files.tensors for model in plan.models.values()}
+
+    def finalize(directory: Path) -> None:
+        write_config(directory, plan.donor.config, dtype=plan.config_dtype, updates=plan.config_updates())
+        if copy_tokenizer:
+            copy_tokenizer_files(plan.donor.path, directory)
+        if write_card:
+            (directory / RECIPE_COPY).write_text(recipe.text)
+            _card(plan, directory, Path(out).name)
+
+    stats = build_model(plan.outputs, sources, Path(out), options, finalize=finalize, listener=listener)
+    return plan, stats
+
+
+def _card(plan: MergePlan, directory: Path, title: str) -> None:
+    base = str(plan.recipe.base_model) if plan.recipe.base_model is not None else None
+    models = [str(ref) for ref in plan.models if str(ref) != base]
+    write_model_card(
+        directory,
+        title=title,
+        tool="mkmerge",
+        method_name=plan.method.pretty_name,
+        method_url=plan.method.reference_url,
+        base_model=base,
+        models=models,
+        recipe_text=plan.recipe.text,
+        base_listed_with_models=plan.method.name == "slerp",
+    )

@@ -1,0 +1,65 @@
+"""Shared test setup: offline Hugging Face, `tiny_models` importable, cached tiny model fixtures."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+# Set before anything imports huggingface_hub or transformers, which read these at import time.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+_TESTS_DIR = str(Path(__file__).resolve().parent)
+if _TESTS_DIR not in sys.path:
+    sys.path.insert(0, _TESTS_DIR)
+
+
+def _cache_key(*args, **kw) -> str:
+    """A directory name for one set of build arguments (reprs cover Paths and torch dtypes)."""
+    text = repr(args) + repr(sorted(kw.items()))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@pytest.fixture(scope="session")
+def tiny_family(tmp_path_factory):
+    """Factory `(arch, **build_family kwargs) -> (base, finetunes)`, built once per session per arguments.
+
+    The directories are shared by every test that asks for the same arguments: treat them as
+    read-only (copy with tiny_models.copy_model before modifying).
+    """
+    root = tmp_path_factory.mktemp("tiny_families")
+    built: dict[str, tuple[Path, list[Path]]] = {}
+
+    def make(arch: str, **kw) -> tuple[Path, list[Path]]:
+        key = _cache_key(arch, **kw)
+        if key not in built:
+            from tiny_models import build_family  # lazy: transformers takes seconds to import
+
+            built[key] = build_family(arch, root / f"{arch}-{key}", **kw)
+        return built[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """Factory `(arch, **build_model kwargs) -> path` of one model, built once per session per arguments.
+
+    Shared like tiny_family: read-only.
+    """
+    root = tmp_path_factory.mktemp("tiny_models")
+    built: dict[str, Path] = {}
+
+    def make(arch: str, **kw) -> Path:
+        key = _cache_key(arch, **kw)
+        if key not in built:
+            from tiny_models import build_model
+
+            built[key] = build_model(arch, root / f"{arch}-{key}", **kw)
+        return built[key]
+
+    return make

@@ -1,0 +1,232 @@
+"""The method registry: declarations (parameters, defaults, base handling) and adapters."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from common.errors import MergeError, RecipeError
+from mkmerge.methods import METHODS, REQUIRED, MethodCall, get_method
+from mkmerge.methods.linear import linear_merge
+from mkmerge.methods.passthrough import passthrough
+from mkmerge.methods.slerp import slerp_merge
+from mkmerge.methods.task_arithmetic import task_vector_merge
+
+TASK_VECTOR = ["task_arithmetic", "ties", "dare_linear", "dare_ties"]
+
+
+def bits(tensor: torch.Tensor) -> bytes:
+    return tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def call(tensors=(), base=None, per_model=None, params=None, base_params=None, seed=0, name="model.layers.0.w"):
+    tensors = tuple(tensors)
+    return MethodCall(
+        tensors=tensors,
+        base=base,
+        per_model=tuple(per_model if per_model is not None else [{} for _ in tensors]),
+        base_params=base_params or {},
+        params=params or {},
+        generator=lambda i: torch.Generator().manual_seed(1000 * seed + i),
+        tensor_name=name,
+    )
+
+
+def defaults(method_name: str, **overrides) -> dict:
+    """Global parameters as the engine would resolve them when the recipe sets none."""
+    method = get_method(method_name)
+    values = {p.name: p.default for p in method.global_parameters() if p.default is not REQUIRED}
+    return {**values, **overrides}
+
+
+def per_model(method_name: str, count: int, **values) -> list[dict]:
+    method = get_method(method_name)
+    base = {p.name: p.default for p in method.per_model_parameters() if p.default is not REQUIRED}
+    return [{**base, **{k: v[i] for k, v in values.items()}} for i in range(count)]
+
+
+# --- declarations -----------------------------------------------------------------------------
+
+
+def test_registry_holds_the_implemented_methods():
+    assert set(METHODS) == {"linear", "slerp", "task_arithmetic", "ties", "dare_linear", "dare_ties", "passthrough"}
+    for name, method in METHODS.items():
+        assert get_method(name) is method and method.name == name and method.pretty_name
+
+
+def test_unknown_method_is_a_recipe_error_on_merge_method_with_a_suggestion():
+    with pytest.raises(RecipeError) as info:
+        get_method("tie")
+    assert info.value.field == "merge_method"
+    assert info.value.hint == "did you mean `ties`?"
+    assert "unknown merge method `tie`" in info.value.message
+    with pytest.raises(RecipeError) as info:
+        get_method("zzzzzz")
+    assert info.value.hint is None
+
+
+@pytest.mark.parametrize(
+    "name, normalize, rescale",
+    [
+        ("task_arithmetic", False, False),
+        ("ties", True, False),
+        ("dare_linear", False, True),
+        ("dare_ties", False, True),
+    ],
+)
+def test_task_vector_defaults_follow_the_spec_table(name, normalize, rescale):
+    method = get_method(name)
+    assert method.parameter("normalize").default is normalize
+    assert method.parameter("rescale").default is rescale
+    assert method.parameter("lambda").default == 1.0
+    assert method.parameter("int8_mask").default is False and method.parameter("int8_mask").kind is bool
+    assert method.parameter("weight").required and method.parameter("weight").per_model
+    density = method.parameter("density")
+    assert density.per_model and density.default == 1.0
+    assert method.base_model == "required"
+    assert {p.name for p in method.global_parameters()} == {"normalize", "rescale", "lambda", "int8_mask"}
+    assert {p.name for p in method.per_model_parameters()} == {"weight", "density"}
+
+
+def test_linear_treats_the_base_as_an_ordinary_input_and_normalizes_by_default():
+    linear = get_method("linear")
+    assert linear.base_model == "none"
+    assert linear.parameter("normalize").default is True and not linear.parameter("normalize").per_model
+    assert linear.parameter("weight").required and linear.parameter("weight").per_model
+    assert (linear.min_inputs, linear.max_inputs) == (1, None)
+
+
+def test_slerp_takes_a_required_global_t_and_exactly_two_inputs_including_the_base():
+    slerp = get_method("slerp")
+    t = slerp.parameter("t")
+    assert t.required and not t.per_model
+    assert slerp.base_model == "required" and (slerp.min_inputs, slerp.max_inputs) == (2, 2)
+
+
+def test_passthrough_takes_one_input_and_an_optional_per_model_scale():
+    method = get_method("passthrough")
+    scale = method.parameter("scale")
+    assert scale.per_model and scale.default is None and not scale.required
+    assert (method.min_inputs, method.max_inputs) == (1, 1)
+
+
+# --- adapters ---------------------------------------------------------------------------------
+
+
+def test_linear_adapter_passes_weights_and_normalize_to_the_math():
+    g = torch.Generator().manual_seed(1)
+    tensors = [torch.randn(4, 5, generator=g).to(torch.bfloat16) for _ in range(3)]
+    out = get_method("linear").run(
+        call(tensors, per_model=per_model("linear", 3, weight=[0.2, 0.3, 0.5]), params=defaults("linear"))
+    )
+    assert bits(out) == bits(linear_merge(tensors, [0.2, 0.3, 0.5], normalize=True))
+
+
+def test_linear_adapter_weighs_a_base_passed_separately_like_any_other_input():
+    a, b = torch.tensor([1.0, 2.0]), torch.tensor([3.0, 6.0])
+    out = get_method("linear").run(
+        call([a], base=b, per_model=[{"weight": 1.0}], base_params={"weight": 3.0}, params=defaults("linear"))
+    )
+    assert out.tolist() == [2.5, 5.0]
+
+
+def test_slerp_adapter_interpolates_base_to_other():
+    g = torch.Generator().manual_seed(2)
+    base, other = torch.randn(8, generator=g), torch.randn(8, generator=g)
+    out = get_method("slerp").run(call([other], base=base, params={"t": 0.3}))
+    assert bits(out) == bits(slerp_merge(0.3, base, other))
+
+
+def test_slerp_with_only_one_input_present_returns_it_unchanged():
+    x = torch.randn(6)
+    assert get_method("slerp").run(call([], base=x, params={"t": 0.3})) is x
+    assert get_method("slerp").run(call([x], base=None, params={"t": 0.3})) is x
+
+
+def test_slerp_with_two_non_base_inputs_is_a_merge_error_naming_the_tensor():
+    with pytest.raises(MergeError, match="model.layers.0.w.*exactly one other model"):
+        get_method("slerp").run(call([torch.ones(2), torch.ones(2)], base=torch.ones(2), params={"t": 0.5}))
+
+
+@pytest.mark.parametrize("name", TASK_VECTOR)
+def test_task_vector_adapters_return_the_base_when_no_other_input_has_the_tensor(name):
+    base = torch.randn(5)
+    assert get_method(name).run(call([], base=base, params=defaults(name))) is base
+
+
+@pytest.mark.parametrize("name", TASK_VECTOR)
+def test_task_vector_adapters_run_the_family_math_with_their_defaults(name):
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(10, 10, generator=g)
+    tensors = [base + 0.1 * torch.randn(10, 10, generator=g) for _ in range(2)]
+    models = per_model(name, 2, weight=[0.6, 0.4], density=[0.5, 0.7])
+    out = get_method(name).run(call(tensors, base=base, per_model=models, params=defaults(name), seed=4))
+    sparsifier, consensus, normalize, rescale = {
+        "task_arithmetic": ("none", False, False, False),
+        "ties": ("magnitude", True, True, False),
+        "dare_linear": ("random", False, False, True),
+        "dare_ties": ("random", True, False, True),
+    }[name]
+    expected = task_vector_merge(
+        base, tensors, [0.6, 0.4], [0.5, 0.7],
+        sparsifier=sparsifier, consensus=consensus, normalize=normalize, rescale=rescale,
+        generators=[torch.Generator().manual_seed(4000 + i) for i in range(2)],
+    )
+    assert bits(out) == bits(expected)
+
+
+@pytest.mark.parametrize("name", ["ties", "dare_ties"])
+def test_int8_mask_has_no_numeric_effect(name):
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(30, generator=g).to(torch.bfloat16)
+    tensors = [base + torch.randn(30, generator=g).to(torch.bfloat16) for _ in range(3)]
+    models = per_model(name, 3, weight=[0.5, 0.3, 0.2], density=[0.5, 0.5, 0.5])
+    method = get_method(name)
+    plain = method.run(call(tensors, base=base, per_model=models, params=defaults(name, int8_mask=False)))
+    int8 = method.run(call(tensors, base=base, per_model=models, params=defaults(name, int8_mask=True)))
+    assert bits(plain) == bits(int8)
+
+
+def test_dare_adapter_draws_one_generator_per_input_so_seeds_change_the_result():
+    g = torch.Generator().manual_seed(6)
+    base = torch.randn(20, 20, generator=g)
+    tensors = [base + torch.randn(20, 20, generator=g) for _ in range(2)]
+    models = per_model("dare_linear", 2, weight=[0.5, 0.5], density=[0.5, 0.5])
+    run = get_method("dare_linear").run
+    first = run(call(tensors, base=base, per_model=models, params=defaults("dare_linear"), seed=1))
+    again = run(call(tensors, base=base, per_model=models, params=defaults("dare_linear"), seed=1))
+    other = run(call(tensors, base=base, per_model=models, params=defaults("dare_linear"), seed=2))
+    assert bits(first) == bits(again) and not torch.equal(first, other)
+
+
+def test_task_vector_adapter_without_a_base_tensor_is_a_merge_error():
+    with pytest.raises(MergeError, match="no base tensor"):
+        get_method("ties").run(call([torch.ones(3)], base=None, per_model=per_model("ties", 1, weight=[1.0])))
+
+
+def test_merge_errors_from_the_math_name_the_output_tensor():
+    base = torch.zeros(5)
+    models = per_model("ties", 1, weight=[1.0], density=[0.1])
+    with pytest.raises(MergeError, match=r"tensor `model.layers.0.w`: density 0\.1"):
+        get_method("ties").run(call([torch.ones(5)], base=base, per_model=models, params=defaults("ties")))
+
+
+def test_passthrough_scales_in_the_tensor_dtype_and_leaves_it_alone_without_a_scale():
+    x = torch.randn(7).to(torch.bfloat16)
+    run = get_method("passthrough").run
+    assert run(call([x], per_model=[{"scale": None}])) is x
+    assert run(call([x], per_model=[{"scale": 1.0}])) is x
+    scaled = run(call([x], per_model=[{"scale": 0.37}]))
+    assert scaled.dtype == torch.bfloat16 and bits(scaled) == bits(x * 0.37)
+    assert bits(run(call([], base=x, base_params={"scale": 0.5}))) == bits(x * 0.5)
+
+
+def test_passthrough_scale_of_one_returns_the_same_bits():
+    x = torch.tensor([1.5, -0.0, float("inf")], dtype=torch.float16)
+    assert bits(passthrough(x, 1.0)) == bits(x)
+    assert bits(passthrough(x, 2.0)) == bits(torch.tensor([3.0, -0.0, float("inf")], dtype=torch.float16))
+
+
+def test_passthrough_with_more_than_one_input_is_a_merge_error():
+    with pytest.raises(MergeError, match="exactly one input"):
+        get_method("passthrough").run(call([torch.ones(2), torch.ones(2)]))
