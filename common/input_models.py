@@ -42,6 +42,11 @@ class InputModel:
                 return name
         return None
 
+    def has_own(self, weight: WeightInfo) -> bool:
+        """Whether the model stores ``weight`` itself (by name or alias), not only via a tie."""
+        tensors = self.files.tensors
+        return any(name in tensors for name in (weight.name, *weight.aliases))
+
     def info(self, name: str) -> TensorInfo:
         return self.files.tensors.info(name)
 

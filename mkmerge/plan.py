@@ -186,6 +186,8 @@ class _TensorPlanner:
             )
         if not inputs:
             return None
+        if out_weight.optional and not any(i.model.has_own(weight_for(i.source)) for i in inputs):
+            return None  # only reachable through a tie (e.g. lm_head -> embed_tokens): the output stays tied
         if base_ref is not None and not any(i.is_base for i in inputs):
             if any(s.model == base_ref for s, _ in missing):
                 raise MissingTensorError(f"the base model {base_ref} has no tensor {out_weight.name}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from common.build import BuildOptions, build_model
@@ -37,13 +38,22 @@ def run_merge(
     write_card: bool = True,
     cache_dir: str | None = None,
     listener: ProgressListener | None = None,
+    config_transform: Callable[[MergePlan, dict], dict] | None = None,
 ) -> tuple[MergePlan, RunStats]:
+    """Plan ``recipe`` (headers only), then compute and write the model into ``out``.
+
+    ``config_transform(plan, config)`` lets a tool edit the output config.json beyond the
+    standard updates (mkstack rebuilds per-layer lists with it).
+    """
     OutputDirectory(out, overwrite=options.overwrite).check()
     plan = plan_merge(recipe, allow_crimes=allow_crimes, seed=options.seed, cache_dir=cache_dir)
     sources = {model.key: model.files.tensors for model in plan.models.values()}
 
     def finalize(directory: Path) -> None:
-        write_config(directory, plan.donor.config, dtype=plan.config_dtype, updates=plan.config_updates())
+        transform = (lambda config: config_transform(plan, config)) if config_transform else None
+        write_config(
+            directory, plan.donor.config, dtype=plan.config_dtype, updates=plan.config_updates(), transform=transform
+        )
         if copy_tokenizer:
             copy_tokenizer_files(plan.donor.path, directory)
         if write_card:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -43,11 +43,14 @@ def write_config(
     *,
     dtype: torch.dtype | None = None,
     updates: dict[str, object] | None = None,
+    transform: Callable[[dict], dict] | None = None,
 ) -> dict:
     """Write ``config.json``: the donor's config with only the given fields changed.
 
     Edited as JSON rather than through transformers so fields the installed transformers does
-    not know survive untouched. ``updates`` keys may be dotted paths (``text_config.x``).
+    not know survive untouched. ``updates`` keys may be dotted paths (``text_config.x``);
+    ``transform`` (given a copy, returning the final dict) makes structural edits such as
+    rebuilding per-layer lists.
     """
     config = json.loads(json.dumps(config))  # deep copy; never mutate the donor's dict
     if dtype is not None:
@@ -57,6 +60,8 @@ def write_config(
             config[key] = name
     for key, value in (updates or {}).items():
         set_config_value(config, key, value)
+    if transform is not None:
+        config = transform(config)
     with open(Path(directory) / "config.json", "w") as handle:
         json.dump(config, handle, indent=2, sort_keys=True)
         handle.write("\n")

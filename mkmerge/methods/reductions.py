@@ -101,7 +101,7 @@ def stacked_sum(
     dtype: torch.dtype,
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
-    """Element-wise sum of the terms, bit-identical to ``torch.stack(terms).sum(dim=0)``.
+    """Element-wise sum of the terms, bit-identical to ``torch.stack(terms).sum(dim=0)`` on the CPU.
 
     For bfloat16/float16 that means float32 accumulation, rounded to ``dtype`` once at the
     end. Up to ``STREAMED_TERMS_MAX`` terms the sum is streamed block by block, so
@@ -124,7 +124,7 @@ def stacked_sum(
 
 
 def _blocks(shape: tuple[int, ...]) -> Iterator[Index]:
-    """Indexes covering the tensor in blocks of about STREAM_BLOCK elements, in memory order.
+    """Indexes covering the tensor in blocks of about STREAM_BLOCK elements, in row-major order.
 
     Blocks are runs along one dimension, preceded by fixed leading indices: basic indexing,
     so any layout (views included) is read in place.
