@@ -19,6 +19,7 @@ from typing import Annotated, Optional
 import torch
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -107,7 +108,10 @@ def parse_device(device: str, cuda: bool = False) -> torch.device:
 
 # -- running a command ---------------------------------------------------------------------
 def _show_warning(message, category, filename, lineno, file=None, line=None):
-    err_console.print(f"[yellow]warning:[/yellow] {message}", highlight=False)
+    where = ""
+    if getattr(message, "line", None) and f"line {message.line}" not in str(message):
+        where = f"line {message.line}: "
+    err_console.print(f"[yellow]warning:[/yellow] {escape(where + str(message))}", highlight=False, soft_wrap=True)
 
 
 @contextmanager
@@ -121,7 +125,7 @@ def cli_errors(debug: bool):
     except MkError as error:
         if debug:
             err_console.print_exception()
-        err_console.print(f"[bold red]{error.render()}[/bold red]", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]{escape(error.render())}[/bold red]", highlight=False, soft_wrap=True)
         raise typer.Exit(error.exit_code) from None
     except KeyboardInterrupt:
         err_console.print("[bold red]interrupted[/bold red]: nothing was written to the output directory")

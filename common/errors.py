@@ -49,6 +49,7 @@ class RecipeError(MkError):
         self.field = field
         self.line = line
         self.file = file
+        self.bare_message = message
         where = []
         if file:
             where.append(str(file) + (f":{line}" if line else ""))
@@ -58,6 +59,14 @@ class RecipeError(MkError):
             where.append(f"field `{field}`")
         prefix = f"{', '.join(where)}: " if where else ""
         super().__init__(prefix + message, hint=hint)
+
+
+    def in_file(self, file: str | None) -> RecipeError:
+        """The same error, located in ``file`` (for errors raised after parsing)."""
+        if self.file or not file:
+            return self
+        located = RecipeError(self.bare_message, field=self.field, line=self.line, file=file, hint=self.hint)
+        return located
 
 
 class ModelNotFoundError(MkError):

@@ -107,7 +107,8 @@ def methods() -> None:
         for spec in method.parameters:
             default = "required" if spec.default is REQUIRED else repr(spec.default)
             params.append(f"{spec.name} ({'per model' if spec.per_model else 'global'}, {default})")
-        table.add_row(method.name, method.base_model, "\n".join(params) or "-")
+        base = {"none": "ordinary input"}.get(method.base_model, method.base_model)
+        table.add_row(method.name, base, "\n".join(params) or "-")
     Console().print(table)
 
 

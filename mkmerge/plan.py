@@ -199,8 +199,9 @@ class _TensorPlanner:
         if len(shapes) == 1:
             return inputs
         name = self.method.name
-        if weight.is_embed and (name in COMMON_SUBMATRIX or name in CUT_TO_BASE):
-            return inputs  # rows are cut in _build
+        only_rows_differ = len({shape[1:] for shape in shapes}) == 1
+        if weight.is_embed and only_rows_differ and (name in COMMON_SUBMATRIX or name in CUT_TO_BASE):
+            return inputs  # vocabulary sizes differ: rows are cut in _build
         if name in CUT_TO_BASE:
             base = next((i for i in inputs if i.is_base), None)
             if base is not None:
@@ -294,13 +295,12 @@ class _TensorPlanner:
         shapes = [i.model.info(i.name).shape for i in inputs]
         if len(set(shapes)) == 1 or not weight.is_embed:
             return None, None
+        cols = None  # only row counts (vocabulary sizes) may differ here
         if self.method.name in CUT_TO_BASE:
             base = next(i for i in inputs if i.is_base)
-            shape = base.model.info(base.name).shape
-            rows, cols = shape[0], (shape[1] if len(shape) > 1 else None)
+            rows = base.model.info(base.name).shape[0]
         else:
             rows = min(s[0] for s in shapes)
-            cols = min(s[1] for s in shapes) if len(shapes[0]) > 1 else None
         warnings.warn(
             f"{weight.name}: inputs have different vocabulary sizes ({sorted({s[0] for s in shapes})} rows); "
             f"cutting to {rows} rows. config.json keeps the donor's vocab_size, which may then disagree. "

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from common.build import BuildOptions, build_model
+from common.errors import RecipeError
 from common.graph import ProgressListener, RunStats
 from common.writing import copy_tokenizer_files, write_config, write_model_card
 from common.writing.output_dir import OutputDirectory
@@ -17,8 +18,6 @@ RECIPE_COPY = "mergekit_config.yml"
 
 
 def load_recipe(path: Path):
-    from common.errors import RecipeError
-
     try:
         text = Path(path).read_text()
     except FileNotFoundError:
@@ -46,7 +45,10 @@ def run_merge(
     standard updates (mkstack rebuilds per-layer lists with it).
     """
     OutputDirectory(out, overwrite=options.overwrite).check()
-    plan = plan_merge(recipe, allow_crimes=allow_crimes, seed=options.seed, cache_dir=cache_dir)
+    try:
+        plan = plan_merge(recipe, allow_crimes=allow_crimes, seed=options.seed, cache_dir=cache_dir)
+    except RecipeError as error:
+        raise error.in_file(recipe.source_name) from None
     sources = {model.key: model.files.tensors for model in plan.models.values()}
 
     def finalize(directory: Path) -> None:

@@ -1,0 +1,52 @@
+"""Run mkmoe: config -> plan (headers only) -> gates (base forward pass) -> build -> output directory."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from common.build import BuildOptions, build_model
+from common.graph import ProgressListener, RunStats
+from common.writing import OutputDirectory, copy_tokenizer_files, write_config
+from mkmoe.config import MoeConfig
+from mkmoe.gates import compute_gates
+from mkmoe.plan import MoePlan, plan_moe
+from mkmoe.tasks import GATES_SOURCE, MemorySource
+
+RECIPE_COPY = "mergekit_moe_config.yml"
+
+
+def run_moe(
+    config: MoeConfig,
+    out: Path,
+    options: BuildOptions,
+    *,
+    layout: str = "classic",
+    copy_tokenizer: bool = True,
+    write_card: bool = True,
+    cache_dir: str | None = None,
+    listener: ProgressListener | None = None,
+    on_stage: Callable[[str], None] | None = None,
+) -> tuple[MoePlan, RunStats]:
+    """Build the MoE described by ``config`` into ``out``; nothing appears there unless it all succeeds.
+
+    Every check that needs only configs and headers runs before the gates' forward pass,
+    which is the first time tensor data is read. ``on_stage`` hears a one-line description
+    of each slow stage.
+    """
+    OutputDirectory(out, overwrite=options.overwrite).check()
+    plan = plan_moe(config, layout=layout, cache_dir=cache_dir)
+    if on_stage is not None:
+        on_stage(f"computing {config.gate_mode} gates for {plan.num_layers} layers")
+    gates = compute_gates(plan, seed=options.seed, device=options.device)
+    sources = {**plan.tensor_sources(), GATES_SOURCE: MemorySource(gates)}
+
+    def finalize(directory: Path) -> None:
+        write_config(directory, plan.output_config, dtype=plan.dtype)
+        if copy_tokenizer:
+            copy_tokenizer_files(plan.base.path, directory)
+        if write_card:
+            (directory / RECIPE_COPY).write_text(config.text)
+
+    stats = build_model(plan.outputs, sources, Path(out), options, finalize=finalize, listener=listener)
+    return plan, stats

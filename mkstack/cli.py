@@ -1,0 +1,262 @@
+"""`mkstack`: stack layers of models (frankenmerges, depth up-scaling, block expansion).
+
+Two forms. With a recipe file (any mergekit `passthrough` recipe):
+
+    mkstack RECIPE OUT
+
+With a mode flag instead of a recipe, the only positional argument is OUT:
+
+    mkstack OUT --slice A:0-16 --slice B:8-24 --slice A:16-32
+    mkstack OUT --interleave A B --window 16 --overlap 8      (Goliath-style)
+    mkstack OUT --upscale A --overlap 8                       (SOLAR-style)
+    mkstack OUT --expand A --every 4                          (LLaMA Pro block expansion)
+    mkstack --print-recipe --upscale A --overlap 8 > solar.yml
+
+Ranges are half-open and 0-based (A:0-16 is layers 0..15). Models are local directories
+or Hub ids; `--model a=/long/path/to/model` lets later flags say `a`. Every mode is
+turned into a passthrough recipe first: `--print-recipe` prints it (OUT not needed) and
+`mkstack RECIPE OUT` reproduces the run. The output's config.json gets the new depth and
+per-layer lists (layer_types, ...) rebuilt to follow the source layers.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from common.build import BuildOptions
+from common.cli import (
+    AllowCrimes,
+    CacheDir,
+    CopyTokenizer,
+    Cuda,
+    Debug,
+    Device,
+    ModelCard,
+    Overwrite,
+    ProgressView,
+    Quiet,
+    Seed,
+    ShardSize,
+    Threads,
+    cli_errors,
+    err_console,
+    human_bytes,
+    parse_device,
+    parse_size,
+)
+from common.errors import RecipeError, did_you_mean
+
+stack_app = typer.Typer(add_completion=False, rich_markup_mode="rich", help=__doc__)
+
+Paths = Annotated[
+    Optional[list[str]],
+    typer.Argument(
+        metavar="[RECIPE] OUT",
+        help="RECIPE OUT in recipe mode; only OUT with a mode flag (none with --print-recipe).",
+        show_default=False,
+    ),
+]
+SliceOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--slice", metavar="MODEL:START-END", help="Append layers [START, END) of MODEL (repeatable)."),
+]
+InterleaveOpt = Annotated[
+    Optional[tuple[str, str]],
+    typer.Option("--interleave", metavar="A B", help="Alternate overlapping windows of A and B (needs --window, --overlap)."),
+]
+UpscaleOpt = Annotated[
+    Optional[str], typer.Option("--upscale", metavar="MODEL", help="MODEL[0, L-O) then MODEL[O, L) (needs --overlap).")
+]
+ExpandOpt = Annotated[
+    Optional[str],
+    typer.Option("--expand", metavar="MODEL", help="Insert an identity copy after every N-th layer (needs --every)."),
+]
+WindowOpt = Annotated[Optional[int], typer.Option("--window", help="Interleave: layers per window.")]
+OverlapOpt = Annotated[
+    Optional[int], typer.Option("--overlap", help="Interleave: layers shared by neighbouring windows; upscale: layers dropped at the seam.")
+]
+EveryOpt = Annotated[Optional[int], typer.Option("--every", help="Expand: insert after every N-th layer.")]
+ModelAlias = Annotated[
+    Optional[list[str]], typer.Option("--model", metavar="NAME=REF", help="Name a model for the mode flags (repeatable).")
+]
+PrintRecipe = Annotated[bool, typer.Option("--print-recipe", help="Print the recipe the run would execute, and exit.")]
+DTypeOpt = Annotated[Optional[str], typer.Option("--dtype", help="Mode flags: dtype tensors are computed in.")]
+OutDTypeOpt = Annotated[Optional[str], typer.Option("--out-dtype", help="Mode flags: dtype tensors are written in.")]
+
+
+@stack_app.command(help=__doc__, no_args_is_help=True)
+def stack(
+    paths: Paths = None,
+    slices: SliceOpt = None,
+    interleave: InterleaveOpt = None,
+    upscale: UpscaleOpt = None,
+    expand: ExpandOpt = None,
+    window: WindowOpt = None,
+    overlap: OverlapOpt = None,
+    every: EveryOpt = None,
+    model: ModelAlias = None,
+    print_recipe: PrintRecipe = False,
+    dtype: DTypeOpt = None,
+    out_dtype: OutDTypeOpt = None,
+    device: Device = "cpu",
+    cuda: Cuda = False,
+    threads: Threads = None,
+    shard_size: ShardSize = "5G",
+    seed: Seed = 0,
+    allow_crimes: AllowCrimes = False,
+    overwrite: Overwrite = False,
+    copy_tokenizer: CopyTokenizer = True,
+    write_model_card: ModelCard = True,
+    cache_dir: CacheDir = None,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    from common.writing.output_dir import OutputDirectory
+    from mkstack.stack import (
+        ModeRequest,
+        StackWarning,
+        load_stack_recipe,
+        parse_stack_recipe,
+        plan_stack,
+        request_recipe_text,
+        run_stack,
+    )
+
+    with cli_errors(debug):
+        started = time.perf_counter()
+        request = ModeRequest(
+            slices=tuple(slices or ()),
+            interleave=interleave,
+            upscale=upscale,
+            expand=expand,
+            window=window,
+            overlap=overlap,
+            every=every,
+            aliases=_aliases(model or []),
+        )
+        mode = request.mode
+        recipe_path, out = _positionals(list(paths or []), mode, print_recipe)
+        options = BuildOptions(
+            device=parse_device(device, cuda),
+            threads=threads,
+            shard_size=parse_size(shard_size),
+            seed=seed,
+            overwrite=overwrite,
+        )
+        if out is not None and not print_recipe:
+            OutputDirectory(out, overwrite=overwrite).check()
+        if mode is None:
+            if dtype or out_dtype:
+                raise RecipeError(
+                    "--dtype and --out-dtype go with the mode flags; in recipe mode the recipe sets them",
+                    field="--dtype" if dtype else "--out-dtype",
+                    hint="write `dtype:` / `out_dtype:` in the recipe",
+                )
+            recipe = load_stack_recipe(Path(recipe_path))
+        else:
+            text = request_recipe_text(
+                request,
+                dtype=_dtype(dtype, "--dtype"),
+                out_dtype=_dtype(out_dtype, "--out-dtype"),
+                allow_crimes=allow_crimes,
+                cache_dir=cache_dir,
+            )
+            recipe = parse_stack_recipe(text)
+        checked = plan_stack(recipe, allow_crimes=allow_crimes, seed=seed, cache_dir=cache_dir)
+        for note in checked.config_warnings:
+            warnings.warn(StackWarning(note), stacklevel=1)
+        if print_recipe:
+            sys.stdout.write(recipe.text)
+            return
+        if not quiet:
+            _show_plan(checked)
+        with ProgressView("stack", quiet) as view:
+            plan, stats = run_stack(
+                recipe,
+                Path(out),
+                options,
+                allow_crimes=allow_crimes,
+                copy_tokenizer=copy_tokenizer,
+                write_card=write_model_card,
+                cache_dir=cache_dir,
+                listener=view,
+                checked=checked,
+            )
+        view.summary(
+            f"[green]stacked[/green] {len(checked.rows)} slices of {len(plan.models)} model(s): "
+            f"{plan.num_layers} layers, {stats.tensors} tensors, {human_bytes(stats.bytes_written)} "
+            f"-> {out} in {time.perf_counter() - started:.1f} s"
+        )
+
+
+def _positionals(paths: list[str], mode: str | None, print_recipe: bool) -> tuple[str | None, str | None]:
+    """(RECIPE, OUT) from the positional arguments; which form depends on whether a mode flag is given."""
+    if mode is not None:
+        if len(paths) > 1:
+            raise RecipeError(
+                f"with {mode} the only positional argument is OUT, but {len(paths)} were given: {' '.join(paths)}",
+                hint="a recipe file and a mode flag cannot be combined; use one or the other",
+            )
+        if not paths and not print_recipe:
+            raise RecipeError("missing OUT, the output directory", hint=f"mkstack OUT {mode} ...")
+        return None, (paths[0] if paths else None)
+    if not paths:
+        raise RecipeError(
+            "nothing to stack: give a recipe file, or a mode flag",
+            hint="mkstack RECIPE OUT, or mkstack OUT --slice/--interleave/--upscale/--expand ...",
+        )
+    if len(paths) > 2:
+        raise RecipeError(f"expected RECIPE OUT, got {len(paths)} arguments: {' '.join(paths)}")
+    if len(paths) == 1 and not print_recipe:
+        raise RecipeError(
+            f"missing OUT after the recipe {paths[0]}",
+            hint="mkstack RECIPE OUT; to stack from flags instead: mkstack OUT --slice MODEL:0-16 ...",
+        )
+    return paths[0], (paths[1] if len(paths) == 2 else None)
+
+
+def _aliases(entries: list[str]) -> dict[str, str]:
+    aliases = {}
+    for entry in entries:
+        name, sep, ref = entry.partition("=")
+        if not sep or not name or not ref or ":" in name:
+            raise RecipeError(
+                f"cannot read `--model {entry}`", field="--model", hint="write NAME=REF, e.g. --model a=org/model-a"
+            )
+        aliases[name] = ref
+    return aliases
+
+
+def _dtype(name: str | None, option: str) -> str | None:
+    from mkmerge.recipe_schema import DTYPES
+
+    if name is None:
+        return None
+    if name.removeprefix("torch.") not in DTYPES:
+        hint = did_you_mean(name.removeprefix("torch."), DTYPES) or f"accepted: {', '.join(DTYPES)}"
+        raise RecipeError(f"unknown dtype {name!r}", field=option, hint=hint)
+    return name.removeprefix("torch.")
+
+
+def _show_plan(checked) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"layer map: {checked.plan.num_layers} output layers", title_justify="left")
+    for column in ("output layers", "model", "source layers", "note"):
+        table.add_column(column)
+    for row in checked.rows:
+        table.add_row(
+            f"[{row.out_start}, {row.out_end})", str(row.model), f"[{row.start}, {row.end})", row.note
+        )
+    err_console.print(table)
+
+
+def main() -> None:
+    """Console entry: `mkstack RECIPE OUT` or `mkstack OUT --slice/--interleave/--upscale/--expand ...`."""
+    stack_app(prog_name="mkstack")
