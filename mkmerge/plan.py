@@ -67,6 +67,14 @@ class _Input:
 
 
 def plan_merge(recipe, *, allow_crimes: bool = False, seed: int = 0, cache_dir: str | None = None) -> MergePlan:
+    """Plan every output tensor of ``recipe``; recipe errors found here name the recipe file."""
+    try:
+        return _plan_merge(recipe, allow_crimes=allow_crimes, seed=seed, cache_dir=cache_dir)
+    except RecipeError as error:
+        raise error.in_file(getattr(recipe, "source_name", None)) from None
+
+
+def _plan_merge(recipe, *, allow_crimes: bool, seed: int, cache_dir: str | None) -> MergePlan:
     method = get_method(recipe.merge_method)
     models = open_input_models(referenced_models(recipe), allow_crimes=allow_crimes, cache_dir=cache_dir)
     slices = output_slices(recipe, models)

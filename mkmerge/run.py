@@ -38,17 +38,18 @@ def run_merge(
     cache_dir: str | None = None,
     listener: ProgressListener | None = None,
     config_transform: Callable[[MergePlan, dict], dict] | None = None,
+    plan: MergePlan | None = None,
+    tool: str = "mkmerge",
 ) -> tuple[MergePlan, RunStats]:
     """Plan ``recipe`` (headers only), then compute and write the model into ``out``.
 
     ``config_transform(plan, config)`` lets a tool edit the output config.json beyond the
-    standard updates (mkstack rebuilds per-layer lists with it).
+    standard updates (mkstack rebuilds per-layer lists with it). ``plan``: a plan of this
+    recipe the caller already made (it is not made again). ``tool`` names the tool in the card.
     """
     OutputDirectory(out, overwrite=options.overwrite).check()
-    try:
+    if plan is None:
         plan = plan_merge(recipe, allow_crimes=allow_crimes, seed=options.seed, cache_dir=cache_dir)
-    except RecipeError as error:
-        raise error.in_file(recipe.source_name) from None
     sources = {model.key: model.files.tensors for model in plan.models.values()}
 
     def finalize(directory: Path) -> None:
@@ -60,19 +61,19 @@ def run_merge(
             copy_tokenizer_files(plan.donor.path, directory)
         if write_card:
             (directory / RECIPE_COPY).write_text(recipe.text)
-            _card(plan, directory, Path(out).name)
+            _card(plan, directory, Path(out).name, tool)
 
     stats = build_model(plan.outputs, sources, Path(out), options, finalize=finalize, listener=listener)
     return plan, stats
 
 
-def _card(plan: MergePlan, directory: Path, title: str) -> None:
+def _card(plan: MergePlan, directory: Path, title: str, tool: str) -> None:
     base = str(plan.recipe.base_model) if plan.recipe.base_model is not None else None
     models = [str(ref) for ref in plan.models if str(ref) != base]
     write_model_card(
         directory,
         title=title,
-        tool="mkmerge",
+        tool=tool,
         method_name=plan.method.pretty_name,
         method_url=plan.method.reference_url,
         base_model=base,

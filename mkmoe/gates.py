@@ -16,6 +16,7 @@ import torch
 
 from common.graph import tensor_seed
 from mkmoe.config import ExpertConfig
+from mkmoe.layouts import router_name
 from mkmoe.plan import MoePlan
 from mkmoe.prompts import encode_prompts, load_tokenizer, prompt_token_ids
 from mkmoe.streaming import layer_input_states
@@ -129,7 +130,9 @@ def compute_gates(plan: MoePlan, *, seed: int = 0, device: torch.device | None =
 
 
 def _random_layer(plan: MoePlan, layer: int, seed: int, uniform: bool) -> torch.Tensor:
-    matrix = random_gate_matrix(seed, plan.router_names[layer], plan.num_experts, plan.hidden_size, uniform=uniform)
+    # Seeded by the classic router name, so both layouts get the same router.
+    name = router_name(plan.arch, "classic", layer)
+    matrix = random_gate_matrix(seed, name, plan.num_experts, plan.hidden_size, uniform=uniform)
     if plan.shared_gate_names:
         shared = random_gate_matrix(seed, plan.shared_gate_names[layer], 1, plan.hidden_size, uniform=uniform)
         matrix = torch.cat([matrix, shared])

@@ -68,7 +68,9 @@ SliceOpt = Annotated[
 ]
 InterleaveOpt = Annotated[
     Optional[tuple[str, str]],
-    typer.Option("--interleave", metavar="A B", help="Alternate overlapping windows of A and B (needs --window, --overlap)."),
+    typer.Option(
+        "--interleave", metavar="A B", help="Alternate overlapping windows of A and B (needs --window, --overlap)."
+    ),
 ]
 UpscaleOpt = Annotated[
     Optional[str], typer.Option("--upscale", metavar="MODEL", help="MODEL[0, L-O) then MODEL[O, L) (needs --overlap).")
@@ -79,11 +81,15 @@ ExpandOpt = Annotated[
 ]
 WindowOpt = Annotated[Optional[int], typer.Option("--window", help="Interleave: layers per window.")]
 OverlapOpt = Annotated[
-    Optional[int], typer.Option("--overlap", help="Interleave: layers shared by neighbouring windows; upscale: layers dropped at the seam.")
+    Optional[int],
+    typer.Option(
+        "--overlap", help="Interleave: layers shared by neighbouring windows; upscale: layers dropped at the seam."
+    ),
 ]
 EveryOpt = Annotated[Optional[int], typer.Option("--every", help="Expand: insert after every N-th layer.")]
 ModelAlias = Annotated[
-    Optional[list[str]], typer.Option("--model", metavar="NAME=REF", help="Name a model for the mode flags (repeatable).")
+    Optional[list[str]],
+    typer.Option("--model", metavar="NAME=REF", help="Name a model for the mode flags (repeatable)."),
 ]
 PrintRecipe = Annotated[bool, typer.Option("--print-recipe", help="Print the recipe the run would execute, and exit.")]
 DTypeOpt = Annotated[Optional[str], typer.Option("--dtype", help="Mode flags: dtype tensors are computed in.")]

@@ -82,7 +82,9 @@ def rebuild_layer_config(
         return ConfigFixup(result, (f"config.json has no `{'.'.join(parents)}`; per-layer settings were not rebuilt",))
     section[leaf] = len(layers)
     used = list(dict.fromkeys(source.model for source in layers))
-    per_layer = {model: _per_layer_lists(_section(sources[model].config, parents) or {}, sources[model]) for model in used}
+    per_layer = {
+        model: _per_layer_lists(_section(sources[model].config, parents) or {}, sources[model]) for model in used
+    }
     for key in sorted({key for lists in per_layer.values() for key in lists}):
         lacking = [str(model) for model in used if key not in per_layer[model]]
         if lacking:

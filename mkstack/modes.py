@@ -81,7 +81,8 @@ def slices_from_args(args: Sequence[SliceArg], depths: Mapping[str, int]) -> lis
             )
         if arg.end > depth:
             raise RecipeError(
-                f"`--slice {arg.text}` reaches layer {arg.end - 1}, but {arg.model} has {depth} layers (0..{depth - 1})",
+                f"`--slice {arg.text}` reaches layer {arg.end - 1}, "
+                f"but {arg.model} has {depth} layers (0..{depth - 1})",
                 field="--slice",
                 hint=f"the end is exclusive: {arg.model}:{arg.start}-{depth} runs to the last layer",
             )

@@ -173,7 +173,9 @@ def request_slices(request: ModeRequest, models: Mapping[str, InputModel]) -> li
         name = request.ref(request.expand)
         filters = residual_write_filters(models[name].arch)
         return expand_slices(name, depth=models[name].num_layers, every=request.every, zero_filters=filters)
-    raise RecipeError("no stacking mode given", hint="give a recipe file, or one of --slice, --interleave, --upscale, --expand")
+    raise RecipeError(
+        "no stacking mode given", hint="give a recipe file, or one of --slice, --interleave, --upscale, --expand"
+    )
 
 
 def describe_request(request: ModeRequest) -> str:
@@ -219,12 +221,17 @@ class StackPlan:
     config_warnings: tuple[str, ...]
 
 
-def plan_stack(recipe: MergeRecipe, *, allow_crimes: bool = False, seed: int = 0, cache_dir: str | None = None) -> StackPlan:
+def plan_stack(
+    recipe: MergeRecipe, *, allow_crimes: bool = False, seed: int = 0, cache_dir: str | None = None
+) -> StackPlan:
     """Check and plan a passthrough recipe for stacking; reads configs and headers only."""
     require_passthrough(recipe)
-    models = open_stack_inputs(referenced_models(recipe), allow_crimes=allow_crimes, cache_dir=cache_dir)
-    check_same_shapes(models)
-    plan = plan_merge(recipe, allow_crimes=allow_crimes, seed=seed, cache_dir=cache_dir)
+    try:
+        models = open_stack_inputs(referenced_models(recipe), allow_crimes=allow_crimes, cache_dir=cache_dir)
+        check_same_shapes(models)
+        plan = plan_merge(recipe, allow_crimes=allow_crimes, seed=seed, cache_dir=cache_dir)
+    except RecipeError as error:
+        raise error.in_file(recipe.source_name) from None
     rows = plan_rows(recipe, plan.models)
     check_vocabularies(plan.models[rows[0].model], plan.models[rows[-1].model])
     return StackPlan(recipe, plan, rows, plan_config_warnings(plan))
@@ -256,6 +263,8 @@ def run_stack(
         recipe,
         out,
         options,
+        plan=checked.plan,
+        tool="mkstack",
         allow_crimes=allow_crimes,
         copy_tokenizer=copy_tokenizer,
         write_card=write_card,

@@ -1,10 +1,9 @@
-"""mkstack end to end on tiny checkpoints: exact layer maps, identity block expansion, configs that load, clean refusals."""
+"""mkstack end to end on tiny checkpoints: exact layer maps, identity expansion, loadable configs, clean refusals."""
 
 from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,8 @@ from mkstack.cli import stack_app
 
 TOKENS = [1, 5, 9, 14, 3, 7, 22, 40]
 LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+OUTPUT_PROJECTIONS = ("o_proj.", "down_proj.", "c_proj.", "attention.dense.", "dense_4h_to_h.")
+NUMBERED = re.compile(r"^(.*?\.)(\d+)(\..*)$")  # the first .N. segment is the layer index
 
 
 def cli(*args, quiet: bool = True):
@@ -116,21 +117,32 @@ def test_repeated_source_layers_are_read_once_and_written_as_copies(tiny_model, 
 # --- block expansion ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2", "gpt2", "gpt_neox"])
 def test_block_expansion_computes_exactly_what_the_original_model_computes(tiny_model, tmp_path, arch):
     from tiny_models import load_causal_lm, logits
 
     a = tiny_model(arch, layers=4)
     out = tmp_path / "out"
-    result = cli(out, "--expand", a, "--every", 2)
+    result = cli(out, "--expand", a, "--every", 2)  # layers 0 1 1' 2 3 3'
     assert result.exit_code == 0, result.output
     expanded = load_causal_lm(out)
     assert expanded.config.num_hidden_layers == 6
     torch.testing.assert_close(logits(expanded, TOKENS), logits(load_causal_lm(a), TOKENS), rtol=0, atol=1e-5)
-    inserted = tensors_of(out)
-    assert not inserted["model.layers.2.self_attn.o_proj.weight"].any()  # the copy of layer 1
-    assert not inserted["model.layers.2.mlp.down_proj.weight"].any()
-    assert inserted["model.layers.2.mlp.up_proj.weight"].any()
+    source_layer, inserted = [0, 1, 1, 2, 3, 3], {2, 5}
+    original, zeroed = tensors_of(a), 0
+    for name, tensor in tensors_of(out).items():
+        match = NUMBERED.match(name)
+        if match is None:
+            assert torch.equal(tensor, original[name]), name
+            continue
+        j = int(match[2])
+        source = original[f"{match[1]}{source_layer[j]}{match[3]}"]
+        if j in inserted and any(f in name for f in OUTPUT_PROJECTIONS):
+            assert tensor.shape == source.shape and not tensor.any(), name
+            zeroed += 1
+        else:
+            assert torch.equal(tensor, source), name
+    assert zeroed >= 4  # attention and MLP output projections of both inserted layers
 
 
 # --- config.json ----------------------------------------------------------------------------
@@ -221,7 +233,9 @@ def test_a_good_run_does_read_tensors_through_the_watched_loader(tiny_model, tmp
 
 
 @pytest.mark.parametrize("bad, message", [("0-4", "has 3 layers"), ("2-2", "selects no layers")])
-def test_slice_out_of_bounds_or_empty_is_refused_before_any_tensor_is_read(tiny_model, tmp_path, tensor_reads, bad, message):
+def test_slice_out_of_bounds_or_empty_is_refused_before_any_tensor_is_read(
+    tiny_model, tmp_path, tensor_reads, bad, message
+):
     a = tiny_model("llama")
     out = tmp_path / "out"
     result = cli(out, "--model", f"a={a}", "--slice", "a:0-1", "--slice", f"a:{bad}")
@@ -231,9 +245,11 @@ def test_slice_out_of_bounds_or_empty_is_refused_before_any_tensor_is_read(tiny_
 def test_recipe_range_out_of_bounds_is_refused_with_its_line(tiny_model, tmp_path, tensor_reads):
     a = tiny_model("llama")
     recipe = tmp_path / "r.yml"
-    recipe.write_text(f"merge_method: passthrough\nslices:\n  - sources:\n      - model: {a}\n        layer_range: [1, 9]\n")
+    recipe.write_text(
+        f"merge_method: passthrough\nslices:\n  - sources:\n      - model: {a}\n        layer_range: [1, 9]\n"
+    )
     out = tmp_path / "out"
-    refused(cli(recipe, out), 2, "line 5", "out of bounds", out=out, reads=tensor_reads)
+    refused(cli(recipe, out), 2, "r.yml:5", "out of bounds", out=out, reads=tensor_reads)
 
 
 def test_models_of_different_hidden_size_are_refused_naming_both_and_the_field(tiny_model, tmp_path, tensor_reads):
@@ -262,20 +278,23 @@ def test_an_architecture_without_a_definition_is_refused(tiny_model, tmp_path, t
     (odd / "config.json").write_text(json.dumps(config))
     out = tmp_path / "out"
     result = cli(out, "--upscale", odd, "--overlap", 1)
-    refused(result, 5, "OddForCausalLM", "no architecture definition", "architectures/odd.json", out=out, reads=tensor_reads)
+    fragments = ("OddForCausalLM", "no architecture definition", "architectures/odd.json")
+    refused(result, 5, *fragments, out=out, reads=tensor_reads)
     assert "inferred" not in result.output  # the engine's inference warning is not shown for a refused input
 
 
 def test_a_non_passthrough_recipe_is_sent_to_mkmerge(tiny_model, tmp_path, tensor_reads):
     recipe = tmp_path / "linear.yml"
-    recipe.write_text(f"merge_method: linear\nmodels:\n  - model: {tiny_model('llama')}\n    parameters: {{weight: 1}}\n")
+    model = tiny_model("llama")
+    recipe.write_text(f"merge_method: linear\nmodels:\n  - model: {model}\n    parameters: {{weight: 1}}\n")
     out = tmp_path / "out"
     refused(cli(recipe, out), 2, "`linear`", "mkmerge", out=out, reads=tensor_reads)
 
 
 def test_interleaving_models_of_different_depth_is_refused(tiny_model, tmp_path, tensor_reads):
     out = tmp_path / "out"
-    result = cli(out, "--interleave", tiny_model("llama", layers=3), tiny_model("llama", layers=4), "--window", 2, "--overlap", 1)
+    three, four = tiny_model("llama", layers=3), tiny_model("llama", layers=4)
+    result = cli(out, "--interleave", three, four, "--window", 2, "--overlap", 1)
     refused(result, 2, "equal depth", out=out, reads=tensor_reads)
 
 

@@ -153,7 +153,9 @@ def layers(*pairs):
 
 
 def test_per_layer_lists_follow_their_source_layers_and_depth_is_updated():
-    config = {"num_hidden_layers": 3, "layer_types": ["s", "f", "x"], "no_rope_layers": [1, 0, 1], "eos_token_id": [1, 2, 3]}
+    config = {
+        "num_hidden_layers": 3, "layer_types": ["s", "f", "x"], "no_rope_layers": [1, 0, 1], "eos_token_id": [1, 2, 3]
+    }  # fmt: skip
     fixed = rebuild_layer_config(
         config,
         layer_key="num_hidden_layers",
@@ -199,7 +201,10 @@ def test_a_sliding_window_pattern_is_materialised_into_explicit_layer_types():
         "sliding_attention", "full_attention", "sliding_attention", "full_attention"
     ]  # fmt: skip
     fixed = rebuild_layer_config(
-        config, layer_key="num_hidden_layers", layers=layers(("A", 1), ("A", 2), ("A", 3)), sources={"A": SourceLayout(config, 4)}
+        config,
+        layer_key="num_hidden_layers",
+        layers=layers(("A", 1), ("A", 2), ("A", 3)),
+        sources={"A": SourceLayout(config, 4)},
     )
     assert fixed.config["layer_types"] == ["full_attention", "sliding_attention", "full_attention"]
 
