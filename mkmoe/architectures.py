@@ -118,12 +118,12 @@ def _rejection(arch: OutputArchitecture, config: MoeConfig, input_arch: str) -> 
         )
     if arch.gated_shared_expert:
         if len(shared) != 1:
-            inputs = f"; {input_arch} inputs can only become {arch.title}" if input_arch not in MIXTRAL.inputs else ""
+            only = f"; {input_arch} inputs can only become {arch.title}" if input_arch not in MIXTRAL.inputs else ""
             return config.error(
-                f"{arch.title} needs exactly one shared expert, but {len(shared)} {'is' if len(shared) == 1 else 'are'} "
-                f"listed{inputs}",
+                f"{arch.title} needs exactly one shared expert, but {len(shared)} are listed{only}",
                 ("shared_experts",),
-                hint="list exactly one `shared_experts` entry (source_model, and positive_prompts unless gates are random)",
+                hint="list exactly one `shared_experts` entry (source_model, and positive_prompts unless "
+                "gates are random)",
             )
         if config.uses_prompts and not shared[0].positive_prompts:
             return config.error(
@@ -167,7 +167,8 @@ def moe_config(
     Starts from the base's JSON so fields the installed transformers does not know survive,
     and is checked by building the installed transformers' config class from it.
     """
-    config = {key: value for key, value in json.loads(json.dumps(dict(base_config))).items() if key not in _DROPPED_KEYS}
+    copied = json.loads(json.dumps(dict(base_config)))  # deep copy; never mutate the base's dict
+    config = {key: value for key, value in copied.items() if key not in _DROPPED_KEYS}
     layers = config.get("num_hidden_layers")
     config.update(
         model_type=arch.model_type,

@@ -3,7 +3,7 @@
 Examples:
 
     mkmoe moe.yml ./moe
-    mkmoe moe.yml ./moe --layout fused --dtype bfloat16
+    mkmoe moe.yml ./moe --layout fused --shard-size 2G
     mkmoe moe.yml ./moe --seed 7 --device cuda
 """
 

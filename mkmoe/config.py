@@ -20,7 +20,6 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr,
 from pydantic import ValidationInfo, field_validator, model_validator
 
 from common.errors import RecipeError, did_you_mean
-from common.loading import ModelReference
 from mkmerge.recipe import _recipe_error
 from mkmerge.recipe_schema import DType, FieldProblem, ModelRef, RecipeWarning
 from mkmerge.yaml_lines import LineTable, format_path, load_document
@@ -277,7 +276,6 @@ __all__ = [
     "ExpertConfig",
     "GATE_MODES",
     "MoeConfig",
-    "ModelReference",
     "RANDOM_GATE_MODES",
     "canonical_architecture",
     "load_moe_config",

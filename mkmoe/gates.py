@@ -48,8 +48,10 @@ def prompt_gate_vectors(
     return unit_rows(torch.stack(rows, dim=1))
 
 
-def cheap_embed_vector(embedding: torch.Tensor, positive_ids: Sequence[int], negative_ids: Sequence[int]) -> torch.Tensor:
-    """normalise(unit(Σ positive rows) − unit(Σ negative rows)); just unit(Σ positive rows) without negatives."""
+def cheap_embed_vector(
+    embedding: torch.Tensor, positive_ids: Sequence[int], negative_ids: Sequence[int]
+) -> torch.Tensor:
+    """unit(unit(Σ positive rows) − unit(Σ negative rows)); just unit(Σ positive rows) without negatives."""
     vector = unit_rows(embedding[list(positive_ids)].float().sum(dim=0))
     if negative_ids:
         vector = unit_rows(vector - unit_rows(embedding[list(negative_ids)].float().sum(dim=0)))

@@ -8,7 +8,6 @@ raised here, before any tensor data is read and before the gates' forward pass.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -215,12 +214,7 @@ class _BaseTensors:
             shown = ", ".join(sorted(left)[:3]) + (f" and {len(left) - 3} more" if len(left) > 3 else "")
             raise ArchitectureError(
                 f"the base model {self.base.ref} has tensors a {self.arch.title} has no place for: {shown}",
-                hint="biases on attention output projections (attention_bias) are not supported by this output",
+                hint="this output architecture has no slot for them (e.g. attention output biases); "
+                "use a base model without them",
             )
 
-
-def gate_shapes(plan: MoePlan) -> Mapping[str, tuple[int, int]]:
-    """Name -> shape of every gate matrix the plan loads from the gates source."""
-    shapes = {name: (plan.num_experts, plan.hidden_size) for name in plan.router_names}
-    shapes.update({name: (1, plan.hidden_size) for name in plan.shared_gate_names})
-    return shapes

@@ -58,7 +58,8 @@ def layer_input_states(
     for index, layer in enumerate(layers):
         prefix = _module_path(body, layer)
         last = index == len(layers) - 1
-        handles.append(layer.register_forward_pre_hook(_before_layer(body, prefix, weights, device, record, last), with_kwargs=True))
+        before = _before_layer(body, prefix, weights, device, record, last)
+        handles.append(layer.register_forward_pre_hook(before, with_kwargs=True))
         handles.append(layer.register_forward_hook(_after_layer))
     try:
         with torch.no_grad():

@@ -158,16 +158,12 @@ def test_qwen3_moe_copies_qk_norms_and_names_experts_per_module(tiny_family, tmp
     assert config["norm_topk_prob"] is True and "num_local_experts" not in config
 
 
-ARCH_CASES = {
-    "mixtral": ("llama", {}, ()),
-    "qwen2_moe": ("qwen2", {}, "shared"),
-    "qwen3_moe": ("qwen3", {}, ()),
-}
+ARCH_CASES = {"mixtral": ("llama", False), "qwen2_moe": ("qwen2", True), "qwen3_moe": ("qwen3", False)}
 
 
 @pytest.mark.parametrize("definition", ARCH_CASES)
 def test_classic_tensor_names_are_the_architecture_definitions(definition, tiny_family, tmp_path):
-    arch, extras, shared = ARCH_CASES[definition]
+    arch, shared = ARCH_CASES[definition]
     base, (ft1, ft2) = tiny_family(arch)
     out = build(tmp_path / "moe", moe_yaml(base, [ft1, ft2], shared=[base] if shared else [], gate_mode="random"))
     config = json.loads((out / "config.json").read_text())
@@ -187,12 +183,15 @@ LOADING = [
 
 
 @pytest.mark.parametrize("arch,extras,layout", LOADING, ids=lambda v: v if isinstance(v, str) else "")
-def test_output_loads_into_transformers_moe_class_completely_and_generates(arch, extras, layout, tiny_family, tmp_path):
+def test_output_loads_into_transformers_moe_class_completely_and_generates(
+    arch, extras, layout, tiny_family, tmp_path
+):
     from transformers import AutoModelForCausalLM
 
     base, (ft1, ft2) = tiny_family(arch)
     shared = [base] if extras or arch == "qwen2" else []
-    out = build(tmp_path / "moe", moe_yaml(base, [ft1, ft2], shared=shared, gate_mode="random", **extras), layout=layout)
+    text = moe_yaml(base, [ft1, ft2], shared=shared, gate_mode="random", **extras)
+    out = build(tmp_path / "moe", text, layout=layout)
     model, info = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     assert "Moe" in type(model).__name__ or "Mixtral" in type(model).__name__

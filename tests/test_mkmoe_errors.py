@@ -55,7 +55,8 @@ def test_config_errors_name_field_and_line(case):
 
 @pytest.mark.parametrize("mode", ["random", "uniform_random"])
 def test_random_gate_modes_need_no_prompts(mode):
-    config = parse_moe_config("base_model: base\ngate_mode: %s\nexperts:\n  - source_model: a\n  - source_model: b\n" % mode)
+    text = f"base_model: base\ngate_mode: {mode}\nexperts:\n  - source_model: a\n  - source_model: b\n"
+    config = parse_moe_config(text)
     assert config.gate_mode == mode and not config.uses_prompts
 
 
@@ -177,3 +178,10 @@ def test_cli_rejects_unknown_layout(tmp_path):
     config.write_text(GOOD)
     result = CliRunner().invoke(app, [str(config), str(tmp_path / "out"), "--layout", "fuse", "--quiet"])
     assert result.exit_code == 2 and "did you mean `fused`" in result.output
+
+
+def test_inputs_no_output_architecture_is_built_from_are_refused(tiny_model, tmp_path, no_tensor_reads):
+    base, other = tiny_model("gemma2"), tiny_model("gemma2", seed=1)
+    with pytest.raises(ArchitectureError, match="no MoE output architecture is built from gemma2 models"):
+        build(tmp_path / "out", moe_yaml(base, [base, other], gate_mode="random"))
+    assert not (tmp_path / "out").exists()
