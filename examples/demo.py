@@ -4,7 +4,8 @@
 
 Builds a 4-layer Llama base and two "fine-tunes" (the base plus small seeded noise) under
 WORKDIR/models with transformers' own classes, then runs `mkmerge` on each recipe in
-examples/ from WORKDIR, loads every output with transformers and generates a few tokens.
+examples/ (merges and stacks) and `mkmoe` on each config in examples/moe/, from WORKDIR,
+loads every output with transformers and generates a few tokens.
 Nothing is downloaded.
 """
 
@@ -65,20 +66,22 @@ def main() -> int:
     tok = PreTrainedTokenizerFast.from_pretrained(work / "models" / "base")
     prompt = tok("the quick brown fox", return_tensors="pt")
     failures = 0
-    for recipe in sorted(EXAMPLES.glob("*.yml")):
+    runs = [("mkmerge", recipe) for recipe in sorted(EXAMPLES.glob("*.yml"))]
+    runs += [("mkmoe", recipe) for recipe in sorted((EXAMPLES / "moe").glob("*.yml"))]
+    for tool, recipe in runs:
         out = work / f"merged-{recipe.stem}"
         started = time.perf_counter()
         result = subprocess.run(
-            [sys.executable, "-m", "mkmerge", str(recipe), str(out), "--overwrite", "--quiet"], cwd=work
+            [sys.executable, "-m", tool, str(recipe), str(out), "--overwrite", "--quiet"], cwd=work
         )
         if result.returncode != 0:
-            print(f"{recipe.stem:16s} FAILED (exit {result.returncode})")
+            print(f"{tool:8s} {recipe.stem:20s} FAILED (exit {result.returncode})")
             failures += 1
             continue
         model = AutoModelForCausalLM.from_pretrained(out)
         generated = model.generate(**prompt, max_new_tokens=6, do_sample=False)
         text = tok.decode(generated[0][prompt["input_ids"].shape[1]:])
-        print(f"{recipe.stem:16s} ok in {time.perf_counter() - started:5.2f} s -> {out.name}: {text!r}")
+        print(f"{tool:8s} {recipe.stem:20s} ok in {time.perf_counter() - started:5.2f} s -> {out.name}: {text!r}")
     return 1 if failures else 0
 
 

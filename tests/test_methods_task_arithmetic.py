@@ -6,6 +6,7 @@ import math
 from contextlib import contextmanager
 
 import pytest
+import numpy as np
 import torch
 
 from common.errors import MergeError
@@ -61,8 +62,10 @@ def reference_merge(
             mask[order] = 1
             mask = mask.view(delta.shape)
         else:
-            draws = torch.rand(delta.shape, generator=torch.Generator().manual_seed(seeds[i]))
-            mask = (draws < density).to(dtype)
+            # PCG64 seeded with the input's seed: one uint32 per entry, kept below density * 2^32
+            raw = np.random.Generator(np.random.PCG64(seeds[i])).bit_generator.random_raw((delta.numel() + 1) // 2)
+            draws = torch.from_numpy(raw.view(np.uint32)[: delta.numel()].astype(np.float64) / 2**32)
+            mask = (draws < density).to(dtype).view(delta.shape)
         sparse = delta * mask
         if rescale and fsum_l1(delta) >= 1e-7 and fsum_l1(sparse) >= 1e-7:
             sparse = sparse * (fsum_l1(delta) / fsum_l1(sparse))

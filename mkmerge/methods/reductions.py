@@ -16,9 +16,8 @@ Two kinds of sum appear in the merge methods:
 
 from __future__ import annotations
 
-import itertools
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from types import EllipsisType
 
 import torch
@@ -36,9 +35,6 @@ CHUNKS_PER_BLOCK = 256
 # at 16 rows; its 4-way interleaved row sum coincides with the running sum for <= 4 rows).
 # Beyond it the grouping depends on the tensor's width, so the stack itself is used.
 STREAMED_TERMS_MAX = 4
-# Elements per block when streaming an across-input sum. Small blocks stay in cache and are
-# recycled by the allocator; blocks of 1M elements measured slower (fresh pages every block).
-STREAM_BLOCK = 1 << 16
 
 Index = tuple[int | slice, ...] | EllipsisType
 Term = Callable[[Index], torch.Tensor]
@@ -104,41 +100,23 @@ def stacked_sum(
     """Element-wise sum of the terms, bit-identical to ``torch.stack(terms).sum(dim=0)`` on the CPU.
 
     For bfloat16/float16 that means float32 accumulation, rounded to ``dtype`` once at the
-    end. Up to ``STREAMED_TERMS_MAX`` terms the sum is streamed block by block, so
-    neither the stack nor a full-size float accumulator is ever built; with more terms the
-    stack is built, because torch's grouping of many rows cannot be reproduced portably.
+    end. Up to ``STREAMED_TERMS_MAX`` terms the sum runs as whole-tensor in-place adds into
+    one accumulator (no stack is built; each add is one vectorised, multi-threaded kernel);
+    with more terms the stack is built, because torch's grouping of many rows cannot be
+    reproduced portably.
     """
     shape = tuple(shape)
     if len(terms) > STREAMED_TERMS_MAX:
         return torch.stack([term(...) for term in terms]).sum(dim=0)
     accumulate = torch.float64 if dtype == torch.float64 else torch.float32
-    out = torch.empty(shape, dtype=dtype, device=device)
-    for block in _blocks(shape):
-        part = out[block]
-        # +0 start, like torch's accumulator: a sum of -0.0 terms comes out as +0.0.
-        acc = torch.zeros(part.shape, dtype=accumulate, device=device)
-        for term in terms:
-            acc += term(block)
-        part.copy_(acc)
-    return out
-
-
-def _blocks(shape: tuple[int, ...]) -> Iterator[Index]:
-    """Indexes covering the tensor in blocks of about STREAM_BLOCK elements, in row-major order.
-
-    Blocks are runs along one dimension, preceded by fixed leading indices: basic indexing,
-    so any layout (views included) is read in place.
-    """
-    if not shape or math.prod(shape) == 0:
-        yield ...
-        return
-    split = 0  # the outermost dim whose trailing sub-blocks fit in one block
-    while split < len(shape) - 1 and math.prod(shape[split + 1 :]) > STREAM_BLOCK:
-        split += 1
-    step = max(1, STREAM_BLOCK // math.prod(shape[split + 1 :]))
-    for lead in itertools.product(*(range(n) for n in shape[:split])):
-        for start in range(0, shape[split], step):
-            yield (*lead, slice(start, min(start + step, shape[split])))
+    if not terms:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    acc = terms[0](...).to(accumulate, copy=True)
+    for term in terms[1:]:
+        acc.add_(term(...))
+    # torch's accumulator starts at +0, so a sum that is zero comes out +0, never -0.
+    acc.add_(0.0)
+    return acc if acc.dtype == dtype else acc.to(dtype)
 
 
 def require_same_shape(tensors: Sequence[torch.Tensor], *, what: str) -> None:

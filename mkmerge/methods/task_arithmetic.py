@@ -12,10 +12,13 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+import math
+
+import numpy as np
 import torch
 
 from common.errors import MergeError
-from mkmerge.methods.reductions import Index, Term, l1_norm, require_same_shape, stacked_sum
+from mkmerge.methods.reductions import Term, l1_norm, require_same_shape, stacked_sum
 
 # Below this L1 norm (before or after sparsifying) the rescale factor is not trusted.
 RESCALE_EPS = 1e-7
@@ -50,8 +53,10 @@ def top_k_mask(magnitudes: torch.Tensor, k: int) -> torch.Tensor:
     """Boolean mask of the k largest entries; among equal values the lowest indices win.
 
     The same set as ``torch.argsort(magnitudes.flatten(), descending=True, stable=True)[:k]``
-    but found by selection (``kthvalue``) instead of a full sort. Because the order is total
-    (value, then index), masks for different k are nested.
+    but found by selection instead of a full sort: the k-th largest value comes from a radix
+    select over the values' bit patterns (for non-negative floats the bit pattern orders
+    like the value), i.e. one or two histograms, O(n). Because the order is total (value,
+    then index), masks for different k are nested. ``magnitudes`` must be non-negative.
     """
     flat = magnitudes.reshape(-1)
     numel = flat.numel()
@@ -59,13 +64,48 @@ def top_k_mask(magnitudes: torch.Tensor, k: int) -> torch.Tensor:
         return torch.ones(magnitudes.shape, dtype=torch.bool, device=magnitudes.device)
     if k <= 0:
         return torch.zeros(magnitudes.shape, dtype=torch.bool, device=magnitudes.device)
-    threshold = torch.kthvalue(flat, numel - k + 1).values  # the k-th largest value
-    keep = flat > threshold
-    missing = k - int(keep.sum().item())
-    equal = flat == threshold
-    index_dtype = torch.int32 if numel < 2**31 else torch.int64
-    keep |= equal & (torch.cumsum(equal, dim=0, dtype=index_dtype) <= missing)
+    keys = _order_keys(flat)
+    if keys is None:
+        threshold = torch.kthvalue(flat, numel - k + 1).values  # the k-th largest value
+        keep, equal = flat > threshold, flat == threshold
+    else:
+        threshold = _kth_largest_key(keys, k)
+        keep, equal = keys > threshold, keys == threshold
+    missing = k - int(torch.count_nonzero(keep).item())  # count_nonzero: 20x faster than a bool sum
+    if missing == int(torch.count_nonzero(equal).item()):
+        keep |= equal
+    elif missing > 0:
+        keep[equal.nonzero().reshape(-1)[:missing]] = True
     return keep.view(magnitudes.shape)
+
+
+def _order_keys(flat: torch.Tensor) -> torch.Tensor | None:
+    """int32 keys ordered like the (non-negative) values, or None where no cheap view exists."""
+    if flat.dtype in (torch.bfloat16, torch.float16):
+        return flat.view(torch.int16).to(torch.int32)
+    if flat.dtype == torch.float32:
+        return flat.view(torch.int32)
+    return None
+
+
+def _kth_in_histogram(counts: torch.Tensor, k: int) -> tuple[int, int]:
+    """(bin holding the k-th largest element, number of elements in higher bins)."""
+    from_top = counts.flip(0).cumsum(0)
+    position = int(torch.searchsorted(from_top, torch.tensor([k], dtype=from_top.dtype)).item())
+    above = int(from_top[position - 1].item()) if position else 0
+    return counts.numel() - 1 - position, above
+
+
+def _kth_largest_key(keys: torch.Tensor, k: int) -> int:
+    """The k-th largest of non-negative int32 keys by radix select on 16-bit digits."""
+    if int(keys.max().item()) < 1 << 16:
+        key, _ = _kth_in_histogram(torch.bincount(keys, minlength=1 << 16), k)
+        return key
+    high = keys >> 16
+    bucket, above = _kth_in_histogram(torch.bincount(high, minlength=1 << 15), k)
+    low = keys[high == bucket] & 0xFFFF
+    digit, _ = _kth_in_histogram(torch.bincount(low, minlength=1 << 16), k - above)
+    return (bucket << 16) | digit
 
 
 def magnitude_sparsify(delta: torch.Tensor, density: float) -> torch.Tensor:
@@ -83,18 +123,29 @@ def magnitude_sparsify(delta: torch.Tensor, density: float) -> torch.Tensor:
             hint=f"raise `density` to at least {1 / numel:.3g} for this tensor "
             "(a filter can set it for this tensor alone)",
         )
-    return delta * top_k_mask(delta.abs().float(), k)
+    return delta * top_k_mask(delta.abs(), k)
 
 
 def random_sparsify(delta: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
     """Keep each entry independently with probability ``density`` (DARE drop).
 
-    The mask is ``torch.rand(shape, generator=generator) < density``, drawn in float32 on
-    the CPU in row-major order (torch's CPU uniform sampler is serial), so it is the same
-    for any thread count and for tensors on any device.
+    The draws are 32-bit integers from NumPy's PCG64 seeded with the generator's seed
+    (``generator.initial_seed()``), one per entry in row-major order, kept where
+    ``u < floor(density·2³²)``. PCG64 runs serially on the CPU, so the mask is the same for
+    any thread count and for tensors on any device, and it is several times faster than
+    torch's CPU ``rand``.
     """
-    draws = torch.rand(delta.shape, generator=generator, dtype=torch.float32, device="cpu")
-    return delta * (draws < density).to(delta.device)
+    return delta * dare_mask(delta.shape, density, generator).to(delta.device)
+
+
+def dare_mask(shape: torch.Size, density: float, generator: torch.Generator) -> torch.Tensor:
+    """The boolean keep-mask of :func:`random_sparsify`."""
+    numel = math.prod(shape)
+    bits = np.random.PCG64(generator.initial_seed())
+    draws = bits.random_raw((numel + 1) // 2).view(np.uint32)[:numel]
+    threshold = min(int(density * 2**32), 2**32 - 1) if density < 1 else 2**32 - 1
+    keep = draws < np.uint32(threshold) if density < 1 else np.ones(numel, dtype=bool)
+    return torch.from_numpy(keep).view(tuple(shape))
 
 
 Sparsifier = Callable[[torch.Tensor, float, torch.Generator | None, Mapping[str, float]], torch.Tensor]
@@ -230,20 +281,10 @@ def _consensus_sums(
     the sparsifier, or a zero weight) never agree with either sign.
     """
     positive = stacked_sum([_part(x) for x in weighted], shape, dtype, device) >= 0
-
-    def agrees(i: int, block: Index) -> torch.Tensor:
-        x = weighted[i][block]
-        return torch.where(positive[block], x > 0, x < 0)
-
-    def masked_delta(i: int) -> Term:
-        return lambda block: weighted[i][block] * agrees(i, block)
-
-    def masked_weight(i: int) -> Term:
-        return lambda block: agrees(i, block).to(dtype) * w[i]
-
-    indices = range(len(weighted))
-    mixed = stacked_sum([masked_delta(i) for i in indices], shape, dtype, device)
-    divisor = stacked_sum([masked_weight(i) for i in indices], shape, dtype, device)
+    agrees = [torch.where(positive, x > 0, x < 0) for x in weighted]
+    del positive
+    mixed = stacked_sum([_part(x * a) for x, a in zip(weighted, agrees)], shape, dtype, device)
+    divisor = stacked_sum([_part(a.to(dtype) * w[i]) for i, a in enumerate(agrees)], shape, dtype, device)
     divisor.masked_fill_(divisor == 0, 1)
     return mixed, divisor
 
