@@ -302,3 +302,23 @@ def test_summary_line_and_quiet(tiny_family, tmp_path):
     quiet = cli(recipe, tmp_path / "quiet")
     assert quiet.exit_code == 0 and quiet.output == ""
     shutil.rmtree(tmp_path / "loud")
+
+
+def test_unknown_architecture_is_inferred_from_tensor_names_with_a_warning(tiny_family, tmp_path):
+    from tiny_models import copy_model
+
+    _, (a, b) = tiny_family("llama")
+    renamed = []
+    for source in (a, b):
+        model = copy_model(source, tmp_path / source.name)
+        config = json.loads((model / "config.json").read_text())
+        config.update(architectures=["HomebrewForCausalLM"], model_type="homebrew")
+        (model / "config.json").write_text(json.dumps(config))
+        renamed.append(model)
+    recipe = RECIPES["linear"].format(a=renamed[0], b=renamed[1])
+    with pytest.warns(UserWarning, match="inferred one from tensor names"):
+        merged = tensors_of(merge(recipe, tmp_path / "out"))
+    ta, tbb = tensors_of(a), tensors_of(b)
+    assert merged.keys() == ta.keys()
+    name = "model.layers.2.self_attn.q_proj.weight"
+    assert torch.equal(merged[name], ta[name] * 0.7 + tbb[name] * 0.3)

@@ -25,11 +25,12 @@ from dataclasses import dataclass, field
 import torch
 
 from common.graph.events import ProgressEvent, ProgressListener
+from common.graph.memory import TRIM_EVERY_BYTES, trim_freed_memory
 from common.graph.schedule import Schedule, build_schedule
 from common.graph.tasks import OutputTensor, Task
 
-DEFAULT_PREFETCH_BYTES = 768 * 1024**2
-DEFAULT_WRITE_QUEUE_BYTES = 512 * 1024**2
+DEFAULT_PREFETCH_BYTES = 320 * 1024**2
+DEFAULT_WRITE_QUEUE_BYTES = 192 * 1024**2
 
 
 @dataclass
@@ -266,6 +267,7 @@ class _Run:
 
     def _compute(self, writes, write_budget) -> None:
         ctx = self.ex.ctx
+        since_trim = 0
         for index, task in enumerate(self.schedule.order):
             if self.failure is not None:
                 raise self.failure
@@ -280,3 +282,7 @@ class _Run:
             for output in self.schedule.outputs_at.get(index, ()):
                 self._finish_output(output, self.values[task], writes, write_budget)
                 self._release(task)
+                since_trim += output.nbytes
+            if since_trim >= TRIM_EVERY_BYTES:
+                trim_freed_memory()
+                since_trim = 0
