@@ -4,7 +4,8 @@
 
 Builds a 4-layer Llama base and two "fine-tunes" (the base plus small seeded noise) under
 WORKDIR/models with transformers' own classes, then runs `mkmerge` on each recipe in
-examples/ (merges and stacks) and `mkmoe` on each config in examples/moe/, from WORKDIR,
+examples/ (`mkstack` for the stack_* recipes) and `mkmoe` on each config in examples/moe/,
+from WORKDIR,
 loads every output with transformers and generates a few tokens.
 Nothing is downloaded.
 """
@@ -66,7 +67,7 @@ def main() -> int:
     tok = PreTrainedTokenizerFast.from_pretrained(work / "models" / "base")
     prompt = tok("the quick brown fox", return_tensors="pt")
     failures = 0
-    runs = [("mkmerge", recipe) for recipe in sorted(EXAMPLES.glob("*.yml"))]
+    runs = [("mkstack" if r.stem.startswith("stack_") else "mkmerge", r) for r in sorted(EXAMPLES.glob("*.yml"))]
     runs += [("mkmoe", recipe) for recipe in sorted((EXAMPLES / "moe").glob("*.yml"))]
     for tool, recipe in runs:
         out = work / f"merged-{recipe.stem}"
