@@ -106,6 +106,21 @@ def parse_device(device: str, cuda: bool = False) -> torch.device:
     return parsed
 
 
+def build_options(
+    *, device: str, cuda: bool, threads: int | None, shard_size: str, seed: int, overwrite: bool
+):
+    """The engine's BuildOptions from the shared command-line options (validated here)."""
+    from common.build import BuildOptions
+
+    return BuildOptions(
+        device=parse_device(device, cuda),
+        threads=threads,
+        shard_size=parse_size(shard_size),
+        seed=seed,
+        overwrite=overwrite,
+    )
+
+
 # -- running a command ---------------------------------------------------------------------
 def _show_warning(message, category, filename, lineno, file=None, line=None):
     where = ""

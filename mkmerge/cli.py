@@ -16,7 +16,6 @@ from typing import Annotated
 
 import typer
 
-from common.build import BuildOptions
 from common.cli import (
     AllowCrimes,
     CacheDir,
@@ -32,11 +31,9 @@ from common.cli import (
     Seed,
     ShardSize,
     Threads,
+    build_options,
     cli_errors,
-    err_console,
     human_bytes,
-    parse_device,
-    parse_size,
 )
 
 merge_app = typer.Typer(add_completion=False, rich_markup_mode="rich", help=__doc__)
@@ -64,12 +61,8 @@ def merge(
 
     with cli_errors(debug):
         started = time.perf_counter()
-        options = BuildOptions(
-            device=parse_device(device, cuda),
-            threads=threads,
-            shard_size=parse_size(shard_size),
-            seed=seed,
-            overwrite=overwrite,
+        options = build_options(
+            device=device, cuda=cuda, threads=threads, shard_size=shard_size, seed=seed, overwrite=overwrite
         )
         parsed = load_recipe(recipe)
         with ProgressView(f"{parsed.merge_method}", quiet) as view:

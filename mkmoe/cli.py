@@ -15,7 +15,6 @@ from typing import Annotated
 
 import typer
 
-from common.build import BuildOptions
 from common.cli import (
     CacheDir,
     CopyTokenizer,
@@ -30,12 +29,11 @@ from common.cli import (
     Seed,
     ShardSize,
     Threads,
+    build_options,
     cli_errors,
     entry,
     err_console,
     human_bytes,
-    parse_device,
-    parse_size,
 )
 
 app = typer.Typer(add_completion=False, rich_markup_mode="rich", help=__doc__)
@@ -86,12 +84,8 @@ def moe(
             raise RecipeError(
                 f"unknown layout {layout!r}", field="--layout", hint=did_you_mean(layout, LAYOUTS) or "classic or fused"
             )
-        options = BuildOptions(
-            device=parse_device(device, cuda),
-            threads=threads,
-            shard_size=parse_size(shard_size),
-            seed=seed,
-            overwrite=overwrite,
+        options = build_options(
+            device=device, cuda=cuda, threads=threads, shard_size=shard_size, seed=seed, overwrite=overwrite
         )
         config = load_moe_config(config_path, allow_identical_experts=acknowledge)
         with ProgressView("mkmoe", quiet) as view:

@@ -29,7 +29,6 @@ from typing import Annotated, Optional
 
 import typer
 
-from common.build import BuildOptions
 from common.cli import (
     AllowCrimes,
     CacheDir,
@@ -44,11 +43,10 @@ from common.cli import (
     Seed,
     ShardSize,
     Threads,
+    build_options,
     cli_errors,
     err_console,
     human_bytes,
-    parse_device,
-    parse_size,
 )
 from common.errors import RecipeError, did_you_mean
 
@@ -148,12 +146,8 @@ def stack(
         )
         mode = request.mode
         recipe_path, out = _positionals(list(paths or []), mode, print_recipe)
-        options = BuildOptions(
-            device=parse_device(device, cuda),
-            threads=threads,
-            shard_size=parse_size(shard_size),
-            seed=seed,
-            overwrite=overwrite,
+        options = build_options(
+            device=device, cuda=cuda, threads=threads, shard_size=shard_size, seed=seed, overwrite=overwrite
         )
         if out is not None and not print_recipe:
             OutputDirectory(out, overwrite=overwrite).check()
