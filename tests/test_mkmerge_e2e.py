@@ -279,11 +279,11 @@ def test_interrupted_run_leaves_no_output(tiny_family, tmp_path, monkeypatch):
     calls = []
     original = safetensors_writer.ShardedWriter.write
 
-    def failing_write(self, name, tensor):
+    def failing_write(self, name, tensor, rows=None):
         calls.append(name)
         if len(calls) == 5:
             raise KeyboardInterrupt
-        return original(self, name, tensor)
+        return original(self, name, tensor, rows)
 
     monkeypatch.setattr(safetensors_writer.ShardedWriter, "write", failing_write)
     recipe = tmp_path / "recipe.yml"

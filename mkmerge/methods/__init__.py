@@ -9,6 +9,7 @@ never needs to know a method's math.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -17,10 +18,17 @@ from typing import Any
 import torch
 
 from common.errors import MergeError, RecipeError, did_you_mean
+from mkmerge.methods.chunked import ChunkedForm, elementwise
 from mkmerge.methods.linear import linear_merge
 from mkmerge.methods.passthrough import passthrough
-from mkmerge.methods.slerp import slerp_merge
-from mkmerge.methods.task_arithmetic import TASK_VECTOR_VARIANTS, TaskVectorVariant, task_vector_merge
+from mkmerge.methods.reductions import STREAMED_TERMS_MAX
+from mkmerge.methods.slerp import slerp_chunked, slerp_merge
+from mkmerge.methods.task_arithmetic import (
+    TASK_VECTOR_VARIANTS,
+    TaskVectorVariant,
+    task_vector_chunked,
+    task_vector_merge,
+)
 
 REQUIRED: Any = object()
 """Default of a parameter that must be given (per-model ones: except for the base model)."""
@@ -52,6 +60,10 @@ class MethodCall:
     params: Mapping[str, Any]  # resolved global params
     generator: Callable[[int], torch.Generator]  # generator(i): seeded for tensors[i]
     tensor_name: str
+    # Set when the tensors are one chunk (row block) of a bigger tensor (see chunked.py).
+    offset: int = 0  # the chunk's first element in the flattened whole tensor
+    chunk: int = 0  # the chunk's position among the tensor's chunks
+    full_shape: tuple[int, ...] | None = None  # the whole tensor's shape
 
 
 @dataclass(frozen=True)
@@ -66,6 +78,7 @@ class MergeMethod:
     min_inputs: int  # counting the base where it is an input
     max_inputs: int | None  # None: no limit
     run: Callable[[MethodCall], torch.Tensor]
+    chunked: ChunkedForm | None = None  # how to merge row blocks of big tensors exactly
 
     def global_parameters(self) -> tuple[ParameterSpec, ...]:
         return tuple(p for p in self.parameters if not p.per_model)
@@ -204,7 +217,22 @@ def _task_vector_method(name: str) -> MergeMethod:
         min_inputs=1,
         max_inputs=None,
         run=_task_vector_runner(variant),
+        chunked=_requiring_base(task_vector_chunked(variant)),
     )
+
+
+def _requiring_base(form: ChunkedForm) -> ChunkedForm:
+    """The task-vector family's chunked form, refusing a call without a base like ``run`` does."""
+
+    def apply(call: MethodCall, state):
+        if call.base is None:
+            raise MergeError(
+                "this method merges deltas from the base model, but no base tensor was given",
+                hint="set `base_model` in the recipe",
+            )
+        return form.apply(call, state)
+
+    return dataclasses.replace(form, apply=apply)
 
 
 def _build_registry() -> dict[str, MergeMethod]:
@@ -223,6 +251,7 @@ def _build_registry() -> dict[str, MergeMethod]:
             min_inputs=1,
             max_inputs=None,
             run=_run_linear,
+            chunked=elementwise(_run_linear, max_inputs=STREAMED_TERMS_MAX),
         ),
         MergeMethod(
             name="slerp",
@@ -235,6 +264,7 @@ def _build_registry() -> dict[str, MergeMethod]:
             min_inputs=2,
             max_inputs=2,
             run=_run_slerp,
+            chunked=slerp_chunked(),
         ),
         *(_task_vector_method(name) for name in TASK_VECTOR_VARIANTS),
         MergeMethod(
@@ -248,6 +278,7 @@ def _build_registry() -> dict[str, MergeMethod]:
             min_inputs=1,
             max_inputs=1,
             run=_run_passthrough,
+            chunked=elementwise(_run_passthrough),
         ),
     ]
     return {method.name: method for method in methods}

@@ -9,22 +9,25 @@ della) is a new entry in :data:`SPARSIFIERS` plus a row in that table.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-
-import math
+from typing import Any
 
 import numpy as np
 import torch
 
 from common.errors import MergeError
+from mkmerge.methods.chunked import ChunkedForm
 from mkmerge.methods.reductions import (
     BLOCK,
     STREAMED_TERMS_MAX,
     BlockSummer,
     Term,
     blocks,
+    exact_sum,
     l1_norm,
+    l1_partials,
     require_same_shape,
     stacked_sum,
 )
@@ -147,10 +150,18 @@ def random_sparsify(delta: torch.Tensor, density: float, generator: torch.Genera
     return delta * dare_mask(delta.shape, density, generator).to(delta.device)
 
 
-def dare_mask(shape: torch.Size, density: float, generator: torch.Generator) -> torch.Tensor:
-    """The boolean keep-mask of :func:`random_sparsify`."""
+def dare_mask(shape: torch.Size, density: float, generator: torch.Generator, offset: int = 0) -> torch.Tensor:
+    """The boolean keep-mask of :func:`random_sparsify`.
+
+    ``offset``: the mask of a chunk starting at that element of the flattened tensor (even:
+    each 64-bit PCG64 output gives two draws), equal to that slice of the whole mask.
+    """
+    if offset % 2:
+        raise ValueError(f"a DARE mask chunk must start at an even element, not {offset}")
     numel = math.prod(shape)
     bits = np.random.PCG64(generator.initial_seed())
+    if offset:
+        bits.advance(offset // 2)
     draws = bits.random_raw((numel + 1) // 2).view(np.uint32)[:numel]
     threshold = min(int(density * 2**32), 2**32 - 1) if density < 1 else 2**32 - 1
     keep = draws < np.uint32(threshold) if density < 1 else np.ones(numel, dtype=bool)
@@ -261,6 +272,26 @@ def task_vector_merge(
         )
         # kept is always a fresh tensor here (at worst the delta itself), so scale in place.
         weighted.append(kept.mul_(torch.tensor(float(weights[i]), dtype=dtype, device=device)))
+    return combine_weighted(base, weighted, weights, consensus=consensus, normalize=normalize, lambda_=lambda_)
+
+
+def combine_weighted(
+    base: torch.Tensor,
+    weighted: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    *,
+    consensus: bool,
+    normalize: bool,
+    lambda_: float,
+) -> torch.Tensor:
+    """Steps 5–7 of SPEC §2.6: (elected) sum of the weighted deltas, normalise, λ, add to base.
+
+    Element-wise throughout, so a chunk of the inputs gives that chunk of the output.
+    """
+    count = len(weighted)
+    if count == 0:
+        return base
+    dtype, device = base.dtype, base.device
     w = torch.tensor([float(x) for x in weights], dtype=dtype, device=device)
     if not consensus:
         divisor = w.sum()
@@ -330,3 +361,147 @@ def _consensus_sums(
 def _part(tensor: torch.Tensor) -> Term:
     flat = tensor.reshape(-1)
     return lambda block: flat[block]
+
+
+# --- chunked form (see chunked.py): the same merge over row blocks, bit for bit
+
+
+def task_vector_chunked(variant: TaskVectorVariant) -> ChunkedForm:
+    """Passes: top-k selection (one histogram pass for 16-bit magnitudes, two for float32),
+    then, with ``rescale``, one pass for the kept deltas' L1 norms (a random mask is known
+    up front, so DARE needs only that one). Element-wise members need none."""
+
+    def active(params: Mapping, density: float) -> bool:
+        return variant.sparsifier != "none" and float(density) < 1
+
+    def selection_passes(dtype: torch.dtype) -> int | None:
+        if variant.sparsifier != "magnitude":
+            return 0
+        return {torch.bfloat16: 1, torch.float16: 1, torch.float32: 2}.get(dtype)
+
+    def passes(params, per_model, dtype):
+        # per_model includes the base's parameters; a density set for it changes nothing but
+        # may cost a pass.
+        if len(per_model) > STREAMED_TERMS_MAX + 1 or variant.sparsifier not in ("none", "magnitude", "random"):
+            return None
+        if not any(active(params, p.get("density", 1.0)) for p in per_model):
+            return 0
+        selection = selection_passes(dtype)
+        if selection is None:
+            return None
+        return selection + (1 if params["rescale"] else 0)
+
+    def stats(index: int, call, state):
+        base, dtype = call.base, call.base.dtype
+        rescale = bool(call.params["rescale"])
+        selection = selection_passes(dtype)
+        parts = []
+        for i, tensor in enumerate(call.tensors):
+            density = float(call.per_model[i]["density"])
+            part: dict[str, Any] = {}
+            parts.append(part)
+            if not active(call.params, density):
+                continue
+            delta = tensor.to(dtype) - base
+            if variant.sparsifier == "random":
+                kept = delta * dare_mask(delta.shape, density, call.generator(i), call.offset).to(delta.device)
+                part["l1_before"], part["l1_after"] = l1_partials(delta), l1_partials(kept)
+                continue
+            keys = _order_keys(delta.abs().reshape(-1))
+            if index == 0:
+                part["hist"] = torch.bincount(keys if selection == 1 else keys >> 16, minlength=1 << 16).cpu()
+                part["level"] = "single" if selection == 1 else "high"
+                if rescale:
+                    part["l1_before"] = l1_partials(delta)
+            elif index < selection:  # float32: the low 16 bits inside the chosen high bucket
+                bucket = state[i]["bucket"]
+                part["hist"] = torch.bincount(keys[(keys >> 16) == bucket] & 0xFFFF, minlength=1 << 16).cpu()
+                part["level"] = "low"
+            else:
+                part["l1_after"] = l1_partials(delta * _chunk_top_mask(keys, state[i], call.chunk).view(delta.shape))
+        return parts
+
+    def combine(index: int, partials: list, state, call):
+        numel = math.prod(call.full_shape)
+        new_state = [dict(s) for s in state] if state is not None else [{} for _ in call.per_model]
+        for i, model_state in enumerate(new_state):
+            parts = [chunk_parts[i] for chunk_parts in partials]
+            if not parts or not parts[0]:
+                continue
+            if "hist" in parts[0]:
+                _combine_selection(model_state, parts, numel, float(call.per_model[i]["density"]))
+            if "l1_before" in parts[0]:
+                model_state["l1_before"] = exact_sum([x for p in parts for x in p["l1_before"]])
+            if "l1_after" in parts[0]:
+                after = exact_sum([x for p in parts for x in p["l1_after"]])
+                before = model_state["l1_before"]
+                model_state["factor"] = None if before < RESCALE_EPS or after < RESCALE_EPS else before / after
+        return new_state
+
+    def apply(call, state):
+        base, dtype = call.base, call.base.dtype
+        rescale = bool(call.params["rescale"])
+        weighted = []
+        for i, tensor in enumerate(call.tensors):
+            density = float(call.per_model[i]["density"])
+            kept = tensor.to(dtype) - base
+            if active(call.params, density):
+                if variant.sparsifier == "random":
+                    mask = dare_mask(kept.shape, density, call.generator(i), call.offset).to(kept.device)
+                else:
+                    mask = _chunk_top_mask(_order_keys(kept.abs().reshape(-1)), state[i], call.chunk).view(kept.shape)
+                kept = kept * mask
+                if rescale and state[i].get("factor") is not None:
+                    kept = kept * state[i]["factor"]
+            weighted.append(kept.mul_(torch.tensor(float(call.per_model[i]["weight"]), dtype=dtype, device=kept.device)))
+        return combine_weighted(
+            base,
+            weighted,
+            [p["weight"] for p in call.per_model],
+            consensus=variant.consensus,
+            normalize=bool(call.params["normalize"]),
+            lambda_=float(call.params["lambda"]),
+        )
+
+    return ChunkedForm(passes=passes, apply=apply, stats=stats, combine=combine)
+
+
+def _combine_selection(state: dict, parts: list[dict], numel: int, density: float) -> None:
+    """Fold one selection pass's per-chunk histograms into ``state`` (see _kth_largest_key)."""
+    hists = [p["hist"] for p in parts]
+    total = torch.stack(hists).sum(0)
+    level = parts[0]["level"]
+    if level == "high":
+        state["k"] = _top_k_count(numel, density)
+        state["bucket"], state["above"] = _kth_in_histogram(total, state["k"])
+        return
+    if level == "single":
+        state["k"] = _top_k_count(numel, density)
+        digit, above = _kth_in_histogram(total, state["k"])
+        key = digit
+    else:
+        digit, above_low = _kth_in_histogram(total, state["k"] - state["above"])
+        key, above = (state["bucket"] << 16) | digit, state["above"] + above_low
+    equal = [int(h[digit].item()) for h in hists]
+    state["key"], state["missing"] = key, state["k"] - above
+    state["equal_before"] = tuple(sum(equal[:c]) for c in range(len(equal)))
+
+
+def _top_k_count(numel: int, density: float) -> int:
+    k = int(density * numel)
+    if k <= 0:
+        magnitude_sparsify(torch.empty(numel, dtype=torch.uint8), density)  # raises the k = 0 error
+    return k
+
+
+def _chunk_top_mask(keys: torch.Tensor, selection: Mapping[str, Any], chunk: int) -> torch.Tensor:
+    """This chunk's part of the whole tensor's top-k mask (ties to the lowest indices)."""
+    key = selection["key"]
+    keep, equal = keys > key, keys == key
+    equal_here = int(torch.count_nonzero(equal).item())
+    need = max(0, min(equal_here, selection["missing"] - selection["equal_before"][chunk]))
+    if need == equal_here:
+        keep |= equal
+    elif need > 0:
+        keep[equal.nonzero().reshape(-1)[:need]] = True
+    return keep
