@@ -7,6 +7,7 @@ raised here, before any tensor data is read.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ from common.graph import CastTensor, LoadTensor, OutputTensor, ScaleTensor, Slic
 from common.input_models import InputModel, open_input_models
 from common.loading import ModelReference
 from mkmerge.methods import REQUIRED, MergeMethod, get_method
+from mkmerge.methods.sparsifiers import check_sparsifier_parameters
+from mkmerge.methods.task_arithmetic import TASK_VECTOR_VARIANTS
 from mkmerge.parameters import layer_position, resolve_parameter
 from mkmerge.slices import PlannedSlice, SliceSource, output_slices, referenced_models
 from mkmerge.tasks import MergeTensor
@@ -296,7 +299,7 @@ class _TensorPlanner:
         if rows is not None:
             shape = (rows,) + ((cols,) if cols is not None else tuple(shape[1:]))
         out_dtype = _dtype_name(weight.force_dtype) or self.recipe.out_dtype or compute
-        root = self._merge_task(output_slice, weight.name, inputs, tasks, t)
+        root = self._merge_task(output_slice, weight.name, inputs, tasks, t, shape)
         return OutputTensor(weight.name, out_dtype, shape, root)
 
     def _target_shape(self, weight: WeightInfo, inputs: list[_Input]) -> tuple[int | None, int | None]:
@@ -317,7 +320,9 @@ class _TensorPlanner:
         )
         return rows, cols
 
-    def _merge_task(self, output_slice, name: str, inputs: list[_Input], tasks: list[Task], t: float) -> Task:
+    def _merge_task(
+        self, output_slice, name: str, inputs: list[_Input], tasks: list[Task], t: float, shape: tuple[int, ...]
+    ) -> Task:
         per_model = [self._params_for(inp, output_slice, t) for inp in inputs]
         params = self._globals(output_slice, name, t)
         method = self.method
@@ -325,6 +330,7 @@ class _TensorPlanner:
             scale = per_model[0].get("scale")
             return tasks[0] if scale is None or scale == 1.0 else ScaleTensor(tasks[0], float(scale))
         self._check_weights(name, inputs, per_model, params)
+        self._check_sparsifier(name, inputs, per_model, shape)
         base_index = next((k for k, i in enumerate(inputs) if i.is_base), None)
         return MergeTensor(
             method=method.name,
@@ -345,17 +351,24 @@ class _TensorPlanner:
                     f"the `weight` values of tensor {name} sum to zero, so normalising divides by zero ({listing})",
                     hint="change the weights, or set `normalize: false`",
                 )
-        if self.method.name == "ties":
-            for inp, p in zip(inputs, per_model):
-                density = p.get("density", 1.0)
-                numel = 1
-                for dim in inp.model.info(inp.name).shape:
-                    numel *= dim
-                if not inp.is_base and density < 1 and int(density * numel) == 0:
-                    raise MergeError(
-                        f"density {density} keeps no entry of {name} ({numel} values) for {inp.source.model}",
-                        hint="raise `density` for this model or tensor",
-                    )
+
+    def _check_sparsifier(
+        self, name: str, inputs: Sequence[_Input], per_model: list[dict], shape: tuple[int, ...]
+    ) -> None:
+        """Refuse the densities, gammas and epsilons a task-vector sparsifier would refuse at run time."""
+        variant = TASK_VECTOR_VARIANTS.get(self.method.name)
+        if variant is None:
+            return
+        numel = math.prod(shape)
+        for inp, p in zip(inputs, per_model):
+            if inp.is_base:
+                continue
+            try:
+                check_sparsifier_parameters(variant.sparsifier, p["density"], numel, p)
+            except MergeError as error:
+                raise MergeError(
+                    f"{inp.source.model}, tensor {name}: {error.message}", hint=error.hint
+                ) from None
 
 
 def _convert(kind: type, value):
