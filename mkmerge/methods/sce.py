@@ -43,33 +43,31 @@ def sce_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], *, select_top
             delta.mul_(keep)
     flats = [delta.reshape(-1) for delta in deltas]
     positive = stacked_sum([_term(f) for f in flats], shape, dtype, device).reshape(-1) >= 0
-
-    def agrees(i: int, block: slice) -> torch.Tensor:
-        part = flats[i][block]
-        return torch.where(positive[block], part > 0, part < 0)
-
-    coefficients = energy_coefficients(deltas)
-    c = [torch.tensor(value, dtype=dtype, device=device) for value in coefficients]
-    numerator = stacked_sum(
-        [lambda b, i=i: flats[i][b] * c[i] * agrees(i, b) for i in range(len(flats))], shape, dtype, device
-    )
-    divisor = stacked_sum(
-        [lambda b, i=i: agrees(i, b).to(dtype) * c[i] for i in range(len(flats))], shape, dtype, device
-    )
+    agrees = [torch.where(positive, f > 0, f < 0) for f in flats]
+    del positive
+    c = [torch.tensor(value, dtype=dtype, device=device) for value in energy_coefficients(deltas)]
+    terms = list(zip(flats, agrees, c))
+    numerator = stacked_sum([lambda b, f=f, a=a, c=c: f[b] * c * a[b] for f, a, c in terms], shape, dtype, device)
+    divisor = stacked_sum([lambda b, a=a, c=c: a[b].to(dtype) * c for _, a, c in terms], shape, dtype, device)
     return base + numerator / divisor.clamp_min_(DIVISOR_FLOOR)
 
 
 def top_variance_mask(deltas: Sequence[torch.Tensor], select_topk: float) -> torch.Tensor:
     """Keep-mask of the ``floor(select_topk × non-zero-variance count)`` highest-variance positions.
 
-    The variance is the population one (``unbiased=False``) across models, in the deltas'
-    dtype, computed per block of positions so only a block of the stack exists at a time.
+    The population variance across models, rounded to the deltas' dtype, is what
+    ``torch.var(stack, dim=0, unbiased=False)`` gives on the CPU (which accumulates in
+    float64): here a float64 two-pass ``mean((τ − mean τ)²)``, per block of positions. That
+    is 2-3x faster than torch's Welford loop over a non-contiguous dim, and unlike
+    ``torch.var`` on a GPU (float32 accumulation) it gives the same selection on any device.
     """
     variance = torch.empty(deltas[0].shape, dtype=deltas[0].dtype, device=deltas[0].device)
     flat_variance = variance.view(-1)
     flats = [delta.reshape(-1) for delta in deltas]
     for block in blocks(variance.numel()):
-        flat_variance[block] = torch.var(torch.stack([f[block] for f in flats]), dim=0, unbiased=False)
+        stack = torch.stack([f[block].to(torch.float64) for f in flats])
+        stack.sub_(stack.mean(dim=0)).square_()
+        flat_variance[block] = stack.mean(dim=0)
     k = int(select_topk * int(torch.count_nonzero(variance).item()))
     return top_k_mask(variance, k)
 
