@@ -45,21 +45,22 @@ def sce_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], *, select_top
     positive = stacked_sum([_term(f) for f in flats], shape, dtype, device).reshape(-1) >= 0
     agrees = [torch.where(positive, f > 0, f < 0) for f in flats]
     del positive
-    c = [torch.tensor(value, dtype=dtype, device=device) for value in energy_coefficients(deltas)]
-    terms = list(zip(flats, agrees, c))
-    numerator = stacked_sum([lambda b, f=f, a=a, c=c: f[b] * c * a[b] for f, a, c in terms], shape, dtype, device)
-    divisor = stacked_sum([lambda b, a=a, c=c: a[b].to(dtype) * c for _, a, c in terms], shape, dtype, device)
+    coefficients = [torch.tensor(c, dtype=dtype, device=device) for c in energy_coefficients(deltas)]
+    terms = list(zip(flats, agrees, coefficients))
+    numerator = stacked_sum([lambda b, f=f, a=a, w=w: f[b] * w * a[b] for f, a, w in terms], shape, dtype, device)
+    divisor = stacked_sum([lambda b, a=a, w=w: a[b].to(dtype) * w for _, a, w in terms], shape, dtype, device)
     return base + numerator / divisor.clamp_min_(DIVISOR_FLOOR)
 
 
 def top_variance_mask(deltas: Sequence[torch.Tensor], select_topk: float) -> torch.Tensor:
     """Keep-mask of the ``floor(select_topk × non-zero-variance count)`` highest-variance positions.
 
-    The population variance across models, rounded to the deltas' dtype, is what
-    ``torch.var(stack, dim=0, unbiased=False)`` gives on the CPU (which accumulates in
-    float64): here a float64 two-pass ``mean((τ − mean τ)²)``, per block of positions. That
-    is 2-3x faster than torch's Welford loop over a non-contiguous dim, and unlike
-    ``torch.var`` on a GPU (float32 accumulation) it gives the same selection on any device.
+    The population variance across models is a float64 two-pass ``mean((τ − mean τ)²)`` per
+    block of positions, rounded to the deltas' dtype. ``torch.var(stack, dim=0,
+    unbiased=False)`` on the CPU accumulates in float64 too, so the two agree but for rare
+    last-bit double roundings; this is 2-3x faster than torch's Welford loop over a
+    non-contiguous dim, and unlike ``torch.var`` on a GPU (float32 accumulation) it selects
+    the same positions on any device.
     """
     variance = torch.empty(deltas[0].shape, dtype=deltas[0].dtype, device=deltas[0].device)
     flat_variance = variance.view(-1)

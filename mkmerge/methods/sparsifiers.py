@@ -113,7 +113,8 @@ def _order_keys(flat: torch.Tensor) -> torch.Tensor | None:
 def _kth_in_histogram(counts: torch.Tensor, k: int) -> tuple[int, int]:
     """(bin holding the k-th largest element, number of elements in higher bins)."""
     from_top = counts.flip(0).cumsum(0)
-    position = int(torch.searchsorted(from_top, torch.tensor([k], dtype=from_top.dtype)).item())
+    target = torch.tensor([k], dtype=from_top.dtype, device=from_top.device)  # same device: CUDA refuses a mix
+    position = int(torch.searchsorted(from_top, target).item())
     above = int(from_top[position - 1].item()) if position else 0
     return counts.numel() - 1 - position, above
 
