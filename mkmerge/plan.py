@@ -14,16 +14,18 @@ from dataclasses import dataclass
 
 import torch
 
-from common.build import DEFAULT_CHUNK_BYTES
 from common.arch import ArchitectureDefinition, WeightInfo
+from common.build import DEFAULT_CHUNK_BYTES
 from common.errors import MergeError, MissingTensorError, RecipeError, ShapeMismatchError
 from common.graph import CastTensor, LoadTensor, OutputTensor, ScaleTensor, SliceRows, Task
 from common.input_models import InputModel, open_input_models
 from common.loading import ModelReference
 from mkmerge.methods import REQUIRED, MergeMethod, get_method
+from mkmerge.methods.chunked import row_chunks
+from mkmerge.methods.sparsifiers import check_sparsifier_parameters
+from mkmerge.methods.task_arithmetic import TASK_VECTOR_VARIANTS
 from mkmerge.parameters import layer_position, resolve_parameter
 from mkmerge.slices import PlannedSlice, SliceSource, output_slices, referenced_models
-from mkmerge.methods.chunked import row_chunks
 from mkmerge.tasks import ChunkStats, CombineStats, MergeTensor
 
 # How a method copes with embedding matrices of different sizes (SPEC §2.0).
@@ -307,6 +309,7 @@ class _TensorPlanner:
         params = self._globals(output_slice, weight.name, t)
         if self.method.name != "passthrough" or len(inputs) != 1:
             self._check_weights(weight.name, inputs, per_model, params)
+            self._check_sparsifier(weight.name, inputs, per_model, shape)
         chunks, passes = self._chunking(shape, compute, inputs, per_model, params, cut=rows is not None)
         if chunks is None:
             tasks = [self._load(inp, compute, rows, cols) for inp in inputs]
@@ -432,17 +435,24 @@ class _TensorPlanner:
                     f"the `weight` values of tensor {name} sum to zero, so normalising divides by zero ({listing})",
                     hint="change the weights, or set `normalize: false`",
                 )
-        if self.method.name == "ties":
-            for inp, p in zip(inputs, per_model):
-                density = p.get("density", 1.0)
-                numel = 1
-                for dim in inp.model.info(inp.name).shape:
-                    numel *= dim
-                if not inp.is_base and density < 1 and int(density * numel) == 0:
-                    raise MergeError(
-                        f"density {density} keeps no entry of {name} ({numel} values) for {inp.source.model}",
-                        hint="raise `density` for this model or tensor",
-                    )
+
+    def _check_sparsifier(
+        self, name: str, inputs: Sequence[_Input], per_model: list[dict], shape: tuple[int, ...]
+    ) -> None:
+        """Refuse the densities, gammas and epsilons a task-vector sparsifier would refuse at run time."""
+        variant = TASK_VECTOR_VARIANTS.get(self.method.name)
+        if variant is None:
+            return
+        numel = math.prod(shape)
+        for inp, p in zip(inputs, per_model):
+            if inp.is_base:
+                continue
+            try:
+                check_sparsifier_parameters(variant.sparsifier, p["density"], numel, p)
+            except MergeError as error:
+                raise MergeError(
+                    f"{inp.source.model}, tensor {name}: {error.message}", hint=error.hint
+                ) from None
 
 
 def _convert(kind: type, value):

@@ -1,10 +1,10 @@
-"""Task-vector family: task_arithmetic, ties, dare_linear, dare_ties (SPEC §2.6).
+"""Task-vector family: task_arithmetic, ties, dare_*, breadcrumbs*, della* (SPEC §2.6).
 
 Every member is the same pipeline over deltas ``δ_i = W_i − W_b``: sparsify each delta,
 weight it, optionally keep only the entries that agree with the elected sign, sum, optionally
 normalise, scale by lambda, add back to the base. Members differ only in the sparsifier, the
-sign consensus and two defaults (:data:`TASK_VECTOR_VARIANTS`); a new member (breadcrumbs,
-della) is a new entry in :data:`SPARSIFIERS` plus a row in that table.
+sign consensus and two defaults (:data:`TASK_VECTOR_VARIANTS`); a new member is a new entry
+in :data:`SPARSIFIERS` (math in :mod:`mkmerge.methods.sparsifiers`) plus a row in that table.
 """
 
 from __future__ import annotations
@@ -14,10 +14,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
-from common.errors import MergeError
 from mkmerge.methods.chunked import ChunkedForm
 from mkmerge.methods.reductions import (
     BLOCK,
@@ -30,6 +28,15 @@ from mkmerge.methods.reductions import (
     l1_partials,
     require_same_shape,
     stacked_sum,
+)
+from mkmerge.methods.sparsifiers import (
+    _kth_in_histogram,
+    _order_keys,
+    breadcrumbs_sparsify,
+    dare_mask,
+    della_sparsify,
+    magnitude_sparsify,
+    random_sparsify,
 )
 
 # Below this L1 norm (before or after sparsifying) the rescale factor is not trusted.
@@ -48,124 +55,22 @@ class TaskVectorVariant:
     rescale_default: bool
 
 
-# Note the inconsistent normalize defaults (ties true, dare_ties false): recipes rely on them.
+# Note the inconsistent normalize defaults (ties and della true, dare_ties and
+# breadcrumbs_ties false): recipes rely on them.
 TASK_VECTOR_VARIANTS: dict[str, TaskVectorVariant] = {
     #                                  sparsifier   consensus  normalize  rescale
     "task_arithmetic": TaskVectorVariant("none", False, False, False),
     "ties": TaskVectorVariant("magnitude", True, True, False),
     "dare_linear": TaskVectorVariant("random", False, False, True),
     "dare_ties": TaskVectorVariant("random", True, False, True),
+    "breadcrumbs": TaskVectorVariant("breadcrumbs", False, False, False),
+    "breadcrumbs_ties": TaskVectorVariant("breadcrumbs", True, False, False),
+    "della": TaskVectorVariant("della", True, True, True),
+    "della_linear": TaskVectorVariant("della", False, False, True),
 }
 
 
 # --- sparsifiers: (delta, density, generator, options) -> delta with dropped entries zeroed
-
-
-def top_k_mask(magnitudes: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean mask of the k largest entries; among equal values the lowest indices win.
-
-    The same set as ``torch.argsort(magnitudes.flatten(), descending=True, stable=True)[:k]``
-    but found by selection instead of a full sort: the k-th largest value comes from a radix
-    select over the values' bit patterns (for non-negative floats the bit pattern orders
-    like the value), i.e. one or two histograms, O(n). Because the order is total (value,
-    then index), masks for different k are nested. ``magnitudes`` must be non-negative.
-    """
-    flat = magnitudes.reshape(-1)
-    numel = flat.numel()
-    if k >= numel:
-        return torch.ones(magnitudes.shape, dtype=torch.bool, device=magnitudes.device)
-    if k <= 0:
-        return torch.zeros(magnitudes.shape, dtype=torch.bool, device=magnitudes.device)
-    keys = _order_keys(flat)
-    if keys is None:
-        threshold = torch.kthvalue(flat, numel - k + 1).values  # the k-th largest value
-        keep, equal = flat > threshold, flat == threshold
-    else:
-        threshold = _kth_largest_key(keys, k)
-        keep, equal = keys > threshold, keys == threshold
-    missing = k - int(torch.count_nonzero(keep).item())  # count_nonzero: 20x faster than a bool sum
-    if missing == int(torch.count_nonzero(equal).item()):
-        keep |= equal
-    elif missing > 0:
-        keep[equal.nonzero().reshape(-1)[:missing]] = True
-    return keep.view(magnitudes.shape)
-
-
-def _order_keys(flat: torch.Tensor) -> torch.Tensor | None:
-    """int32 keys ordered like the (non-negative) values, or None where no cheap view exists."""
-    if flat.dtype in (torch.bfloat16, torch.float16):
-        return flat.view(torch.int16).to(torch.int32)
-    if flat.dtype == torch.float32:
-        return flat.view(torch.int32)
-    return None
-
-
-def _kth_in_histogram(counts: torch.Tensor, k: int) -> tuple[int, int]:
-    """(bin holding the k-th largest element, number of elements in higher bins)."""
-    from_top = counts.flip(0).cumsum(0)
-    position = int(torch.searchsorted(from_top, torch.tensor([k], dtype=from_top.dtype)).item())
-    above = int(from_top[position - 1].item()) if position else 0
-    return counts.numel() - 1 - position, above
-
-
-def _kth_largest_key(keys: torch.Tensor, k: int) -> int:
-    """The k-th largest of non-negative int32 keys by radix select on 16-bit digits."""
-    if int(keys.max().item()) < 1 << 16:
-        key, _ = _kth_in_histogram(torch.bincount(keys, minlength=1 << 16), k)
-        return key
-    high = keys >> 16
-    bucket, above = _kth_in_histogram(torch.bincount(high, minlength=1 << 15), k)
-    low = keys[high == bucket] & 0xFFFF
-    digit, _ = _kth_in_histogram(torch.bincount(low, minlength=1 << 16), k - above)
-    return (bucket << 16) | digit
-
-
-def magnitude_sparsify(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the ``floor(density·numel)`` entries of largest |δ| (TIES trim); zero the rest.
-
-    Magnitudes are compared in float32 and ties broken by lowest index. ``k = 0`` is an error
-    rather than a silently vanished delta.
-    """
-    numel = delta.numel()
-    k = int(density * numel)
-    if k <= 0:
-        raise MergeError(
-            f"density {density:g} keeps floor({density:g} × {numel}) = 0 entries of a tensor "
-            f"with {numel} elements, so its whole delta would vanish",
-            hint=f"raise `density` to at least {1 / numel:.3g} for this tensor "
-            "(a filter can set it for this tensor alone)",
-        )
-    return delta * top_k_mask(delta.abs(), k)
-
-
-def random_sparsify(delta: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
-    """Keep each entry independently with probability ``density`` (DARE drop).
-
-    The draws are 32-bit integers from NumPy's PCG64 seeded with the generator's seed
-    (``generator.initial_seed()``), one per entry in row-major order, kept where
-    ``u < floor(density·2³²)``. PCG64 runs serially on the CPU, so the mask is the same for
-    any thread count and for tensors on any device, and it is several times faster than
-    torch's CPU ``rand``.
-    """
-    return delta * dare_mask(delta.shape, density, generator).to(delta.device)
-
-
-def dare_mask(shape: torch.Size, density: float, generator: torch.Generator, offset: int = 0) -> torch.Tensor:
-    """The boolean keep-mask of :func:`random_sparsify`.
-
-    ``offset``: the mask of a chunk starting at that element of the flattened tensor (even:
-    each 64-bit PCG64 output gives two draws), equal to that slice of the whole mask.
-    """
-    if offset % 2:
-        raise ValueError(f"a DARE mask chunk must start at an even element, not {offset}")
-    numel = math.prod(shape)
-    bits = np.random.PCG64(generator.initial_seed())
-    if offset:
-        bits.advance(offset // 2)
-    draws = bits.random_raw((numel + 1) // 2).view(np.uint32)[:numel]
-    threshold = min(int(density * 2**32), 2**32 - 1) if density < 1 else 2**32 - 1
-    keep = draws < np.uint32(threshold) if density < 1 else np.ones(numel, dtype=bool)
-    return torch.from_numpy(keep).view(tuple(shape))
 
 
 Sparsifier = Callable[[torch.Tensor, float, torch.Generator | None, Mapping[str, float]], torch.Tensor]
@@ -181,16 +86,32 @@ def _by_magnitude(delta, density, generator, options):
 
 
 def _at_random(delta, density, generator, options):
+    return random_sparsify(delta, density, _required(generator))
+
+
+def _without_outliers(delta, density, generator, options):
+    return breadcrumbs_sparsify(delta, density, float(options["gamma"]))
+
+
+def _by_rank_at_random(delta, density, generator, options):
+    return della_sparsify(delta, density, float(options["epsilon"]), _required(generator))
+
+
+def _required(generator: torch.Generator | None) -> torch.Generator:
     if generator is None:
         raise ValueError("a random sparsifier needs a torch.Generator for every input")
-    return random_sparsify(delta, density, generator)
+    return generator
 
 
 SPARSIFIERS: dict[str, Sparsifier] = {
     "none": _keep_all,
     "magnitude": _by_magnitude,
     "random": _at_random,
+    "breadcrumbs": _without_outliers,  # options: gamma
+    "della": _by_rank_at_random,  # options: epsilon
 }
+RANDOM_SPARSIFIERS = frozenset({"random", "della"})
+"""Sparsifiers that draw: each input needs its own seeded generator."""
 
 
 def rescale_l1(original: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
@@ -245,7 +166,9 @@ def task_vector_merge(
     weighted deltas ``ω_i = w_i·δ̃_i`` (w rounded to the dtype), the sign-election sum Σω,
     the masked sums D and S (float32 accumulation for half types, as torch sums a stacked
     dim 0), the division, the lambda scaling (skipped when λ = 1), the final addition.
-    With no ordinary inputs the base is returned as it is.
+    With no ordinary inputs the base is returned as it is. ``generators`` (one per input) are
+    needed by the :data:`RANDOM_SPARSIFIERS`; ``sparsifier_options`` (one mapping per input)
+    carry ``gamma`` for breadcrumbs and ``epsilon`` for della.
     """
     count = len(tensors)
     if not (len(weights) == len(densities) == count):
