@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -17,7 +17,8 @@ class MergeTensor(Task):
 
     ``tensor_name`` is empty for deterministic methods so that identical merges of identical
     inputs (a stacked model repeating a layer) are one task; random methods carry the
-    output name because it seeds their generators.
+    output name because it seeds their generators. ``label`` names the output tensor in
+    messages and takes no part in equality, so it does not stop that sharing.
     """
 
     method: str
@@ -27,6 +28,7 @@ class MergeTensor(Task):
     params: tuple[tuple[str, Any], ...]
     tensor_name: str = ""
     seed: int = 0
+    label: str = field(default="", compare=False)
 
     def dependencies(self) -> tuple[Task, ...]:
         return self.inputs
@@ -49,7 +51,7 @@ class MergeTensor(Task):
             base_params=base_params,
             params=dict(self.params),
             generator=generator,
-            tensor_name=self.tensor_name,
+            tensor_name=self.label or self.tensor_name,
         )
         return get_method(self.method).run(call)
 

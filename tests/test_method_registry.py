@@ -49,7 +49,10 @@ def per_model(method_name: str, count: int, **values) -> list[dict]:
 
 
 def test_registry_holds_the_implemented_methods():
-    assert set(METHODS) == {"linear", "slerp", "task_arithmetic", "ties", "dare_linear", "dare_ties", "passthrough"}
+    assert set(METHODS) == {
+        "linear", "slerp", "task_arithmetic", "ties", "dare_linear", "dare_ties", "passthrough",
+        "nuslerp", "multislerp", "karcher", "model_stock", "nearswap", "arcee_fusion",
+    }  # fmt: skip
     for name, method in METHODS.items():
         assert get_method(name) is method and method.name == name and method.pretty_name
 
