@@ -403,7 +403,8 @@ class _TensorPlanner:
             if len(others) > 1 and sum(p["weight"] for _, p in others) == 0:
                 listing = ", ".join(f"{i.source.model}: {p['weight']}" for i, p in others)
                 raise MergeError(
-                    f"the `weight` values of tensor {name} sum to zero, so normalising them divides by zero ({listing})",
+                    f"the `weight` values of tensor {name} sum to zero, so normalising them divides by zero "
+                    f"({listing})",
                     hint="change the weights, or set `normalize_weights: false`",
                 )
         if self.method.name == "ties":

@@ -36,7 +36,7 @@ def vector_dots(a: torch.Tensor, b: torch.Tensor, dim: int) -> torch.Tensor:
     """
     if _single_vector(a, dim):
         shape = [1] * a.dim()
-        return torch.tensor(dot(a, b), dtype=torch.float64).reshape(shape)
+        return torch.tensor(dot(a, b), dtype=torch.float64, device=a.device).reshape(shape)
     return (a * b).sum(dim, keepdim=True).to(torch.float64)
 
 
@@ -48,7 +48,8 @@ def pair_gram(a: torch.Tensor, b: torch.Tensor, dim: int) -> tuple[torch.Tensor,
     """
     if _single_vector(a, dim):
         shape = [1] * a.dim()
-        return tuple(torch.tensor(s, dtype=torch.float64).reshape(shape) for s in gram_sums(a, b))  # type: ignore[return-value]
+        aa, bb, ab = (torch.tensor(s, dtype=torch.float64, device=a.device).reshape(shape) for s in gram_sums(a, b))
+        return aa, bb, ab
     return vector_dots(a, a, dim), vector_dots(b, b, dim), vector_dots(a, b, dim)
 
 
