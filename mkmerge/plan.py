@@ -35,6 +35,9 @@ CUT_TO_BASE = {
     "breadcrumbs", "breadcrumbs_ties", "della", "della_linear",
 }  # fmt: skip
 RANDOM_METHODS = {"dare_linear", "dare_ties", "della", "della_linear", "arcee_fusion"}
+# Methods that need their minimum number of inputs for every tensor: an optional tensor that
+# fewer inputs have is left out of the output (with a warning) instead of merged (SPEC §2.8).
+OMIT_WHEN_FEW_INPUTS = {"model_stock"}
 
 
 @dataclass
@@ -191,6 +194,28 @@ class _TensorPlanner:
                 f"but {count} are given: {', '.join(str(s.model) for s in output_slice.sources)}",
                 **where,
             )
+        if method.other_inputs is not None:
+            self.check_other_inputs(output_slice, base)
+
+    def check_other_inputs(self, output_slice: PlannedSlice, base: ModelReference | None) -> None:
+        """Methods that fix how many models besides the base they take (nuslerp: two)."""
+        method, wanted = self.method, self.method.other_inputs
+        others = [s.model for s in output_slice.sources if s.model != base]
+        if len(others) == wanted:
+            return
+        base_is_one = base is not None and len(others) == wanted - 1
+        raise RecipeError(
+            f"merge method `{method.name}` takes exactly {wanted} models besides the base model, "
+            f"but {len(others)} are given ({', '.join(map(str, others)) or 'none'})"
+            + (f"; the base model {base} cannot be one of the {wanted}" if base_is_one else ""),
+            field=output_slice.field,
+            line=output_slice.line,
+            hint=(
+                f"make the base model a third model, or leave out `base_model` to {method.name} the two directly"
+                if base_is_one
+                else f"list exactly {wanted} models (and optionally a different `base_model`)"
+            ),
+        )
 
     # -- one output tensor -------------------------------------------------------------------
     def plan_tensor(self, output_slice: PlannedSlice, out_weight: WeightInfo, weight_for, t: float) -> list[OutputTensor]:
@@ -222,8 +247,28 @@ class _TensorPlanner:
         if base_ref is not None and not any(i.is_base for i in inputs):
             if any(s.model == base_ref for s, _ in missing):
                 raise MissingTensorError(f"the base model {base_ref} has no tensor {out_weight.name}")
+        if self._too_few_for_method(out_weight, inputs):
+            return []
         inputs = self._reconcile_shapes(out_weight, inputs)
         return self._build(output_slice, out_weight, inputs, t)
+
+    def _too_few_for_method(self, weight: WeightInfo, inputs: list[_Input]) -> bool:
+        """An optional tensor that too few inputs have, for a method that cannot merge fewer.
+
+        Only the base having it is not "too few": the method returns the base then.
+        """
+        method = self.method
+        if method.name not in OMIT_WHEN_FEW_INPUTS or len(inputs) >= method.min_inputs:
+            return False
+        if len(inputs) == 1 and inputs[0].is_base:
+            return False
+        warnings.warn(
+            f"{weight.name}: only {len(inputs)} input model(s) have this optional tensor "
+            f"({', '.join(str(i.source.model) for i in inputs)}) and `{method.name}` needs "
+            f"{method.min_inputs}, so the output leaves it out",
+            stacklevel=3,
+        )
+        return True
 
     def _reconcile_shapes(self, weight: WeightInfo, inputs: list[_Input]) -> list[_Input]:
         shapes = {i.model.info(i.name).shape for i in inputs}
@@ -249,6 +294,13 @@ class _TensorPlanner:
                         )
                 return kept
         listing = "; ".join(f"{i.model.ref}: {list(i.model.info(i.name).shape)}" for i in inputs)
+        if weight.is_embed and only_rows_differ:
+            raise ShapeMismatchError(
+                f"tensor {weight.name} has different vocabulary sizes in the inputs ({listing}), and merge "
+                f"method `{name}` cannot cut embeddings to a common size",
+                hint="merge models with the same vocabulary size, or use a method that cuts embeddings: "
+                + ", ".join(sorted(COMMON_SUBMATRIX | CUT_TO_BASE)),
+            )
         raise ShapeMismatchError(
             f"tensor {weight.name} has different shapes in the inputs ({listing})",
             hint="merged models must share an architecture and size (same hidden size, heads, layers)",
@@ -434,6 +486,15 @@ class _TensorPlanner:
                 raise MergeError(
                     f"the `weight` values of tensor {name} sum to zero, so normalising divides by zero ({listing})",
                     hint="change the weights, or set `normalize: false`",
+                )
+        if self.method.name == "multislerp" and params.get("normalize_weights", True):
+            others = [(i, p) for i, p in zip(inputs, per_model) if not i.is_base]
+            if len(others) > 1 and sum(p["weight"] for _, p in others) == 0:
+                listing = ", ".join(f"{i.source.model}: {p['weight']}" for i, p in others)
+                raise MergeError(
+                    f"the `weight` values of tensor {name} sum to zero, so normalising them divides by zero "
+                    f"({listing})",
+                    hint="change the weights, or set `normalize_weights: false`",
                 )
 
     def _check_sparsifier(
