@@ -143,7 +143,9 @@ def _plan_merge(recipe, *, allow_crimes: bool, seed: int, cache_dir: str | None)
         out_dtype=recipe.out_dtype,
         config_dtype=recipe.out_dtype or recipe.dtype,
         uses_slices=bool(recipe.slices),
-        vocab_size=vocabulary.size if vocabulary is not None else written_vocab_size(planner.embed_rows, donor, tokenizers),
+        vocab_size=(
+            vocabulary.size if vocabulary is not None else written_vocab_size(planner.embed_rows, donor, tokenizers)
+        ),
         vocabulary=vocabulary,
         chat_template=chat_template,
     )

@@ -77,7 +77,9 @@ def load_reference(path: Path) -> Model:
     return Model({t: i for t, i in vocab.items() if i < limit}, limit, tensors)
 
 
-def default_row(token: str, tensor: str, models: dict[str, Model], base: str | None, rule: dict) -> tuple[torch.Tensor, bool]:
+def default_row(
+    token: str, tensor: str, models: dict[str, Model], base: str | None, rule: dict
+) -> tuple[torch.Tensor, bool]:
     """(row, exact): exact is False for means, compared with a float tolerance."""
     hidden = models[next(iter(models))].matrix(tensor).shape[1]
     kind = rule.get("kind")
@@ -344,7 +346,8 @@ def test_without_a_tokenizer_the_config_states_the_rows_of_a_cut_embedding(zoo, 
     with pytest.warns(UserWarning) as caught:
         out = merge(recipe, tmp_path / "out")
     messages = [str(w.message) for w in caught]
-    assert any("config.json gets vocab_size 64. Its tokenizer, copied to the output, has 2 tokens past" in m for m in messages)
+    expected = "config.json gets vocab_size 64. Its tokenizer, copied to the output, has 2 tokens past"
+    assert any(expected in m for m in messages)
     merged = read_tensors(out)
     assert merged[EMBED].shape[0] == merged[HEAD].shape[0] == 64
     assert json.loads((out / "config.json").read_text())["vocab_size"] == 64
@@ -467,3 +470,26 @@ def test_stripping_a_tokenizer_that_is_not_bpe_is_refused_before_any_tensor_is_r
     with pytest.raises(MergeError, match="only fast BPE tokenizers can be stripped"):
         merge(recipe, tmp_path / "out")
     assert reads == []
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gemma2", "gpt2", "gpt_neox"])
+def test_union_aligns_every_vocabulary_tensor_of_other_architectures(tmp_path, arch):
+    """Weight 1 on the base: its rows are kept, the chat model's new tokens take the chat rows."""
+    base = build_model(arch, tmp_path / "base", vocab=80, seed=0)
+    ft = build_model(arch, tmp_path / "ft", base=base, seed=1)
+    chat = with_added_tokens(ft, tmp_path / "chat", ["<|im_start|>", "<|im_end|>"], seed=2)
+    recipe = (
+        f"merge_method: linear\nmodels:\n  - model: {base}\n    parameters: {{weight: 1.0}}\n"
+        f"  - model: {chat}\n    parameters: {{weight: 0.0}}\ntokenizer:\n  source: union\n  pad_to_multiple_of: 4\n"
+    )
+    out = merge(recipe, tmp_path / "out")
+    merged, b, c = read_tensors(out), read_tensors(base), read_tensors(chat)
+    vocab_tensors = [name for name, t in b.items() if t.ndim == 2 and t.shape[0] == 80]
+    assert vocab_tensors and all(merged[name].shape[0] == 84 for name in vocab_tensors)
+    for name in vocab_tensors:
+        assert torch.equal(merged[name][:80], b[name]), name
+        assert torch.equal(merged[name][80:82], c[name][80:82]), name
+        torch.testing.assert_close(merged[name][82:], b[name].mean(0).expand(2, -1), rtol=0, atol=2e-7)
+    config = json.loads((out / "config.json").read_text())
+    assert config["vocab_size"] == 84
+    assert logits(load_causal_lm(out), [1, 80, 81]).shape == (3, 84)

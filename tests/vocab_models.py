@@ -23,7 +23,8 @@ def with_added_tokens(src: Path | str, dst: Path | str, tokens: list[str], *, se
     if max(ids) >= rows:
         model.resize_token_embeddings(max(ids) + 1, mean_resizing=False)
     generator = torch.Generator().manual_seed(seed)
-    matrices = {id(m.weight): m.weight for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}
+    modules = (model.get_input_embeddings(), model.get_output_embeddings())
+    matrices = {id(m.weight): m.weight for m in modules if m is not None}  # a tied head is the same matrix
     with torch.no_grad():
         for matrix in matrices.values():
             for index in ids:

@@ -46,7 +46,10 @@ class TokenizerCache:
             except MergeError as error:
                 if required:
                     raise
-                warnings.warn(f"{error.message}; assuming it shares the base model's vocabulary", stacklevel=2)
+                warnings.warn(
+                    f"{error.message}; taking it to share the base model's vocabulary, without a chat template",
+                    stacklevel=2,
+                )
                 self._loaded[path] = None
         return self._loaded[path]
 

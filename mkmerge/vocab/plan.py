@@ -110,7 +110,7 @@ class OutputVocabulary:
             )
         tasks = [m.task for m in members]
         aligned = [
-            tasks[i] if rows.is_identity(members[i].model.info(members[i].name).shape[0]) else _align_task(tasks, i, rows)
+            tasks[i] if rows.is_identity(_rows(members[i])) else _align_task(tasks, i, rows)
             for i, rows in zip(participants, sources)
         ]
         shape = (self.size, *inputs[0].model.info(inputs[0].name).shape[1:])
@@ -154,19 +154,25 @@ class OutputVocabulary:
         elif source.token is not None:
             row = view.vocab.get(source.token)
             if row is None:
-                raise self._error(f"{ref} has no token {source.token!r} (within its {view.real_rows} rows)", where + ("token",))
+                message = f"{ref} has no token {source.token!r} (within its {view.real_rows} rows)"
+                raise self._error(message, where + ("token",))
         else:
-            row, rows = source.token_id, member.model.info(member.name).shape[0]
+            row, rows = source.token_id, _rows(member)
             if row >= rows:
-                raise self._error(f"token_id {row} is out of range: {member.name} of {ref} has {rows} rows", where + ("token_id",))
+                message = f"token_id {row} is out of range: {member.name} of {ref} has {rows} rows"
+                raise self._error(message, where + ("token_id",))
         return TokenRule(((index, row),), entry.force)
 
     def _error(self, message: str, path: tuple) -> RecipeError:
         return RecipeError(message, field=_dotted(path), line=self.recipe.line_of(path))
 
 
+def _rows(embedding: EmbeddingInput) -> int:
+    return embedding.model.info(embedding.name).shape[0]
+
+
 def _member(vocab: Mapping[str, int], embedding: EmbeddingInput) -> Member:
-    limit = _limit(embedding.model, embedding.model.info(embedding.name).shape[0])
+    limit = _limit(embedding.model, _rows(embedding))
     return Member(vocabulary_below(vocab, limit), limit)
 
 
@@ -299,11 +305,11 @@ def written_vocab_size(embed_rows: Mapping[str, int], donor: InputModel, cache: 
     except MergeError:
         vocab = {}  # no tokenizer to copy, nothing to warn about
     beyond = [token for token, index in vocab.items() if index >= written]
+    past = f". Its tokenizer, copied to the output, has {len(beyond)} tokens past that ({_listing(beyond)})"
     warnings.warn(
         f"the output has {written} vocabulary rows but the config donor {donor.ref} says vocab_size {configured}; "
-        f"config.json gets vocab_size {written}"
-        + (f". Its tokenizer, copied to the output, has {len(beyond)} tokens past that ({_listing(beyond)})" if beyond else "")
-        + ". A `tokenizer:` block aligns vocabularies instead",
+        f"config.json gets vocab_size {written}" + (past if beyond else "") + ". A `tokenizer:` block aligns "
+        "vocabularies instead",
         stacklevel=3,
     )
     return written
