@@ -27,6 +27,15 @@ from mkmerge.methods.task_arithmetic import TASK_VECTOR_VARIANTS
 from mkmerge.parameters import layer_position, resolve_parameter
 from mkmerge.slices import PlannedSlice, SliceSource, output_slices, referenced_models
 from mkmerge.tasks import ChunkStats, CombineStats, MergeTensor
+from mkmerge.vocab import (
+    EmbeddingInput,
+    OutputVocabulary,
+    TokenizerCache,
+    plan_vocabulary,
+    resolve_chat_template,
+    vocab_size_key,
+    written_vocab_size,
+)
 
 # How a method copes with embedding matrices of different sizes (SPEC §2.0).
 COMMON_SUBMATRIX = {"linear", "slerp", "nuslerp", "model_stock", "arcee_fusion", "karcher"}
@@ -52,6 +61,9 @@ class MergePlan:
     out_dtype: torch.dtype | None
     config_dtype: torch.dtype | None
     uses_slices: bool
+    vocab_size: int | None = None  # set when it must change in config.json (SPEC §3.4, §2.0)
+    vocabulary: OutputVocabulary | None = None  # when the recipe builds a tokenizer
+    chat_template: str | None = None
 
     @property
     def output_bytes(self) -> int:
@@ -61,6 +73,8 @@ class MergePlan:
         updates: dict[str, object] = {}
         if self.uses_slices and self.arch.num_layers_config_key:
             updates[self.arch.num_layers_config_key] = self.num_layers
+        if self.vocab_size is not None:
+            updates[vocab_size_key(self.arch)] = self.vocab_size
         return updates
 
 
@@ -99,7 +113,12 @@ def _plan_merge(recipe, *, allow_crimes: bool, seed: int, cache_dir: str | None,
     slices = output_slices(recipe, models)
     donor = models[recipe.base_model] if recipe.base_model is not None else next(iter(models.values()))
     arch = donor.arch
-    planner = _TensorPlanner(recipe, method, models, seed, chunk_bytes)
+    tokenizers = TokenizerCache()
+    vocabulary = plan_vocabulary(recipe, models, tokenizers, allow_crimes=allow_crimes, cache_dir=cache_dir)
+    chat_template = resolve_chat_template(recipe, models, tokenizers)
+    if vocabulary is not None:
+        models = {**models, **vocabulary.donor_models}
+    planner = _TensorPlanner(recipe, method, models, seed, vocabulary, chunk_bytes)
     for output_slice in slices:
         planner.check_slice(output_slice)
     outputs: list[OutputTensor] = []
@@ -141,6 +160,11 @@ def _plan_merge(recipe, *, allow_crimes: bool, seed: int, cache_dir: str | None,
         out_dtype=recipe.out_dtype,
         config_dtype=recipe.out_dtype or recipe.dtype,
         uses_slices=bool(recipe.slices),
+        vocab_size=(
+            vocabulary.size if vocabulary is not None else written_vocab_size(planner.embed_rows, donor, tokenizers)
+        ),
+        vocabulary=vocabulary,
+        chat_template=chat_template,
     )
 
 
@@ -151,12 +175,15 @@ class _TensorPlanner:
         method: MergeMethod,
         models: Mapping[ModelReference, InputModel],
         seed: int,
+        vocabulary: OutputVocabulary | None = None,
         chunk_bytes: int | None = DEFAULT_CHUNK_BYTES,
     ):
         self.recipe = recipe
         self.method = method
         self.models = models
         self.seed = seed
+        self.vocabulary = vocabulary
+        self.embed_rows: dict[str, int] = {}  # output name -> rows, for vocabulary-indexed tensors
         self.chunk_bytes = chunk_bytes
 
     # -- slice-level checks ------------------------------------------------------------------
@@ -276,8 +303,9 @@ class _TensorPlanner:
             return inputs
         name = self.method.name
         only_rows_differ = len({shape[1:] for shape in shapes}) == 1
-        if weight.is_embed and only_rows_differ and (name in COMMON_SUBMATRIX or name in CUT_TO_BASE):
-            return inputs  # vocabulary sizes differ: rows are cut in _build
+        aligned = self.vocabulary is not None or name in COMMON_SUBMATRIX or name in CUT_TO_BASE
+        if weight.is_embed and only_rows_differ and aligned:
+            return inputs  # vocabulary sizes differ: rows are aligned (or cut) in _build
         if name in CUT_TO_BASE:
             base = next((i for i in inputs if i.is_base), None)
             if base is not None:
@@ -352,19 +380,28 @@ class _TensorPlanner:
         if compute is None:
             reference = next((i for i in inputs if i.is_base), inputs[0])
             compute = reference.model.info(reference.name).dtype
-        rows, cols = self._target_shape(weight, inputs)
-        shape = tuple(inputs[0].model.info(inputs[0].name).shape)
-        if rows is not None:
-            shape = (rows,) + ((cols,) if cols is not None else tuple(shape[1:]))
+        aligned = weight.is_embed and self.vocabulary is not None
+        rows = cols = None
+        if aligned:
+            loaded = [EmbeddingInput(i.model, i.name, self._load(i, compute, None, None)) for i in inputs]
+            tasks, shape = self.vocabulary.align(weight, loaded, self.base_of(output_slice), compute, self.models)
+        else:
+            rows, cols = self._target_shape(weight, inputs)
+            shape = tuple(inputs[0].model.info(inputs[0].name).shape)
+            if rows is not None:
+                shape = (rows,) + ((cols,) if cols is not None else tuple(shape[1:]))
+        if weight.is_embed:
+            self.embed_rows[weight.name] = shape[0]
         out_dtype = _dtype_name(weight.force_dtype) or self.recipe.out_dtype or compute
         per_model = [self._params_for(inp, output_slice, t) for inp in inputs]
         params = self._globals(output_slice, weight.name, t)
         if self.method.name != "passthrough" or len(inputs) != 1:
             self._check_weights(weight.name, inputs, per_model, params)
             self._check_sparsifier(weight.name, inputs, per_model, shape)
-        chunks, passes = self._chunking(shape, compute, inputs, per_model, params, cut=rows is not None)
+        chunks, passes = self._chunking(shape, compute, inputs, per_model, params, cut=aligned or rows is not None)
         if chunks is None:
-            tasks = [self._load(inp, compute, rows, cols) for inp in inputs]
+            if not aligned:
+                tasks = [self._load(inp, compute, rows, cols) for inp in inputs]
             root = self._merge_task(weight.name, inputs, tasks, per_model, params)
             return [OutputTensor(weight.name, out_dtype, shape, root)]
         return self._chunked(weight.name, shape, out_dtype, compute, inputs, per_model, params, chunks, passes)
@@ -454,7 +491,7 @@ class _TensorPlanner:
             rows = min(s[0] for s in shapes)
         warnings.warn(
             f"{weight.name}: inputs have different vocabulary sizes ({sorted({s[0] for s in shapes})} rows); "
-            f"cutting to {rows} rows. config.json keeps the donor's vocab_size, which may then disagree. "
+            f"cutting to {rows} rows (tokens past them lose their embedding). "
             "A `tokenizer:` block aligns vocabularies instead",
             stacklevel=2,
         )

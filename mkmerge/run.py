@@ -8,11 +8,12 @@ from pathlib import Path
 from common.build import BuildOptions, build_model
 from common.errors import RecipeError
 from common.graph import ProgressListener, RunStats
-from common.writing import copy_tokenizer_files, write_config, write_model_card
+from common.writing import write_config, write_model_card
 from common.writing.output_dir import OutputDirectory
 from mkmerge.methods import METHODS
 from mkmerge.plan import MergePlan, plan_merge
 from mkmerge.recipe import parse_recipe
+from mkmerge.vocab import write_tokenizer
 
 RECIPE_COPY = "mergekit_config.yml"
 
@@ -59,8 +60,13 @@ def run_merge(
         write_config(
             directory, plan.donor.config, dtype=plan.config_dtype, updates=plan.config_updates(), transform=transform
         )
-        if copy_tokenizer:
-            copy_tokenizer_files(plan.donor.path, directory)
+        write_tokenizer(
+            directory,
+            built=plan.vocabulary.tokenizer if plan.vocabulary is not None else None,
+            donor=plan.donor.path,
+            chat_template=plan.chat_template,
+            copy_files=copy_tokenizer,
+        )
         if write_card:
             (directory / RECIPE_COPY).write_text(recipe.text)
             _card(plan, directory, Path(out).name, tool)
