@@ -75,6 +75,14 @@ LoraMergeDtype = Annotated[
         "default: each tensor's stored dtype. The update itself is always computed in float32.",
     ),
 ]
+LoraMergeCache = Annotated[
+    Optional[str],
+    typer.Option(
+        "--lora-merge-cache",
+        help="Accepted for mergekit compatibility and unused: adapters are applied while loading, "
+        "so no merged copy of a model is cached.",
+    ),
+]
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 _UNITS = {

@@ -29,6 +29,7 @@ from common.cli import (
     Cuda,
     Debug,
     Device,
+    LoraMergeCache,
     LoraMergeDtype,
     ModelCard,
     OutPath,
@@ -73,6 +74,7 @@ def merge(
     write_model_card: ModelCard = True,
     cache_dir: CacheDir = None,
     lora_merge_dtype: LoraMergeDtype = None,
+    lora_merge_cache: LoraMergeCache = None,
     lazy: Lazy = True,
     intermediate_dir: IntermediateDir = None,
     quiet: Quiet = False,
@@ -101,11 +103,7 @@ def merge(
                 lora_merge_dtype=merge_dtype,
                 progress=lambda stage: ProgressView(f"{stage.label}: {stage.recipe.merge_method}", quiet),
             )
-            if not quiet:
-                for result in results:
-                    done = "reused (up to date)" if result.reused else f"merged {result.stats.tensors} tensors"
-                    err_console.print(f"{result.stage.label}: {done} -> {result.stage.out}", highlight=False)
-                err_console.print(f"[green]{len(stages)} stages[/green] in {time.perf_counter() - started:.1f} s")
+            _stages_summary(results, time.perf_counter() - started, quiet)
             return
         parsed = stages[0].recipe
         with ProgressView(f"{parsed.merge_method}", quiet) as view:
@@ -126,6 +124,15 @@ def merge(
             f"{stats.tensors} tensors, {human_bytes(stats.bytes_written)}, {plan.num_layers} layers "
             f"-> {out} in {elapsed:.1f} s"
         )
+
+
+def _stages_summary(results, elapsed: float, quiet: bool) -> None:
+    if quiet:
+        return
+    for result in results:
+        done = "reused (up to date)" if result.reused else f"merged {result.stats.tensors} tensors"
+        err_console.print(f"{result.stage.label}: {done} -> {result.stage.out}", highlight=False)
+    err_console.print(f"[green]{len(results)} stages[/green] in {elapsed:.1f} s", highlight=False)
 
 
 @methods_app.command()

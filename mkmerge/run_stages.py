@@ -145,9 +145,11 @@ def _open_outside_inputs(
 ) -> None:
     """Resolve and open (headers only) the inputs of ``stage`` that are not other stages."""
     refs = [ref for ref in referenced_models(stage.recipe) if ref.path not in stage_paths]
-    if refs:
-        for model in open_input_models(refs, allow_crimes=allow_crimes, cache_dir=cache_dir, lora_merge_dtype=dtype).values():
-            model.files.close()
+    if not refs:
+        return
+    opened = open_input_models(refs, allow_crimes=allow_crimes, cache_dir=cache_dir, lora_merge_dtype=dtype)
+    for model in opened.values():
+        model.files.close()
 
 
 @contextmanager

@@ -29,7 +29,7 @@ import yaml
 from common.errors import MkError, RecipeError
 from common.loading import ModelReference
 from mkmerge.methods import METHODS
-from mkmerge.recipe import MergeRecipe, parse_recipe, recipe_from_document
+from mkmerge.recipe import MergeRecipe, recipe_from_document
 from mkmerge.recipe_schema import TOKENIZER_SOURCE_KEYWORDS
 from mkmerge.run import read_recipe_text
 from mkmerge.yaml_lines import YamlDocument, load_documents
@@ -78,18 +78,26 @@ def parse_stages(
 ) -> list[Stage]:
     """Parse every document of a recipe file into stages in the order they must run.
 
-    A file holding one document is one stage written to ``out`` whose recipe text is the
-    file verbatim (names are then ignored, as by mergekit-yaml).
+    Empty documents (a stray `---`) are skipped; documents keep their position in the file as
+    their number. A file holding one recipe is one stage written to ``out`` whose recipe text
+    is the file verbatim (a `name` is then ignored, as by mergekit-yaml).
     """
-    documents = load_documents(text, source_name=source_name)
-    if len(documents) <= 1:
-        recipe = parse_recipe(text, known_methods=known_methods, source_name=source_name)
-        return [Stage(1, None, recipe, (), Path(out))]
+    loaded = load_documents(text, source_name=source_name)
+    documents = {n: d for n, d in enumerate(loaded, start=1) if d.data is not None}
+    if not documents:
+        raise RecipeError(
+            "the recipe is empty", file=source_name, hint="a recipe needs at least `merge_method` and `models`"
+        )
+    if len(documents) == 1:
+        ((number, document),) = documents.items()
+        recipe = recipe_from_document(document, text=text, known_methods=known_methods, source_name=source_name)
+        return [Stage(number, None, recipe, (), Path(out))]
     names = _stage_names(documents, source_name)
-    stage_dir = _intermediate_dir(names, Path(out), intermediate_dir)
-    paths = {name: str(stage_dir / name) for name in names if name is not None}
+    stage_dir = _intermediate_dir(list(names.values()), Path(out), intermediate_dir)
+    paths = {name: str(stage_dir / name) for name in names.values() if name is not None}
     stages = []
-    for number, (document, name) in enumerate(zip(documents, names), start=1):
+    for number, document in documents.items():
+        name = names[number]
         data, used = rewrite_references(document.data, paths)
         rewritten = YamlDocument(data, document.lines, document.duplicates, document.start_line)
         try:
@@ -106,19 +114,19 @@ def parse_stages(
 # --- names and output locations -----------------------------------------------------------------
 
 
-def _stage_names(documents: list[YamlDocument], source_name: str | None) -> list[str | None]:
+def _stage_names(documents: Mapping[int, YamlDocument], source_name: str | None) -> dict[int, str | None]:
     """Each document's `name` (None when unnamed): unique, at most one missing, usable as a directory."""
-    names: list[str | None] = []
+    names: dict[int, str | None] = {}
     seen: dict[str, int] = {}
     unnamed: list[int] = []
-    for number, document in enumerate(documents, start=1):
+    for number, document in documents.items():
         data = document.data if isinstance(document.data, dict) else {}
         name = data.get("name")
         line = document.lines.exact(("name",)) or document.start_line
         if name is None:
             unnamed.append(number)
             if len(unnamed) > 1:
-                first = documents[unnamed[0] - 1].start_line
+                first = documents[unnamed[0]].start_line
                 raise RecipeError(
                     f"documents {unnamed[0]} (line {first}) and {number} (line {document.start_line}) both have "
                     "no `name`; only one document, the final merge, may be unnamed",
@@ -143,7 +151,7 @@ def _stage_names(documents: list[YamlDocument], source_name: str | None) -> list
             )
         else:
             seen[name] = number
-        names.append(name)
+        names[number] = name
     return names
 
 

@@ -60,7 +60,9 @@ def embedding_factors(module: str, rank: int, num_embeddings: int, dim: int, see
     }
 
 
-def write_adapter(directory: Path | str, tensors: dict[str, torch.Tensor], config: dict, *, fmt: str = "safetensors") -> Path:
+def write_adapter(
+    directory: Path | str, tensors: dict[str, torch.Tensor], config: dict, *, fmt: str = "safetensors"
+) -> Path:
     """Save an adapter directory; `fmt` "safetensors" or "bin" (torch.save of the state dict)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

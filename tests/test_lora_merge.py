@@ -119,7 +119,9 @@ def test_base_and_its_adapted_self_are_distinct_inputs(family, adapter, adapter_
         torch.testing.assert_close(merged[name], expected, rtol=1e-5, atol=1e-6)
 
 
-def test_lora_merge_dtype_option_sets_the_dtype_the_adapted_model_is_read_in(family, adapter, adapter_tensors, tmp_path):
+def test_lora_merge_dtype_option_sets_the_dtype_the_adapted_model_is_read_in(
+    family, adapter, adapter_tensors, tmp_path
+):
     base, _ = family
     recipe = tmp_path / "r.yml"
     recipe.write_text(f"merge_method: passthrough\nmodels:\n  - model: {base}+{adapter}\n")

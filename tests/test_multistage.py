@@ -183,7 +183,7 @@ def test_edited_stage_is_recomputed_with_the_stages_that_use_it(family, tmp_path
 
 def test_every_stage_named_writes_each_to_out_slash_name(family, tmp_path):
     base, a, b = family
-    text = three_stage_recipe(base, a, b).replace("merge_method: linear\nmodels:\n  - model: s2", "name: last\nmerge_method: linear\nmodels:\n  - model: s2", 1)
+    text = "name: last\n" + three_stage_recipe(base, a, b)
     out = tmp_path / "all"
     assert cli(write(tmp_path, text), out).exit_code == 0
     assert sorted(p.name for p in out.iterdir()) == ["last", "s1", "s2"]
@@ -200,7 +200,8 @@ def test_intermediate_dir_option_places_the_named_stages(family, tmp_path):
 
 def test_missing_model_in_a_later_stage_fails_before_the_first_stage_computes(family, tmp_path):
     base, a, b = family
-    text = three_stage_recipe(base, a, b).replace(f"  - model: {a}\n    parameters: {{weight: 0.7}}", "  - model: ./nowhere\n    parameters: {weight: 0.7}")
+    final_input = f"  - model: {a}\n    parameters: {{weight: 0.7}}"
+    text = three_stage_recipe(base, a, b).replace(final_input, "  - model: ./nowhere\n    parameters: {weight: 0.7}", 1)
     result = cli(write(tmp_path, text), tmp_path / "final")
     assert result.exit_code == 3, result.output
     assert "final stage (document 1)" in result.output and "nowhere" in result.output
@@ -275,7 +276,10 @@ def test_rewriting_keeps_revision_lora_and_override_and_finds_every_slot():
         "base_model": "s1@rev+org/lora",
         "models": [{"model": {"model": {"path": "s1"}, "override_architecture": "LlamaForCausalLM"}}],
         "slices": [{"base_model": "s1", "sources": [{"model": "org/other"}, {"model": "s1"}]}],
-        "tokenizer": {"source": "s1", "tokens": {"<x>": {"source": {"kind": "model_token", "model": "s1", "token": "a"}}}},
+        "tokenizer": {
+            "source": "s1",
+            "tokens": {"<x>": {"source": {"kind": "model_token", "model": "s1", "token": "a"}}},
+        },
     }
     rewritten, used = rewrite_references(data, paths)
     assert used == ["s1"]
@@ -294,3 +298,31 @@ def test_rewriting_keeps_revision_lora_and_override_and_finds_every_slot():
 def test_stage_path_with_at_sign_is_written_in_mapping_form():
     rewritten, _ = rewrite_references({"models": [{"model": "s1+org/lora"}]}, {"s1": "/w/x@y/s1"})
     assert rewritten["models"][0]["model"] == {"model": {"path": "/w/x@y/s1"}, "lora": {"path": "org/lora"}}
+
+
+def test_empty_documents_are_skipped_and_numbering_follows_the_file(tmp_path):
+    text = "name: a\n" + TWO.format(ref="x") + "---\n---\n" + TWO.format(ref="a") + "---\n"
+    stages = stages_of(text, tmp_path / "out")
+    assert [(s.document, s.name) for s in stages] == [(1, "a"), (3, None)]
+
+
+def test_single_recipe_with_a_trailing_separator_is_an_ordinary_recipe(tmp_path):
+    text = "name: solo\n" + TWO.format(ref="x") + "---\n"
+    (stage,) = stages_of(text, tmp_path / "out")
+    assert stage.out == tmp_path / "out" and stage.recipe.text == text
+
+
+EXAMPLES = sorted((Path(__file__).resolve().parent.parent / "examples" / "multistage").glob("*.yml"))
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.stem)
+def test_multistage_example_runs_on_the_demo_layout(example, tmp_path, monkeypatch):
+    from tiny_models import build_model
+
+    base = build_model("llama", tmp_path / "models" / "base", layers=4, hidden=64, seed=0)
+    build_model("llama", tmp_path / "models" / "ft-a", base=base, seed=1)
+    build_model("llama", tmp_path / "models" / "ft-b", base=base, seed=2)
+    monkeypatch.chdir(tmp_path)
+    result = cli(example, tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert torch.isfinite(logits(load_causal_lm(tmp_path / "out"), [1, 4, 9, 2])).all()

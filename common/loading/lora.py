@@ -144,7 +144,9 @@ def _low_rank_update(
     first = keys[0]
     if len(keys) != 2 or set(by_factor) != {"A", "B"}:
         listing = ", ".join(f"`{key.key}`" for key in keys)
-        raise AdapterError(f"{where}: module `{first.module}` needs one A and one B factor, found {listing}", path=where)
+        raise AdapterError(
+            f"{where}: module `{first.module}` needs one A and one B factor, found {listing}", path=where
+        )
     a_key, b_key = by_factor["A"], by_factor["B"]
     config = adapter.config
     if not config.targets(first.module):
@@ -198,7 +200,9 @@ def _orientation(
     )
 
 
-def add_low_rank(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, *, transpose: bool) -> torch.Tensor:
+def add_low_rank(
+    weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, *, transpose: bool
+) -> torch.Tensor:
     """``weight + (B @ A) · scale`` (``(B @ A)ᵀ`` when ``transpose``), in float32 or wider.
 
     The update is scaled before it is added, as peft does. The result stays in the compute
