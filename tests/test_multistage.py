@@ -326,3 +326,22 @@ def test_multistage_example_runs_on_the_demo_layout(example, tmp_path, monkeypat
     result = cli(example, tmp_path / "out")
     assert result.exit_code == 0, result.output
     assert torch.isfinite(logits(load_causal_lm(tmp_path / "out"), [1, 4, 9, 2])).all()
+
+
+def test_stages_to_run_follows_completeness_recipe_copy_and_dependencies(tmp_path):
+    from mkmerge.run_stages import stages_to_run
+
+    text = "name: a\n" + TWO.format(ref="x") + "---\nname: b\n" + TWO.format(ref="y") + "---\n" + TWO.format(ref="a")
+    stages = stages_of(text, tmp_path / "out")
+    for stage in stages:
+        stage.out.mkdir(parents=True)
+        (stage.out / "config.json").write_text("{}")
+        (stage.out / "model.safetensors").write_text("")
+        (stage.out / "mergekit_config.yml").write_text(stage.recipe.text)
+    by_name = {s.name: s for s in stages}
+    assert stages_to_run(stages, lazy=True) == set()
+    assert stages_to_run(stages, lazy=False) == {1, 2, 3}
+    (by_name["b"].out / "mergekit_config.yml").write_text("merge_method: something else\n")
+    assert stages_to_run(stages, lazy=True) == {2}
+    (by_name["a"].out / "model.safetensors").unlink()
+    assert stages_to_run(stages, lazy=True) == {1, 2, 3}  # the final document uses `a`

@@ -108,11 +108,11 @@ def plan_patches(adapter: LoraAdapter, base: TensorSource, *, model: str) -> dic
     return patches
 
 
-def _factors_by_module(keys: Iterable[AdapterKey]) -> dict[tuple[str, str], list[AdapterKey]]:
-    grouped: dict[tuple[str, str], list[AdapterKey]] = defaultdict(list)
+def _factors_by_module(keys: Iterable[AdapterKey]) -> dict[str, list[AdapterKey]]:
+    grouped: dict[str, list[AdapterKey]] = defaultdict(list)
     for key in keys:
         if key.kind != "full":
-            grouped[(key.kind, key.module)].append(key)
+            grouped[key.module].append(key)
     return grouped
 
 
@@ -142,7 +142,7 @@ def _low_rank_update(
     where = str(adapter.path)
     by_factor = {key.factor: key for key in keys}
     first = keys[0]
-    if len(keys) != 2 or set(by_factor) != {"A", "B"}:
+    if len(keys) != 2 or set(by_factor) != {"A", "B"} or keys[0].kind != keys[1].kind:
         listing = ", ".join(f"`{key.key}`" for key in keys)
         raise AdapterError(
             f"{where}: module `{first.module}` needs one A and one B factor, found {listing}", path=where
