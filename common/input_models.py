@@ -84,12 +84,16 @@ def open_input_models(
 
 
 def _with_lora(files: ModelFiles, ref: ModelReference, cache_dir: str | None, dtype: torch.dtype | None):
+    """The model's tensors seen through its adapter; errors from the adapter name it already."""
     try:
-        adapter_path = resolve_model_path(ref.lora, cache_dir=cache_dir)
+        try:
+            adapter_path = resolve_model_path(ref.lora, cache_dir=cache_dir)
+        except MkError as error:
+            raise error.within(f"the LoRA adapter of `{ref}`") from None
         return with_adapter(files.tensors, adapter_path, model=str(files.path), merge_dtype=dtype)
-    except MkError as error:
+    except MkError:
         files.close()
-        raise error.within(f"LoRA adapter `{ref.lora}` of `{ref}`") from None
+        raise
 
 
 def _assign_architectures(models: list[InputModel], allow_crimes: bool) -> None:

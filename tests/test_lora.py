@@ -243,7 +243,7 @@ def test_replacement_of_another_shape_is_a_shape_error(llama, tmp_path, no_tenso
 
 
 def test_missing_adapter_directory_names_the_adapter(llama, tmp_path, no_tensor_reads):
-    with pytest.raises(ModelNotFoundError, match=r"LoRA adapter `.*no-such-lora`"):
+    with pytest.raises(ModelNotFoundError, match=r"LoRA adapter of `.*no-such-lora`"):
         open_lora(llama, tmp_path / "no-such-lora")
 
 
