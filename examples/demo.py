@@ -4,8 +4,9 @@
 
 Builds a 4-layer Llama base and three "fine-tunes" (the base plus small seeded noise; ft-chat
 also adds two chat tokens) under WORKDIR/models with transformers' own classes, then runs
-`mkmerge` on each recipe in examples/ (`mkstack` for the stack_* recipes) and `mkmoe` on each
-config in examples/moe/, from WORKDIR, loads every output with transformers and generates a few tokens.
+`mkmerge` on each recipe in examples/ and examples/multistage/ (`mkstack` for the stack_*
+recipes) and `mkmoe` on each config in examples/moe/, from WORKDIR, loads every output with
+transformers and generates a few tokens.
 Nothing is downloaded.
 """
 
@@ -88,6 +89,7 @@ def main() -> int:
     failures = 0
     runs = [("mkstack" if r.stem.startswith("stack_") else "mkmerge", r) for r in sorted(EXAMPLES.glob("*.yml"))]
     runs += [("mkmoe", recipe) for recipe in sorted((EXAMPLES / "moe").glob("*.yml"))]
+    runs += [("mkmerge", recipe) for recipe in sorted((EXAMPLES / "multistage").glob("*.yml"))]
     for tool, recipe in runs:
         out = work / f"merged-{recipe.stem}"
         started = time.perf_counter()

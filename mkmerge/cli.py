@@ -4,7 +4,13 @@ Examples:
 
     mkmerge recipe.yml ./merged
     mkmerge recipe.yml ./merged --device cuda --shard-size 2G
+    mkmerge stages.yml ./final --intermediate-dir ./work --no-lazy
     mkmerge methods
+
+A recipe file with several `---`-separated documents is a multi-stage recipe: named stages are
+written to the intermediate directory (default: OUT.stages next to OUT) and used by later
+documents by name; the unnamed document is the final merge, written to OUT. When every stage
+is named, each is written to OUT/<name>.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -23,6 +29,8 @@ from common.cli import (
     Cuda,
     Debug,
     Device,
+    LoraMergeCache,
+    LoraMergeDtype,
     ModelCard,
     OutPath,
     Overwrite,
@@ -33,8 +41,19 @@ from common.cli import (
     Threads,
     build_options,
     cli_errors,
+    err_console,
     human_bytes,
+    parse_float_dtype,
 )
+
+Lazy = Annotated[
+    bool,
+    typer.Option("--lazy/--no-lazy", help="Multi-stage: reuse a stage's output when it is complete and up to date."),
+]
+IntermediateDir = Annotated[
+    Optional[Path],
+    typer.Option("--intermediate-dir", help="Multi-stage: where named stages are written (default: OUT.stages)."),
+]
 
 merge_app = typer.Typer(add_completion=False, rich_markup_mode="rich", help=__doc__)
 methods_app = typer.Typer(add_completion=False, help="List merge methods and their parameters.")
@@ -54,17 +73,39 @@ def merge(
     copy_tokenizer: CopyTokenizer = True,
     write_model_card: ModelCard = True,
     cache_dir: CacheDir = None,
+    lora_merge_dtype: LoraMergeDtype = None,
+    lora_merge_cache: LoraMergeCache = None,
+    lazy: Lazy = True,
+    intermediate_dir: IntermediateDir = None,
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
-    from mkmerge.run import load_recipe, run_merge
+    from mkmerge.run import run_merge
+    from mkmerge.run_stages import run_stages
+    from mkmerge.stages import load_stages
 
     with cli_errors(debug):
         started = time.perf_counter()
         options = build_options(
             device=device, cuda=cuda, threads=threads, shard_size=shard_size, seed=seed, overwrite=overwrite
         )
-        parsed = load_recipe(recipe)
+        merge_dtype = parse_float_dtype(lora_merge_dtype, option="--lora-merge-dtype")
+        stages = load_stages(recipe, out=out, intermediate_dir=intermediate_dir)
+        if len(stages) > 1:
+            results = run_stages(
+                stages,
+                options,
+                lazy=lazy,
+                allow_crimes=allow_crimes,
+                copy_tokenizer=copy_tokenizer,
+                write_card=write_model_card,
+                cache_dir=cache_dir,
+                lora_merge_dtype=merge_dtype,
+                progress=lambda stage: ProgressView(f"{stage.label}: {stage.recipe.merge_method}", quiet),
+            )
+            _stages_summary(results, time.perf_counter() - started, quiet)
+            return
+        parsed = stages[0].recipe
         with ProgressView(f"{parsed.merge_method}", quiet) as view:
             plan, stats = run_merge(
                 parsed,
@@ -74,6 +115,7 @@ def merge(
                 copy_tokenizer=copy_tokenizer,
                 write_card=write_model_card,
                 cache_dir=cache_dir,
+                lora_merge_dtype=merge_dtype,
                 listener=view,
             )
         elapsed = time.perf_counter() - started
@@ -82,6 +124,15 @@ def merge(
             f"{stats.tensors} tensors, {human_bytes(stats.bytes_written)}, {plan.num_layers} layers "
             f"-> {out} in {elapsed:.1f} s"
         )
+
+
+def _stages_summary(results, elapsed: float, quiet: bool) -> None:
+    if quiet:
+        return
+    for result in results:
+        done = "reused (up to date)" if result.reused else f"merged {result.stats.tensors} tensors"
+        err_console.print(f"{result.stage.label}: {done} -> {result.stage.out}", highlight=False)
+    err_console.print(f"[green]{len(results)} stages[/green] in {elapsed:.1f} s", highlight=False)
 
 
 @methods_app.command()

@@ -95,21 +95,40 @@ def plan_merge(
     seed: int = 0,
     cache_dir: str | None = None,
     chunk_bytes: int | None = DEFAULT_CHUNK_BYTES,
+    lora_merge_dtype: torch.dtype | None = None,
 ) -> MergePlan:
     """Plan every output tensor of ``recipe``; recipe errors found here name the recipe file.
 
     Tensors bigger than ``chunk_bytes`` (in the compute dtype) are merged in row blocks when
     the method can do that exactly (see mkmerge/methods/chunked.py); None: never.
+    ``lora_merge_dtype``: the dtype `model+lora` inputs are read in (default: as stored).
     """
     try:
-        return _plan_merge(recipe, allow_crimes=allow_crimes, seed=seed, cache_dir=cache_dir, chunk_bytes=chunk_bytes)
+        return _plan_merge(
+            recipe,
+            allow_crimes=allow_crimes,
+            seed=seed,
+            cache_dir=cache_dir,
+            chunk_bytes=chunk_bytes,
+            lora_merge_dtype=lora_merge_dtype,
+        )
     except RecipeError as error:
         raise error.in_file(getattr(recipe, "source_name", None)) from None
 
 
-def _plan_merge(recipe, *, allow_crimes: bool, seed: int, cache_dir: str | None, chunk_bytes: int | None) -> MergePlan:
+def _plan_merge(
+    recipe,
+    *,
+    allow_crimes: bool,
+    seed: int,
+    cache_dir: str | None,
+    chunk_bytes: int | None,
+    lora_merge_dtype: torch.dtype | None,
+) -> MergePlan:
     method = get_method(recipe.merge_method)
-    models = open_input_models(referenced_models(recipe), allow_crimes=allow_crimes, cache_dir=cache_dir)
+    models = open_input_models(
+        referenced_models(recipe), allow_crimes=allow_crimes, cache_dir=cache_dir, lora_merge_dtype=lora_merge_dtype
+    )
     slices = output_slices(recipe, models)
     donor = models[recipe.base_model] if recipe.base_model is not None else next(iter(models.values()))
     arch = donor.arch
