@@ -204,6 +204,7 @@ class _TensorPlanner:
         self.vocabulary = vocabulary
         self.embed_rows: dict[str, int] = {}  # output name -> rows, for vocabulary-indexed tensors
         self.chunk_bytes = chunk_bytes
+        self.uses: dict[tuple[str, str], int] = {}  # (model, tensor) -> index of its latest use
 
     # -- slice-level checks ------------------------------------------------------------------
     def base_of(self, output_slice: PlannedSlice) -> ModelReference | None:
@@ -399,6 +400,8 @@ class _TensorPlanner:
         if compute is None:
             reference = next((i for i in inputs if i.is_base), inputs[0])
             compute = reference.model.info(reference.name).dtype
+        for inp in inputs:  # re-read, not held, when an earlier output tensor read it too
+            self.uses[(inp.model.key, inp.name)] = self.uses.get((inp.model.key, inp.name), -1) + 1
         aligned = weight.is_embed and self.vocabulary is not None
         rows = cols = None
         if aligned:
@@ -432,7 +435,8 @@ class _TensorPlanner:
         if part.get("rows") is not None:
             start, stop = part["rows"]
             nbytes = nbytes // info.shape[0] * (stop - start)
-        task: Task = LoadTensor(inp.model.key, inp.name, nbytes, **part)
+        occurrence = self.uses.get((inp.model.key, inp.name), 0)
+        task: Task = LoadTensor(inp.model.key, inp.name, nbytes, occurrence=occurrence, **part)
         if info.dtype != compute:
             task = CastTensor(task, compute)
         if cut_rows is not None and (info.shape[0] != cut_rows or (cut_cols is not None and info.shape[1] != cut_cols)):

@@ -36,11 +36,14 @@ def test_anything_still_seen_elsewhere_is_refused():
     assert pool.give(tensor)
 
 
-def test_the_pool_is_bounded():
+def test_the_pool_is_bounded_and_new_sizes_push_out_old_ones():
     pool = BufferPool(max_bytes=1500)
     first, second = _loaded(pool), _loaded(pool)
     assert pool.give(first)
-    assert not pool.give(second)
+    assert pool.give(second)  # the older buffer makes room
+    assert pool._held == 1024
+    big = _loaded(pool, 2048)
+    assert not pool.give(big)  # larger than the whole pool
 
 
 def test_a_merge_reuses_read_buffers_without_changing_its_output(tiny_family, tmp_path):
@@ -58,6 +61,7 @@ models:
   - {{model: {a}, parameters: {{weight: 0.3}}}}
   - {{model: {b}, parameters: {{weight: 0.5}}}}
 """
+    READ_BUFFERS.clear()
     before = READ_BUFFERS.reused
     run_merge(parse_recipe(text, known_methods=METHODS.keys()), tmp_path / "out", BuildOptions(), write_card=False)
     assert READ_BUFFERS.reused > before

@@ -58,6 +58,13 @@ def tensor_reads(monkeypatch):
             return _real(self, name)
 
         monkeypatch.setattr(cls, "load", recording)
+    real_rows = SafetensorsFile.load_rows
+
+    def recording_rows(self, name, start, stop):
+        reads.append(name)
+        return real_rows(self, name, start, stop)
+
+    monkeypatch.setattr(SafetensorsFile, "load_rows", recording_rows)  # row blocks of big tensors
     return reads
 
 

@@ -254,6 +254,7 @@ class _Run:
             prefetcher.join()
             pool.shutdown(wait=True, cancel_futures=True)
             self.values.clear()
+            READ_BUFFERS.clear()  # idle read buffers are for this run's repeating sizes only
         if self.failure is not None:
             raise self.failure
         self.stats.seconds = time.perf_counter() - started

@@ -49,6 +49,9 @@ class LoadTensor(Task):
     # Which read of these bytes this is. A method that passes over a big tensor twice (once
     # for whole-tensor statistics, once to merge) reads it twice rather than keeping it.
     pass_index: int = 0
+    # Which use of these bytes by different output tensors this is (a stacked model repeating
+    # a layer): each use reads again, so a tensor is never held from one use to a far later one.
+    occurrence: int = 0
 
     @property
     def is_io(self) -> bool:

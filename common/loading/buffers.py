@@ -4,7 +4,8 @@ Every tensor is read by offset into a buffer the process owns. A fresh buffer's 
 faulted in (and zeroed by the kernel) on first touch, which costs as much as the read itself;
 model tensors come in a handful of sizes that repeat every layer, so a buffer whose tensor is
 no longer needed is kept, by size, for the next read of that size. The pool holds at most
-``max_bytes`` of idle buffers, so it adds a bounded amount to peak memory.
+``max_bytes`` of idle buffers (the oldest sizes make room for new ones), so it adds a bounded
+amount to peak memory, and the executor empties it when a run ends.
 
 A buffer comes back only when nothing else can still see it: the executor offers a loaded
 tensor when its last consumer has run, and the pool takes it only if no other tensor shares
@@ -47,6 +48,8 @@ class BufferPool:
         with self._lock:
             idle = self._free.get(nbytes)
             storage = idle.pop() if idle else None
+            if idle is not None and not idle:
+                del self._free[nbytes]
             if storage is not None:
                 self._held -= nbytes
                 self.reused += 1
@@ -71,9 +74,15 @@ class BufferPool:
             return False
         if _storage_users(tensor) != 2:  # this tensor and the probe's own storage object
             return False
+        if nbytes > self.max_bytes:
+            return False
         with self._lock:
-            if self._held + nbytes > self.max_bytes:
-                return False
+            while self._held + nbytes > self.max_bytes:  # make room: drop the oldest idle buffers
+                oldest = next(iter(self._free))
+                dropped = self._free[oldest].pop(0)
+                self._held -= dropped.nbytes()
+                if not self._free[oldest]:
+                    del self._free[oldest]
             self._free.setdefault(nbytes, []).append(storage)
             self._held += nbytes
         return True
