@@ -4,6 +4,8 @@ Examples:
 
     mkmerge recipe.yml ./merged
     mkmerge recipe.yml ./merged --device cuda --shard-size 2G
+    mkmerge recipe.yml ./merged --dry-run
+    mkmerge plan recipe.yml --json
     mkmerge methods
 """
 
@@ -35,9 +37,16 @@ from common.cli import (
     cli_errors,
     human_bytes,
 )
+from common.errors import RecipeError
 
 merge_app = typer.Typer(add_completion=False, rich_markup_mode="rich", help=__doc__)
 methods_app = typer.Typer(add_completion=False, help="List merge methods and their parameters.")
+plan_app = typer.Typer(add_completion=False, help="Show what a recipe will do, reading only headers.")
+
+DryRun = Annotated[
+    bool, typer.Option("--dry-run", help="Print the plan (as `mkmerge plan`) and stop: no tensor is read, OUT is not created.")
+]
+AsJson = Annotated[bool, typer.Option("--json", help="Print the plan as JSON (schema mkmerge-plan/1).")]
 
 
 @merge_app.command(help=__doc__, no_args_is_help=True)
@@ -54,6 +63,8 @@ def merge(
     copy_tokenizer: CopyTokenizer = True,
     write_model_card: ModelCard = True,
     cache_dir: CacheDir = None,
+    dry_run: DryRun = False,
+    as_json: AsJson = False,
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
@@ -64,6 +75,15 @@ def merge(
         options = build_options(
             device=device, cuda=cuda, threads=threads, shard_size=shard_size, seed=seed, overwrite=overwrite
         )
+        if as_json and not dry_run:
+            raise RecipeError("--json prints a plan, so it needs --dry-run", field="--json")
+        if dry_run:
+            from common.writing import OutputDirectory
+            from mkmerge.plan_view import show_plan
+
+            OutputDirectory(out, overwrite=overwrite).check()  # as a run checks OUT, without creating it
+            show_plan(recipe, options, allow_crimes=allow_crimes, cache_dir=cache_dir, as_json=as_json)
+            return
         parsed = load_recipe(recipe)
         with ProgressView(f"{parsed.merge_method}", quiet) as view:
             plan, stats = run_merge(
@@ -105,11 +125,38 @@ def methods() -> None:
     Console().print(table)
 
 
-SUBCOMMANDS = {"methods": methods_app}
+@plan_app.command(no_args_is_help=True)
+def plan(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML (mergekit format).")],
+    as_json: AsJson = False,
+    device: Device = "cpu",
+    cuda: Cuda = False,
+    threads: Threads = None,
+    shard_size: ShardSize = "5G",
+    seed: Seed = 0,
+    allow_crimes: AllowCrimes = False,
+    cache_dir: CacheDir = None,
+    debug: Debug = False,
+) -> None:
+    """Print what `mkmerge RECIPE OUT` would do: inputs, output tensors, files, peak memory.
+
+    Reads config.json files and weight headers only. Takes the options of a run that shape
+    the plan; a recipe error is reported exactly as the run would report it.
+    """
+    from mkmerge.plan_view import show_plan
+
+    with cli_errors(debug):
+        options = build_options(
+            device=device, cuda=cuda, threads=threads, shard_size=shard_size, seed=seed, overwrite=False
+        )
+        show_plan(recipe, options, allow_crimes=allow_crimes, cache_dir=cache_dir, as_json=as_json)
+
+
+SUBCOMMANDS = {"methods": methods_app, "plan": plan_app}
 
 
 def main() -> None:
-    """Console entry: `mkmerge RECIPE OUT [options]` or `mkmerge methods`."""
+    """Console entry: `mkmerge RECIPE OUT [options]`, `mkmerge plan RECIPE` or `mkmerge methods`."""
     if len(sys.argv) > 1 and sys.argv[1] in SUBCOMMANDS:
         app = SUBCOMMANDS[sys.argv[1]]
         sys.argv = [f"mkmerge {sys.argv[1]}"] + sys.argv[2:]

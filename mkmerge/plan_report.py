@@ -1,0 +1,406 @@
+"""What a merge will do, from its plan alone: inputs, output tensors, shard layout, memory.
+
+:func:`plan_report` turns a :class:`MergePlan` (made from config.json files and weight
+headers) into a :class:`PlanReport`; :func:`report_json` gives its machine-readable form.
+Nothing here reads tensor data or touches the output directory.
+
+JSON schema ``mkmerge-plan/1`` (sizes in bytes, layer ranges inclusive, 0-based)::
+
+    {
+      "schema": "mkmerge-plan/1",
+      "recipe": "recipe.yml" | null,
+      "method": "ties",
+      "inputs": [{"label": "base", "reference": "org/model", "path": "/local/dir",
+                  "architecture": "LlamaForCausalLM", "layers": 32, "dtypes": ["bfloat16"],
+                  "tensors": 291, "bytes": 14483464192, "is_base": true}, ...],
+      "output": {"architecture": "LlamaForCausalLM", "layers": 32, "config_from": "base",
+                 "dtypes": ["bfloat16"], "tensors": 291, "bytes": 14483464192},
+      "pre_weights":  [{"tensor": "model.embed_tokens.weight", "computed_as": "ties(base, A, B)"}],
+      "layer_groups": [{"layers": [0, 31], "tensors_each": 9,
+                        "computed_as": [{"what": "ties(base, A, B)", "tensors": 9}]}],
+      "post_weights": [...same as pre_weights...],
+      "tensors": [{"name": ..., "section": "pre" | "layer" | "post", "layer": 0 | null,
+                   "dtype": "bfloat16", "shape": [4096, 4096], "bytes": ..., "shard": "model-00001-of-00003.safetensors",
+                   "method": "ties", "computed_as": "ties(base, A, B)", "parameters": {"normalize": true, ...},
+                   "inputs": [{"model": "A", "tensor": ..., "layer": 0 | null, "dtype": ..., "shape": [...],
+                               "is_base": false, "parameters": {"weight": 0.5, "density": 0.5}}, ...]}, ...],
+      "shards": [{"file": "model-00001-of-00003.safetensors", "tensors": 120, "bytes": ...}],
+      "memory": {"predicted_peak_bytes": ..., "baseline_bytes": ..., "read_bytes": ...,
+                 "working_bytes": ..., "write_bytes": ..., "retained_bytes": ..., "peak_tensor": ...,
+                 "prefetch_bytes": ..., "write_queue_bytes": ..., "device": "cpu"}
+    }
+
+Input labels: ``base`` for the recipe's base model, then ``A``, ``B``, ... in recipe order.
+``computed_as`` names the method and the inputs' labels; a source layer range follows a label
+when it differs from the output layers (stacking), a scale factor follows as ``×0.5``.
+"""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from common.build import BuildOptions, output_layout
+from common.graph import LoadTensor, OutputTensor, ScaleTensor, Task
+from common.input_models import InputModel
+from mkmerge.memory_estimate import MemoryEstimate, estimate_peak_memory
+from mkmerge.plan import MergePlan
+from mkmerge.tasks import MergeTensor
+
+SCHEMA = "mkmerge-plan/1"
+
+
+@dataclass(frozen=True)
+class InputSummary:
+    label: str
+    reference: str
+    path: str
+    architecture: str
+    layers: int
+    dtypes: tuple[str, ...]
+    tensors: int
+    nbytes: int
+    is_base: bool
+
+
+@dataclass(frozen=True)
+class Signature:
+    """How one output tensor is computed, up to which layer: what layers are grouped by."""
+
+    method: str
+    inputs: tuple[tuple[str, int], ...]  # (input label, source layer - output layer)
+    scale: float | None = None
+
+    def describe(self, first: int | None = None, last: int | None = None) -> str:
+        """``ties(base, A, B)`` (base first); a source range after a label whose layers are shifted."""
+        parts = []
+        for label, shift in sorted(self.inputs, key=lambda item: item[0] != "base"):
+            if shift and first is not None and last is not None:
+                parts.append(f"{label} {_layer_span(first + shift, last + shift)}")
+            else:
+                parts.append(label)
+        text = f"{self.method}({', '.join(parts)})"
+        return text if self.scale is None else f"{text} ×{self.scale:g}"
+
+
+@dataclass(frozen=True)
+class TensorInput:
+    label: str
+    tensor: str
+    layer: int | None
+    dtype: str
+    shape: tuple[int, ...]
+    is_base: bool
+    parameters: Mapping[str, object]
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    name: str
+    section: str  # "pre" | "layer" | "post"
+    layer: int | None
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+    shard: str
+    signature: Signature
+    parameters: Mapping[str, object]
+    inputs: tuple[TensorInput, ...]
+
+
+@dataclass(frozen=True)
+class LayerGroup:
+    """Consecutive output layers whose tensors are computed alike."""
+
+    first: int
+    last: int
+    pattern: tuple[tuple[Signature, int], ...]  # (signature, tensors per layer computed so)
+
+    @property
+    def tensors_each(self) -> int:
+        return sum(count for _, count in self.pattern)
+
+
+@dataclass(frozen=True)
+class ShardSummary:
+    file: str
+    tensors: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class PlanReport:
+    recipe: str | None
+    method: str
+    inputs: tuple[InputSummary, ...]
+    architecture: str
+    layers: int
+    config_from: str
+    tensors: tuple[TensorPlan, ...]
+    groups: tuple[LayerGroup, ...]
+    shards: tuple[ShardSummary, ...]
+    memory: MemoryEstimate
+    device: str
+
+    @property
+    def output_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    @property
+    def output_dtypes(self) -> tuple[str, ...]:
+        return tuple(sorted({t.dtype for t in self.tensors}))
+
+    def section(self, name: str) -> tuple[TensorPlan, ...]:
+        return tuple(t for t in self.tensors if t.section == name)
+
+
+def plan_report(plan: MergePlan, options: BuildOptions, *, baseline_bytes: int) -> PlanReport:
+    """Summarise ``plan`` as executed with ``options``; ``baseline_bytes``: the process's measured RSS."""
+    labels = input_labels(plan)
+    models = {model.key: model for model in plan.models.values()}
+    layout = output_layout(plan.outputs, options.shard_size)
+    shard_of = {t.name: shard.filename for shard in layout for t in shard.tensors}
+    tensors = tuple(
+        _tensor_plan(plan, output, section, layer, labels, models, shard_of[output.name])
+        for output, section, layer in _with_sections(plan)
+    )
+    memory = estimate_peak_memory(
+        plan.outputs, lambda load: models[load.model].info(load.name), options, baseline_bytes=baseline_bytes
+    )
+    return PlanReport(
+        recipe=getattr(plan.recipe, "source_name", None),
+        method=plan.method.name,
+        inputs=tuple(_input_summary(model, labels[model.key], plan) for model in plan.models.values()),
+        architecture=_architecture_name(plan.donor),
+        layers=plan.num_layers,
+        config_from=labels[plan.donor.key],
+        tensors=tensors,
+        groups=layer_groups(tensors),
+        shards=tuple(ShardSummary(s.filename, len(s.tensors), s.file_bytes) for s in layout),
+        memory=memory,
+        device=str(options.device),
+    )
+
+
+def input_labels(plan: MergePlan) -> dict[str, str]:
+    """Model key -> ``base`` for the recipe's base model, ``A``, ``B``, ... for the others in order."""
+    base = plan.recipe.base_model
+    labels: dict[str, str] = {}
+    others = iter(_letters())
+    for ref, model in plan.models.items():
+        labels[model.key] = "base" if base is not None and ref == base else next(others)
+    return labels
+
+
+def _letters():
+    for letter in string.ascii_uppercase:
+        yield letter
+    n = 1
+    while True:  # more than 26 models: A1, B1, ...
+        for letter in string.ascii_uppercase:
+            yield f"{letter}{n}"
+        n += 1
+
+
+def _architecture_name(model: InputModel) -> str:
+    names = model.config.get("architectures") or [model.arch.name]
+    return str(names[0])
+
+
+def _input_summary(model: InputModel, label: str, plan: MergePlan) -> InputSummary:
+    infos = [model.files.tensors.info(name) for name in model.files.tensors.names()]
+    return InputSummary(
+        label=label,
+        reference=str(model.ref),
+        path=str(model.path),
+        architecture=_architecture_name(model),
+        layers=model.num_layers,
+        dtypes=tuple(sorted({_dtype_name(info.dtype) for info in infos})),
+        tensors=len(infos),
+        nbytes=sum(info.nbytes for info in infos),
+        is_base=plan.recipe.base_model is not None and model.ref == plan.recipe.base_model,
+    )
+
+
+def _with_sections(plan: MergePlan):
+    """(output, section, layer) in plan order: tensors before the first layer are "pre"."""
+    seen_layer = False
+    for output in plan.outputs:
+        layer = plan.arch.layer_index_of(output.name)
+        seen_layer = seen_layer or layer is not None
+        section = "layer" if layer is not None else ("post" if seen_layer else "pre")
+        yield output, section, layer
+
+
+def _tensor_plan(
+    plan: MergePlan,
+    output: OutputTensor,
+    section: str,
+    layer: int | None,
+    labels: Mapping[str, str],
+    models: Mapping[str, InputModel],
+    shard: str,
+) -> TensorPlan:
+    root, scale = _merge_root(output.task)
+    if isinstance(root, MergeTensor):
+        method, branches = root.method, root.inputs
+        per_model = [dict(p) for p in root.per_model]
+        params, base_index = dict(root.params), root.base_index
+    else:  # a tensor taken as it is (passthrough of one input)
+        method, branches, per_model, params, base_index = plan.method.name, (root,), [{}], {}, None
+        if scale is not None:
+            per_model = [{"scale": scale}]
+    inputs = []
+    for index, branch in enumerate(branches):
+        load = _first_load(branch)
+        model = models[load.model]
+        info = model.info(load.name)
+        inputs.append(
+            TensorInput(
+                label=labels[load.model],
+                tensor=load.name,
+                layer=model.arch.layer_index_of(load.name),
+                dtype=_dtype_name(info.dtype),
+                shape=tuple(info.shape),
+                is_base=index == base_index,
+                parameters=per_model[index],
+            )
+        )
+    shifts = tuple(
+        (i.label, i.layer - layer if i.layer is not None and layer is not None else 0) for i in inputs
+    )
+    return TensorPlan(
+        name=output.name,
+        section=section,
+        layer=layer,
+        dtype=_dtype_name(output.dtype),
+        shape=tuple(output.shape),
+        nbytes=output.nbytes,
+        shard=shard,
+        signature=Signature(method, shifts, scale),
+        parameters=params,
+        inputs=tuple(inputs),
+    )
+
+
+def _merge_root(task: Task) -> tuple[Task, float | None]:
+    """The merge under any single-input wrappers (or the whole chain of a copied tensor), and a scale."""
+    scale = task.factor if isinstance(task, ScaleTensor) else None
+    probe = task
+    while not isinstance(probe, (MergeTensor, LoadTensor)) and len(probe.dependencies()) == 1:
+        probe = probe.dependencies()[0]
+    return (probe if isinstance(probe, MergeTensor) else task), scale
+
+
+def _first_load(task: Task) -> LoadTensor:
+    """The stored tensor a branch starts from (through casts and cuts)."""
+    while not isinstance(task, LoadTensor):
+        task = task.dependencies()[0]
+    return task
+
+
+def layer_groups(tensors: Sequence[TensorPlan]) -> tuple[LayerGroup, ...]:
+    """Runs of consecutive output layers with the same computation pattern."""
+    per_layer: dict[int, dict[Signature, int]] = {}
+    for tensor in tensors:
+        if tensor.layer is not None:
+            counts = per_layer.setdefault(tensor.layer, {})
+            counts[tensor.signature] = counts.get(tensor.signature, 0) + 1
+    groups: list[LayerGroup] = []
+    for layer in sorted(per_layer):
+        pattern = tuple(per_layer[layer].items())
+        last = groups[-1] if groups else None
+        if last is not None and last.last == layer - 1 and last.pattern == pattern:
+            groups[-1] = LayerGroup(last.first, layer, pattern)
+        else:
+            groups.append(LayerGroup(layer, layer, pattern))
+    return tuple(groups)
+
+
+def _layer_span(first: int, last: int) -> str:
+    return f"layer {first}" if first == last else f"layers {first}–{last}"
+
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+# -- JSON ----------------------------------------------------------------------------------
+def report_json(report: PlanReport) -> dict:
+    """The ``mkmerge-plan/1`` document (see the module docstring)."""
+    return {
+        "schema": SCHEMA,
+        "recipe": report.recipe,
+        "method": report.method,
+        "inputs": [
+            {
+                "label": i.label, "reference": i.reference, "path": i.path, "architecture": i.architecture,
+                "layers": i.layers, "dtypes": list(i.dtypes), "tensors": i.tensors, "bytes": i.nbytes,
+                "is_base": i.is_base,
+            }  # fmt: skip
+            for i in report.inputs
+        ],
+        "output": {
+            "architecture": report.architecture,
+            "layers": report.layers,
+            "config_from": report.config_from,
+            "dtypes": list(report.output_dtypes),
+            "tensors": len(report.tensors),
+            "bytes": report.output_bytes,
+        },
+        "pre_weights": [_weight_json(t) for t in report.section("pre")],
+        "layer_groups": [
+            {
+                "layers": [g.first, g.last],
+                "tensors_each": g.tensors_each,
+                "computed_as": [{"what": s.describe(g.first, g.last), "tensors": n} for s, n in g.pattern],
+            }
+            for g in report.groups
+        ],
+        "post_weights": [_weight_json(t) for t in report.section("post")],
+        "tensors": [_tensor_json(t) for t in report.tensors],
+        "shards": [{"file": s.file, "tensors": s.tensors, "bytes": s.nbytes} for s in report.shards],
+        "memory": _memory_json(report.memory, report.device),
+    }
+
+
+def _weight_json(tensor: TensorPlan) -> dict:
+    return {"tensor": tensor.name, "computed_as": tensor.signature.describe(tensor.layer, tensor.layer)}
+
+
+def _tensor_json(tensor: TensorPlan) -> dict:
+    return {
+        "name": tensor.name,
+        "section": tensor.section,
+        "layer": tensor.layer,
+        "dtype": tensor.dtype,
+        "shape": list(tensor.shape),
+        "bytes": tensor.nbytes,
+        "shard": tensor.shard,
+        "method": tensor.signature.method,
+        "computed_as": tensor.signature.describe(tensor.layer, tensor.layer),
+        "parameters": dict(tensor.parameters),
+        "inputs": [
+            {
+                "model": i.label, "tensor": i.tensor, "layer": i.layer, "dtype": i.dtype,
+                "shape": list(i.shape), "is_base": i.is_base, "parameters": dict(i.parameters),
+            }  # fmt: skip
+            for i in tensor.inputs
+        ],
+    }
+
+
+def _memory_json(memory: MemoryEstimate, device: str) -> dict:
+    return {
+        "predicted_peak_bytes": memory.peak_bytes,
+        "baseline_bytes": memory.baseline_bytes,
+        "read_bytes": memory.read_bytes,
+        "working_bytes": memory.working_bytes,
+        "write_bytes": memory.write_bytes,
+        "retained_bytes": memory.retained_bytes,
+        "peak_tensor": memory.peak_tensor,
+        "prefetch_bytes": memory.prefetch_bytes,
+        "write_queue_bytes": memory.write_queue_bytes,
+        "device": device,
+    }

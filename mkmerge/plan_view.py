@@ -1,0 +1,127 @@
+"""`mkmerge plan` and `mkmerge RECIPE OUT --dry-run`: make the plan, print it, move no bytes.
+
+The plan is made exactly as a run makes it (same recipe parser, same ``plan_merge``), so every
+error a run would find before reading tensor data is raised here, with the same message.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from common.build import BuildOptions
+from common.cli import human_bytes
+from mkmerge.memory_estimate import current_rss_bytes
+from mkmerge.plan import plan_merge
+from mkmerge.plan_report import PlanReport, TensorPlan, plan_report, report_json
+from mkmerge.run import load_recipe
+
+
+def show_plan(
+    recipe_path: Path,
+    options: BuildOptions,
+    *,
+    allow_crimes: bool = False,
+    cache_dir: str | None = None,
+    as_json: bool = False,
+    console: Console | None = None,
+) -> PlanReport:
+    """Plan ``recipe_path`` from headers and print the report (rich tables, or JSON on stdout)."""
+    recipe = load_recipe(recipe_path)
+    plan = plan_merge(recipe, allow_crimes=allow_crimes, seed=options.seed, cache_dir=cache_dir)
+    # Measured here, after planning: the imports and metadata a run holds before its first read.
+    report = plan_report(plan, options, baseline_bytes=current_rss_bytes())
+    if as_json:
+        sys.stdout.write(json.dumps(report_json(report), indent=2) + "\n")
+    else:
+        render_plan(report, console or Console())
+    return report
+
+
+def render_plan(report: PlanReport, console: Console) -> None:
+    """The human-readable plan: inputs, output, how each tensor is computed, files, memory."""
+    source = f" ({escape(report.recipe)})" if report.recipe else ""
+    console.print(
+        f"[bold]plan{source}[/bold]: {report.method} -> {report.architecture}, {report.layers} layers, "
+        f"{', '.join(report.output_dtypes)}, {len(report.tensors)} tensors, {human_bytes(report.output_bytes)}; "
+        f"config.json from {report.config_from}",
+        highlight=False,
+    )
+    console.print(_inputs_table(report))
+    console.print(_tensors_table(report))
+    console.print(_shards_table(report))
+    _print_memory(report, console)
+
+
+def _inputs_table(report: PlanReport) -> Table:
+    resolved = any(i.reference != i.path for i in report.inputs)  # else the path column repeats the reference
+    table = Table(title="inputs", title_justify="left")
+    columns = ("", "reference", "local path") if resolved else ("", "model")
+    for column in (*columns, "architecture", "layers", "dtype", "size"):
+        table.add_column(column, overflow="fold")
+    for i in report.inputs:
+        where = (escape(i.reference), escape(i.path)) if resolved else (escape(i.path),)
+        table.add_row(i.label, *where, i.architecture, str(i.layers), ", ".join(i.dtypes), human_bytes(i.nbytes))
+    return table
+
+
+def _tensors_table(report: PlanReport) -> Table:
+    table = Table(title="output tensors", title_justify="left")
+    for column in ("output", "computed as", "tensors"):
+        table.add_column(column, overflow="fold")
+    for tensor in report.section("pre"):
+        table.add_row(*_weight_row(tensor))
+    for group in report.groups:
+        span = f"layer {group.first}" if group.first == group.last else f"layers {group.first}–{group.last}"
+        what = "\n".join(
+            (f"{count}: " if len(group.pattern) > 1 else "") + signature.describe(group.first, group.last)
+            for signature, count in group.pattern
+        )
+        layers = group.last - group.first + 1
+        count = f"{group.tensors_each} each" if layers > 1 else str(group.tensors_each)
+        table.add_row(span, escape(what), count)
+    for tensor in report.section("post"):
+        table.add_row(*_weight_row(tensor))
+    return table
+
+
+def _weight_row(tensor: TensorPlan) -> tuple[str, str, str]:
+    return escape(tensor.name), escape(tensor.signature.describe(tensor.layer, tensor.layer)), "1"
+
+
+def _shards_table(report: PlanReport) -> Table:
+    table = Table(title="output files", title_justify="left")
+    for column in ("file", "tensors", "size"):
+        table.add_column(column)
+    for shard in report.shards:
+        table.add_row(shard.file, str(shard.tensors), human_bytes(shard.nbytes))
+    return table
+
+
+def _print_memory(report: PlanReport, console: Console) -> None:
+    memory = report.memory
+    parts = [
+        ("process", memory.baseline_bytes),
+        ("reading", memory.read_bytes),
+        ("computing", memory.working_bytes),
+        ("writing", memory.write_bytes),
+        ("allocator", memory.retained_bytes),
+    ]
+    at = f" while computing {escape(memory.peak_tensor)}" if memory.peak_tensor else ""
+    console.print(
+        f"[bold]predicted peak memory[/bold]: {human_bytes(memory.peak_bytes)}{at} = "
+        + " + ".join(f"{name} {human_bytes(value)}" for name, value in parts),
+        highlight=False,
+    )
+    console.print(
+        f"  (reading ahead up to {human_bytes(memory.prefetch_bytes)}; a disk slower than the merge can add up to "
+        f"{human_bytes(memory.write_queue_bytes)} of queued writes)",
+        highlight=False,
+    )
+    if report.device != "cpu":
+        console.print(f"  (on {report.device} the temporaries of computing live in device memory)", highlight=False)
