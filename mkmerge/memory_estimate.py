@@ -4,7 +4,7 @@ The model follows how the executor spends memory (common/graph/executor.py) and 
 each output tensor C in plan order, what is resident while C is computed; the prediction is
 the largest such sum:
 
-    peak = baseline + max over C of (read(C) + working(C) + write(C))
+    peak = baseline + max over C of (read(C) + working(C) + write(C) + retained(C))
 
 * **baseline** — the process before any tensor moves: Python, torch and the rest imported,
   the plan made. It is measured (:func:`current_rss_bytes`), never guessed.
@@ -24,18 +24,24 @@ the largest such sum:
   (``DEFAULT_WRITE_QUEUE_BYTES``) holds about one tensor; on a disk slower than the merge it
   fills up to its budget, and the prediction is low by at most that budget.
 
-Not modelled: allocator slack (freed memory glibc keeps until the executor's periodic
-``malloc_trim``), thread stacks, and CUDA (with ``--device cuda`` the temporaries live on
-the GPU; the host still holds read and write buffers). The per-method sets assume the
-executor computes each output tensor whole; when it computes row chunks, ``working(C)``
-scales with the chunk instead of the tensor.
+* **retained(C)** — freed memory the allocator has not given back. glibc serves blocks
+  under 32 MiB from per-thread heaps and keeps them when freed, so bytes that were live in
+  such blocks earlier (their high-water mark) still count when a later tensor lives in
+  large, separately mapped blocks — up to 64 MiB per allocating thread (readers and
+  compute), beyond which a heap returns its free top. The executor's periodic
+  ``malloc_trim`` gives some of it back earlier; this term ignores that and leans high.
+
+Not modelled: thread stacks, and CUDA (with ``--device cuda`` the temporaries live on the
+GPU; the host still holds read and write buffers). The per-method sets assume the executor
+computes each output tensor whole; when it computes row chunks, ``working(C)`` scales with
+the chunk instead of the tensor.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -154,7 +160,8 @@ class _Split:
     @staticmethod
     def of(nbytes: int, block: int | None = None) -> _Split:
         """``nbytes`` held in blocks of ``block`` bytes (default: one block)."""
-        return _Split(heap=nbytes) if (block if block is not None else nbytes) < HEAP_BLOCK_LIMIT else _Split(mapped=nbytes)
+        in_heap = (nbytes if block is None else block) < HEAP_BLOCK_LIMIT
+        return _Split(heap=nbytes) if in_heap else _Split(mapped=nbytes)
 
     def __add__(self, other: _Split) -> _Split:
         return _Split(self.heap + other.heap, self.mapped + other.mapped)
@@ -188,8 +195,8 @@ def estimate_peak_memory(
     for output, loads in zip(outputs, loads_per_output):
         fed, working = _compute_cost(output, sizes, tensor_info)
         raw = sum(load.nbytes for load in loads)
-        after = position[loads[-1]] + 1 if loads else len(load_order)
-        read = fed + _prefetched(load_order[after:], max(0, prefetch - raw))
+        after = max((position[load] for load in loads), default=len(load_order) - 1) + 1
+        read = fed + _prefetched(load_order, after, max(0, prefetch - raw))
         live = read + working + write
         retained = min(max(0, heap_high_water - live.heap), retain_limit)
         total = baseline_bytes + live.total + retained
@@ -215,10 +222,11 @@ def _loads_of(root: Task) -> list[LoadTensor]:
     return list(found)
 
 
-def _prefetched(later: Sequence[LoadTensor], budget: int) -> _Split:
-    """Bytes of the loads the readers take ahead, in order, until the next does not fit."""
+def _prefetched(loads: Sequence[LoadTensor], start: int, budget: int) -> _Split:
+    """Bytes of the loads from ``start`` on the readers take ahead, until the next does not fit."""
     held = _Split()
-    for load in later:
+    for index in range(start, len(loads)):
+        load = loads[index]
         if held.total + load.nbytes > budget:
             break
         held += _Split.of(load.nbytes)
@@ -303,8 +311,3 @@ def current_rss_bytes() -> int:
 
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, Linux KiB
-
-
-def tensor_info_from(models: Mapping[str, object]) -> Callable[[LoadTensor], TensorInfo]:
-    """A ``tensor_info`` for :func:`estimate_peak_memory` over ``{model key: TensorSource}``."""
-    return lambda load: models[load.model].info(load.name)

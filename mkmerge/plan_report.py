@@ -254,6 +254,8 @@ def _tensor_plan(
     inputs = []
     for index, branch in enumerate(branches):
         load = _first_load(branch)
+        if load is None:  # computed from no stored tensor
+            continue
         model = models[load.model]
         info = model.info(load.name)
         inputs.append(
@@ -293,11 +295,15 @@ def _merge_root(task: Task) -> tuple[Task, float | None]:
     return (probe if isinstance(probe, MergeTensor) else task), scale
 
 
-def _first_load(task: Task) -> LoadTensor:
-    """The stored tensor a branch starts from (through casts and cuts)."""
-    while not isinstance(task, LoadTensor):
-        task = task.dependencies()[0]
-    return task
+def _first_load(task: Task) -> LoadTensor | None:
+    """The first stored tensor a branch reads (through casts, cuts and other tasks)."""
+    stack = [task]
+    while stack:
+        task = stack.pop()
+        if isinstance(task, LoadTensor):
+            return task
+        stack.extend(reversed(task.dependencies()))
+    return None
 
 
 def layer_groups(tensors: Sequence[TensorPlan]) -> tuple[LayerGroup, ...]:
