@@ -12,6 +12,9 @@ from common.graph import ExecutionContext, Executor, OutputTensor, ProgressListe
 from common.writing import OutputDirectory, PlannedTensor, ShardedWriter, plan_shards
 
 DEFAULT_SHARD_SIZE = 5_000_000_000
+# Tensors above this many bytes (in the compute dtype) are merged in row blocks where the
+# method allows it, so peak memory stays flat as models grow (mkmerge/methods/chunked.py).
+DEFAULT_CHUNK_BYTES = 32 * 1024**2
 
 
 @dataclass
@@ -23,11 +26,13 @@ class BuildOptions:
     overwrite: bool = False
     readers: int = 2
     prefetch_bytes: int | None = None
+    chunk_bytes: int | None = DEFAULT_CHUNK_BYTES  # None: never split a tensor
 
 
 def output_layout(outputs: Sequence[OutputTensor], shard_size: int):
     """The shard files, headers and offsets the outputs will be written to."""
-    return plan_shards([PlannedTensor(o.name, o.dtype, o.shape) for o in outputs], shard_size)
+    whole = {o.name: PlannedTensor(o.name, o.dtype, o.shape) for o in outputs}  # parts share a name
+    return plan_shards(list(whole.values()), shard_size)
 
 
 def build_model(
@@ -53,7 +58,7 @@ def build_model(
             if options.prefetch_bytes is not None:
                 kwargs["prefetch_bytes"] = options.prefetch_bytes
             executor = Executor(ctx, threads=options.threads, readers=options.readers, listener=listener, **kwargs)
-            stats = executor.run(outputs, lambda output, tensor: writer.write(output.name, tensor))
+            stats = executor.run(outputs, lambda output, tensor: writer.write(output.name, tensor, output.rows))
             writer.finish()
         finally:
             writer.close()

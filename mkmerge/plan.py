@@ -7,6 +7,7 @@ raised here, before any tensor data is read.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -14,14 +15,18 @@ from dataclasses import dataclass
 import torch
 
 from common.arch import ArchitectureDefinition, WeightInfo
+from common.build import DEFAULT_CHUNK_BYTES
 from common.errors import MergeError, MissingTensorError, RecipeError, ShapeMismatchError
 from common.graph import CastTensor, LoadTensor, OutputTensor, ScaleTensor, SliceRows, Task
 from common.input_models import InputModel, open_input_models
 from common.loading import ModelReference
 from mkmerge.methods import REQUIRED, MergeMethod, get_method
+from mkmerge.methods.chunked import row_chunks
+from mkmerge.methods.sparsifiers import check_sparsifier_parameters
+from mkmerge.methods.task_arithmetic import TASK_VECTOR_VARIANTS
 from mkmerge.parameters import layer_position, resolve_parameter
 from mkmerge.slices import PlannedSlice, SliceSource, output_slices, referenced_models
-from mkmerge.tasks import MergeTensor
+from mkmerge.tasks import ChunkStats, CombineStats, MergeTensor
 
 # How a method copes with embedding matrices of different sizes (SPEC §2.0).
 COMMON_SUBMATRIX = {"linear", "slerp", "nuslerp", "model_stock", "arcee_fusion", "karcher"}
@@ -66,30 +71,39 @@ class _Input:
     is_base: bool
 
 
-def plan_merge(recipe, *, allow_crimes: bool = False, seed: int = 0, cache_dir: str | None = None) -> MergePlan:
-    """Plan every output tensor of ``recipe``; recipe errors found here name the recipe file."""
+def plan_merge(
+    recipe,
+    *,
+    allow_crimes: bool = False,
+    seed: int = 0,
+    cache_dir: str | None = None,
+    chunk_bytes: int | None = DEFAULT_CHUNK_BYTES,
+) -> MergePlan:
+    """Plan every output tensor of ``recipe``; recipe errors found here name the recipe file.
+
+    Tensors bigger than ``chunk_bytes`` (in the compute dtype) are merged in row blocks when
+    the method can do that exactly (see mkmerge/methods/chunked.py); None: never.
+    """
     try:
-        return _plan_merge(recipe, allow_crimes=allow_crimes, seed=seed, cache_dir=cache_dir)
+        return _plan_merge(recipe, allow_crimes=allow_crimes, seed=seed, cache_dir=cache_dir, chunk_bytes=chunk_bytes)
     except RecipeError as error:
         raise error.in_file(getattr(recipe, "source_name", None)) from None
 
 
-def _plan_merge(recipe, *, allow_crimes: bool, seed: int, cache_dir: str | None) -> MergePlan:
+def _plan_merge(recipe, *, allow_crimes: bool, seed: int, cache_dir: str | None, chunk_bytes: int | None) -> MergePlan:
     method = get_method(recipe.merge_method)
     models = open_input_models(referenced_models(recipe), allow_crimes=allow_crimes, cache_dir=cache_dir)
     slices = output_slices(recipe, models)
     donor = models[recipe.base_model] if recipe.base_model is not None else next(iter(models.values()))
     arch = donor.arch
-    planner = _TensorPlanner(recipe, method, models, seed)
+    planner = _TensorPlanner(recipe, method, models, seed, chunk_bytes)
     for output_slice in slices:
         planner.check_slice(output_slice)
     outputs: list[OutputTensor] = []
     total_layers = sum(s.length for s in slices)
 
     def add(weight_for, output_slice: PlannedSlice, k: int | None, out_weight: WeightInfo, t: float) -> None:
-        planned = planner.plan_tensor(output_slice, out_weight, weight_for, t)
-        if planned is not None:
-            outputs.append(planned)
+        outputs.extend(planner.plan_tensor(output_slice, out_weight, weight_for, t))
 
     first, last = slices[0], slices[-1]
     for i, weight in enumerate(arch.pre_weights(total_layers)):
@@ -128,11 +142,19 @@ def _plan_merge(recipe, *, allow_crimes: bool, seed: int, cache_dir: str | None)
 
 
 class _TensorPlanner:
-    def __init__(self, recipe, method: MergeMethod, models: Mapping[ModelReference, InputModel], seed: int):
+    def __init__(
+        self,
+        recipe,
+        method: MergeMethod,
+        models: Mapping[ModelReference, InputModel],
+        seed: int,
+        chunk_bytes: int | None = DEFAULT_CHUNK_BYTES,
+    ):
         self.recipe = recipe
         self.method = method
         self.models = models
         self.seed = seed
+        self.chunk_bytes = chunk_bytes
 
     # -- slice-level checks ------------------------------------------------------------------
     def base_of(self, output_slice: PlannedSlice) -> ModelReference | None:
@@ -171,7 +193,8 @@ class _TensorPlanner:
             )
 
     # -- one output tensor -------------------------------------------------------------------
-    def plan_tensor(self, output_slice: PlannedSlice, out_weight: WeightInfo, weight_for, t: float) -> OutputTensor | None:
+    def plan_tensor(self, output_slice: PlannedSlice, out_weight: WeightInfo, weight_for, t: float) -> list[OutputTensor]:
+        """The output tensor (or its row-block parts); empty when it is left out."""
         base_ref = self.base_of(output_slice) if self.method.base_model != "none" else None
         inputs, missing = [], []
         base_taken = False
@@ -193,9 +216,9 @@ class _TensorPlanner:
                 hint="is it the same architecture as the other models? check its weight files",
             )
         if not inputs:
-            return None
+            return []
         if out_weight.optional and not any(i.model.has_own(weight_for(i.source)) for i in inputs):
-            return None  # only reachable through a tie (e.g. lm_head -> embed_tokens): the output stays tied
+            return []  # only reachable through a tie (e.g. lm_head -> embed_tokens): the output stays tied
         if base_ref is not None and not any(i.is_base for i in inputs):
             if any(s.model == base_ref for s, _ in missing):
                 raise MissingTensorError(f"the base model {base_ref} has no tensor {out_weight.name}")
@@ -272,32 +295,100 @@ class _TensorPlanner:
             values[spec.name] = _convert(spec.kind, value)
         return values
 
-    def _build(self, output_slice: PlannedSlice, weight: WeightInfo, inputs: list[_Input], t: float) -> OutputTensor:
+    def _build(self, output_slice: PlannedSlice, weight: WeightInfo, inputs: list[_Input], t: float) -> list[OutputTensor]:
         compute = _dtype_name(weight.force_dtype) or self.recipe.dtype
         if compute is None:
             reference = next((i for i in inputs if i.is_base), inputs[0])
             compute = reference.model.info(reference.name).dtype
         rows, cols = self._target_shape(weight, inputs)
-        tasks: list[Task] = []
-        for inp in inputs:
-            info = inp.model.info(inp.name)
-            task: Task = LoadTensor(inp.model.key, inp.name, info.nbytes)
-            if info.dtype != compute:
-                task = CastTensor(task, compute)
-            if rows is not None and (info.shape[0] != rows or (cols is not None and info.shape[1] != cols)):
-                if info.shape[0] < rows:
-                    raise ShapeMismatchError(
-                        f"{inp.model.ref}: {inp.name} has {info.shape[0]} rows, fewer than the base's {rows}",
-                        hint="configure a `tokenizer:` block so vocabularies are aligned instead of cut",
-                    )
-                task = SliceRows(task, rows, cols if len(info.shape) > 1 else None)
-            tasks.append(task)
         shape = tuple(inputs[0].model.info(inputs[0].name).shape)
         if rows is not None:
             shape = (rows,) + ((cols,) if cols is not None else tuple(shape[1:]))
         out_dtype = _dtype_name(weight.force_dtype) or self.recipe.out_dtype or compute
-        root = self._merge_task(output_slice, weight.name, inputs, tasks, t)
-        return OutputTensor(weight.name, out_dtype, shape, root)
+        per_model = [self._params_for(inp, output_slice, t) for inp in inputs]
+        params = self._globals(output_slice, weight.name, t)
+        if self.method.name != "passthrough" or len(inputs) != 1:
+            self._check_weights(weight.name, inputs, per_model, params)
+            self._check_sparsifier(weight.name, inputs, per_model, shape)
+        chunks, passes = self._chunking(shape, compute, inputs, per_model, params, cut=rows is not None)
+        if chunks is None:
+            tasks = [self._load(inp, compute, rows, cols) for inp in inputs]
+            root = self._merge_task(weight.name, inputs, tasks, per_model, params)
+            return [OutputTensor(weight.name, out_dtype, shape, root)]
+        return self._chunked(weight.name, shape, out_dtype, compute, inputs, per_model, params, chunks, passes)
+
+    def _load(self, inp: _Input, compute: torch.dtype, cut_rows: int | None, cut_cols: int | None, **part) -> Task:
+        """Load (a row block of) one input in the compute dtype, cut to the common rows if needed."""
+        info = inp.model.info(inp.name)
+        nbytes = info.nbytes
+        if part.get("rows") is not None:
+            start, stop = part["rows"]
+            nbytes = nbytes // info.shape[0] * (stop - start)
+        task: Task = LoadTensor(inp.model.key, inp.name, nbytes, **part)
+        if info.dtype != compute:
+            task = CastTensor(task, compute)
+        if cut_rows is not None and (info.shape[0] != cut_rows or (cut_cols is not None and info.shape[1] != cut_cols)):
+            if info.shape[0] < cut_rows:
+                raise ShapeMismatchError(
+                    f"{inp.model.ref}: {inp.name} has {info.shape[0]} rows, fewer than the base's {cut_rows}",
+                    hint="configure a `tokenizer:` block so vocabularies are aligned instead of cut",
+                )
+            task = SliceRows(task, cut_rows, cut_cols if len(info.shape) > 1 else None)
+        return task
+
+    def _chunking(self, shape, compute, inputs, per_model, params, *, cut: bool):
+        """(row chunks, statistics passes) when this tensor is merged in row blocks, else (None, 0)."""
+        form = self.method.chunked
+        if self.chunk_bytes is None or form is None or cut:
+            return None, 0
+        if any(tuple(i.model.info(i.name).shape) != tuple(shape) for i in inputs):
+            return None, 0
+        itemsize = max([compute.itemsize] + [i.model.info(i.name).dtype.itemsize for i in inputs])
+        chunks = row_chunks(shape, itemsize, self.chunk_bytes)
+        if chunks is None:
+            return None, 0
+        passes = form.passes(params, per_model, compute)
+        return (chunks, passes) if passes is not None else (None, 0)
+
+    def _chunked(self, name, shape, out_dtype, compute, inputs, per_model, params, chunks, passes) -> list[OutputTensor]:
+        """The row-block parts of one output: statistics passes, then one merge per chunk."""
+        row_elements = math.prod(shape[1:])
+        method = self.method
+        if method.name == "passthrough" and len(inputs) == 1:  # no merge task: load, maybe scale
+            outputs = []
+            for rows in chunks:
+                task = self._merge_task(name, inputs, [self._load(inputs[0], compute, None, None, rows=rows)], per_model, params)
+                outputs.append(OutputTensor(name, out_dtype, shape, task, rows=rows))
+            return outputs
+        common = self._merge_fields(name, inputs, per_model, params)
+        state: Task | None = None
+        for pass_index in range(passes):
+            parts = tuple(
+                ChunkStats(
+                    inputs=tuple(self._load(inp, compute, None, None, rows=rows, pass_index=pass_index) for inp in inputs),
+                    chunk=c,
+                    offset=rows[0] * row_elements,
+                    full_shape=tuple(shape),
+                    pass_index=pass_index,
+                    state=state,
+                    **common,
+                )
+                for c, rows in enumerate(chunks)
+            )
+            state = CombineStats(method=method.name, pass_index=pass_index, parts=parts, state=state)
+        outputs = []
+        for c, rows in enumerate(chunks):
+            task = MergeTensor(
+                inputs=tuple(self._load(inp, compute, None, None, rows=rows, pass_index=passes) for inp in inputs),
+                chunk=c,
+                offset=rows[0] * row_elements,
+                full_shape=tuple(shape),
+                state=state,
+                chunked=True,
+                **common,
+            )
+            outputs.append(OutputTensor(name, out_dtype, shape, task, rows=rows))
+        return outputs
 
     def _target_shape(self, weight: WeightInfo, inputs: list[_Input]) -> tuple[int | None, int | None]:
         shapes = [i.model.info(i.name).shape for i in inputs]
@@ -317,23 +408,22 @@ class _TensorPlanner:
         )
         return rows, cols
 
-    def _merge_task(self, output_slice, name: str, inputs: list[_Input], tasks: list[Task], t: float) -> Task:
-        per_model = [self._params_for(inp, output_slice, t) for inp in inputs]
-        params = self._globals(output_slice, name, t)
-        method = self.method
-        if method.name == "passthrough" and len(tasks) == 1:
+    def _merge_task(self, name: str, inputs: list[_Input], tasks: list[Task], per_model: list[dict], params: dict) -> Task:
+        if self.method.name == "passthrough" and len(tasks) == 1:
             scale = per_model[0].get("scale")
             return tasks[0] if scale is None or scale == 1.0 else ScaleTensor(tasks[0], float(scale))
-        self._check_weights(name, inputs, per_model, params)
-        base_index = next((k for k, i in enumerate(inputs) if i.is_base), None)
-        return MergeTensor(
-            method=method.name,
-            inputs=tuple(tasks),
-            base_index=base_index,
+        return MergeTensor(inputs=tuple(tasks), **self._merge_fields(name, inputs, per_model, params))
+
+    def _merge_fields(self, name: str, inputs: list[_Input], per_model: list[dict], params: dict) -> dict:
+        random = self.method.name in RANDOM_METHODS
+        return dict(
+            method=self.method.name,
+            base_index=next((k for k, i in enumerate(inputs) if i.is_base), None),
             per_model=tuple(tuple(sorted(p.items())) for p in per_model),
             params=tuple(sorted(params.items())),
-            tensor_name=name if method.name in RANDOM_METHODS else "",
-            seed=self.seed if method.name in RANDOM_METHODS else 0,
+            tensor_name=name if random else "",
+            seed=self.seed if random else 0,
+            label=name,
         )
 
     def _check_weights(self, name: str, inputs: Sequence[_Input], per_model: list[dict], params: dict) -> None:
@@ -345,17 +435,24 @@ class _TensorPlanner:
                     f"the `weight` values of tensor {name} sum to zero, so normalising divides by zero ({listing})",
                     hint="change the weights, or set `normalize: false`",
                 )
-        if self.method.name == "ties":
-            for inp, p in zip(inputs, per_model):
-                density = p.get("density", 1.0)
-                numel = 1
-                for dim in inp.model.info(inp.name).shape:
-                    numel *= dim
-                if not inp.is_base and density < 1 and int(density * numel) == 0:
-                    raise MergeError(
-                        f"density {density} keeps no entry of {name} ({numel} values) for {inp.source.model}",
-                        hint="raise `density` for this model or tensor",
-                    )
+
+    def _check_sparsifier(
+        self, name: str, inputs: Sequence[_Input], per_model: list[dict], shape: tuple[int, ...]
+    ) -> None:
+        """Refuse the densities, gammas and epsilons a task-vector sparsifier would refuse at run time."""
+        variant = TASK_VECTOR_VARIANTS.get(self.method.name)
+        if variant is None:
+            return
+        numel = math.prod(shape)
+        for inp, p in zip(inputs, per_model):
+            if inp.is_base:
+                continue
+            try:
+                check_sparsifier_parameters(variant.sparsifier, p["density"], numel, p)
+            except MergeError as error:
+                raise MergeError(
+                    f"{inp.source.model}, tensor {name}: {error.message}", hint=error.hint
+                ) from None
 
 
 def _convert(kind: type, value):

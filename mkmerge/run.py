@@ -49,7 +49,9 @@ def run_merge(
     """
     OutputDirectory(out, overwrite=options.overwrite).check()
     if plan is None:
-        plan = plan_merge(recipe, allow_crimes=allow_crimes, seed=options.seed, cache_dir=cache_dir)
+        plan = plan_merge(
+            recipe, allow_crimes=allow_crimes, seed=options.seed, cache_dir=cache_dir, chunk_bytes=options.chunk_bytes
+        )
     sources = {model.key: model.files.tensors for model in plan.models.values()}
 
     def finalize(directory: Path) -> None:

@@ -1,23 +1,25 @@
-"""The merge task: one method applied to one output tensor's inputs."""
+"""The merge tasks: one method applied to one output tensor's inputs, whole or in chunks."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from common.errors import MergeError
 from common.graph import Task, tensor_seed
 from mkmerge.methods import MethodCall, get_method
 
 
 @dataclass(frozen=True)
-class MergeTensor(Task):
-    """Run merge method ``method`` on ``inputs`` (the base, if any, at ``base_index``).
+class _MethodTask(Task):
+    """Fields and call building shared by the merge tasks.
 
     ``tensor_name`` is empty for deterministic methods so that identical merges of identical
     inputs (a stacked model repeating a layer) are one task; random methods carry the
-    output name because it seeds their generators.
+    output name because it seeds their generators. ``label`` names the tensor in errors and
+    does not take part in equality.
     """
 
     method: str
@@ -27,11 +29,13 @@ class MergeTensor(Task):
     params: tuple[tuple[str, Any], ...]
     tensor_name: str = ""
     seed: int = 0
+    # Chunks (row blocks) of a big tensor; see mkmerge/methods/chunked.py.
+    chunk: int = 0
+    offset: int = 0
+    full_shape: tuple[int, ...] | None = None
+    label: str = field(default="", compare=False)
 
-    def dependencies(self) -> tuple[Task, ...]:
-        return self.inputs
-
-    def execute(self, inputs: list[torch.Tensor], ctx) -> torch.Tensor:
+    def _call(self, inputs: list[torch.Tensor], ctx) -> MethodCall:
         device = ctx.device
         tensors = [t.to(device, non_blocking=True) if t.device != device else t for t in inputs]
         ordinary = [i for i in range(len(tensors)) if i != self.base_index]
@@ -42,16 +46,107 @@ class MergeTensor(Task):
             # Always a CPU generator: the same bits on every device (methods draw on the CPU).
             return torch.Generator().manual_seed(tensor_seed(self.seed, self.tensor_name, ordinary[i]))
 
-        call = MethodCall(
+        return MethodCall(
             tensors=tuple(tensors[i] for i in ordinary),
             base=base,
             per_model=tuple(dict(self.per_model[i]) for i in ordinary),
             base_params=base_params,
             params=dict(self.params),
             generator=generator,
-            tensor_name=self.tensor_name,
+            tensor_name=self.tensor_name or self.label,
+            offset=self.offset,
+            chunk=self.chunk,
+            full_shape=self.full_shape,
         )
-        return get_method(self.method).run(call)
+
+    def _named(self, error: MergeError) -> MergeError:
+        name = self.tensor_name or self.label
+        if not name or error.message.startswith(f"tensor `{name}`"):
+            return error
+        return MergeError(f"tensor `{name}`: {error.message}", hint=error.hint)
+
+
+@dataclass(frozen=True)
+class MergeTensor(_MethodTask):
+    """Run merge method ``method`` on ``inputs`` (the base, if any, at ``base_index``).
+
+    With ``state`` set, the inputs are one chunk of a bigger tensor and ``state`` is the task
+    whose value holds the whole-tensor statistics the method's chunked form collected.
+    """
+
+    state: Task | None = None
+    chunked: bool = False
+
+    def dependencies(self) -> tuple[Task, ...]:
+        return self.inputs + ((self.state,) if self.state is not None else ())
+
+    def execute(self, inputs: list[torch.Tensor], ctx) -> torch.Tensor:
+        method = get_method(self.method)
+        if not self.chunked:
+            return method.run(self._call(inputs, ctx))
+        tensors = inputs[: len(self.inputs)]
+        state = inputs[len(self.inputs)] if self.state is not None else None
+        try:
+            return method.chunked.apply(self._call(tensors, ctx), state)
+        except MergeError as error:
+            raise self._named(error) from error
 
     def describe(self) -> str:
         return f"{self.method}({len(self.inputs)} inputs)"
+
+
+@dataclass(frozen=True)
+class ChunkStats(_MethodTask):
+    """Statistics pass ``pass_index`` of a chunked merge over one chunk: a small partial."""
+
+    pass_index: int = 0
+    state: Task | None = None  # the state after the previous pass, if any
+
+    def dependencies(self) -> tuple[Task, ...]:
+        return self.inputs + ((self.state,) if self.state is not None else ())
+
+    def execute(self, inputs, ctx):
+        tensors = inputs[: len(self.inputs)]
+        state = inputs[len(self.inputs)] if self.state is not None else None
+        try:
+            return get_method(self.method).chunked.stats(self.pass_index, self._call(tensors, ctx), state)
+        except MergeError as error:
+            raise self._named(error) from error
+
+
+@dataclass(frozen=True)
+class CombineStats(Task):
+    """The state after pass ``pass_index``: every chunk's partial folded together, in row order."""
+
+    method: str
+    pass_index: int
+    parts: tuple[ChunkStats, ...]
+    state: Task | None = None
+
+    def dependencies(self) -> tuple[Task, ...]:
+        return self.parts + ((self.state,) if self.state is not None else ())
+
+    def execute(self, inputs, ctx):
+        partials = inputs[: len(self.parts)]
+        state = inputs[len(self.parts)] if self.state is not None else None
+        first = self.parts[0]
+        call = _parameters_only(first)
+        try:
+            return get_method(self.method).chunked.combine(self.pass_index, list(partials), state, call)
+        except MergeError as error:
+            raise first._named(error) from error
+
+
+def _parameters_only(task: _MethodTask) -> MethodCall:
+    """A call with the parameters of ``task`` and no tensors (what ``combine`` needs)."""
+    ordinary = [i for i in range(len(task.per_model)) if i != task.base_index]
+    return MethodCall(
+        tensors=(),
+        base=None,
+        per_model=tuple(dict(task.per_model[i]) for i in ordinary),
+        base_params=dict(task.per_model[task.base_index]) if task.base_index is not None else {},
+        params=dict(task.params),
+        generator=lambda i: torch.Generator(),
+        tensor_name=task.tensor_name or task.label,
+        full_shape=task.full_shape,
+    )

@@ -9,10 +9,27 @@ from common.errors import MergeError, RecipeError
 from mkmerge.methods import METHODS, REQUIRED, MethodCall, get_method
 from mkmerge.methods.linear import linear_merge
 from mkmerge.methods.passthrough import passthrough
+from mkmerge.methods.ram import ram_merge, ramplus_tl_merge
+from mkmerge.methods.sce import sce_merge
 from mkmerge.methods.slerp import slerp_merge
 from mkmerge.methods.task_arithmetic import task_vector_merge
 
-TASK_VECTOR = ["task_arithmetic", "ties", "dare_linear", "dare_ties"]
+TASK_VECTOR = [
+    "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear",
+]  # fmt: skip
+# SPEC §2.6 table: sparsifier, sign consensus, normalize default, rescale default
+TASK_VECTOR_TABLE = {
+    "task_arithmetic": ("none", False, False, False),
+    "ties": ("magnitude", True, True, False),
+    "dare_linear": ("random", False, False, True),
+    "dare_ties": ("random", True, False, True),
+    "breadcrumbs": ("breadcrumbs", False, False, False),
+    "breadcrumbs_ties": ("breadcrumbs", True, False, False),
+    "della": ("della", True, True, True),
+    "della_linear": ("della", False, False, True),
+}
+# per-model parameters beyond weight and density, with their SPEC §1.7 defaults
+SPARSIFIER_PARAMETERS = {"breadcrumbs": {"gamma": 0.01}, "della": {"epsilon": 0.15}}
 
 
 def bits(tensor: torch.Tensor) -> bytes:
@@ -49,7 +66,7 @@ def per_model(method_name: str, count: int, **values) -> list[dict]:
 
 
 def test_registry_holds_the_implemented_methods():
-    assert set(METHODS) == {"linear", "slerp", "task_arithmetic", "ties", "dare_linear", "dare_ties", "passthrough"}
+    assert set(METHODS) == {"linear", "slerp", *TASK_VECTOR, "sce", "ram", "ramplus_tl", "passthrough"}
     for name, method in METHODS.items():
         assert get_method(name) is method and method.name == name and method.pretty_name
 
@@ -65,16 +82,9 @@ def test_unknown_method_is_a_recipe_error_on_merge_method_with_a_suggestion():
     assert info.value.hint is None
 
 
-@pytest.mark.parametrize(
-    "name, normalize, rescale",
-    [
-        ("task_arithmetic", False, False),
-        ("ties", True, False),
-        ("dare_linear", False, True),
-        ("dare_ties", False, True),
-    ],
-)
-def test_task_vector_defaults_follow_the_spec_table(name, normalize, rescale):
+@pytest.mark.parametrize("name", TASK_VECTOR)
+def test_task_vector_defaults_follow_the_spec_table(name):
+    sparsifier, _, normalize, rescale = TASK_VECTOR_TABLE[name]
     method = get_method(name)
     assert method.parameter("normalize").default is normalize
     assert method.parameter("rescale").default is rescale
@@ -85,7 +95,28 @@ def test_task_vector_defaults_follow_the_spec_table(name, normalize, rescale):
     assert density.per_model and density.default == 1.0
     assert method.base_model == "required"
     assert {p.name for p in method.global_parameters()} == {"normalize", "rescale", "lambda", "int8_mask"}
-    assert {p.name for p in method.per_model_parameters()} == {"weight", "density"}
+    extra = SPARSIFIER_PARAMETERS.get(sparsifier, {})
+    assert {p.name for p in method.per_model_parameters()} == {"weight", "density", *extra}
+    for parameter, default in extra.items():
+        assert method.parameter(parameter).default == default and method.parameter(parameter).kind is float
+
+
+def test_sce_has_no_per_model_weights_and_a_global_select_topk():
+    sce = get_method("sce")
+    assert sce.base_model == "required" and sce.per_model_parameters() == ()
+    assert sce.parameter("select_topk").default == 1.0 and not sce.parameter("select_topk").per_model
+    assert sce.parameter("int8_mask").default is False
+
+
+def test_ram_methods_take_a_global_epsilon_and_ramplus_r_and_alpha():
+    for name in ("ram", "ramplus_tl"):
+        method = get_method(name)
+        assert method.base_model == "required" and method.per_model_parameters() == ()
+        epsilon = method.parameter("epsilon")
+        assert not epsilon.per_model and epsilon.default == 1e-5
+    ramplus = get_method("ramplus_tl")
+    assert ramplus.parameter("r").default == 0.1 and ramplus.parameter("alpha").default == 0.2
+    assert get_method("ram").parameter("r") is None
 
 
 def test_linear_treats_the_base_as_an_ordinary_input_and_normalizes_by_default():
@@ -159,23 +190,56 @@ def test_task_vector_adapters_run_the_family_math_with_their_defaults(name):
     g = torch.Generator().manual_seed(3)
     base = torch.randn(10, 10, generator=g)
     tensors = [base + 0.1 * torch.randn(10, 10, generator=g) for _ in range(2)]
-    models = per_model(name, 2, weight=[0.6, 0.4], density=[0.5, 0.7])
+    sparsifier, consensus, normalize, rescale = TASK_VECTOR_TABLE[name]
+    options = [{"gamma": 0.03, "epsilon": 0.2}, {"gamma": 0.1, "epsilon": 0.05}]
+    models = [{**p, **o} for p, o in zip(per_model(name, 2, weight=[0.6, 0.4], density=[0.5, 0.7]), options)]
     out = get_method(name).run(call(tensors, base=base, per_model=models, params=defaults(name), seed=4))
-    sparsifier, consensus, normalize, rescale = {
-        "task_arithmetic": ("none", False, False, False),
-        "ties": ("magnitude", True, True, False),
-        "dare_linear": ("random", False, False, True),
-        "dare_ties": ("random", True, False, True),
-    }[name]
     expected = task_vector_merge(
         base, tensors, [0.6, 0.4], [0.5, 0.7],
         sparsifier=sparsifier, consensus=consensus, normalize=normalize, rescale=rescale,
         generators=[torch.Generator().manual_seed(4000 + i) for i in range(2)],
+        sparsifier_options=options,
     )
     assert bits(out) == bits(expected)
 
 
-@pytest.mark.parametrize("name", ["ties", "dare_ties"])
+@pytest.mark.parametrize("name, parameter", [("breadcrumbs", "gamma"), ("della_linear", "epsilon")])
+def test_task_vector_adapters_pass_gamma_and_epsilon_to_the_sparsifier(name, parameter):
+    g = torch.Generator().manual_seed(7)
+    base = torch.randn(20, 20, generator=g)
+    tensors = [base + torch.randn(20, 20, generator=g)]
+    run = get_method(name).run
+    outputs = [
+        run(call(tensors, base=base, per_model=per_model(name, 1, weight=[1.0], density=[0.5], **{parameter: [v]}),
+                 params=defaults(name), seed=3))
+        for v in (0.0, 0.3)
+    ]  # fmt: skip
+    assert not torch.equal(outputs[0], outputs[1])
+
+
+def test_sce_and_ram_adapters_run_their_math_with_the_resolved_globals():
+    g = torch.Generator().manual_seed(8)
+    base = torch.randn(12, 9, generator=g).to(torch.bfloat16)
+    tensors = [base + torch.randn(12, 9, generator=g).to(torch.bfloat16) for _ in range(3)]
+    models = [{}, {}, {}]
+    sce = get_method("sce").run(call(tensors, base=base, per_model=models, params=defaults("sce", select_topk=0.4)))
+    assert bits(sce) == bits(sce_merge(base, tensors, select_topk=0.4))
+    ram = get_method("ram").run(call(tensors, base=base, per_model=models, params=defaults("ram", epsilon=0.5)))
+    assert bits(ram) == bits(ram_merge(base, tensors, epsilon=0.5))
+    params = defaults("ramplus_tl", r=0.3, alpha=1.0)
+    ramplus = get_method("ramplus_tl").run(call(tensors, base=base, per_model=models, params=params))
+    assert bits(ramplus) == bits(ramplus_tl_merge(base, tensors, epsilon=1e-5, r=0.3, alpha=1.0))
+
+
+@pytest.mark.parametrize("name", ["sce", "ram", "ramplus_tl"])
+def test_sce_and_ram_adapters_need_a_base_tensor_and_return_it_alone(name):
+    base = torch.randn(4)
+    assert get_method(name).run(call([], base=base, params=defaults(name))) is base
+    with pytest.raises(MergeError, match="model.layers.0.w.*no base tensor"):
+        get_method(name).run(call([torch.ones(4)], base=None, params=defaults(name)))
+
+
+@pytest.mark.parametrize("name", ["ties", "dare_ties", "breadcrumbs_ties", "della"])
 def test_int8_mask_has_no_numeric_effect(name):
     g = torch.Generator().manual_seed(5)
     base = torch.randn(30, generator=g).to(torch.bfloat16)
@@ -230,3 +294,20 @@ def test_passthrough_scale_of_one_returns_the_same_bits():
 def test_passthrough_with_more_than_one_input_is_a_merge_error():
     with pytest.raises(MergeError, match="exactly one input"):
         get_method("passthrough").run(call([torch.ones(2), torch.ones(2)]))
+
+
+def test_mkmerge_methods_lists_every_method_with_its_parameters_defaults_and_base_handling():
+    from typer.testing import CliRunner
+
+    from mkmerge.cli import methods_app
+
+    result = CliRunner().invoke(methods_app, [], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    rows = {line.split("│")[1].strip(): line for line in result.output.splitlines() if line.count("│") == 4}
+    assert set(METHODS) <= set(rows)
+    assert "required" in rows["della"] and "ordinary input" in rows["linear"]
+    for expected in (
+        "gamma (per model, 0.01)", "epsilon (per model, 0.15)", "select_topk (global, 1.0)",
+        "epsilon (global, 1e-05)", "alpha (global, 0.2)", "r (global, 0.1)",
+    ):  # fmt: skip
+        assert expected in result.output, expected

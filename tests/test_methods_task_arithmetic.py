@@ -11,14 +11,8 @@ import torch
 
 from common.errors import MergeError
 from mkmerge.methods.reductions import l1_norm
-from mkmerge.methods.task_arithmetic import (
-    magnitude_sparsify,
-    random_sparsify,
-    rescale_l1,
-    sparsify,
-    task_vector_merge,
-    top_k_mask,
-)
+from mkmerge.methods.sparsifiers import magnitude_sparsify, random_sparsify, top_k_mask
+from mkmerge.methods.task_arithmetic import rescale_l1, sparsify, task_vector_merge
 
 
 @contextmanager

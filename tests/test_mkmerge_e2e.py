@@ -60,6 +60,19 @@ RECIPES = {
     "    parameters: {{weight: 0.5, density: 0.6}}\n  - model: {b}\n    parameters: {{weight: 0.5, density: 0.6}}\n",
     "passthrough": "merge_method: passthrough\nmodels:\n  - model: {a}\n    parameters:\n      scale:\n"
     "        - filter: down_proj\n          value: 0.5\n        - value: 1\n",
+    "breadcrumbs": "merge_method: breadcrumbs\nbase_model: {base}\nmodels:\n  - model: {a}\n"
+    "    parameters: {{weight: 0.6, density: 0.8, gamma: 0.05}}\n  - model: {b}\n    parameters: {{weight: 0.4, density: 0.9}}\n",
+    "breadcrumbs_ties": "merge_method: breadcrumbs_ties\nbase_model: {base}\nmodels:\n  - model: {a}\n"
+    "    parameters: {{weight: 0.6, density: 0.8}}\n  - model: {b}\n    parameters: {{weight: 0.4, density: 0.9}}\n",
+    "della": "merge_method: della\nbase_model: {base}\nmodels:\n  - model: {a}\n"
+    "    parameters: {{weight: 0.5, density: 0.6}}\n  - model: {b}\n    parameters: {{weight: 0.5, density: 0.5, epsilon: 0.3}}\n",
+    "della_linear": "merge_method: della_linear\nbase_model: {base}\nmodels:\n  - model: {a}\n"
+    "    parameters: {{weight: 0.5, density: 0.6}}\n  - model: {b}\n    parameters: {{weight: 0.5, density: 0.6}}\n",
+    "sce": "merge_method: sce\nbase_model: {base}\nmodels:\n  - model: {a}\n  - model: {b}\n"
+    "parameters:\n  select_topk: 0.4\n",
+    "ram": "merge_method: ram\nbase_model: {base}\nmodels:\n  - model: {a}\n  - model: {b}\n",
+    "ramplus_tl": "merge_method: ramplus_tl\nbase_model: {base}\nmodels:\n  - model: {a}\n  - model: {b}\n"
+    "parameters:\n  r: 0.2\n",
 }
 
 
@@ -208,9 +221,10 @@ def test_recipe_dtype_sets_the_compute_dtype_and_out_dtype_only_the_stored_one(t
     assert config.get("torch_dtype", config.get("dtype")) == "bfloat16"
 
 
-def test_dare_masks_do_not_depend_on_threads_but_on_the_seed(tiny_family, tmp_path):
+@pytest.mark.parametrize("method", ["dare_ties", "della"])
+def test_random_masks_do_not_depend_on_threads_but_on_the_seed(tiny_family, tmp_path, method):
     base, (a, b) = tiny_family("llama")
-    recipe = RECIPES["dare_ties"].format(base=base, a=a, b=b)
+    recipe = RECIPES[method].format(base=base, a=a, b=b)
     one = tensors_of(merge(recipe, tmp_path / "t1", threads=1, seed=7))
     two = tensors_of(merge(recipe, tmp_path / "t2", threads=2, seed=7))
     other_seed = tensors_of(merge(recipe, tmp_path / "s8", threads=2, seed=8))
@@ -279,11 +293,11 @@ def test_interrupted_run_leaves_no_output(tiny_family, tmp_path, monkeypatch):
     calls = []
     original = safetensors_writer.ShardedWriter.write
 
-    def failing_write(self, name, tensor):
+    def failing_write(self, name, tensor, rows=None):
         calls.append(name)
         if len(calls) == 5:
             raise KeyboardInterrupt
-        return original(self, name, tensor)
+        return original(self, name, tensor, rows)
 
     monkeypatch.setattr(safetensors_writer.ShardedWriter, "write", failing_write)
     recipe = tmp_path / "recipe.yml"
@@ -322,3 +336,14 @@ def test_unknown_architecture_is_inferred_from_tensor_names_with_a_warning(tiny_
     assert merged.keys() == ta.keys()
     name = "model.layers.2.self_attn.q_proj.weight"
     assert torch.equal(merged[name], ta[name] * 0.7 + tbb[name] * 0.3)
+
+
+@pytest.mark.parametrize("method", ["breadcrumbs_ties", "della_linear"])
+def test_new_task_vector_members_cut_a_larger_vocabulary_to_the_base(tiny_family, tiny_model, tmp_path, method):
+    base, (a, _) = tiny_family("llama")
+    bigger = tiny_model("llama", vocab=160, seed=6)
+    recipe = RECIPES[method].format(base=base, a=a, b=bigger)
+    with pytest.warns(UserWarning, match=r"different vocabulary sizes \(\[128, 160\] rows\); cutting to 128"):
+        merged = tensors_of(merge(recipe, tmp_path / "out"))
+    assert merged["model.embed_tokens.weight"].shape == (128, 32)
+    check_loads_and_runs(tmp_path / "out")

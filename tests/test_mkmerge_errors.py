@@ -269,6 +269,59 @@ def test_ties_without_base_model_says_a_base_is_needed(tmp_path, family, tensor_
     assert tensor_reads == []
 
 
+def task_vector_recipe(method: str, base: Path, *models: tuple[Path, str]) -> str:
+    """`method` over `(model, flow-style parameters)` pairs with `base` as the base model."""
+    lines = [f"merge_method: {method}", f"base_model: {base}", "models:"]
+    for model, parameters in models:
+        lines += [f"  - model: {model}", f"    parameters: {{{parameters}}}"]
+    return "\n".join(lines) + "\n"
+
+
+def test_della_probabilities_outside_zero_to_one_are_refused_before_reading(tmp_path, family, tensor_reads):
+    base, ft1, ft2 = family
+    recipe = task_vector_recipe(
+        "della", base, (ft1, "weight: 0.5, density: 0.5"), (ft2, "weight: 0.5, density: 0.8, epsilon: 0.25")
+    )
+    result, out, _ = run_mkmerge(tmp_path, recipe)
+    report = assert_refused(
+        result, out, MergeError, str(ft2), "tensor model.embed_tokens.weight", "density 0.8 and epsilon 0.25"
+    )
+    assert "density + epsilon < 1" in report
+    assert tensor_reads == []
+
+
+def test_breadcrumbs_gamma_outside_zero_to_one_is_refused_before_reading(tmp_path, family, tensor_reads):
+    base, ft1, _ = family
+    recipe = task_vector_recipe("breadcrumbs_ties", base, (ft1, "weight: 1, density: 0.5, gamma: -0.1"))
+    result, out, _ = run_mkmerge(tmp_path, recipe)
+    assert_refused(result, out, MergeError, str(ft1), "gamma -0.1 is not a fraction between 0 and 1")
+    assert tensor_reads == []
+
+
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs"])
+def test_a_density_keeping_no_entry_of_a_small_tensor_is_refused_before_reading(tmp_path, family, tensor_reads, method):
+    base, ft1, _ = family
+    recipe = task_vector_recipe(method, base, (ft1, "weight: 1, density: 0.02"))
+    result, out, _ = run_mkmerge(tmp_path, recipe)
+    # the embedding (128 x 32) keeps 81 entries; the first layer norm (32 values) keeps none
+    assert_refused(
+        result, out, MergeError, str(ft1), "tensor model.layers.0.input_layernorm.weight", "= 0 entries", "raise `density`"
+    )
+    assert tensor_reads == []
+
+
+@pytest.mark.parametrize("method", ["sce", "ram", "ramplus_tl"])
+def test_methods_without_vocabulary_handling_refuse_embeddings_of_another_size(
+    tmp_path, family, tiny_model, tensor_reads, method
+):
+    base, ft1, _ = family
+    bigger = tiny_model("llama", vocab=160, seed=6)
+    recipe = f"merge_method: {method}\nbase_model: {base}\nmodels:\n  - model: {ft1}\n  - model: {bigger}\n"
+    result, out, _ = run_mkmerge(tmp_path, recipe)
+    assert_refused(result, out, ShapeMismatchError, "model.embed_tokens.weight", "[160, 32]", "[128, 32]")
+    assert tensor_reads == []
+
+
 # --- the models ---------------------------------------------------------------------------------
 
 

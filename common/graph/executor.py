@@ -209,9 +209,9 @@ class _Run:
             tensor = tensor.to(output.dtype)
         if tensor.device.type != "cpu":
             tensor = tensor.cpu()
-        if tuple(tensor.shape) != tuple(output.shape):
+        if tuple(tensor.shape) != tuple(output.part_shape):
             raise RuntimeError(
-                f"internal error: {output.name} planned as {list(output.shape)} "
+                f"internal error: {output.name} planned as {list(output.part_shape)} "
                 f"but computed as {list(tensor.shape)}"
             )
         nbytes = output.nbytes

@@ -49,11 +49,11 @@ def build_schedule(outputs: Sequence[OutputTensor]) -> Schedule:
                     stack.append((dep, False))
 
     outputs_at: dict[int, list[OutputTensor]] = {}
-    seen_names: set[str] = set()
+    seen: set[tuple[str, tuple[int, int] | None]] = set()
     for output in outputs:
-        if output.name in seen_names:
+        if output.key in seen:
             raise ValueError(f"internal error: output tensor {output.name} planned twice")
-        seen_names.add(output.name)
+        seen.add(output.key)
         visit(output.task)
         consumers[output.task] += 1
         outputs_at.setdefault(position[output.task], []).append(output)

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from common.loading.source import load_rows
+
 if TYPE_CHECKING:
     from common.graph.executor import ExecutionContext
 
@@ -43,16 +45,24 @@ class LoadTensor(Task):
     model: str  # key into ExecutionContext.sources
     name: str
     nbytes: int = 0  # from the header; lets the reader budget memory before reading
+    rows: tuple[int, int] | None = None  # [start, stop) of the first axis; None: all of it
+    # Which read of these bytes this is. A method that passes over a big tensor twice (once
+    # for whole-tensor statistics, once to merge) reads it twice rather than keeping it.
+    pass_index: int = 0
 
     @property
     def is_io(self) -> bool:
         return True
 
     def execute(self, inputs, ctx):
-        return ctx.sources[self.model].load(self.name)
+        source = ctx.sources[self.model]
+        if self.rows is None:
+            return source.load(self.name)
+        return load_rows(source, self.name, *self.rows)
 
     def describe(self) -> str:
-        return f"{self.model}:{self.name}"
+        where = f"[{self.rows[0]}:{self.rows[1]}]" if self.rows is not None else ""
+        return f"{self.model}:{self.name}{where}"
 
 
 @dataclass(frozen=True)
@@ -108,15 +118,29 @@ class OutputTensor:
 
     name: str
     dtype: torch.dtype
-    shape: tuple[int, ...]
+    shape: tuple[int, ...]  # of the whole tensor
     task: Task
+    # A part of the tensor: rows [start, stop) of the first axis. A big tensor may be
+    # produced as several parts (row blocks), each written at its own offset.
+    rows: tuple[int, int] | None = None
+
+    @property
+    def part_shape(self) -> tuple[int, ...]:
+        if self.rows is None:
+            return self.shape
+        return (self.rows[1] - self.rows[0], *self.shape[1:])
 
     @property
     def nbytes(self) -> int:
+        """Bytes of this output (of this part, for a part)."""
         count = 1
-        for dim in self.shape:
+        for dim in self.part_shape:
             count *= dim
-        return count * torch.empty((), dtype=self.dtype).element_size()
+        return count * self.dtype.itemsize
+
+    @property
+    def key(self) -> tuple[str, tuple[int, int] | None]:
+        return (self.name, self.rows)
 
 
 def tensor_seed(seed: int, tensor_name: str, input_index: int) -> int:

@@ -11,7 +11,7 @@ from common.loading.model import ModelFiles, ShardedSource, open_model, open_ten
 from common.loading.pickle_source import PickleCheckpoint
 from common.loading.reference import ModelReference
 from common.loading.safetensors_source import SAFETENSORS_DTYPES, SafetensorsFile
-from common.loading.source import TensorInfo, TensorSource
+from common.loading.source import TensorInfo, TensorSource, load_rows
 
 __all__ = [
     "CONFIG_PATTERNS",
@@ -24,6 +24,7 @@ __all__ = [
     "TensorInfo",
     "TensorSource",
     "hub_cache_dir",
+    "load_rows",
     "hub_offline",
     "open_model",
     "open_tensor_file",

@@ -17,6 +17,7 @@ import torch
 
 from common.errors import MissingTensorError, ModelNotFoundError, TensorFileError, did_you_mean
 from common.loading.pickle_source import PickleCheckpoint
+from common.loading.source import load_rows
 from common.loading.safetensors_source import SafetensorsFile
 from common.loading.source import TensorInfo, TensorSource
 
@@ -111,6 +112,9 @@ class ShardedSource(TensorSource):
 
     def load(self, name: str) -> torch.Tensor:
         return self._shard_for(name).load(name)
+
+    def load_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return load_rows(self._shard_for(name), name, start, stop)
 
     def close(self) -> None:
         with self._lock:

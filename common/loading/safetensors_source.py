@@ -96,6 +96,23 @@ class SafetensorsFile(TensorSource):
             buffer = _to_native(buffer, info.dtype)
         return buffer.view(info.dtype).reshape(info.shape)
 
+    def load_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``[start, stop)`` of a tensor: one contiguous positioned read, nothing else."""
+        info, begin = self._entry(name)
+        if not info.shape or not 0 <= start <= stop <= info.shape[0]:
+            raise ValueError(f"rows [{start}, {stop}) of tensor `{name}` with shape {list(info.shape)}")
+        fd = self._fd
+        if fd is None:
+            raise TensorFileError(
+                f"{self.path} was closed before tensor `{name}` was read", path=str(self.path)
+            )
+        row_bytes = info.nbytes // info.shape[0] if info.shape[0] else 0
+        offset = self._data_start + begin + start * row_bytes
+        buffer = read_bytes(fd, (stop - start) * row_bytes, offset, path=self.path, name=name)
+        if sys.byteorder != "little":
+            buffer = _to_native(buffer, info.dtype)
+        return buffer.view(info.dtype).reshape((stop - start, *info.shape[1:]))
+
     def close(self) -> None:
         with self._close_lock:
             if self._fd is not None:

@@ -54,6 +54,18 @@ class TensorSource(Protocol):
         self.close()
 
 
+def load_rows(source: TensorSource, name: str, start: int, stop: int) -> torch.Tensor:
+    """Rows ``[start, stop)`` of a tensor as a fresh, owned tensor.
+
+    Sources that can read a row range directly (safetensors: rows are contiguous bytes)
+    provide ``load_rows``; for the others the whole tensor is read and the rows copied out.
+    """
+    direct = getattr(source, "load_rows", None)
+    if direct is not None:
+        return direct(name, start, stop)
+    return source.load(name)[start:stop].clone()
+
+
 def read_bytes(fd: int, nbytes: int, offset: int, *, path: os.PathLike, name: str) -> torch.Tensor:
     """A fresh uint8 tensor holding `nbytes` read from `fd` at `offset`.
 

@@ -140,7 +140,8 @@ class ShardedWriter:
             for tensor, offset in zip(plan.tensors, plan.offsets):
                 self._where[tensor.name] = (shard, len(plan.header) + offset, tensor)
         self._fds: list[int] = []
-        self._written: set[str] = set()
+        self._written: set[str] = set()  # tensors with every row written
+        self._rows_done: dict[str, list[tuple[int, int]]] = {}
         self._lock = threading.Lock()
         self.state = "planned"
 
@@ -155,24 +156,36 @@ class ShardedWriter:
             _pwrite_all(fd, plan.header, 0)
         self.state = "open"
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, tensor: torch.Tensor, rows: tuple[int, int] | None = None) -> None:
+        """Write a whole planned tensor, or rows ``[start, stop)`` of it (a part).
+
+        Parts of one tensor may come in any order and from any thread; each row is written
+        once, and the tensor counts as written when all its rows are.
+        """
         if self.state != "open":
             raise RuntimeError(f"writer.write() called in state {self.state}")
         if name not in self._where:
             raise KeyError(f"tensor {name} is not in the output plan")
         shard, offset, planned = self._where[name]
-        if tensor.dtype != planned.dtype or tuple(tensor.shape) != planned.shape:
+        total_rows = planned.shape[0] if planned.shape else 1
+        start, stop = rows if rows is not None else (0, total_rows)
+        expected = planned.shape if rows is None else (stop - start, *planned.shape[1:])
+        if tensor.dtype != planned.dtype or tuple(tensor.shape) != tuple(expected) or not 0 <= start <= stop <= total_rows:
             raise ValueError(
-                f"{name}: planned {planned.dtype} {list(planned.shape)}, "
-                f"got {tensor.dtype} {list(tensor.shape)}"
+                f"{name}{'' if rows is None else f' rows [{start}, {stop})'}: planned {planned.dtype} "
+                f"{list(expected)} of {list(planned.shape)}, got {tensor.dtype} {list(tensor.shape)}"
             )
         with self._lock:
-            if name in self._written:
-                raise ValueError(f"tensor {name} written twice")
-            self._written.add(name)
+            done = self._rows_done.setdefault(name, [])
+            if any(start < b and a < stop for a, b in done) or (start == stop and (start, stop) in done):
+                raise ValueError(f"tensor {name} (rows [{start}, {stop})) written twice")
+            done.append((start, stop))
+            if sum(b - a for a, b in done) == total_rows:
+                self._written.add(name)
         if planned.nbytes:
+            row_bytes = planned.nbytes // total_rows if total_rows else 0
             data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
-            _pwrite_all(self._fds[shard], memoryview(data), offset)
+            _pwrite_all(self._fds[shard], memoryview(data), offset + start * row_bytes)
 
     def finish(self) -> None:
         """Check completeness, flush to disk and write the index (when sharded)."""

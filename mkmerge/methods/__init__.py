@@ -9,6 +9,7 @@ never needs to know a method's math.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -17,10 +18,20 @@ from typing import Any
 import torch
 
 from common.errors import MergeError, RecipeError, did_you_mean
+from mkmerge.methods.chunked import ChunkedForm, elementwise
 from mkmerge.methods.linear import linear_merge
 from mkmerge.methods.passthrough import passthrough
-from mkmerge.methods.slerp import slerp_merge
-from mkmerge.methods.task_arithmetic import TASK_VECTOR_VARIANTS, TaskVectorVariant, task_vector_merge
+from mkmerge.methods.ram import ram_merge, ramplus_tl_merge
+from mkmerge.methods.reductions import STREAMED_TERMS_MAX
+from mkmerge.methods.sce import sce_merge
+from mkmerge.methods.slerp import slerp_chunked, slerp_merge
+from mkmerge.methods.task_arithmetic import (
+    RANDOM_SPARSIFIERS,
+    TASK_VECTOR_VARIANTS,
+    TaskVectorVariant,
+    task_vector_chunked,
+    task_vector_merge,
+)
 
 REQUIRED: Any = object()
 """Default of a parameter that must be given (per-model ones: except for the base model)."""
@@ -52,6 +63,10 @@ class MethodCall:
     params: Mapping[str, Any]  # resolved global params
     generator: Callable[[int], torch.Generator]  # generator(i): seeded for tensors[i]
     tensor_name: str
+    # Set when the tensors are one chunk (row block) of a bigger tensor (see chunked.py).
+    offset: int = 0  # the chunk's first element in the flattened whole tensor
+    chunk: int = 0  # the chunk's position among the tensor's chunks
+    full_shape: tuple[int, ...] | None = None  # the whole tensor's shape
 
 
 @dataclass(frozen=True)
@@ -66,6 +81,7 @@ class MergeMethod:
     min_inputs: int  # counting the base where it is an input
     max_inputs: int | None  # None: no limit
     run: Callable[[MethodCall], torch.Tensor]
+    chunked: ChunkedForm | None = None  # how to merge row blocks of big tensors exactly
 
     def global_parameters(self) -> tuple[ParameterSpec, ...]:
         return tuple(p for p in self.parameters if not p.per_model)
@@ -117,20 +133,25 @@ def _run_slerp(call: MethodCall) -> torch.Tensor:
     return slerp_merge(float(call.params["t"]), call.base, call.tensors[0])
 
 
+def _required_base(call: MethodCall) -> torch.Tensor:
+    if call.base is None:
+        raise MergeError(
+            "this method merges deltas from the base model, but no base tensor was given",
+            hint="set `base_model` in the recipe",
+        )
+    return call.base
+
+
 def _task_vector_runner(variant: TaskVectorVariant) -> Callable[[MethodCall], torch.Tensor]:
     @_naming_tensor
     def run(call: MethodCall) -> torch.Tensor:
-        if call.base is None:
-            raise MergeError(
-                "this method merges deltas from the base model, but no base tensor was given",
-                hint="set `base_model` in the recipe",
-            )
+        base = _required_base(call)
         count = len(call.tensors)
         generators = (
-            [call.generator(i) for i in range(count)] if variant.sparsifier == "random" else None
+            [call.generator(i) for i in range(count)] if variant.sparsifier in RANDOM_SPARSIFIERS else None
         )
         return task_vector_merge(
-            call.base,
+            base,
             call.tensors,
             [p["weight"] for p in call.per_model],
             [p["density"] for p in call.per_model],
@@ -140,9 +161,31 @@ def _task_vector_runner(variant: TaskVectorVariant) -> Callable[[MethodCall], to
             rescale=bool(call.params["rescale"]),
             lambda_=float(call.params["lambda"]),
             generators=generators,
+            sparsifier_options=call.per_model,  # gamma / epsilon, where the method declares them
         )
 
     return run
+
+
+@_naming_tensor
+def _run_sce(call: MethodCall) -> torch.Tensor:
+    return sce_merge(_required_base(call), call.tensors, select_topk=float(call.params["select_topk"]))
+
+
+@_naming_tensor
+def _run_ram(call: MethodCall) -> torch.Tensor:
+    return ram_merge(_required_base(call), call.tensors, epsilon=float(call.params["epsilon"]))
+
+
+@_naming_tensor
+def _run_ramplus_tl(call: MethodCall) -> torch.Tensor:
+    return ramplus_tl_merge(
+        _required_base(call),
+        call.tensors,
+        epsilon=float(call.params["epsilon"]),
+        r=float(call.params["r"]),
+        alpha=float(call.params["alpha"]),
+    )
 
 
 @_naming_tensor
@@ -170,11 +213,33 @@ _INT8_MASK = ParameterSpec(
     help="store masks as int8 (memory only; no numeric effect)",
 )
 
+_RAM_EPSILON = ParameterSpec(
+    "epsilon", per_model=False, default=1e-5, help="a delta entry counts as a change when its magnitude exceeds this"
+)
+
 _TASK_VECTOR_INFO = {
     "task_arithmetic": ("Task Arithmetic", "https://arxiv.org/abs/2212.04089"),
     "ties": ("TIES", "https://arxiv.org/abs/2306.01708"),
     "dare_linear": ("Linear DARE", "https://arxiv.org/abs/2311.03099"),
     "dare_ties": ("DARE TIES", "https://arxiv.org/abs/2311.03099"),
+    "breadcrumbs": ("Model Breadcrumbs", "https://arxiv.org/abs/2312.06795"),
+    "breadcrumbs_ties": ("Model Breadcrumbs with TIES", "https://arxiv.org/abs/2312.06795"),
+    "della": ("DELLA", "https://arxiv.org/abs/2406.11617"),
+    "della_linear": ("Linear DELLA", "https://arxiv.org/abs/2406.11617"),
+}
+# Per-model parameters a sparsifier reads besides density (its `options`).
+_SPARSIFIER_PARAMETERS = {
+    "breadcrumbs": (
+        ParameterSpec(
+            "gamma", per_model=True, default=0.01, help="fraction of largest-magnitude delta entries dropped as outliers"
+        ),
+    ),
+    "della": (
+        ParameterSpec(
+            "epsilon", per_model=True, default=0.15,
+            help="half-width of the keep-probability range density ± epsilon (ranked by magnitude)",
+        ),
+    ),
 }
 
 
@@ -184,6 +249,7 @@ def _task_vector_method(name: str) -> MergeMethod:
     parameters = (
         _WEIGHT,
         _DENSITY,
+        *_SPARSIFIER_PARAMETERS.get(variant.sparsifier, ()),
         ParameterSpec(
             "normalize", per_model=False, default=variant.normalize_default, kind=bool,
             help="divide the merged delta by the sum of the (agreeing) weights",
@@ -204,7 +270,22 @@ def _task_vector_method(name: str) -> MergeMethod:
         min_inputs=1,
         max_inputs=None,
         run=_task_vector_runner(variant),
+        chunked=_requiring_base(task_vector_chunked(variant)),
     )
+
+
+def _requiring_base(form: ChunkedForm) -> ChunkedForm:
+    """The task-vector family's chunked form, refusing a call without a base like ``run`` does."""
+
+    def apply(call: MethodCall, state):
+        if call.base is None:
+            raise MergeError(
+                "this method merges deltas from the base model, but no base tensor was given",
+                hint="set `base_model` in the recipe",
+            )
+        return form.apply(call, state)
+
+    return dataclasses.replace(form, apply=apply)
 
 
 def _build_registry() -> dict[str, MergeMethod]:
@@ -223,6 +304,7 @@ def _build_registry() -> dict[str, MergeMethod]:
             min_inputs=1,
             max_inputs=None,
             run=_run_linear,
+            chunked=elementwise(_run_linear, max_inputs=STREAMED_TERMS_MAX),
         ),
         MergeMethod(
             name="slerp",
@@ -235,8 +317,49 @@ def _build_registry() -> dict[str, MergeMethod]:
             min_inputs=2,
             max_inputs=2,
             run=_run_slerp,
+            chunked=slerp_chunked(),
         ),
         *(_task_vector_method(name) for name in TASK_VECTOR_VARIANTS),
+        MergeMethod(
+            name="sce",
+            pretty_name="SCE",
+            reference_url="https://arxiv.org/abs/2408.07990",
+            parameters=(
+                ParameterSpec(
+                    "select_topk", per_model=False, default=1.0,
+                    help="fraction of the positions with non-zero variance across models kept",
+                ),
+                _INT8_MASK,
+            ),
+            base_model="required",
+            min_inputs=1,
+            max_inputs=None,
+            run=_run_sce,
+        ),
+        MergeMethod(
+            name="ram",
+            pretty_name="RAM",
+            reference_url=None,
+            parameters=(_RAM_EPSILON,),
+            base_model="required",
+            min_inputs=1,
+            max_inputs=None,
+            run=_run_ram,
+        ),
+        MergeMethod(
+            name="ramplus_tl",
+            pretty_name="RAM+",
+            reference_url=None,
+            parameters=(
+                _RAM_EPSILON,
+                ParameterSpec("r", per_model=False, default=0.1, help="strength of the boost of unique changes"),
+                ParameterSpec("alpha", per_model=False, default=0.2, help="cap of the shared/unique ratio"),
+            ),
+            base_model="required",
+            min_inputs=1,
+            max_inputs=None,
+            run=_run_ramplus_tl,
+        ),
         MergeMethod(
             name="passthrough",
             pretty_name="Passthrough",
@@ -248,6 +371,7 @@ def _build_registry() -> dict[str, MergeMethod]:
             min_inputs=1,
             max_inputs=1,
             run=_run_passthrough,
+            chunked=elementwise(_run_passthrough),
         ),
     ]
     return {method.name: method for method in methods}

@@ -47,8 +47,17 @@ def l1_norm(x: torch.Tensor) -> float:
     (|x| of a float32/half value is exact in float32) with exactly added chunk partials:
     relative error ~1e-6, at a fraction of the cost of widening everything to float64.
     """
+    return _exact_sum(l1_partials(x))
+
+
+def l1_partials(x: torch.Tensor) -> list[float]:
+    """The per-CHUNK partial sums behind :func:`l1_norm`.
+
+    Partials of consecutive pieces of a tensor, each cut at a multiple of CHUNK elements,
+    concatenate to the partials of the whole; their exact sum is then the same number.
+    """
     if x.dtype == torch.float64:
-        return _fixed_order_sum(x, None, lambda a, _: a.abs_())
+        return _fixed_order_partials(x, None, lambda a, _: a.abs_())
     flat = x.reshape(-1)
     partials: list[float] = []
     span = CHUNK * CHUNKS_PER_BLOCK
@@ -60,7 +69,7 @@ def l1_norm(x: torch.Tensor) -> float:
             partials.extend(values[:full].view(-1, CHUNK).sum(dim=1).tolist())
         if full < stop - start:
             partials.append(values[full:].sum().item())
-    return _exact_sum(partials)
+    return partials
 
 
 def dot(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -89,6 +98,11 @@ def gram_sums(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float]:
     (fsum). One float32 pass instead of three float64 conversions: ~10x faster, and the
     cosine is still good to ~1e-6, far inside slerp's 0.9995 parallel threshold.
     """
+    return tuple(_exact_sum(p) for p in gram_partials(a, b))  # type: ignore[return-value]
+
+
+def gram_partials(a: torch.Tensor, b: torch.Tensor) -> tuple[list[float], list[float], list[float]]:
+    """The per-CHUNK partials behind :func:`gram_sums` (they concatenate like ``l1_partials``)."""
     flat_a = a.reshape(-1).to(torch.float32)
     flat_b = b.reshape(-1).to(torch.float32)
     if flat_a.numel() != flat_b.numel():
@@ -105,7 +119,12 @@ def gram_sums(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float]:
                 target.extend(values[:full].view(-1, CHUNK).sum(dim=1).tolist())
             if full < stop - start:
                 target.append(values[full:].sum().item())
-    return tuple(_exact_sum(p) for p in partials)  # type: ignore[return-value]
+    return partials
+
+
+def exact_sum(partials: list[float]) -> float:
+    """The exactly rounded sum of partials (see :func:`l1_partials`)."""
+    return _exact_sum(partials)
 
 
 def _exact_sum(partials: list[float]) -> float:
@@ -120,6 +139,14 @@ def _fixed_order_sum(
     y: torch.Tensor | None,
     term: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor],
 ) -> float:
+    return _exact_sum(_fixed_order_partials(x, y, term))
+
+
+def _fixed_order_partials(
+    x: torch.Tensor,
+    y: torch.Tensor | None,
+    term: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor],
+) -> list[float]:
     flat_x = x.reshape(-1)
     flat_y = y.reshape(-1) if y is not None else None
     numel = flat_x.numel()
@@ -135,10 +162,7 @@ def _fixed_order_sum(
             partials.extend(values[:full].view(-1, CHUNK).sum(dim=1).tolist())
         if full < stop - start:
             partials.append(values[full:].sum().item())
-    try:
-        return math.fsum(partials)
-    except ValueError:  # inf and -inf among the partials: the plain sum is as good (NaN)
-        return sum(partials)
+    return partials
 
 
 def stacked_sum(

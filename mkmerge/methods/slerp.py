@@ -6,7 +6,8 @@ import math
 
 import torch
 
-from mkmerge.methods.reductions import gram_sums, require_same_shape
+from mkmerge.methods.chunked import ChunkedForm
+from mkmerge.methods.reductions import exact_sum, gram_partials, gram_sums, require_same_shape
 
 # |cos θ| above this counts as (anti-)parallel: sin θ is too small to divide by.
 PARALLEL_THRESHOLD = 0.9995
@@ -29,19 +30,24 @@ def slerp_merge(t: float, base: torch.Tensor, other: torch.Tensor) -> torch.Tens
         return base
     if t == 1:
         return other.to(base.dtype)
-    a = base.to(torch.float32, copy=True)
-    c = other.to(torch.float32)
-    aa, cc, ac = gram_sums(a, c)
+    aa, cc, ac = gram_sums(base.to(torch.float32), other.to(torch.float32))
+    return _mix(base, other, *slerp_scales(t, aa, cc, ac))
+
+
+def slerp_scales(t: float, aa: float, cc: float, ac: float) -> tuple[float, float]:
+    """The coefficients of the base and the other tensor, from their Gram sums."""
     cos_theta = ac / (_divisor_norm(aa) * _divisor_norm(cc))
     if abs(cos_theta) > PARALLEL_THRESHOLD:
-        scale_a, scale_c = 1.0 - t, t
-    else:
-        theta = math.acos(cos_theta)
-        sin_theta = math.sin(theta)
-        scale_a, scale_c = math.sin((1.0 - t) * theta) / sin_theta, math.sin(t * theta) / sin_theta
-    # a·sa + c·sc with each product rounded to float32, then the sum: in place, no temporaries
-    # beyond one product.
-    out = a.mul_(scale_a).add_(c * scale_c)
+        return 1.0 - t, t
+    theta = math.acos(cos_theta)
+    sin_theta = math.sin(theta)
+    return math.sin((1.0 - t) * theta) / sin_theta, math.sin(t * theta) / sin_theta
+
+
+def _mix(base: torch.Tensor, other: torch.Tensor, scale_a: float, scale_c: float) -> torch.Tensor:
+    """``a·sa + c·sc`` in float32, each product rounded, then the sum; cast to the base dtype."""
+    a = base.to(torch.float32, copy=True)
+    out = a.mul_(scale_a).add_(other.to(torch.float32) * scale_c)
     return out.to(base.dtype)
 
 
@@ -49,3 +55,30 @@ def _divisor_norm(squared: float) -> float:
     """The norm a vector is normalised by: 1 (leave it) when it is too small to divide by."""
     norm = math.sqrt(squared)
     return norm if norm > NORM_EPS else 1.0
+
+
+def slerp_chunked() -> ChunkedForm:
+    """slerp over chunks: one pass for the Gram sums, then the same element-wise mix."""
+
+    def passes(params, per_model, dtype):
+        return 0 if float(params["t"]) in (0.0, 1.0) else 1
+
+    def stats(index, call, state):
+        (other,) = call.tensors
+        return gram_partials(call.base.to(torch.float32), other.to(torch.float32))
+
+    def combine(index, partials, state, call):
+        aa, cc, ac = (exact_sum([x for part in partials for x in part[j]]) for j in range(3))
+        return slerp_scales(float(call.params["t"]), aa, cc, ac)
+
+    def apply(call, state):
+        require_same_shape([call.base, *call.tensors], what="slerp")
+        t = float(call.params["t"])
+        (other,) = call.tensors
+        if t == 0:
+            return call.base
+        if t == 1:
+            return other.to(call.base.dtype)
+        return _mix(call.base, other, *state)
+
+    return ChunkedForm(passes=passes, apply=apply, stats=stats, combine=combine)

@@ -1,32 +1,42 @@
-"""Task-vector family: task_arithmetic, ties, dare_linear, dare_ties (SPEC §2.6).
+"""Task-vector family: task_arithmetic, ties, dare_*, breadcrumbs*, della* (SPEC §2.6).
 
 Every member is the same pipeline over deltas ``δ_i = W_i − W_b``: sparsify each delta,
 weight it, optionally keep only the entries that agree with the elected sign, sum, optionally
 normalise, scale by lambda, add back to the base. Members differ only in the sparsifier, the
-sign consensus and two defaults (:data:`TASK_VECTOR_VARIANTS`); a new member (breadcrumbs,
-della) is a new entry in :data:`SPARSIFIERS` plus a row in that table.
+sign consensus and two defaults (:data:`TASK_VECTOR_VARIANTS`); a new member is a new entry
+in :data:`SPARSIFIERS` (math in :mod:`mkmerge.methods.sparsifiers`) plus a row in that table.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-import math
-
-import numpy as np
 import torch
 
-from common.errors import MergeError
+from mkmerge.methods.chunked import ChunkedForm
 from mkmerge.methods.reductions import (
     BLOCK,
     STREAMED_TERMS_MAX,
     BlockSummer,
     Term,
     blocks,
+    exact_sum,
     l1_norm,
+    l1_partials,
     require_same_shape,
     stacked_sum,
+)
+from mkmerge.methods.sparsifiers import (
+    _kth_in_histogram,
+    _order_keys,
+    breadcrumbs_sparsify,
+    dare_mask,
+    della_sparsify,
+    magnitude_sparsify,
+    random_sparsify,
 )
 
 # Below this L1 norm (before or after sparsifying) the rescale factor is not trusted.
@@ -45,116 +55,22 @@ class TaskVectorVariant:
     rescale_default: bool
 
 
-# Note the inconsistent normalize defaults (ties true, dare_ties false): recipes rely on them.
+# Note the inconsistent normalize defaults (ties and della true, dare_ties and
+# breadcrumbs_ties false): recipes rely on them.
 TASK_VECTOR_VARIANTS: dict[str, TaskVectorVariant] = {
     #                                  sparsifier   consensus  normalize  rescale
     "task_arithmetic": TaskVectorVariant("none", False, False, False),
     "ties": TaskVectorVariant("magnitude", True, True, False),
     "dare_linear": TaskVectorVariant("random", False, False, True),
     "dare_ties": TaskVectorVariant("random", True, False, True),
+    "breadcrumbs": TaskVectorVariant("breadcrumbs", False, False, False),
+    "breadcrumbs_ties": TaskVectorVariant("breadcrumbs", True, False, False),
+    "della": TaskVectorVariant("della", True, True, True),
+    "della_linear": TaskVectorVariant("della", False, False, True),
 }
 
 
 # --- sparsifiers: (delta, density, generator, options) -> delta with dropped entries zeroed
-
-
-def top_k_mask(magnitudes: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean mask of the k largest entries; among equal values the lowest indices win.
-
-    The same set as ``torch.argsort(magnitudes.flatten(), descending=True, stable=True)[:k]``
-    but found by selection instead of a full sort: the k-th largest value comes from a radix
-    select over the values' bit patterns (for non-negative floats the bit pattern orders
-    like the value), i.e. one or two histograms, O(n). Because the order is total (value,
-    then index), masks for different k are nested. ``magnitudes`` must be non-negative.
-    """
-    flat = magnitudes.reshape(-1)
-    numel = flat.numel()
-    if k >= numel:
-        return torch.ones(magnitudes.shape, dtype=torch.bool, device=magnitudes.device)
-    if k <= 0:
-        return torch.zeros(magnitudes.shape, dtype=torch.bool, device=magnitudes.device)
-    keys = _order_keys(flat)
-    if keys is None:
-        threshold = torch.kthvalue(flat, numel - k + 1).values  # the k-th largest value
-        keep, equal = flat > threshold, flat == threshold
-    else:
-        threshold = _kth_largest_key(keys, k)
-        keep, equal = keys > threshold, keys == threshold
-    missing = k - int(torch.count_nonzero(keep).item())  # count_nonzero: 20x faster than a bool sum
-    if missing == int(torch.count_nonzero(equal).item()):
-        keep |= equal
-    elif missing > 0:
-        keep[equal.nonzero().reshape(-1)[:missing]] = True
-    return keep.view(magnitudes.shape)
-
-
-def _order_keys(flat: torch.Tensor) -> torch.Tensor | None:
-    """int32 keys ordered like the (non-negative) values, or None where no cheap view exists."""
-    if flat.dtype in (torch.bfloat16, torch.float16):
-        return flat.view(torch.int16).to(torch.int32)
-    if flat.dtype == torch.float32:
-        return flat.view(torch.int32)
-    return None
-
-
-def _kth_in_histogram(counts: torch.Tensor, k: int) -> tuple[int, int]:
-    """(bin holding the k-th largest element, number of elements in higher bins)."""
-    from_top = counts.flip(0).cumsum(0)
-    position = int(torch.searchsorted(from_top, torch.tensor([k], dtype=from_top.dtype)).item())
-    above = int(from_top[position - 1].item()) if position else 0
-    return counts.numel() - 1 - position, above
-
-
-def _kth_largest_key(keys: torch.Tensor, k: int) -> int:
-    """The k-th largest of non-negative int32 keys by radix select on 16-bit digits."""
-    if int(keys.max().item()) < 1 << 16:
-        key, _ = _kth_in_histogram(torch.bincount(keys, minlength=1 << 16), k)
-        return key
-    high = keys >> 16
-    bucket, above = _kth_in_histogram(torch.bincount(high, minlength=1 << 15), k)
-    low = keys[high == bucket] & 0xFFFF
-    digit, _ = _kth_in_histogram(torch.bincount(low, minlength=1 << 16), k - above)
-    return (bucket << 16) | digit
-
-
-def magnitude_sparsify(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the ``floor(density·numel)`` entries of largest |δ| (TIES trim); zero the rest.
-
-    Magnitudes are compared in float32 and ties broken by lowest index. ``k = 0`` is an error
-    rather than a silently vanished delta.
-    """
-    numel = delta.numel()
-    k = int(density * numel)
-    if k <= 0:
-        raise MergeError(
-            f"density {density:g} keeps floor({density:g} × {numel}) = 0 entries of a tensor "
-            f"with {numel} elements, so its whole delta would vanish",
-            hint=f"raise `density` to at least {1 / numel:.3g} for this tensor "
-            "(a filter can set it for this tensor alone)",
-        )
-    return delta * top_k_mask(delta.abs(), k)
-
-
-def random_sparsify(delta: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
-    """Keep each entry independently with probability ``density`` (DARE drop).
-
-    The draws are 32-bit integers from NumPy's PCG64 seeded with the generator's seed
-    (``generator.initial_seed()``), one per entry in row-major order, kept where
-    ``u < floor(density·2³²)``. PCG64 runs serially on the CPU, so the mask is the same for
-    any thread count and for tensors on any device, and it is several times faster than
-    torch's CPU ``rand``.
-    """
-    return delta * dare_mask(delta.shape, density, generator).to(delta.device)
-
-
-def dare_mask(shape: torch.Size, density: float, generator: torch.Generator) -> torch.Tensor:
-    """The boolean keep-mask of :func:`random_sparsify`."""
-    numel = math.prod(shape)
-    bits = np.random.PCG64(generator.initial_seed())
-    draws = bits.random_raw((numel + 1) // 2).view(np.uint32)[:numel]
-    threshold = min(int(density * 2**32), 2**32 - 1) if density < 1 else 2**32 - 1
-    keep = draws < np.uint32(threshold) if density < 1 else np.ones(numel, dtype=bool)
-    return torch.from_numpy(keep).view(tuple(shape))
 
 
 Sparsifier = Callable[[torch.Tensor, float, torch.Generator | None, Mapping[str, float]], torch.Tensor]
@@ -170,16 +86,32 @@ def _by_magnitude(delta, density, generator, options):
 
 
 def _at_random(delta, density, generator, options):
+    return random_sparsify(delta, density, _required(generator))
+
+
+def _without_outliers(delta, density, generator, options):
+    return breadcrumbs_sparsify(delta, density, float(options["gamma"]))
+
+
+def _by_rank_at_random(delta, density, generator, options):
+    return della_sparsify(delta, density, float(options["epsilon"]), _required(generator))
+
+
+def _required(generator: torch.Generator | None) -> torch.Generator:
     if generator is None:
         raise ValueError("a random sparsifier needs a torch.Generator for every input")
-    return random_sparsify(delta, density, generator)
+    return generator
 
 
 SPARSIFIERS: dict[str, Sparsifier] = {
     "none": _keep_all,
     "magnitude": _by_magnitude,
     "random": _at_random,
+    "breadcrumbs": _without_outliers,  # options: gamma
+    "della": _by_rank_at_random,  # options: epsilon
 }
+RANDOM_SPARSIFIERS = frozenset({"random", "della"})
+"""Sparsifiers that draw: each input needs its own seeded generator."""
 
 
 def rescale_l1(original: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
@@ -234,7 +166,9 @@ def task_vector_merge(
     weighted deltas ``ω_i = w_i·δ̃_i`` (w rounded to the dtype), the sign-election sum Σω,
     the masked sums D and S (float32 accumulation for half types, as torch sums a stacked
     dim 0), the division, the lambda scaling (skipped when λ = 1), the final addition.
-    With no ordinary inputs the base is returned as it is.
+    With no ordinary inputs the base is returned as it is. ``generators`` (one per input) are
+    needed by the :data:`RANDOM_SPARSIFIERS`; ``sparsifier_options`` (one mapping per input)
+    carry ``gamma`` for breadcrumbs and ``epsilon`` for della.
     """
     count = len(tensors)
     if not (len(weights) == len(densities) == count):
@@ -261,6 +195,26 @@ def task_vector_merge(
         )
         # kept is always a fresh tensor here (at worst the delta itself), so scale in place.
         weighted.append(kept.mul_(torch.tensor(float(weights[i]), dtype=dtype, device=device)))
+    return combine_weighted(base, weighted, weights, consensus=consensus, normalize=normalize, lambda_=lambda_)
+
+
+def combine_weighted(
+    base: torch.Tensor,
+    weighted: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    *,
+    consensus: bool,
+    normalize: bool,
+    lambda_: float,
+) -> torch.Tensor:
+    """Steps 5–7 of SPEC §2.6: (elected) sum of the weighted deltas, normalise, λ, add to base.
+
+    Element-wise throughout, so a chunk of the inputs gives that chunk of the output.
+    """
+    count = len(weighted)
+    if count == 0:
+        return base
+    dtype, device = base.dtype, base.device
     w = torch.tensor([float(x) for x in weights], dtype=dtype, device=device)
     if not consensus:
         divisor = w.sum()
@@ -330,3 +284,147 @@ def _consensus_sums(
 def _part(tensor: torch.Tensor) -> Term:
     flat = tensor.reshape(-1)
     return lambda block: flat[block]
+
+
+# --- chunked form (see chunked.py): the same merge over row blocks, bit for bit
+
+
+def task_vector_chunked(variant: TaskVectorVariant) -> ChunkedForm:
+    """Passes: top-k selection (one histogram pass for 16-bit magnitudes, two for float32),
+    then, with ``rescale``, one pass for the kept deltas' L1 norms (a random mask is known
+    up front, so DARE needs only that one). Element-wise members need none."""
+
+    def active(params: Mapping, density: float) -> bool:
+        return variant.sparsifier != "none" and float(density) < 1
+
+    def selection_passes(dtype: torch.dtype) -> int | None:
+        if variant.sparsifier != "magnitude":
+            return 0
+        return {torch.bfloat16: 1, torch.float16: 1, torch.float32: 2}.get(dtype)
+
+    def passes(params, per_model, dtype):
+        # per_model includes the base's parameters; a density set for it changes nothing but
+        # may cost a pass.
+        if len(per_model) > STREAMED_TERMS_MAX + 1 or variant.sparsifier not in ("none", "magnitude", "random"):
+            return None
+        if not any(active(params, p.get("density", 1.0)) for p in per_model):
+            return 0
+        selection = selection_passes(dtype)
+        if selection is None:
+            return None
+        return selection + (1 if params["rescale"] else 0)
+
+    def stats(index: int, call, state):
+        base, dtype = call.base, call.base.dtype
+        rescale = bool(call.params["rescale"])
+        selection = selection_passes(dtype)
+        parts = []
+        for i, tensor in enumerate(call.tensors):
+            density = float(call.per_model[i]["density"])
+            part: dict[str, Any] = {}
+            parts.append(part)
+            if not active(call.params, density):
+                continue
+            delta = tensor.to(dtype) - base
+            if variant.sparsifier == "random":
+                kept = delta * dare_mask(delta.shape, density, call.generator(i), call.offset).to(delta.device)
+                part["l1_before"], part["l1_after"] = l1_partials(delta), l1_partials(kept)
+                continue
+            keys = _order_keys(delta.abs().reshape(-1))
+            if index == 0:
+                part["hist"] = torch.bincount(keys if selection == 1 else keys >> 16, minlength=1 << 16).cpu()
+                part["level"] = "single" if selection == 1 else "high"
+                if rescale:
+                    part["l1_before"] = l1_partials(delta)
+            elif index < selection:  # float32: the low 16 bits inside the chosen high bucket
+                bucket = state[i]["bucket"]
+                part["hist"] = torch.bincount(keys[(keys >> 16) == bucket] & 0xFFFF, minlength=1 << 16).cpu()
+                part["level"] = "low"
+            else:
+                part["l1_after"] = l1_partials(delta * _chunk_top_mask(keys, state[i], call.chunk).view(delta.shape))
+        return parts
+
+    def combine(index: int, partials: list, state, call):
+        numel = math.prod(call.full_shape)
+        new_state = [dict(s) for s in state] if state is not None else [{} for _ in call.per_model]
+        for i, model_state in enumerate(new_state):
+            parts = [chunk_parts[i] for chunk_parts in partials]
+            if not parts or not parts[0]:
+                continue
+            if "hist" in parts[0]:
+                _combine_selection(model_state, parts, numel, float(call.per_model[i]["density"]))
+            if "l1_before" in parts[0]:
+                model_state["l1_before"] = exact_sum([x for p in parts for x in p["l1_before"]])
+            if "l1_after" in parts[0]:
+                after = exact_sum([x for p in parts for x in p["l1_after"]])
+                before = model_state["l1_before"]
+                model_state["factor"] = None if before < RESCALE_EPS or after < RESCALE_EPS else before / after
+        return new_state
+
+    def apply(call, state):
+        base, dtype = call.base, call.base.dtype
+        rescale = bool(call.params["rescale"])
+        weighted = []
+        for i, tensor in enumerate(call.tensors):
+            density = float(call.per_model[i]["density"])
+            kept = tensor.to(dtype) - base
+            if active(call.params, density):
+                if variant.sparsifier == "random":
+                    mask = dare_mask(kept.shape, density, call.generator(i), call.offset).to(kept.device)
+                else:
+                    mask = _chunk_top_mask(_order_keys(kept.abs().reshape(-1)), state[i], call.chunk).view(kept.shape)
+                kept = kept * mask
+                if rescale and state[i].get("factor") is not None:
+                    kept = kept * state[i]["factor"]
+            weighted.append(kept.mul_(torch.tensor(float(call.per_model[i]["weight"]), dtype=dtype, device=kept.device)))
+        return combine_weighted(
+            base,
+            weighted,
+            [p["weight"] for p in call.per_model],
+            consensus=variant.consensus,
+            normalize=bool(call.params["normalize"]),
+            lambda_=float(call.params["lambda"]),
+        )
+
+    return ChunkedForm(passes=passes, apply=apply, stats=stats, combine=combine)
+
+
+def _combine_selection(state: dict, parts: list[dict], numel: int, density: float) -> None:
+    """Fold one selection pass's per-chunk histograms into ``state`` (see _kth_largest_key)."""
+    hists = [p["hist"] for p in parts]
+    total = torch.stack(hists).sum(0)
+    level = parts[0]["level"]
+    if level == "high":
+        state["k"] = _top_k_count(numel, density)
+        state["bucket"], state["above"] = _kth_in_histogram(total, state["k"])
+        return
+    if level == "single":
+        state["k"] = _top_k_count(numel, density)
+        digit, above = _kth_in_histogram(total, state["k"])
+        key = digit
+    else:
+        digit, above_low = _kth_in_histogram(total, state["k"] - state["above"])
+        key, above = (state["bucket"] << 16) | digit, state["above"] + above_low
+    equal = [int(h[digit].item()) for h in hists]
+    state["key"], state["missing"] = key, state["k"] - above
+    state["equal_before"] = tuple(sum(equal[:c]) for c in range(len(equal)))
+
+
+def _top_k_count(numel: int, density: float) -> int:
+    k = int(density * numel)
+    if k <= 0:
+        magnitude_sparsify(torch.empty(numel, dtype=torch.uint8), density)  # raises the k = 0 error
+    return k
+
+
+def _chunk_top_mask(keys: torch.Tensor, selection: Mapping[str, Any], chunk: int) -> torch.Tensor:
+    """This chunk's part of the whole tensor's top-k mask (ties to the lowest indices)."""
+    key = selection["key"]
+    keep, equal = keys > key, keys == key
+    equal_here = int(torch.count_nonzero(equal).item())
+    need = max(0, min(equal_here, selection["missing"] - selection["equal_before"][chunk]))
+    if need == equal_here:
+        keep |= equal
+    elif need > 0:
+        keep[equal.nonzero().reshape(-1)[:need]] = True
+    return keep

@@ -1,0 +1,264 @@
+"""Sparsifiers of the task-vector family: which entries of a delta survive (SPEC §2.6).
+
+Each takes a delta and its model's density (plus gamma or epsilon) and returns the delta
+with the dropped entries zeroed. Deterministic ones select by magnitude without a full sort
+(:func:`top_k_mask`); random ones draw from NumPy's PCG64 seeded with the input's
+generator seed, on the CPU, so the mask is the same for any thread count and device.
+:func:`check_sparsifier_parameters` is the one place that decides which parameters are
+refused, so a plan can refuse them before any tensor is read.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+
+from common.errors import MergeError
+from mkmerge.methods.reductions import BLOCK
+
+# --- parameter checks (no tensor data needed)
+
+
+def check_sparsifier_parameters(sparsifier: str, density: float, numel: int, options: Mapping[str, float]) -> None:
+    """Raise the MergeError sparsifier ``sparsifier`` would raise on a delta of ``numel`` entries.
+
+    ``options`` holds the model's other per-model parameters (``gamma``, ``epsilon``).
+    Density ≥ 1 keeps everything, so nothing else is checked then.
+    """
+    if density >= 1:
+        return
+    if sparsifier == "magnitude":
+        _require_kept(density, numel)
+    elif sparsifier == "breadcrumbs":
+        gamma = float(options["gamma"])
+        if not 0 <= gamma <= 1:
+            raise MergeError(
+                f"gamma {gamma:g} is not a fraction between 0 and 1 "
+                "(it is the share of largest-magnitude delta entries dropped as outliers)",
+                hint="set `gamma` between 0 and 1 (default 0.01)",
+            )
+        _require_kept(density, numel)
+    elif sparsifier == "della":
+        epsilon = float(options["epsilon"])
+        if epsilon < 0:
+            raise MergeError(
+                f"epsilon {epsilon:g} is negative; it is the half-width of DELLA's keep-probability range",
+                hint="set `epsilon` to 0 or more (default 0.15)",
+            )
+        if density > 0 and not (density - epsilon > 0 and density + epsilon < 1):
+            raise MergeError(
+                f"DELLA keeps entries with probabilities from density − epsilon to density + epsilon, "
+                f"which must lie strictly between 0 and 1; density {density:g} and epsilon {epsilon:g} "
+                f"give {density - epsilon:g} to {density + epsilon:g}",
+                hint="lower `epsilon` or move `density` away from 0 and 1 "
+                "so that 0 < density − epsilon and density + epsilon < 1",
+            )
+
+
+def _require_kept(density: float, numel: int) -> None:
+    if int(density * numel) <= 0:
+        raise MergeError(
+            f"density {density:g} keeps floor({density:g} × {numel}) = 0 entries of a tensor "
+            f"with {numel} elements, so its whole delta would vanish",
+            hint=f"raise `density` to at least {1 / numel:.3g} for this tensor "
+            "(a filter can set it for this tensor alone)",
+        )
+
+
+# --- selection by magnitude
+
+
+def top_k_mask(magnitudes: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of the k largest entries; among equal values the lowest indices win.
+
+    The same set as ``torch.argsort(magnitudes.flatten(), descending=True, stable=True)[:k]``
+    but found by selection instead of a full sort: the k-th largest value comes from a radix
+    select over the values' bit patterns (for non-negative floats the bit pattern orders
+    like the value), i.e. one or two histograms, O(n). Because the order is total (value,
+    then index), masks for different k are nested. ``magnitudes`` must be non-negative.
+    """
+    flat = magnitudes.reshape(-1)
+    numel = flat.numel()
+    if k >= numel:
+        return torch.ones(magnitudes.shape, dtype=torch.bool, device=magnitudes.device)
+    if k <= 0:
+        return torch.zeros(magnitudes.shape, dtype=torch.bool, device=magnitudes.device)
+    keys = _order_keys(flat)
+    if keys is None:
+        threshold = torch.kthvalue(flat, numel - k + 1).values  # the k-th largest value
+        keep, equal = flat > threshold, flat == threshold
+    else:
+        threshold = _kth_largest_key(keys, k)
+        keep, equal = keys > threshold, keys == threshold
+    missing = k - int(torch.count_nonzero(keep).item())  # count_nonzero: 20x faster than a bool sum
+    if missing == int(torch.count_nonzero(equal).item()):
+        keep |= equal
+    elif missing > 0:
+        keep[equal.nonzero().reshape(-1)[:missing]] = True
+    return keep.view(magnitudes.shape)
+
+
+def _order_keys(flat: torch.Tensor) -> torch.Tensor | None:
+    """int32 keys ordered like the (non-negative) values, or None where no cheap view exists."""
+    if flat.dtype in (torch.bfloat16, torch.float16):
+        return flat.view(torch.int16).to(torch.int32)
+    if flat.dtype == torch.float32:
+        return flat.view(torch.int32)
+    return None
+
+
+def _kth_in_histogram(counts: torch.Tensor, k: int) -> tuple[int, int]:
+    """(bin holding the k-th largest element, number of elements in higher bins)."""
+    from_top = counts.flip(0).cumsum(0)
+    target = torch.tensor([k], dtype=from_top.dtype, device=from_top.device)  # same device: CUDA refuses a mix
+    position = int(torch.searchsorted(from_top, target).item())
+    above = int(from_top[position - 1].item()) if position else 0
+    return counts.numel() - 1 - position, above
+
+
+def _kth_largest_key(keys: torch.Tensor, k: int) -> int:
+    """The k-th largest of non-negative int32 keys by radix select on 16-bit digits."""
+    if int(keys.max().item()) < 1 << 16:
+        key, _ = _kth_in_histogram(torch.bincount(keys, minlength=1 << 16), k)
+        return key
+    high = keys >> 16
+    bucket, above = _kth_in_histogram(torch.bincount(high, minlength=1 << 15), k)
+    low = keys[high == bucket] & 0xFFFF
+    digit, _ = _kth_in_histogram(torch.bincount(low, minlength=1 << 16), k - above)
+    return (bucket << 16) | digit
+
+
+def magnitude_sparsify(delta: torch.Tensor, density: float) -> torch.Tensor:
+    """Keep the ``floor(density·numel)`` entries of largest |δ| (TIES trim); zero the rest.
+
+    Magnitudes are compared in float32 and ties broken by lowest index. ``k = 0`` is an error
+    rather than a silently vanished delta.
+    """
+    _require_kept(density, delta.numel())
+    return delta * top_k_mask(delta.abs(), int(density * delta.numel()))
+
+
+def breadcrumbs_sparsify(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """Model Breadcrumbs: drop the largest outliers and the smallest entries of |δ|.
+
+    See :func:`breadcrumbs_mask`. Keeping nothing (``floor(density·numel) = 0``) and a gamma
+    outside [0, 1] are errors, as for TIES.
+    """
+    check_sparsifier_parameters("breadcrumbs", density, delta.numel(), {"gamma": gamma})
+    return delta * breadcrumbs_mask(delta.abs(), density, gamma)
+
+
+def breadcrumbs_mask(magnitudes: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """Keep-mask of positions ``[bot, N − top)`` of |δ| in ascending order (SPEC §2.6).
+
+    ``keep = floor(density·N)``, ``top = floor(gamma·N)``, ``bot = N − keep − top``; when
+    ``bot < 0`` the outlier cut shrinks (``top += bot``, ``bot = 0``), so exactly ``keep``
+    entries survive. The order is the stable descending one of :func:`top_k_mask` (among
+    equal magnitudes the lower index counts as larger), and since its masks are nested the
+    kept band is ``top_k(N − bot)`` minus ``top_k(top)``: two selections, no sort.
+    With ``top = 0`` (``gamma·N < 1``: gamma 0, or a small tensor at the default gamma) the
+    band is ``[bot, N)``, the ``keep`` largest entries; mergekit's negative slice end keeps
+    nothing there and wipes the whole delta (SPEC §2.6 note).
+    """
+    numel = magnitudes.numel()
+    keep, top = int(density * numel), int(gamma * numel)
+    bot = numel - keep - top
+    if bot < 0:
+        top, bot = top + bot, 0
+    mask = top_k_mask(magnitudes, numel - bot)
+    if top > 0:
+        mask &= ~top_k_mask(magnitudes, top)
+    return mask
+
+
+# --- random drops
+
+
+def uniform_draws(numel: int, generator: torch.Generator, offset: int = 0) -> np.ndarray:
+    """``numel`` uniform 32-bit integers, one per entry in row-major order.
+
+    NumPy's PCG64 seeded with the generator's seed (``generator.initial_seed()``): it runs
+    serially on the CPU, so the draws are the same for any thread count and for tensors on
+    any device, and it is several times faster than torch's CPU ``rand``. DARE and DELLA
+    draw the same stream, so DELLA with epsilon 0 drops exactly what DARE drops.
+
+    ``offset``: the draws of a chunk starting at that (even: each 64-bit PCG64 output gives
+    two draws) entry, equal to that slice of the whole tensor's draws.
+    """
+    if offset % 2:
+        raise ValueError(f"draws for a chunk must start at an even entry, not {offset}")
+    bits = np.random.PCG64(generator.initial_seed())
+    if offset:
+        bits.advance(offset // 2)
+    return bits.random_raw((numel + 1) // 2).view(np.uint32)[:numel]
+
+
+def random_sparsify(delta: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
+    """Keep each entry independently with probability ``density`` (DARE drop).
+
+    An entry is kept where its draw ``u < floor(density·2³²)`` (:func:`uniform_draws`).
+    """
+    return delta * dare_mask(delta.shape, density, generator).to(delta.device)
+
+
+def dare_mask(shape: torch.Size, density: float, generator: torch.Generator, offset: int = 0) -> torch.Tensor:
+    """The boolean keep-mask of :func:`random_sparsify` (of a chunk starting at ``offset``)."""
+    numel = math.prod(shape)
+    draws = uniform_draws(numel, generator, offset)
+    threshold = min(int(density * 2**32), 2**32 - 1) if density < 1 else 2**32 - 1
+    keep = draws < np.uint32(threshold) if density < 1 else np.ones(numel, dtype=bool)
+    return torch.from_numpy(keep).view(tuple(shape))
+
+
+def della_sparsify(delta: torch.Tensor, density: float, epsilon: float, generator: torch.Generator) -> torch.Tensor:
+    """DELLA's MagPrune: keep each entry with a probability that rises with its rank in its row.
+
+    See :func:`della_mask`. ``density ≤ 0`` drops everything; otherwise the probabilities
+    ``density ± epsilon`` must lie strictly inside (0, 1), else a MergeError. (The caller
+    returns the delta untouched for density ≥ 1.)
+    """
+    check_sparsifier_parameters("della", density, delta.numel(), {"epsilon": epsilon})
+    if density <= 0:
+        return torch.zeros_like(delta)
+    return delta * della_mask(delta.abs(), density, epsilon, generator).to(delta.device)
+
+
+def della_mask(
+    magnitudes: torch.Tensor, density: float, epsilon: float, generator: torch.Generator
+) -> torch.Tensor:
+    """Keep-mask of DELLA: per row, ``p = (density − ε) + 2ε·rank/(n − 1)``, Bernoulli(p).
+
+    Rows run along the last axis: each ``W[r, :]`` of a matrix, each ``W[e, r, :]`` of a 3-D
+    fused-expert tensor (one expert's rows, like the 2-D case; mergekit ranks 3-D tensors
+    along axis 1, mixing an expert's output rows, which has no meaning for the expert);
+    a 1-D tensor (or a scalar) is one row. ``rank`` is 0 for the smallest |δ| of the row and
+    n − 1 for the largest, ties ordered by index (stable sort); ``p`` is evaluated in float64
+    exactly as written. A row of length 1 has no spread (mergekit divides 0/0) and uses
+    ``p = density``. The entry is kept where its draw ``u < floor(p·2³²)`` (draws of
+    :func:`uniform_draws`, row-major), so with ε = 0 this is DARE's mask.
+    """
+    numel = magnitudes.numel()
+    if numel == 0:
+        return torch.zeros(magnitudes.shape, dtype=torch.bool)
+    width = magnitudes.shape[-1] if magnitudes.dim() else 1
+    rows = magnitudes.reshape(-1, width)
+    draws = uniform_draws(numel, generator)
+    keep = torch.empty(numel, dtype=torch.bool)
+    low, span = density - epsilon, 2 * epsilon
+    step = max(1, BLOCK // width)  # rows per chunk: bounds the int64 rank temporaries
+    positions = torch.arange(width, dtype=torch.int64)
+    for start in range(0, rows.shape[0], step):
+        chunk = rows[start : start + step].cpu()
+        if width == 1:
+            probability = torch.full(chunk.shape, density, dtype=torch.float64)
+        else:
+            order = torch.argsort(chunk, dim=1, stable=True)
+            ranks = torch.empty_like(order).scatter_(1, order, positions.expand_as(order))
+            probability = low + span * ranks.to(torch.float64) / (width - 1)
+        first, stop = start * width, (start + chunk.shape[0]) * width
+        u = torch.from_numpy(draws[first:stop].astype(np.int64)).view(chunk.shape)
+        keep[first:stop] = (u < torch.floor(probability * 2**32)).view(-1)
+    return keep.view(magnitudes.shape)
