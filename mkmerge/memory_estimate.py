@@ -273,7 +273,10 @@ def _size(task: Task, sizes: dict[Task, _Value], tensor_info) -> _Value:
         return sizes[task]
     if isinstance(task, LoadTensor):
         info = tensor_info(task)
-        value = _Value(info.numel, info.dtype)
+        numel = info.numel
+        if task.rows is not None:  # a row block
+            numel = numel // info.shape[0] * (task.rows[1] - task.rows[0])
+        value = _Value(numel, info.dtype)
     elif isinstance(task, CastTensor):
         value = _Value(_size(task.input, sizes, tensor_info).numel, task.dtype)
     elif isinstance(task, SliceRows):

@@ -21,7 +21,8 @@ JSON schema ``mkmerge-plan/1`` (sizes in bytes, layer ranges inclusive, 0-based)
       "post_weights": [...same as pre_weights...],
       "tensors": [{"name": ..., "section": "pre" | "layer" | "post", "layer": 0 | null,
                    "dtype": "bfloat16", "shape": [4096, 4096], "bytes": ..., "shard": "model-00001-of-00003.safetensors",
-                   "method": "ties", "computed_as": "ties(base, A, B)", "parameters": {"normalize": true, ...},
+                   "method": "ties", "computed_as": "ties(base, A, B)", "row_blocks": 1, "statistics_passes": 0,
+                   "parameters": {"normalize": true, ...},
                    "inputs": [{"model": "A", "tensor": ..., "layer": 0 | null, "dtype": ..., "shape": [...],
                                "is_base": false, "parameters": {"weight": 0.5, "density": 0.5}}, ...]}, ...],
       "shards": [{"file": "model-00001-of-00003.safetensors", "tensors": 120, "bytes": ...}],
@@ -37,6 +38,7 @@ when it differs from the output layers (stacking), a scale factor follows as ``Ã
 
 from __future__ import annotations
 
+import math
 import string
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -107,6 +109,8 @@ class TensorPlan:
     signature: Signature
     parameters: Mapping[str, object]
     inputs: tuple[TensorInput, ...]
+    row_blocks: int = 1  # parts it is merged and written in (mkmerge/methods/chunked.py)
+    statistics_passes: int = 0  # reads of every input before the merging read
 
 
 @dataclass(frozen=True)
@@ -162,8 +166,8 @@ def plan_report(plan: MergePlan, options: BuildOptions, *, baseline_bytes: int) 
     layout = output_layout(plan.outputs, options.shard_size)
     shard_of = {t.name: shard.filename for shard in layout for t in shard.tensors}
     tensors = tuple(
-        _tensor_plan(plan, output, section, layer, labels, models, shard_of[output.name])
-        for output, section, layer in _with_sections(plan)
+        _tensor_plan(plan, output, parts, section, layer, labels, models, shard_of[output.name])
+        for output, parts, section, layer in _with_sections(plan)
     )
     memory = estimate_peak_memory(
         plan.outputs, lambda load: models[load.model].info(load.name), options, baseline_bytes=baseline_bytes
@@ -224,18 +228,26 @@ def _input_summary(model: InputModel, label: str, plan: MergePlan) -> InputSumma
 
 
 def _with_sections(plan: MergePlan):
-    """(output, section, layer) in plan order: tensors before the first layer are "pre"."""
-    seen_layer = False
+    """(first part, number of parts, section, layer) per output tensor, in plan order.
+
+    Tensors before the first layer are "pre", after it "post".
+    """
+    parts: dict[str, list[OutputTensor]] = {}
     for output in plan.outputs:
-        layer = plan.arch.layer_index_of(output.name)
+        parts.setdefault(output.name, []).append(output)
+    seen_layer = False
+    for name, outputs in parts.items():
+        output = outputs[0]
+        layer = plan.arch.layer_index_of(name)
         seen_layer = seen_layer or layer is not None
         section = "layer" if layer is not None else ("post" if seen_layer else "pre")
-        yield output, section, layer
+        yield output, len(outputs), section, layer
 
 
 def _tensor_plan(
     plan: MergePlan,
     output: OutputTensor,
+    parts: int,
     section: str,
     layer: int | None,
     labels: Mapping[str, str],
@@ -278,12 +290,20 @@ def _tensor_plan(
         layer=layer,
         dtype=_dtype_name(output.dtype),
         shape=tuple(output.shape),
-        nbytes=output.nbytes,
+        nbytes=math.prod(output.shape) * output.dtype.itemsize,
         shard=shard,
         signature=Signature(method, shifts, scale),
         parameters=params,
         inputs=tuple(inputs),
+        row_blocks=parts,
+        statistics_passes=_statistics_passes(root),
     )
+
+
+def _statistics_passes(root: Task) -> int:
+    """How many statistics passes a chunked merge makes before merging (0 for a plain one)."""
+    state = getattr(root, "state", None)
+    return getattr(state, "pass_index", -1) + 1
 
 
 def _merge_root(task: Task) -> tuple[Task, float | None]:
@@ -386,6 +406,8 @@ def _tensor_json(tensor: TensorPlan) -> dict:
         "shard": tensor.shard,
         "method": tensor.signature.method,
         "computed_as": tensor.signature.describe(tensor.layer, tensor.layer),
+        "row_blocks": tensor.row_blocks,
+        "statistics_passes": tensor.statistics_passes,
         "parameters": dict(tensor.parameters),
         "inputs": [
             {

@@ -33,7 +33,9 @@ def show_plan(
 ) -> PlanReport:
     """Plan ``recipe_path`` from headers and print the report (rich tables, or JSON on stdout)."""
     recipe = load_recipe(recipe_path)
-    plan = plan_merge(recipe, allow_crimes=allow_crimes, seed=options.seed, cache_dir=cache_dir)
+    plan = plan_merge(
+        recipe, allow_crimes=allow_crimes, seed=options.seed, cache_dir=cache_dir, chunk_bytes=options.chunk_bytes
+    )
     # Measured here, after planning: the imports and metadata a run holds before its first read.
     report = plan_report(plan, options, baseline_bytes=current_rss_bytes())
     if as_json:
@@ -91,7 +93,11 @@ def _tensors_table(report: PlanReport) -> Table:
 
 
 def _weight_row(tensor: TensorPlan) -> tuple[str, str, str]:
-    return escape(tensor.name), escape(tensor.signature.describe(tensor.layer, tensor.layer)), "1"
+    what = tensor.signature.describe(tensor.layer, tensor.layer)
+    if tensor.row_blocks > 1:
+        passes = f", {tensor.statistics_passes} statistics pass(es)" if tensor.statistics_passes else ""
+        what += f" in {tensor.row_blocks} row blocks{passes}"
+    return escape(tensor.name), escape(what), "1"
 
 
 def _shards_table(report: PlanReport) -> Table:

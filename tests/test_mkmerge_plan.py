@@ -19,9 +19,15 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
+from common.build import BuildOptions
 from common.errors import ArchitectureError, RecipeError, ShapeMismatchError
 from common.loading import PickleCheckpoint, SafetensorsFile
 from mkmerge.cli import merge_app, plan_app
+from mkmerge.methods import METHODS
+from mkmerge.plan import plan_merge
+from mkmerge.plan_report import plan_report, report_json
+from mkmerge.recipe import parse_recipe
+from mkmerge.run import run_merge
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -352,15 +358,40 @@ print(json.dumps({"memory": predicted, "measured": resource.getrusage(resource.R
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ru_maxrss in KiB and glibc heaps: Linux")
-def test_predicted_peak_memory_is_within_25_percent_of_the_measured_peak(tmp_path):
-    """A fresh interpreter plans (`mkmerge plan --json`), then runs the merge; ru_maxrss is its peak.
+@pytest.fixture(scope="module")
+def random_llamas(tmp_path_factory) -> list[Path]:
+    """Three 78 MB models whose 33 MB embedding and LM head dominate, as in real checkpoints."""
+    root = tmp_path_factory.mktemp("random_llamas")
+    return [write_random_llama(root / name, seed) for seed, name in enumerate(("base", "a", "b"))]
 
-    Three 89 MB models: the 33 MB embedding and LM head dominate the working set, as in real
-    checkpoints, and the whole run stays within a few seconds.
-    """
-    models = [write_random_llama(tmp_path / name, seed) for seed, name in enumerate(("base", "a", "b"))]
-    recipe = _linear(*models, weights=(0.2, 0.3, 0.5))
+
+def test_tensors_merged_in_row_blocks_are_planned_once_with_their_block_count(tmp_path, random_llamas):
+    options = BuildOptions(chunk_bytes=8_000_000, shard_size=60_000_000)
+    recipe = parse_recipe(_linear(*random_llamas, weights=(0.2, 0.3, 0.5)), known_methods=METHODS.keys())
+    plan = plan_merge(recipe, chunk_bytes=options.chunk_bytes)
+    assert len(plan.outputs) > len({o.name for o in plan.outputs}), "control: some tensors are cut into parts"
+    report = report_json(plan_report(plan, options, baseline_bytes=0))
+    tensors = {t["name"]: t for t in report["tensors"]}
+    assert len(tensors) == len(report["tensors"]) == LAYERS * 9 + 3  # each layer's 9, embedding, norm, head: once
+    assert tensors["model.embed_tokens.weight"]["row_blocks"] == 5  # 32.8 MB in blocks of at most 8 MB
+    assert tensors["model.embed_tokens.weight"]["bytes"] == VOCAB * HIDDEN * 2
+
+    run_merge(recipe, tmp_path / "merged", options, plan=plan)
+    assert {s["file"]: (s["tensors"], s["bytes"]) for s in report["shards"]} == files_of(tmp_path / "merged")
+
+    slerp = (
+        f"merge_method: slerp\nbase_model: {random_llamas[0]}\nmodels:\n  - model: {random_llamas[1]}\n"
+        "parameters: {t: 0.3}\n"
+    )
+    slerp_plan = plan_merge(parse_recipe(slerp, known_methods=METHODS.keys()), chunk_bytes=options.chunk_bytes)
+    head = {t["name"]: t for t in report_json(plan_report(slerp_plan, options, baseline_bytes=0))["tensors"]}
+    assert head["lm_head.weight"]["statistics_passes"] == 1  # the norms and the angle, before merging
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ru_maxrss in KiB and glibc heaps: Linux")
+def test_predicted_peak_memory_is_within_25_percent_of_the_measured_peak(tmp_path, random_llamas):
+    """A fresh interpreter plans (`mkmerge plan --json`), then runs the merge; ru_maxrss is its peak."""
+    recipe = _linear(*random_llamas, weights=(0.2, 0.3, 0.5))
     recipe_path = write(tmp_path, recipe)
     child = subprocess.run(
         [sys.executable, "-c", CHILD, str(recipe_path), str(tmp_path / "merged")],
