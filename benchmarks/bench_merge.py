@@ -18,6 +18,7 @@ Prints one table; tests never assert on these numbers.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -66,6 +67,13 @@ models:
     parameters: {{weight: 0.5, density: 0.5}}
   - model: {m2}
     parameters: {{weight: 0.5, density: 0.5}}
+dtype: bfloat16
+""",
+    # Goliath-style: all of m0's layers, then the upper half of m1's (n layers -> 1.5 n)
+    "passthrough": """merge_method: passthrough
+slices:
+  - sources: [{{model: {m0}, layer_range: [0, {layers}]}}]
+  - sources: [{{model: {m1}, layer_range: [{half}, {layers}]}}]
 dtype: bfloat16
 """,
 }
@@ -126,6 +134,7 @@ def main() -> None:
     parser.add_argument("--root", default="/tmp/mk-bench")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--mergekit", default=None, help="path to mergekit-yaml in its own venv")
+    parser.add_argument("--device", default=None, help="run our merges on this device (e.g. cuda)")
     args = parser.parse_args()
 
     root = Path(args.root)
@@ -138,10 +147,15 @@ def main() -> None:
         commands: dict[str, list[str]] = {"floor": floor_command(models, root / "floor.bin")}
         for method in args.methods.split(","):
             recipe = root / f"{method}.yml"
-            recipe.write_text(RECIPES[method].format(m0=models[0], m1=models[1], m2=models[2]))
+            layers = json.loads((models[0] / "config.json").read_text())["num_hidden_layers"]
+            recipe.write_text(
+                RECIPES[method].format(m0=models[0], m1=models[1], m2=models[2], layers=layers, half=layers // 2)
+            )
             command = [sys.executable, "-m", "mkmerge", str(recipe), str(out), "--overwrite", "--quiet"]
             if args.threads:
                 command += ["--threads", str(args.threads)]
+            if args.device:
+                command += ["--device", args.device]
             commands[method] = command
             if args.mergekit:
                 commands[f"{method} (mergekit)"] = [args.mergekit, str(recipe), str(out) + "-mk", "--lazy-unpickle"]
@@ -151,15 +165,17 @@ def main() -> None:
                     shutil.rmtree(stale, ignore_errors=True)
                 runs.setdefault(label, []).append(run_child(command))
         floor = statistics.median(w for w, _ in runs["floor"])
+        walls = {label: statistics.median(w for w, _ in samples) for label, samples in runs.items()}
         for label, samples in runs.items():
-            wall = statistics.median(w for w, _ in samples)
             rss = statistics.median(r for _, r in samples)
-            rows.append((size, label, wall, wall / floor, rss))
+            theirs = walls.get(f"{label} (mergekit)")
+            versus = f"{walls[label] / theirs:.2f}" if theirs else ""
+            rows.append((size, label, walls[label], walls[label] / floor, rss, versus))
         (root / "floor.bin").unlink(missing_ok=True)
 
-    print(f"\n{'size':6s} {'run':22s} {'wall s':>8s} {'x floor':>8s} {'peak RSS MB':>12s}")
-    for size, label, wall, ratio, rss in rows:
-        print(f"{size:6s} {label:22s} {wall:8.2f} {ratio:8.2f} {rss:12.0f}")
+    print(f"\n{'size':6s} {'run':24s} {'wall s':>8s} {'x floor':>8s} {'peak RSS MB':>12s} {'x mergekit':>11s}")
+    for size, label, wall, ratio, rss, versus in rows:
+        print(f"{size:6s} {label:24s} {wall:8.2f} {ratio:8.2f} {rss:12.0f} {versus:>11s}")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from common.errors import MkError, RecipeError
+from common.errors import MkError, RecipeError, did_you_mean
 from common.graph import ProgressEvent
 
 err_console = Console(stderr=True)
@@ -67,6 +67,22 @@ ModelCard = Annotated[
 CacheDir = Annotated[
     Optional[str], typer.Option("--cache-dir", "--transformers-cache", help="Hugging Face cache directory.")
 ]
+LoraMergeDtype = Annotated[
+    Optional[str],
+    typer.Option(
+        "--lora-merge-dtype",
+        help="dtype of model+lora inputs once the adapter is applied (float32, float16, bfloat16); "
+        "default: each tensor's stored dtype. The update itself is always computed in float32.",
+    ),
+]
+LoraMergeCache = Annotated[
+    Optional[str],
+    typer.Option(
+        "--lora-merge-cache",
+        help="Accepted for mergekit compatibility and unused: adapters are applied while loading, "
+        "so no merged copy of a model is cached.",
+    ),
+]
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 _UNITS = {
@@ -90,6 +106,23 @@ def parse_size(text: str, *, option: str = "--shard-size") -> int:
     if value <= 0:
         raise RecipeError(f"size must be positive, got {text!r}", field=option)
     return value
+
+
+_FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def parse_float_dtype(name: str | None, *, option: str) -> torch.dtype | None:
+    """'bfloat16' or 'torch.bfloat16' -> torch.bfloat16; None stays None."""
+    if name is None:
+        return None
+    dtype = _FLOAT_DTYPES.get(name.removeprefix("torch."))
+    if dtype is None:
+        raise RecipeError(
+            f"unknown dtype {name!r}; accepted: {', '.join(_FLOAT_DTYPES)}",
+            field=option,
+            hint=did_you_mean(name.removeprefix("torch."), _FLOAT_DTYPES),
+        )
+    return dtype
 
 
 def parse_device(device: str, cuda: bool = False) -> torch.device:

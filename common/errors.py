@@ -24,6 +24,12 @@ class MkError(Exception):
         self.message = message
         self.hint = hint
 
+    def within(self, context: str) -> MkError:
+        """This error, its message prefixed with where it happened (e.g. the recipe stage)."""
+        self.message = f"{context}: {self.message}"
+        self.args = (self.message,)
+        return self
+
     def render(self) -> str:
         text = f"{self.title}: {self.message}"
         if self.hint:
@@ -95,6 +101,12 @@ class UnsafePickleError(TensorFileError):
     """A legacy .bin checkpoint asks the unpickler for something other than tensor data."""
 
     title = "refused unsafe pickle"
+
+
+class AdapterError(TensorFileError):
+    """A LoRA adapter is malformed, or uses a feature that cannot be applied as W + s·B·A."""
+
+    title = "bad LoRA adapter"
 
 
 class ArchitectureError(MkError):

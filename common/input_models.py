@@ -11,9 +11,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from common.arch import ArchitectureDefinition, WeightInfo, find_architecture, infer_architecture
-from common.errors import ArchitectureError, RecipeError
+from common.errors import ArchitectureError, MkError
 from common.loading import ModelFiles, ModelReference, TensorInfo, open_model, resolve_model_path
+from common.loading.lora import with_adapter
 
 
 @dataclass(frozen=True, eq=False)
@@ -56,20 +59,21 @@ def open_input_models(
     *,
     allow_crimes: bool = False,
     cache_dir: str | None = None,
+    lora_merge_dtype: torch.dtype | None = None,
 ) -> dict[ModelReference, InputModel]:
-    """Resolve and open each distinct reference (document order kept); check architectures agree."""
+    """Resolve and open each distinct reference (document order kept); check architectures agree.
+
+    A `model+lora` reference reads its model through the adapter (common.loading.lora);
+    ``lora_merge_dtype`` is the dtype such a model's tensors come out in (default: as stored).
+    """
     opened: dict[ModelReference, InputModel] = {}
     for ref in refs:
         if ref in opened:
             continue
-        if ref.lora is not None:
-            raise RecipeError(
-                f"`{ref}` applies a LoRA adapter; adapter inputs are not supported by this version",
-                field="model",
-                hint="merge the adapter into the model first and reference the merged directory",
-            )
         path = resolve_model_path(ref, cache_dir=cache_dir)
         files = open_model(path)
+        if ref.lora is not None:
+            files.tensors = _with_lora(files, ref, cache_dir, lora_merge_dtype)
         config = dict(files.config)
         if ref.override_architecture:
             config["architectures"] = [ref.override_architecture]
@@ -77,6 +81,19 @@ def open_input_models(
         opened[ref] = InputModel(ref=ref, path=path, files=files, arch=None, num_layers=0)  # type: ignore[arg-type]
     _assign_architectures(list(opened.values()), allow_crimes)
     return opened
+
+
+def _with_lora(files: ModelFiles, ref: ModelReference, cache_dir: str | None, dtype: torch.dtype | None):
+    """The model's tensors seen through its adapter; errors from the adapter name it already."""
+    try:
+        try:
+            adapter_path = resolve_model_path(ref.lora, cache_dir=cache_dir)
+        except MkError as error:
+            raise error.within(f"the LoRA adapter of `{ref}`") from None
+        return with_adapter(files.tensors, adapter_path, model=str(files.path), merge_dtype=dtype)
+    except MkError:
+        files.close()
+        raise
 
 
 def _assign_architectures(models: list[InputModel], allow_crimes: bool) -> None:

@@ -2,11 +2,11 @@
 
     python examples/demo.py [WORKDIR]
 
-Builds a 4-layer Llama base and two "fine-tunes" (the base plus small seeded noise) under
-WORKDIR/models with transformers' own classes, then runs `mkmerge` on each recipe in
-examples/ (`mkstack` for the stack_* recipes) and `mkmoe` on each config in examples/moe/,
-from WORKDIR,
-loads every output with transformers and generates a few tokens.
+Builds a 4-layer Llama base and three "fine-tunes" (the base plus small seeded noise; ft-chat
+also adds two chat tokens) under WORKDIR/models with transformers' own classes, then runs
+`mkmerge` on each recipe in examples/ and examples/multistage/ (`mkstack` for the stack_*
+recipes) and `mkmoe` on each config in examples/moe/, from WORKDIR, loads every output with
+transformers and generates a few tokens.
 Nothing is downloaded.
 """
 
@@ -39,6 +39,25 @@ def tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
+CHAT_TOKENS = ["<|im_start|>", "<|im_end|>"]
+
+
+def add_chat_tokens(path: Path, seed: int) -> None:
+    """Give the model at ``path`` new special tokens with rows of their own, as chat fine-tuning does."""
+    tok = PreTrainedTokenizerFast.from_pretrained(path)
+    tok.add_tokens(CHAT_TOKENS, special_tokens=True)
+    model = LlamaForCausalLM.from_pretrained(path)
+    ids = tok.convert_tokens_to_ids(CHAT_TOKENS)
+    if max(ids) >= model.config.vocab_size:
+        model.resize_token_embeddings(max(ids) + 1, mean_resizing=False)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for matrix in (model.model.embed_tokens.weight, model.lm_head.weight):
+            matrix[ids] = 0.02 * torch.randn(len(ids), matrix.shape[1], generator=generator)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+
+
 def build_models(root: Path) -> None:
     config = LlamaConfig(
         vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
@@ -47,7 +66,7 @@ def build_models(root: Path) -> None:
     torch.manual_seed(0)
     base = LlamaForCausalLM(config)
     tok = tokenizer()
-    for name, noise_seed in (("base", None), ("ft-a", 1), ("ft-b", 2)):
+    for name, noise_seed in (("base", None), ("ft-a", 1), ("ft-b", 2), ("ft-chat", 3)):
         model = base
         if noise_seed is not None:
             model = LlamaForCausalLM(config)
@@ -56,12 +75,13 @@ def build_models(root: Path) -> None:
             model.load_state_dict(state)
         model.save_pretrained(root / name)
         tok.save_pretrained(root / name)
+    add_chat_tokens(root / "ft-chat", seed=4)
 
 
 def main() -> int:
     work = Path(sys.argv[1] if len(sys.argv) > 1 else "demo-out").absolute()
     work.mkdir(parents=True, exist_ok=True)
-    if not (work / "models" / "ft-b" / "config.json").exists():
+    if not (work / "models" / "ft-chat" / "config.json").exists():
         print(f"building tiny models under {work / 'models'}")
         build_models(work / "models")
     tok = PreTrainedTokenizerFast.from_pretrained(work / "models" / "base")
@@ -69,6 +89,7 @@ def main() -> int:
     failures = 0
     runs = [("mkstack" if r.stem.startswith("stack_") else "mkmerge", r) for r in sorted(EXAMPLES.glob("*.yml"))]
     runs += [("mkmoe", recipe) for recipe in sorted((EXAMPLES / "moe").glob("*.yml"))]
+    runs += [("mkmerge", recipe) for recipe in sorted((EXAMPLES / "multistage").glob("*.yml"))]
     for tool, recipe in runs:
         out = work / f"merged-{recipe.stem}"
         started = time.perf_counter()

@@ -4,9 +4,15 @@ Examples:
 
     mkmerge recipe.yml ./merged
     mkmerge recipe.yml ./merged --device cuda --shard-size 2G
+    mkmerge stages.yml ./final --intermediate-dir ./work --no-lazy
     mkmerge recipe.yml ./merged --dry-run
     mkmerge plan recipe.yml --json
     mkmerge methods
+
+A recipe file with several `---`-separated documents is a multi-stage recipe: named stages are
+written to the intermediate directory (default: OUT.stages next to OUT) and used by later
+documents by name; the unnamed document is the final merge, written to OUT. When every stage
+is named, each is written to OUT/<name>.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -25,6 +31,8 @@ from common.cli import (
     Cuda,
     Debug,
     Device,
+    LoraMergeCache,
+    LoraMergeDtype,
     ModelCard,
     OutPath,
     Overwrite,
@@ -35,18 +43,30 @@ from common.cli import (
     Threads,
     build_options,
     cli_errors,
+    err_console,
     human_bytes,
+    parse_float_dtype,
 )
 from common.errors import RecipeError
+
+Lazy = Annotated[
+    bool,
+    typer.Option("--lazy/--no-lazy", help="Multi-stage: reuse a stage's output when it is complete and up to date."),
+]
+IntermediateDir = Annotated[
+    Optional[Path],
+    typer.Option("--intermediate-dir", help="Multi-stage: where named stages are written (default: OUT.stages)."),
+]
+
+DryRun = Annotated[
+    bool,
+    typer.Option("--dry-run", help="Print the plan (as `mkmerge plan`) and stop: no tensor is read, OUT is not created."),
+]
+AsJson = Annotated[bool, typer.Option("--json", help="Print the plan as JSON (schema mkmerge-plan/1).")]
 
 merge_app = typer.Typer(add_completion=False, rich_markup_mode="rich", help=__doc__)
 methods_app = typer.Typer(add_completion=False, help="List merge methods and their parameters.")
 plan_app = typer.Typer(add_completion=False, help="Show what a recipe will do, reading only headers.")
-
-DryRun = Annotated[
-    bool, typer.Option("--dry-run", help="Print the plan (as `mkmerge plan`) and stop: no tensor is read, OUT is not created.")
-]
-AsJson = Annotated[bool, typer.Option("--json", help="Print the plan as JSON (schema mkmerge-plan/1).")]
 
 
 @merge_app.command(help=__doc__, no_args_is_help=True)
@@ -63,28 +83,51 @@ def merge(
     copy_tokenizer: CopyTokenizer = True,
     write_model_card: ModelCard = True,
     cache_dir: CacheDir = None,
+    lora_merge_dtype: LoraMergeDtype = None,
+    lora_merge_cache: LoraMergeCache = None,
+    lazy: Lazy = True,
+    intermediate_dir: IntermediateDir = None,
     dry_run: DryRun = False,
     as_json: AsJson = False,
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
-    from mkmerge.run import load_recipe, run_merge
+    from mkmerge.run import run_merge
+    from mkmerge.run_stages import run_stages
+    from mkmerge.stages import load_stages
 
     with cli_errors(debug):
         started = time.perf_counter()
         options = build_options(
             device=device, cuda=cuda, threads=threads, shard_size=shard_size, seed=seed, overwrite=overwrite
         )
+        merge_dtype = parse_float_dtype(lora_merge_dtype, option="--lora-merge-dtype")
         if as_json and not dry_run:
             raise RecipeError("--json prints a plan, so it needs --dry-run", field="--json")
+        stages = load_stages(recipe, out=out, intermediate_dir=intermediate_dir)
         if dry_run:
-            from common.writing import OutputDirectory
-            from mkmerge.plan_view import show_plan
+            from mkmerge.plan_view import show_stage_plans
 
-            OutputDirectory(out, overwrite=overwrite).check()  # as a run checks OUT, without creating it
-            show_plan(recipe, options, allow_crimes=allow_crimes, cache_dir=cache_dir, as_json=as_json)
+            show_stage_plans(
+                stages, options, lazy=lazy, allow_crimes=allow_crimes, cache_dir=cache_dir,
+                lora_merge_dtype=merge_dtype, as_json=as_json,
+            )  # fmt: skip
             return
-        parsed = load_recipe(recipe)
+        if len(stages) > 1:
+            results = run_stages(
+                stages,
+                options,
+                lazy=lazy,
+                allow_crimes=allow_crimes,
+                copy_tokenizer=copy_tokenizer,
+                write_card=write_model_card,
+                cache_dir=cache_dir,
+                lora_merge_dtype=merge_dtype,
+                progress=lambda stage: ProgressView(f"{stage.label}: {stage.recipe.merge_method}", quiet),
+            )
+            _stages_summary(results, time.perf_counter() - started, quiet)
+            return
+        parsed = stages[0].recipe
         with ProgressView(f"{parsed.merge_method}", quiet) as view:
             plan, stats = run_merge(
                 parsed,
@@ -94,6 +137,7 @@ def merge(
                 copy_tokenizer=copy_tokenizer,
                 write_card=write_model_card,
                 cache_dir=cache_dir,
+                lora_merge_dtype=merge_dtype,
                 listener=view,
             )
         elapsed = time.perf_counter() - started
@@ -102,6 +146,15 @@ def merge(
             f"{stats.tensors} tensors, {human_bytes(stats.bytes_written)}, {plan.num_layers} layers "
             f"-> {out} in {elapsed:.1f} s"
         )
+
+
+def _stages_summary(results, elapsed: float, quiet: bool) -> None:
+    if quiet:
+        return
+    for result in results:
+        done = "reused (up to date)" if result.reused else f"merged {result.stats.tensors} tensors"
+        err_console.print(f"{result.stage.label}: {done} -> {result.stage.out}", highlight=False)
+    err_console.print(f"[green]{len(results)} stages[/green] in {elapsed:.1f} s", highlight=False)
 
 
 @methods_app.command()
@@ -136,20 +189,33 @@ def plan(
     seed: Seed = 0,
     allow_crimes: AllowCrimes = False,
     cache_dir: CacheDir = None,
+    lora_merge_dtype: LoraMergeDtype = None,
     debug: Debug = False,
 ) -> None:
     """Print what `mkmerge RECIPE OUT` would do: inputs, output tensors, files, peak memory.
 
     Reads config.json files and weight headers only. Takes the options of a run that shape
-    the plan; a recipe error is reported exactly as the run would report it.
+    the plan; a recipe error is reported exactly as the run would report it. A multi-stage
+    recipe needs its output directory: plan it with `mkmerge RECIPE OUT --dry-run`.
     """
     from mkmerge.plan_view import show_plan
+    from mkmerge.stages import load_stages
 
     with cli_errors(debug):
         options = build_options(
             device=device, cuda=cuda, threads=threads, shard_size=shard_size, seed=seed, overwrite=False
         )
-        show_plan(recipe, options, allow_crimes=allow_crimes, cache_dir=cache_dir, as_json=as_json)
+        merge_dtype = parse_float_dtype(lora_merge_dtype, option="--lora-merge-dtype")
+        stages = load_stages(recipe, out=Path("OUT"))
+        if len(stages) > 1:
+            raise RecipeError(
+                f"{recipe} holds {len(stages)} stages, whose inputs are found relative to the output directory",
+                hint=f"plan it with `mkmerge {recipe} OUT --dry-run`",
+            )
+        show_plan(
+            stages[0].recipe, options, allow_crimes=allow_crimes, cache_dir=cache_dir,
+            lora_merge_dtype=merge_dtype, as_json=as_json,
+        )  # fmt: skip
 
 
 SUBCOMMANDS = {"methods": methods_app, "plan": plan_app}

@@ -27,6 +27,15 @@ from mkmerge.methods.task_arithmetic import TASK_VECTOR_VARIANTS
 from mkmerge.parameters import layer_position, resolve_parameter
 from mkmerge.slices import PlannedSlice, SliceSource, output_slices, referenced_models
 from mkmerge.tasks import ChunkStats, CombineStats, MergeTensor
+from mkmerge.vocab import (
+    EmbeddingInput,
+    OutputVocabulary,
+    TokenizerCache,
+    plan_vocabulary,
+    resolve_chat_template,
+    vocab_size_key,
+    written_vocab_size,
+)
 
 # How a method copes with embedding matrices of different sizes (SPEC §2.0).
 COMMON_SUBMATRIX = {"linear", "slerp", "nuslerp", "model_stock", "arcee_fusion", "karcher"}
@@ -35,6 +44,9 @@ CUT_TO_BASE = {
     "breadcrumbs", "breadcrumbs_ties", "della", "della_linear",
 }  # fmt: skip
 RANDOM_METHODS = {"dare_linear", "dare_ties", "della", "della_linear", "arcee_fusion"}
+# Methods that need their minimum number of inputs for every tensor: an optional tensor that
+# fewer inputs have is left out of the output (with a warning) instead of merged (SPEC §2.8).
+OMIT_WHEN_FEW_INPUTS = {"model_stock"}
 
 
 @dataclass
@@ -49,6 +61,9 @@ class MergePlan:
     out_dtype: torch.dtype | None
     config_dtype: torch.dtype | None
     uses_slices: bool
+    vocab_size: int | None = None  # set when it must change in config.json (SPEC §3.4, §2.0)
+    vocabulary: OutputVocabulary | None = None  # when the recipe builds a tokenizer
+    chat_template: str | None = None
 
     @property
     def output_bytes(self) -> int:
@@ -58,6 +73,8 @@ class MergePlan:
         updates: dict[str, object] = {}
         if self.uses_slices and self.arch.num_layers_config_key:
             updates[self.arch.num_layers_config_key] = self.num_layers
+        if self.vocab_size is not None:
+            updates[vocab_size_key(self.arch)] = self.vocab_size
         return updates
 
 
@@ -78,25 +95,49 @@ def plan_merge(
     seed: int = 0,
     cache_dir: str | None = None,
     chunk_bytes: int | None = DEFAULT_CHUNK_BYTES,
+    lora_merge_dtype: torch.dtype | None = None,
 ) -> MergePlan:
     """Plan every output tensor of ``recipe``; recipe errors found here name the recipe file.
 
     Tensors bigger than ``chunk_bytes`` (in the compute dtype) are merged in row blocks when
     the method can do that exactly (see mkmerge/methods/chunked.py); None: never.
+    ``lora_merge_dtype``: the dtype `model+lora` inputs are read in (default: as stored).
     """
     try:
-        return _plan_merge(recipe, allow_crimes=allow_crimes, seed=seed, cache_dir=cache_dir, chunk_bytes=chunk_bytes)
+        return _plan_merge(
+            recipe,
+            allow_crimes=allow_crimes,
+            seed=seed,
+            cache_dir=cache_dir,
+            chunk_bytes=chunk_bytes,
+            lora_merge_dtype=lora_merge_dtype,
+        )
     except RecipeError as error:
         raise error.in_file(getattr(recipe, "source_name", None)) from None
 
 
-def _plan_merge(recipe, *, allow_crimes: bool, seed: int, cache_dir: str | None, chunk_bytes: int | None) -> MergePlan:
+def _plan_merge(
+    recipe,
+    *,
+    allow_crimes: bool,
+    seed: int,
+    cache_dir: str | None,
+    chunk_bytes: int | None,
+    lora_merge_dtype: torch.dtype | None,
+) -> MergePlan:
     method = get_method(recipe.merge_method)
-    models = open_input_models(referenced_models(recipe), allow_crimes=allow_crimes, cache_dir=cache_dir)
+    models = open_input_models(
+        referenced_models(recipe), allow_crimes=allow_crimes, cache_dir=cache_dir, lora_merge_dtype=lora_merge_dtype
+    )
     slices = output_slices(recipe, models)
     donor = models[recipe.base_model] if recipe.base_model is not None else next(iter(models.values()))
     arch = donor.arch
-    planner = _TensorPlanner(recipe, method, models, seed, chunk_bytes)
+    tokenizers = TokenizerCache()
+    vocabulary = plan_vocabulary(recipe, models, tokenizers, allow_crimes=allow_crimes, cache_dir=cache_dir)
+    chat_template = resolve_chat_template(recipe, models, tokenizers)
+    if vocabulary is not None:
+        models = {**models, **vocabulary.donor_models}
+    planner = _TensorPlanner(recipe, method, models, seed, vocabulary, chunk_bytes)
     for output_slice in slices:
         planner.check_slice(output_slice)
     outputs: list[OutputTensor] = []
@@ -138,6 +179,11 @@ def _plan_merge(recipe, *, allow_crimes: bool, seed: int, cache_dir: str | None,
         out_dtype=recipe.out_dtype,
         config_dtype=recipe.out_dtype or recipe.dtype,
         uses_slices=bool(recipe.slices),
+        vocab_size=(
+            vocabulary.size if vocabulary is not None else written_vocab_size(planner.embed_rows, donor, tokenizers)
+        ),
+        vocabulary=vocabulary,
+        chat_template=chat_template,
     )
 
 
@@ -148,12 +194,15 @@ class _TensorPlanner:
         method: MergeMethod,
         models: Mapping[ModelReference, InputModel],
         seed: int,
+        vocabulary: OutputVocabulary | None = None,
         chunk_bytes: int | None = DEFAULT_CHUNK_BYTES,
     ):
         self.recipe = recipe
         self.method = method
         self.models = models
         self.seed = seed
+        self.vocabulary = vocabulary
+        self.embed_rows: dict[str, int] = {}  # output name -> rows, for vocabulary-indexed tensors
         self.chunk_bytes = chunk_bytes
 
     # -- slice-level checks ------------------------------------------------------------------
@@ -191,6 +240,28 @@ class _TensorPlanner:
                 f"but {count} are given: {', '.join(str(s.model) for s in output_slice.sources)}",
                 **where,
             )
+        if method.other_inputs is not None:
+            self.check_other_inputs(output_slice, base)
+
+    def check_other_inputs(self, output_slice: PlannedSlice, base: ModelReference | None) -> None:
+        """Methods that fix how many models besides the base they take (nuslerp: two)."""
+        method, wanted = self.method, self.method.other_inputs
+        others = [s.model for s in output_slice.sources if s.model != base]
+        if len(others) == wanted:
+            return
+        base_is_one = base is not None and len(others) == wanted - 1
+        raise RecipeError(
+            f"merge method `{method.name}` takes exactly {wanted} models besides the base model, "
+            f"but {len(others)} are given ({', '.join(map(str, others)) or 'none'})"
+            + (f"; the base model {base} cannot be one of the {wanted}" if base_is_one else ""),
+            field=output_slice.field,
+            line=output_slice.line,
+            hint=(
+                f"make the base model a third model, or leave out `base_model` to {method.name} the two directly"
+                if base_is_one
+                else f"list exactly {wanted} models (and optionally a different `base_model`)"
+            ),
+        )
 
     # -- one output tensor -------------------------------------------------------------------
     def plan_tensor(self, output_slice: PlannedSlice, out_weight: WeightInfo, weight_for, t: float) -> list[OutputTensor]:
@@ -222,8 +293,28 @@ class _TensorPlanner:
         if base_ref is not None and not any(i.is_base for i in inputs):
             if any(s.model == base_ref for s, _ in missing):
                 raise MissingTensorError(f"the base model {base_ref} has no tensor {out_weight.name}")
+        if self._too_few_for_method(out_weight, inputs):
+            return []
         inputs = self._reconcile_shapes(out_weight, inputs)
         return self._build(output_slice, out_weight, inputs, t)
+
+    def _too_few_for_method(self, weight: WeightInfo, inputs: list[_Input]) -> bool:
+        """An optional tensor that too few inputs have, for a method that cannot merge fewer.
+
+        Only the base having it is not "too few": the method returns the base then.
+        """
+        method = self.method
+        if method.name not in OMIT_WHEN_FEW_INPUTS or len(inputs) >= method.min_inputs:
+            return False
+        if len(inputs) == 1 and inputs[0].is_base:
+            return False
+        warnings.warn(
+            f"{weight.name}: only {len(inputs)} input model(s) have this optional tensor "
+            f"({', '.join(str(i.source.model) for i in inputs)}) and `{method.name}` needs "
+            f"{method.min_inputs}, so the output leaves it out",
+            stacklevel=3,
+        )
+        return True
 
     def _reconcile_shapes(self, weight: WeightInfo, inputs: list[_Input]) -> list[_Input]:
         shapes = {i.model.info(i.name).shape for i in inputs}
@@ -231,8 +322,9 @@ class _TensorPlanner:
             return inputs
         name = self.method.name
         only_rows_differ = len({shape[1:] for shape in shapes}) == 1
-        if weight.is_embed and only_rows_differ and (name in COMMON_SUBMATRIX or name in CUT_TO_BASE):
-            return inputs  # vocabulary sizes differ: rows are cut in _build
+        aligned = self.vocabulary is not None or name in COMMON_SUBMATRIX or name in CUT_TO_BASE
+        if weight.is_embed and only_rows_differ and aligned:
+            return inputs  # vocabulary sizes differ: rows are aligned (or cut) in _build
         if name in CUT_TO_BASE:
             base = next((i for i in inputs if i.is_base), None)
             if base is not None:
@@ -249,6 +341,13 @@ class _TensorPlanner:
                         )
                 return kept
         listing = "; ".join(f"{i.model.ref}: {list(i.model.info(i.name).shape)}" for i in inputs)
+        if weight.is_embed and only_rows_differ:
+            raise ShapeMismatchError(
+                f"tensor {weight.name} has different vocabulary sizes in the inputs ({listing}), and merge "
+                f"method `{name}` cannot cut embeddings to a common size",
+                hint="merge models with the same vocabulary size, or use a method that cuts embeddings: "
+                + ", ".join(sorted(COMMON_SUBMATRIX | CUT_TO_BASE)),
+            )
         raise ShapeMismatchError(
             f"tensor {weight.name} has different shapes in the inputs ({listing})",
             hint="merged models must share an architecture and size (same hidden size, heads, layers)",
@@ -300,19 +399,28 @@ class _TensorPlanner:
         if compute is None:
             reference = next((i for i in inputs if i.is_base), inputs[0])
             compute = reference.model.info(reference.name).dtype
-        rows, cols = self._target_shape(weight, inputs)
-        shape = tuple(inputs[0].model.info(inputs[0].name).shape)
-        if rows is not None:
-            shape = (rows,) + ((cols,) if cols is not None else tuple(shape[1:]))
+        aligned = weight.is_embed and self.vocabulary is not None
+        rows = cols = None
+        if aligned:
+            loaded = [EmbeddingInput(i.model, i.name, self._load(i, compute, None, None)) for i in inputs]
+            tasks, shape = self.vocabulary.align(weight, loaded, self.base_of(output_slice), compute, self.models)
+        else:
+            rows, cols = self._target_shape(weight, inputs)
+            shape = tuple(inputs[0].model.info(inputs[0].name).shape)
+            if rows is not None:
+                shape = (rows,) + ((cols,) if cols is not None else tuple(shape[1:]))
+        if weight.is_embed:
+            self.embed_rows[weight.name] = shape[0]
         out_dtype = _dtype_name(weight.force_dtype) or self.recipe.out_dtype or compute
         per_model = [self._params_for(inp, output_slice, t) for inp in inputs]
         params = self._globals(output_slice, weight.name, t)
         if self.method.name != "passthrough" or len(inputs) != 1:
             self._check_weights(weight.name, inputs, per_model, params)
             self._check_sparsifier(weight.name, inputs, per_model, shape)
-        chunks, passes = self._chunking(shape, compute, inputs, per_model, params, cut=rows is not None)
+        chunks, passes = self._chunking(shape, compute, inputs, per_model, params, cut=aligned or rows is not None)
         if chunks is None:
-            tasks = [self._load(inp, compute, rows, cols) for inp in inputs]
+            if not aligned:
+                tasks = [self._load(inp, compute, rows, cols) for inp in inputs]
             root = self._merge_task(weight.name, inputs, tasks, per_model, params)
             return [OutputTensor(weight.name, out_dtype, shape, root)]
         return self._chunked(weight.name, shape, out_dtype, compute, inputs, per_model, params, chunks, passes)
@@ -402,7 +510,7 @@ class _TensorPlanner:
             rows = min(s[0] for s in shapes)
         warnings.warn(
             f"{weight.name}: inputs have different vocabulary sizes ({sorted({s[0] for s in shapes})} rows); "
-            f"cutting to {rows} rows. config.json keeps the donor's vocab_size, which may then disagree. "
+            f"cutting to {rows} rows (tokens past them lose their embedding). "
             "A `tokenizer:` block aligns vocabularies instead",
             stacklevel=2,
         )
@@ -434,6 +542,15 @@ class _TensorPlanner:
                 raise MergeError(
                     f"the `weight` values of tensor {name} sum to zero, so normalising divides by zero ({listing})",
                     hint="change the weights, or set `normalize: false`",
+                )
+        if self.method.name == "multislerp" and params.get("normalize_weights", True):
+            others = [(i, p) for i, p in zip(inputs, per_model) if not i.is_base]
+            if len(others) > 1 and sum(p["weight"] for _, p in others) == 0:
+                listing = ", ".join(f"{i.source.model}: {p['weight']}" for i, p in others)
+                raise MergeError(
+                    f"the `weight` values of tensor {name} sum to zero, so normalising them divides by zero "
+                    f"({listing})",
+                    hint="change the weights, or set `normalize_weights: false`",
                 )
 
     def _check_sparsifier(

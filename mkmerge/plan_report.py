@@ -31,6 +31,10 @@ JSON schema ``mkmerge-plan/1`` (sizes in bytes, layer ranges inclusive, 0-based)
                  "prefetch_bytes": ..., "write_queue_bytes": ..., "device": "cpu"}
     }
 
+A multi-stage dry run prints ``{"schema": "mkmerge-plan/1", "stages": [{"document": 1,
+"name": "soup" | null, "out": ..., "depends_on": [...], "status": "reused" | "planned" |
+"waits", "plan": <the document above> | null}]}`` (mkmerge/plan_view.py).
+
 Input labels: ``base`` for the recipe's base model, then ``A``, ``B``, ... in recipe order.
 ``computed_as`` names the method and the inputs' labels; a source layer range follows a label
 when it differs from the output layers (stacking), a scale factor follows as ``×0.5``.

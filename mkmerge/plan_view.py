@@ -8,33 +8,41 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
+from collections.abc import Sequence
 
+import torch
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from common.build import BuildOptions
 from common.cli import human_bytes
+from common.writing import OutputDirectory
 from mkmerge.memory_estimate import current_rss_bytes
 from mkmerge.plan import plan_merge
-from mkmerge.plan_report import PlanReport, TensorPlan, plan_report, report_json
-from mkmerge.run import load_recipe
+from mkmerge.plan_report import SCHEMA, PlanReport, TensorPlan, plan_report, report_json
+from mkmerge.run_stages import check_stages
+from mkmerge.stages import Stage
 
 
 def show_plan(
-    recipe_path: Path,
+    recipe,
     options: BuildOptions,
     *,
     allow_crimes: bool = False,
     cache_dir: str | None = None,
+    lora_merge_dtype: torch.dtype | None = None,
     as_json: bool = False,
     console: Console | None = None,
 ) -> PlanReport:
-    """Plan ``recipe_path`` from headers and print the report (rich tables, or JSON on stdout)."""
-    recipe = load_recipe(recipe_path)
+    """Plan one parsed recipe from headers and print the report (rich tables, or JSON on stdout)."""
     plan = plan_merge(
-        recipe, allow_crimes=allow_crimes, seed=options.seed, cache_dir=cache_dir, chunk_bytes=options.chunk_bytes
+        recipe,
+        allow_crimes=allow_crimes,
+        seed=options.seed,
+        cache_dir=cache_dir,
+        chunk_bytes=options.chunk_bytes,
+        lora_merge_dtype=lora_merge_dtype,
     )
     # Measured here, after planning: the imports and metadata a run holds before its first read.
     report = plan_report(plan, options, baseline_bytes=current_rss_bytes())
@@ -43,6 +51,72 @@ def show_plan(
     else:
         render_plan(report, console or Console())
     return report
+
+
+def show_stage_plans(
+    stages: Sequence[Stage],
+    options: BuildOptions,
+    *,
+    lazy: bool = True,
+    allow_crimes: bool = False,
+    cache_dir: str | None = None,
+    lora_merge_dtype: torch.dtype | None = None,
+    as_json: bool = False,
+    console: Console | None = None,
+) -> None:
+    """The dry run of `mkmerge RECIPE OUT`: each stage's plan, after the checks the run makes first.
+
+    A one-document recipe prints as `mkmerge plan` does. In a multi-stage recipe, a stage whose
+    output is up to date is reused, and a stage that uses a stage this run recomputes can only
+    be planned once that stage exists (its other inputs are checked now, as the run does).
+    """
+    if len(stages) == 1:
+        OutputDirectory(stages[0].out, overwrite=options.overwrite).check()  # as run_merge does first
+        show_plan(
+            stages[0].recipe, options, allow_crimes=allow_crimes, cache_dir=cache_dir,
+            lora_merge_dtype=lora_merge_dtype, as_json=as_json, console=console,
+        )  # fmt: skip
+        return
+    running, plans = check_stages(
+        list(stages), options, lazy=lazy, allow_crimes=allow_crimes, cache_dir=cache_dir,
+        lora_merge_dtype=lora_merge_dtype,
+    )  # fmt: skip
+    baseline = current_rss_bytes()
+    reports = {number: plan_report(plan, options, baseline_bytes=baseline) for number, plan in plans.items()}
+    if as_json:
+        document = {"schema": SCHEMA, "stages": [_stage_json(s, running, reports) for s in stages]}
+        sys.stdout.write(json.dumps(document, indent=2) + "\n")
+        return
+    console = console or Console()
+    for stage in stages:
+        console.print(f"[bold]{escape(stage.label)}[/bold] -> {escape(str(stage.out))}: {_status_text(stage, running, reports)}")
+        if stage.document in reports:
+            render_plan(reports[stage.document], console)
+
+
+def _status(stage: Stage, running: set[int], reports: dict[int, PlanReport]) -> str:
+    if stage.document not in running:
+        return "reused"
+    return "planned" if stage.document in reports else "waits"
+
+
+def _status_text(stage: Stage, running: set[int], reports: dict[int, PlanReport]) -> str:
+    return {
+        "reused": "up to date, reused",
+        "waits": f"planned once {', '.join(f'`{name}`' for name in stage.depends_on)} is built by this run",
+        "planned": "will be merged",
+    }[_status(stage, running, reports)]
+
+
+def _stage_json(stage: Stage, running: set[int], reports: dict[int, PlanReport]) -> dict:
+    return {
+        "document": stage.document,
+        "name": stage.name,
+        "out": str(stage.out),
+        "depends_on": list(stage.depends_on),
+        "status": _status(stage, running, reports),
+        "plan": report_json(reports[stage.document]) if stage.document in reports else None,
+    }
 
 
 def render_plan(report: PlanReport, console: Console) -> None:

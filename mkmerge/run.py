@@ -5,26 +5,32 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+
 from common.build import BuildOptions, build_model
 from common.errors import RecipeError
 from common.graph import ProgressListener, RunStats
-from common.writing import copy_tokenizer_files, write_config, write_model_card
+from common.writing import write_config, write_model_card
 from common.writing.output_dir import OutputDirectory
 from mkmerge.methods import METHODS
 from mkmerge.plan import MergePlan, plan_merge
 from mkmerge.recipe import parse_recipe
+from mkmerge.vocab import write_tokenizer
 
 RECIPE_COPY = "mergekit_config.yml"
 
 
-def load_recipe(path: Path):
+def read_recipe_text(path: Path) -> str:
     try:
-        text = Path(path).read_text()
+        return Path(path).read_text()
     except FileNotFoundError:
         raise RecipeError(f"recipe file {path} does not exist") from None
     except (IsADirectoryError, UnicodeDecodeError) as error:
         raise RecipeError(f"cannot read recipe {path}: {error}") from None
-    return parse_recipe(text, known_methods=METHODS.keys(), source_name=str(path))
+
+
+def load_recipe(path: Path):
+    return parse_recipe(read_recipe_text(path), known_methods=METHODS.keys(), source_name=str(path))
 
 
 def run_merge(
@@ -40,17 +46,24 @@ def run_merge(
     config_transform: Callable[[MergePlan, dict], dict] | None = None,
     plan: MergePlan | None = None,
     tool: str = "mkmerge",
+    lora_merge_dtype: torch.dtype | None = None,
 ) -> tuple[MergePlan, RunStats]:
     """Plan ``recipe`` (headers only), then compute and write the model into ``out``.
 
     ``config_transform(plan, config)`` lets a tool edit the output config.json beyond the
     standard updates (mkstack rebuilds per-layer lists with it). ``plan``: a plan of this
     recipe the caller already made (it is not made again). ``tool`` names the tool in the card.
+    ``lora_merge_dtype``: the dtype `model+lora` inputs are read in (default: as stored).
     """
     OutputDirectory(out, overwrite=options.overwrite).check()
     if plan is None:
         plan = plan_merge(
-            recipe, allow_crimes=allow_crimes, seed=options.seed, cache_dir=cache_dir, chunk_bytes=options.chunk_bytes
+            recipe,
+            allow_crimes=allow_crimes,
+            seed=options.seed,
+            cache_dir=cache_dir,
+            chunk_bytes=options.chunk_bytes,
+            lora_merge_dtype=lora_merge_dtype,
         )
     sources = {model.key: model.files.tensors for model in plan.models.values()}
 
@@ -59,8 +72,13 @@ def run_merge(
         write_config(
             directory, plan.donor.config, dtype=plan.config_dtype, updates=plan.config_updates(), transform=transform
         )
-        if copy_tokenizer:
-            copy_tokenizer_files(plan.donor.path, directory)
+        write_tokenizer(
+            directory,
+            built=plan.vocabulary.tokenizer if plan.vocabulary is not None else None,
+            donor=plan.donor.path,
+            chat_template=plan.chat_template,
+            copy_files=copy_tokenizer,
+        )
         if write_card:
             (directory / RECIPE_COPY).write_text(recipe.text)
             _card(plan, directory, Path(out).name, tool)

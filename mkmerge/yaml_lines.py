@@ -119,7 +119,7 @@ def load_document(text: str, *, source_name: str | None = None) -> YamlDocument:
             "but a single recipe was expected",
             line=documents[1].start_line,
             file=source_name,
-            hint="multi-stage recipes (several documents) are run by the multi-stage runner",
+            hint="`mkmerge` runs multi-stage recipes (several documents); this tool takes one recipe",
         )
     if not documents:
         return YamlDocument(data=None, lines=LineTable(), duplicates=(), start_line=1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -18,13 +19,16 @@ EXAMPLES = sorted((Path(__file__).resolve().parent.parent / "examples").glob("*.
 
 @pytest.fixture(scope="module")
 def demo_models(tmp_path_factory):
-    """models/base, models/ft-a, models/ft-b as examples/demo.py lays them out (4-layer llama)."""
+    """models/base, models/ft-a, models/ft-b, models/ft-chat as examples/demo.py lays them out (4-layer llama)."""
     from tiny_models import build_model
+    from vocab_models import with_added_tokens
 
     root = tmp_path_factory.mktemp("demo")
     base = build_model("llama", root / "models" / "base", layers=4, hidden=64, seed=0)
     build_model("llama", root / "models" / "ft-a", base=base, seed=1)
     build_model("llama", root / "models" / "ft-b", base=base, seed=2)
+    chat = build_model("llama", root / "ft-c", base=base, seed=3)
+    with_added_tokens(chat, root / "models" / "ft-chat", ["<|im_start|>", "<|im_end|>"], seed=4)
     return root
 
 
@@ -35,7 +39,8 @@ def test_there_is_an_example_for_every_method():
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.stem)
 def test_example_recipe_merges_into_a_loadable_model(example, demo_models, monkeypatch):
-    from tiny_models import load_causal_lm, logits
+    from tiny_models import load_causal_lm, logits, read_tensors
+    from transformers import AutoTokenizer
 
     monkeypatch.chdir(demo_models)
     recipe = parse_recipe(example.read_text(), known_methods=METHODS.keys(), source_name=str(example))
@@ -43,3 +48,7 @@ def test_example_recipe_merges_into_a_loadable_model(example, demo_models, monke
     run_merge(recipe, out, BuildOptions(overwrite=True))
     assert torch.isfinite(logits(load_causal_lm(out), [1, 4, 9, 2])).all()
     assert os.path.exists(out / "mergekit_config.yml")
+    # Tokenizer, embedding rows and config agree (vocabulary-changing recipes included).
+    vocab_size = json.loads((out / "config.json").read_text())["vocab_size"]
+    assert read_tensors(out)["model.embed_tokens.weight"].shape[0] == vocab_size
+    assert max(AutoTokenizer.from_pretrained(out).get_vocab().values()) < vocab_size

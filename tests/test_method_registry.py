@@ -66,7 +66,10 @@ def per_model(method_name: str, count: int, **values) -> list[dict]:
 
 
 def test_registry_holds_the_implemented_methods():
-    assert set(METHODS) == {"linear", "slerp", *TASK_VECTOR, "sce", "ram", "ramplus_tl", "passthrough"}
+    assert set(METHODS) == {
+        "linear", "slerp", *TASK_VECTOR, "sce", "ram", "ramplus_tl", "passthrough",
+        "nuslerp", "multislerp", "karcher", "model_stock", "nearswap", "arcee_fusion",
+    }  # fmt: skip
     for name, method in METHODS.items():
         assert get_method(name) is method and method.name == name and method.pretty_name
 

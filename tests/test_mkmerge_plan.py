@@ -227,6 +227,44 @@ def test_json_without_dry_run_is_refused(tmp_path, family):
     assert not (tmp_path / "o").exists()
 
 
+def two_stage_recipe(base: Path, ft1: Path, ft2: Path) -> str:
+    return (
+        f"name: soup\nmerge_method: linear\nmodels:\n  - model: {ft1}\n    parameters: {{weight: 0.5}}\n"
+        f"  - model: {ft2}\n    parameters: {{weight: 0.5}}\n---\n"
+        f"merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n  - model: soup\n    parameters: {{weight: 1.0}}\n"
+    )
+
+
+def test_dry_run_of_stages_plans_what_exists_and_says_what_waits(tmp_path, family, tensor_reads):
+    recipe_path = write(tmp_path, two_stage_recipe(*family))
+    out = tmp_path / "final"
+    result = CliRunner().invoke(merge_app, [str(recipe_path), str(out), "--dry-run", "--json"])
+    assert result.exit_code == 0, result.output
+    stages = json.loads(result.stdout)["stages"]
+    assert [(s["name"], s["status"], s["depends_on"]) for s in stages] == [
+        ("soup", "planned", []),
+        (None, "waits", ["soup"]),
+    ]
+    assert stages[0]["out"] == str(tmp_path / "final.stages" / "soup")
+    assert stages[0]["plan"]["method"] == "linear" and stages[1]["plan"] is None
+    assert tensor_reads == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yml"]
+
+    assert CliRunner().invoke(merge_app, [str(recipe_path), str(out), "--quiet"]).exit_code == 0
+    again = CliRunner().invoke(merge_app, [str(recipe_path), str(out), "--dry-run", "--json", "--no-lazy", "--overwrite"])
+    assert again.exit_code == 0, again.output
+    assert [s["status"] for s in json.loads(again.stdout)["stages"]] == ["planned", "waits"]
+    reused = CliRunner().invoke(merge_app, [str(recipe_path), str(out), "--dry-run", "--json"])
+    assert [s["status"] for s in json.loads(reused.stdout)["stages"]] == ["reused", "reused"]
+
+
+def test_plan_command_sends_stage_files_to_the_dry_run(tmp_path, family):
+    recipe_path = write(tmp_path, two_stage_recipe(*family))
+    result = CliRunner().invoke(plan_app, [str(recipe_path)])
+    assert result.exit_code == RecipeError.exit_code
+    assert "2 stages" in result.stderr and "--dry-run" in result.stderr
+
+
 # --- errors: the plan reports what the run would -----------------------------------------------
 
 

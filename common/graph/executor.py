@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from common.loading.buffers import READ_BUFFERS
 from common.graph.events import ProgressEvent, ProgressListener
 from common.graph.memory import TRIM_EVERY_BYTES, trim_freed_memory
 from common.graph.schedule import Schedule, build_schedule
@@ -199,7 +200,10 @@ class _Run:
     def _release(self, task: Task) -> None:
         self.remaining[task] -= 1
         if self.remaining[task] == 0:
-            self.values.pop(task, None)
+            value = self.values.pop(task, None)
+            if task.is_io and isinstance(value, torch.Tensor):
+                READ_BUFFERS.give(value)  # kept for the next read of its size if nothing else sees it
+            del value
             nbytes = self.held_bytes.pop(task, 0)
             if nbytes:
                 self.budget.release(nbytes)

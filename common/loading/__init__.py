@@ -3,10 +3,12 @@
 A :class:`ModelReference` names a model; :func:`resolve_model_path` turns it into a
 directory (local, or a Hugging Face Hub snapshot); :func:`open_model` reads that
 directory's config.json and weight headers into a :class:`ModelFiles` whose
-:class:`TensorSource` loads one tensor at a time. Nothing before `load()` reads tensor data.
+:class:`TensorSource` loads one tensor at a time; :func:`with_adapter` wraps a source so a
+PEFT LoRA adapter is applied as each tensor loads. Nothing before `load()` reads tensor data.
 """
 
 from common.loading.hub import CONFIG_PATTERNS, hub_cache_dir, hub_offline, resolve_model_path
+from common.loading.lora import LoraSource, open_adapter, with_adapter
 from common.loading.model import ModelFiles, ShardedSource, open_model, open_tensor_file
 from common.loading.pickle_source import PickleCheckpoint
 from common.loading.reference import ModelReference
@@ -15,6 +17,7 @@ from common.loading.source import TensorInfo, TensorSource, load_rows
 
 __all__ = [
     "CONFIG_PATTERNS",
+    "LoraSource",
     "ModelFiles",
     "ModelReference",
     "PickleCheckpoint",
@@ -26,7 +29,9 @@ __all__ = [
     "hub_cache_dir",
     "load_rows",
     "hub_offline",
+    "open_adapter",
     "open_model",
     "open_tensor_file",
     "resolve_model_path",
+    "with_adapter",
 ]

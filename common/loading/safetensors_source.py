@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from common.errors import MissingTensorError, TensorFileError, did_you_mean
+from common.loading.buffers import typed_view
 from common.loading.source import TensorInfo, TensorSource, read_bytes
 
 # The reference implementation refuses headers above 100 MB; a larger length field means
@@ -94,7 +95,7 @@ class SafetensorsFile(TensorSource):
         buffer = read_bytes(fd, info.nbytes, self._data_start + begin, path=self.path, name=name)
         if sys.byteorder != "little":
             buffer = _to_native(buffer, info.dtype)
-        return buffer.view(info.dtype).reshape(info.shape)
+        return typed_view(buffer, info.dtype, info.shape)
 
     def load_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows ``[start, stop)`` of a tensor: one contiguous positioned read, nothing else."""
@@ -111,7 +112,7 @@ class SafetensorsFile(TensorSource):
         buffer = read_bytes(fd, (stop - start) * row_bytes, offset, path=self.path, name=name)
         if sys.byteorder != "little":
             buffer = _to_native(buffer, info.dtype)
-        return buffer.view(info.dtype).reshape((stop - start, *info.shape[1:]))
+        return typed_view(buffer, info.dtype, (stop - start, *info.shape[1:]))
 
     def close(self) -> None:
         with self._close_lock:

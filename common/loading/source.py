@@ -10,6 +10,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from common.errors import TensorFileError
+from common.loading.buffers import READ_BUFFERS
 
 
 @dataclass(frozen=True)
@@ -67,12 +68,12 @@ def load_rows(source: TensorSource, name: str, start: int, stop: int) -> torch.T
 
 
 def read_bytes(fd: int, nbytes: int, offset: int, *, path: os.PathLike, name: str) -> torch.Tensor:
-    """A fresh uint8 tensor holding `nbytes` read from `fd` at `offset`.
+    """A uint8 tensor holding `nbytes` read from `fd` at `offset` (in a fresh or reused buffer).
 
     Reads straight into the tensor's memory (no intermediate bytes object) and loops,
     because one positioned read may return short (Linux caps a read near 2 GiB).
     """
-    buffer = torch.empty(nbytes, dtype=torch.uint8)
+    buffer = READ_BUFFERS.take(nbytes)
     view = memoryview(buffer.numpy()).cast("B")
     done = 0
     while done < nbytes:

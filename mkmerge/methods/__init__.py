@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +33,12 @@ from mkmerge.methods.task_arithmetic import (
     task_vector_chunked,
     task_vector_merge,
 )
+from mkmerge.methods.arcee_fusion import arcee_fusion_merge
+from mkmerge.methods.karcher import karcher_merge
+from mkmerge.methods.model_stock import model_stock_merge
+from mkmerge.methods.multislerp import multislerp_merge
+from mkmerge.methods.nearswap import nearswap_merge
+from mkmerge.methods.nuslerp import nuslerp_fraction, nuslerp_merge
 
 REQUIRED: Any = object()
 """Default of a parameter that must be given (per-model ones: except for the base model)."""
@@ -82,6 +89,7 @@ class MergeMethod:
     max_inputs: int | None  # None: no limit
     run: Callable[[MethodCall], torch.Tensor]
     chunked: ChunkedForm | None = None  # how to merge row blocks of big tensors exactly
+    other_inputs: int | None = None  # exact number of inputs besides the base, where the method fixes it
 
     def global_parameters(self) -> tuple[ParameterSpec, ...]:
         return tuple(p for p in self.parameters if not p.per_model)
@@ -198,6 +206,93 @@ def _run_passthrough(call: MethodCall) -> torch.Tensor:
         )
     params = call.per_model[0] if call.tensors else call.base_params
     return passthrough(inputs[0], params.get("scale"))
+
+
+# geometric methods: nuslerp, multislerp, karcher, model_stock, nearswap, arcee_fusion
+
+
+def _base_and_one_other(call: MethodCall, method: str) -> torch.Tensor | None:
+    """For base + exactly one other: the base when it is alone, None when the pair is there."""
+    if not call.tensors and call.base is not None:
+        return call.base
+    if call.base is None or len(call.tensors) != 1:
+        raise MergeError(
+            f"{method} merges the base model with exactly one other model; this tensor has "
+            f"{len(call.tensors)} other input(s) and {'a' if call.base is not None else 'no'} base",
+            hint="list exactly two models, one of them the `base_model`",
+        )
+    return None
+
+
+@_naming_tensor
+def _run_nuslerp(call: MethodCall) -> torch.Tensor:
+    if len(call.tensors) > 2:
+        raise MergeError(
+            f"nuslerp interpolates between exactly two models, but this tensor has {len(call.tensors)}",
+            hint="list two models (plus, optionally, a third as `base_model`)",
+        )
+    if len(call.tensors) < 2:  # one of the two lacks this (optional) tensor: keep what is there
+        return call.tensors[0] if call.tensors else call.base
+    t = nuslerp_fraction(call.per_model[0]["weight"], call.per_model[1]["weight"])
+    return nuslerp_merge(
+        t,
+        *call.tensors,
+        base=call.base,
+        flatten=bool(call.params["nuslerp_flatten"]),
+        row_wise=bool(call.params["nuslerp_row_wise"]),
+    )
+
+
+@_naming_tensor
+def _run_multislerp(call: MethodCall) -> torch.Tensor:
+    if not call.tensors:
+        return call.base
+    return multislerp_merge(
+        call.tensors,
+        [p["weight"] for p in call.per_model],
+        base=call.base,
+        normalize_weights=bool(call.params["normalize_weights"]),
+        eps=float(call.params["eps"]),
+    )
+
+
+@_naming_tensor
+def _run_karcher(call: MethodCall) -> torch.Tensor:
+    tensors = list(call.tensors) + ([call.base] if call.base is not None else [])
+    return karcher_merge(tensors, max_iter=int(call.params["max_iter"]), tol=float(call.params["tol"]))
+
+
+@_naming_tensor
+def _run_model_stock(call: MethodCall) -> torch.Tensor:
+    if call.base is None:
+        raise MergeError("model_stock moves from the base model, but no base tensor was given", hint="set `base_model`")
+    if not call.tensors:
+        return call.base
+    merged, t = model_stock_merge(call.base, call.tensors, filter_wise=bool(call.params["filter_wise"]))
+    outside = (t < 0) | (t > 1)
+    if bool(outside.any()):
+        where = f"t = {float(t.reshape(-1)[0]):.4g}" if t.numel() == 1 else (
+            f"t outside [0, 1] in {int(outside.sum())} of {t.numel()} rows "
+            f"(range {float(t.min()):.4g} to {float(t.max()):.4g})"
+        )
+        warnings.warn(
+            f"model_stock, tensor {call.tensor_name}: {where}, so the merge extrapolates beyond the "
+            "base and the models' average (their deltas disagree in direction)",
+            stacklevel=2,
+        )
+    return merged
+
+
+@_naming_tensor
+def _run_nearswap(call: MethodCall) -> torch.Tensor:
+    alone = _base_and_one_other(call, "nearswap")
+    return alone if alone is not None else nearswap_merge(float(call.params["t"]), call.base, call.tensors[0])
+
+
+@_naming_tensor
+def _run_arcee_fusion(call: MethodCall) -> torch.Tensor:
+    alone = _base_and_one_other(call, "arcee_fusion")
+    return alone if alone is not None else arcee_fusion_merge(call.base, call.tensors[0], call.generator(0))
 
 
 # --- declarations
@@ -318,6 +413,96 @@ def _build_registry() -> dict[str, MergeMethod]:
             max_inputs=2,
             run=_run_slerp,
             chunked=slerp_chunked(),
+        ),
+        # geometric methods
+        MergeMethod(
+            name="nuslerp",
+            pretty_name="NuSLERP",
+            reference_url=None,
+            parameters=(
+                _WEIGHT,
+                ParameterSpec(
+                    "nuslerp_flatten", per_model=False, default=True, kind=bool,
+                    help="treat the whole tensor as one vector (else one vector per row or column)",
+                ),
+                ParameterSpec(
+                    "nuslerp_row_wise", per_model=False, default=False, kind=bool,
+                    help="without flatten: slerp the vectors along the first axis (matrix columns), "
+                    "not the last (rows), as mergekit's code does",
+                ),
+            ),
+            base_model="optional",
+            min_inputs=2,
+            max_inputs=3,
+            other_inputs=2,
+            run=_run_nuslerp,
+        ),
+        MergeMethod(
+            name="multislerp",
+            pretty_name="Multi-SLERP",
+            reference_url=None,
+            parameters=(
+                _WEIGHT,
+                ParameterSpec(
+                    "normalize_weights", per_model=False, default=True, kind=bool,
+                    help="divide the weights by their sum",
+                ),
+                ParameterSpec("eps", per_model=False, default=1e-8, help="guards norms against division by zero"),
+            ),
+            base_model="optional",
+            min_inputs=1,
+            max_inputs=None,
+            run=_run_multislerp,
+        ),
+        MergeMethod(
+            name="karcher",
+            pretty_name="Karcher Mean",
+            reference_url="https://en.wikipedia.org/wiki/Karcher_mean",
+            parameters=(
+                ParameterSpec("max_iter", per_model=False, default=10, kind=int, help="most gradient steps"),
+                ParameterSpec("tol", per_model=False, default=1e-5, help="convergence and zero-norm tolerance"),
+            ),
+            base_model="none",
+            min_inputs=1,
+            max_inputs=None,
+            run=_run_karcher,
+        ),
+        MergeMethod(
+            name="model_stock",
+            pretty_name="Model Stock",
+            reference_url="https://arxiv.org/abs/2403.19522",
+            parameters=(
+                ParameterSpec(
+                    "filter_wise", per_model=False, default=False, kind=bool,
+                    help="one ratio per row (last axis) instead of one per tensor",
+                ),
+            ),
+            base_model="required",
+            min_inputs=3,
+            max_inputs=None,
+            run=_run_model_stock,
+        ),
+        MergeMethod(
+            name="nearswap",
+            pretty_name="NearSwap",
+            reference_url=None,
+            parameters=(
+                ParameterSpec("t", per_model=False, help="differences up to t take the other model's value"),
+            ),
+            base_model="required",
+            min_inputs=2,
+            max_inputs=2,
+            run=_run_nearswap,
+        ),
+        MergeMethod(
+            name="arcee_fusion",
+            pretty_name="Arcee Fusion",
+            reference_url=None,
+            parameters=(),
+            base_model="required",
+            min_inputs=2,
+            max_inputs=2,
+            run=_run_arcee_fusion,
         ),
         *(_task_vector_method(name) for name in TASK_VECTOR_VARIANTS),
         MergeMethod(

@@ -1,0 +1,59 @@
+"""`arcee_fusion`: take the other model's entries where they matter most (SPEC §2.10)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from mkmerge.methods.reductions import require_same_shape
+from mkmerge.methods.vectors import as_vectors, vector_dots
+
+# Importance thresholds are estimated from at most this many entries.
+SAMPLE_LIMIT = 10**6
+# Added to both softmax distributions so the log ratio stays finite.
+PROBABILITY_FLOOR = 1e-8
+
+
+def fusion_importance(base: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """``|B − A| ⊙ KL(softmax(B_row) ‖ softmax(A_row))`` in float32, rows along the last axis.
+
+    The KL divergence of each row (1-D tensors: one row) treats the raw weights as logits, a
+    heuristic of the method; it is broadcast over the row.
+    """
+    a = as_vectors(base.to(torch.float32), flatten=False)
+    b = as_vectors(other.to(torch.float32), flatten=False)
+    p = torch.softmax(b, dim=-1) + PROBABILITY_FLOOR
+    q = torch.softmax(a, dim=-1) + PROBABILITY_FLOOR
+    divergence = vector_dots(p, (p / q).log_(), -1).to(torch.float32)
+    return ((b - a).abs_() * divergence).reshape(base.shape)
+
+
+def fusion_threshold(importance: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """``median + 1.5·(q75 − q25)`` of the importance (not the usual ``q75 + 1.5·IQR``), float32.
+
+    Quantile q is the element at index ``floor(q·(n − 1))`` of the sorted values. Tensors with
+    more than SAMPLE_LIMIT entries are estimated from SAMPLE_LIMIT of them drawn without
+    replacement by NumPy's PCG64 seeded with ``generator.initial_seed()``: a serial stream, so
+    the sample depends on the seed and the tensor, never on threads or device.
+    """
+    flat = importance.reshape(-1)
+    if flat.numel() > SAMPLE_LIMIT:
+        draws = np.random.Generator(np.random.PCG64(generator.initial_seed()))
+        picked = draws.choice(flat.numel(), size=SAMPLE_LIMIT, replace=False)
+        flat = flat[torch.from_numpy(picked).to(flat.device)]
+    ordered = flat.sort().values
+    last = ordered.numel() - 1
+    q25, median, q75 = (ordered[int(q * last)] for q in (0.25, 0.5, 0.75))
+    return median + 1.5 * (q75 - q25)
+
+
+def arcee_fusion_merge(base: torch.Tensor, other: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """The base with its entries of outstanding importance (≥ the threshold) taken from ``other``.
+
+    The selected entries are copied (``where``) rather than computed as ``A + (B − A)``, which
+    is the same value in exact arithmetic and keeps them bit-exact. Result in the base's dtype.
+    """
+    require_same_shape([base, other], what="arcee_fusion")
+    importance = fusion_importance(base, other)
+    chosen = importance >= fusion_threshold(importance, generator)
+    return torch.where(chosen, other.to(base.dtype), base)

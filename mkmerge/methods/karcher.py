@@ -1,0 +1,74 @@
+"""`karcher`: the Riemannian (Karcher) mean of the inputs' directions on the sphere (SPEC §2.5)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from mkmerge.methods.reductions import require_same_shape
+from mkmerge.methods.vectors import combine, gram_matrix, quadratic_norm
+
+
+def karcher_merge(tensors: Sequence[torch.Tensor], *, max_iter: int = 10, tol: float = 1e-5) -> torch.Tensor:
+    """Equal-weight Karcher mean of the unit directions, scaled by the mean norm.
+
+    Each tensor is one flat vector ``W_i = n_i·u_i``. Inputs with ``n_i ≤ tol`` get no say in
+    the direction but still count (as 0) in the mean norm ``Σ n_i / N``. The gradient
+    iteration starts at the normalised mean of the kept ``u_i`` and stops after ``max_iter``
+    steps or when the step is shorter than ``tol``; angles below ``tol`` are skipped.
+
+    Every iterate is a combination ``Σ β_k u_k`` of the kept directions, so the iteration runs
+    on the coefficients β with the (float64, thread-invariant) Gram matrix of the inputs, and
+    the tensor is formed once at the end, in float32, cast to the inputs' dtype. All norms are
+    zero (≤ tol): zeros. One input: returned as is.
+    """
+    if len(tensors) == 1:
+        return tensors[0]
+    require_same_shape(tensors, what="karcher")
+    count = len(tensors)
+    dtype = tensors[0].dtype
+    vectors = [t.to(torch.float32) for t in tensors]
+    gram = gram_matrix(vectors)
+    norms = gram.diagonal().sqrt()
+    kept = [i for i in range(count) if norms[i] > tol]
+    if not kept:
+        return torch.zeros(tensors[0].shape, dtype=dtype, device=tensors[0].device)
+    scale = float(norms.sum()) / count
+    directions = gram[kept][:, kept] / torch.outer(norms[kept], norms[kept])  # Gram of the kept u_k
+    beta = karcher_coefficients(directions, max_iter=max_iter, tol=tol)
+    coefficients = [scale * float(beta[k]) / float(norms[i]) for k, i in enumerate(kept)]
+    return combine([vectors[i] for i in kept], coefficients, dtype=dtype)
+
+
+def karcher_coefficients(directions: torch.Tensor, *, max_iter: int, tol: float) -> torch.Tensor:
+    """β with ``u = Σ β_k u_k`` the Karcher mean of unit vectors whose Gram matrix is ``directions``.
+
+    Plain Riemannian gradient descent with step 1 and equal weights, as SPEC §2.5 states it:
+    ``T = Σ α_k (θ_k / sin θ_k)(u_k − cos θ_k·u)``, ``u ← cos‖T‖·u + sin‖T‖·T/‖T‖``.
+    """
+    count = directions.shape[0]
+    alpha = torch.full((count,), 1.0 / count, dtype=torch.float64)
+    beta = alpha.clone()
+    start_norm = quadratic_norm(directions, beta)
+    if start_norm < tol:
+        beta = torch.zeros(count, dtype=torch.float64)
+        beta[0] = 1.0
+    else:
+        beta = beta / start_norm
+    identity = torch.eye(count, dtype=torch.float64)
+    for _ in range(max_iter):
+        cosines = (directions @ beta).clamp(-1.0, 1.0)  # u · u_k
+        tangent = torch.zeros(count, dtype=torch.float64)
+        for k in range(count):
+            theta = math.acos(float(cosines[k]))
+            if theta < tol:
+                continue
+            tangent += alpha[k] * (theta / math.sin(theta)) * (identity[k] - cosines[k] * beta)
+        step = quadratic_norm(directions, tangent)
+        if step < tol:
+            break
+        beta = math.cos(step) * beta + (math.sin(step) / step) * tangent
+        beta = beta / quadratic_norm(directions, beta)
+    return beta

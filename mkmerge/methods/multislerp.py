@@ -1,0 +1,68 @@
+"""`multislerp`: spherical weighted mean of several models, optionally of deltas (SPEC §2.4)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from common.errors import MergeError
+from mkmerge.methods.reductions import require_same_shape
+from mkmerge.methods.vectors import combine, gram_matrix, quadratic_norm
+
+
+def multislerp_merge(
+    tensors: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    *,
+    base: torch.Tensor | None = None,
+    normalize_weights: bool = True,
+    eps: float = 1e-8,
+) -> torch.Tensor:
+    """The weighted mean direction of the inputs, scaled to their weighted mean norm.
+
+    mergekit takes a tangent step at the weighted mean ``m`` of the unit vectors, but the
+    tangent vectors there sum to zero by construction, so its result is, up to rounding, the
+    closed form computed here: ``m/‖m‖ · Σ w_i‖x_i‖`` with ``m = Σ w_i x_i/(‖x_i‖ + eps)``.
+    Each tensor is one flat vector; with ``base`` the vectors are the deltas ``W − W_base``
+    and the result is added back to the base. When ``‖m‖ < eps`` (inputs cancel out) two inputs
+    fall back to ``Σ w_i x_i``; more is an error.
+
+    Dot products are float64 sums (the Gram matrix of the x_i); the output is combined in
+    float32 and cast to the dtype of ``base`` (or the first tensor). One input: returned as is.
+    """
+    if len(tensors) != len(weights):
+        raise ValueError(f"{len(tensors)} tensors but {len(weights)} weights")
+    if not tensors:
+        raise MergeError("multislerp was given no input tensors besides the base", hint="list at least one model")
+    if len(tensors) == 1:
+        return tensors[0]
+    require_same_shape(list(tensors) + ([base] if base is not None else []), what="multislerp")
+    dtype = (base if base is not None else tensors[0]).dtype
+    w = torch.tensor([float(x) for x in weights], dtype=torch.float64)
+    if normalize_weights:
+        total = float(w.sum())
+        if total == 0:
+            raise MergeError(
+                f"multislerp weights sum to zero ({', '.join(f'{x:g}' for x in w.tolist())}), "
+                "so normalising them divides by zero",
+                hint="change the weights, or set `normalize_weights: false`",
+            )
+        w = w / total
+    anchor = base.to(torch.float32) if base is not None else None
+    vectors = [t.to(torch.float32) - anchor if anchor is not None else t.to(torch.float32) for t in tensors]
+    gram = gram_matrix(vectors)
+    norms = gram.diagonal().sqrt()
+    unit_weights = w / (norms + eps)  # m = Σ unit_weights_i · x_i
+    mean_norm = quadratic_norm(gram, unit_weights)
+    if mean_norm < eps:
+        if len(tensors) != 2:
+            raise MergeError(
+                f"the {len(tensors)} inputs cancel out (their weighted mean direction has norm "
+                f"{mean_norm:.3g} < eps {eps:g}), so multislerp has no direction to follow",
+                hint="change the weights or leave out one of the opposing models",
+            )
+        coefficients = w
+    else:
+        coefficients = unit_weights * (float(w @ norms) / mean_norm)
+    return combine(vectors, coefficients.tolist(), dtype=dtype, base=anchor)

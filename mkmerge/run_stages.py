@@ -1,0 +1,181 @@
+"""Run a multi-stage recipe: check what can be checked up front, then each stage in order.
+
+Lazy runs (the default) reuse a stage's existing output when it is complete (config.json
+plus weights, SPEC §1.8), holds a recipe copy equal to the stage's recipe (when it has a
+copy), and no stage it uses is recomputed in this run. The last two conditions go beyond
+mergekit, which would silently keep a stage built from a recipe since edited. ``lazy=False``
+recomputes every stage. Named stages' outputs belong to the run and are replaced when
+recomputed; the final output follows the usual ``--overwrite`` rule.
+
+Before the first tensor moves, every stage that will run has its output location checked,
+and is planned in full (configs and headers) when all stages it uses are on disk already.
+A stage that uses a stage recomputed in this run cannot be planned yet (its input does not
+exist); its other inputs are opened now, and it is planned when its turn comes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from common.build import BuildOptions
+from common.errors import MkError
+from common.graph import ProgressListener, RunStats
+from common.input_models import open_input_models
+from common.writing.output_dir import OutputDirectory
+from mkmerge.plan import MergePlan, plan_merge
+from mkmerge.run import RECIPE_COPY, run_merge
+from mkmerge.slices import referenced_models
+from mkmerge.stages import Stage
+
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """What happened to one stage: computed (with its plan and stats) or reused."""
+
+    stage: Stage
+    plan: MergePlan | None = None
+    stats: RunStats | None = None
+
+    @property
+    def reused(self) -> bool:
+        return self.stats is None
+
+
+def output_is_complete(path: Path) -> bool:
+    """Whether ``path`` holds a finished model: config.json and a weights file or index."""
+    path = Path(path)
+    return (path / "config.json").is_file() and any((path / name).is_file() for name in WEIGHT_FILES)
+
+
+def is_current(stage: Stage) -> bool:
+    """Whether the stage's existing output can be reused (it was built from this recipe)."""
+    if not output_is_complete(stage.out):
+        return False
+    copy = stage.out / RECIPE_COPY
+    return not copy.is_file() or copy.read_text() == stage.recipe.text
+
+
+def stages_to_run(stages: list[Stage], *, lazy: bool) -> set[int]:
+    """Document numbers of the stages to compute; ``stages`` must be in dependency order."""
+    running: set[int] = set()
+    recomputed: set[str] = set()
+    for stage in stages:
+        if not lazy or recomputed.intersection(stage.depends_on) or not is_current(stage):
+            running.add(stage.document)
+            if stage.name is not None:
+                recomputed.add(stage.name)
+    return running
+
+
+def run_stages(
+    stages: list[Stage],
+    options: BuildOptions,
+    *,
+    lazy: bool = True,
+    allow_crimes: bool = False,
+    copy_tokenizer: bool = True,
+    write_card: bool = True,
+    cache_dir: str | None = None,
+    lora_merge_dtype: torch.dtype | None = None,
+    progress: Callable[[Stage], AbstractContextManager[ProgressListener | None]] | None = None,
+) -> list[StageResult]:
+    """Check every stage that will run, then compute them in order; stages in dependency order.
+
+    ``progress(stage)`` opens a progress listener for one stage's computation.
+    """
+    running, plans = check_stages(
+        stages, options, lazy=lazy, allow_crimes=allow_crimes, cache_dir=cache_dir, lora_merge_dtype=lora_merge_dtype
+    )
+    results = []
+    for stage in stages:
+        if stage.document not in running:
+            results.append(StageResult(stage))
+            continue
+        with _within(stage), (progress(stage) if progress else nullcontext()) as listener:
+            plan, stats = run_merge(
+                stage.recipe,
+                stage.out,
+                _options(stage, options),
+                plan=plans.pop(stage.document, None),
+                allow_crimes=allow_crimes,
+                copy_tokenizer=copy_tokenizer,
+                write_card=write_card,
+                cache_dir=cache_dir,
+                lora_merge_dtype=lora_merge_dtype,
+                listener=listener,
+            )
+        results.append(StageResult(stage, plan, stats))
+    return results
+
+
+def check_stages(
+    stages: list[Stage],
+    options: BuildOptions,
+    *,
+    lazy: bool = True,
+    allow_crimes: bool = False,
+    cache_dir: str | None = None,
+    lora_merge_dtype: torch.dtype | None = None,
+) -> tuple[set[int], dict[int, MergePlan]]:
+    """Every check a run makes before its first read: (stages to compute, plans made now).
+
+    A stage is planned now when no stage it uses is recomputed in this run; the others have
+    their own inputs opened (headers only). A dry run reports exactly what this finds.
+    """
+    running = stages_to_run(stages, lazy=lazy)
+    recomputed = {s.name for s in stages if s.document in running and s.name is not None}
+    stage_paths = {str(s.out) for s in stages if s.name is not None}
+    plans: dict[int, MergePlan] = {}
+    for stage in (s for s in stages if s.document in running):
+        with _within(stage):
+            OutputDirectory(stage.out, overwrite=_options(stage, options).overwrite).check()
+            if recomputed.intersection(stage.depends_on):
+                _open_outside_inputs(stage, stage_paths, allow_crimes, cache_dir, lora_merge_dtype)
+            else:
+                plans[stage.document] = plan_merge(
+                    stage.recipe,
+                    allow_crimes=allow_crimes,
+                    seed=options.seed,
+                    cache_dir=cache_dir,
+                    chunk_bytes=options.chunk_bytes,
+                    lora_merge_dtype=lora_merge_dtype,
+                )
+    return running, plans
+
+
+def _options(stage: Stage, options: BuildOptions) -> BuildOptions:
+    # A named stage's output is the run's own intermediate: recomputing it replaces it.
+    return dataclasses.replace(options, overwrite=True) if stage.name is not None else options
+
+
+def _open_outside_inputs(
+    stage: Stage, stage_paths: set[str], allow_crimes: bool, cache_dir: str | None, dtype: torch.dtype | None
+) -> None:
+    """Resolve and open (headers only) the inputs of ``stage`` that are not other stages."""
+    refs = [ref for ref in referenced_models(stage.recipe) if ref.path not in stage_paths]
+    if not refs:
+        return
+    opened = open_input_models(refs, allow_crimes=allow_crimes, cache_dir=cache_dir, lora_merge_dtype=dtype)
+    for model in opened.values():
+        model.files.close()
+
+
+@contextmanager
+def _within(stage: Stage) -> Iterator[None]:
+    try:
+        yield
+    except MkError as error:
+        raise error.within(stage.label) from None
