@@ -33,8 +33,9 @@ prediction is the largest such sum:
   ``malloc_trim`` gives some of it back earlier; this term ignores that and leans high.
 
 Not modelled: heap fragmentation beyond that (measured on a 0.5B model merged in row blocks,
-where every buffer is a heap block: 15-30% above the prediction, which holds within 5% when
-glibc is told to map those blocks, ``MALLOC_MMAP_THRESHOLD_=1048576``), thread stacks, and
+where every buffer is a heap block: 15-30% above the prediction, 25-45% with transparent huge
+pages; it holds within 5% when glibc maps those blocks, ``MALLOC_MMAP_THRESHOLD_=1048576``),
+idle buffers in the read pool (common/loading/buffers.py, at most 128 MiB), thread stacks, and
 CUDA (with ``--device cuda`` the temporaries live on the GPU; the host still holds read and
 write buffers). Row-block merges (mkmerge/methods/chunked.py) are steps like any other:
 their working sets scale with the block, and each statistics pass is a step of its own.
