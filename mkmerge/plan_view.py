@@ -20,7 +20,8 @@ from common.cli import human_bytes
 from common.writing import OutputDirectory
 from mkmerge.memory_estimate import current_rss_bytes
 from mkmerge.plan import plan_merge
-from mkmerge.plan_report import SCHEMA, PlanReport, TensorPlan, plan_report, report_json
+from mkmerge.plan_json import SCHEMA, report_json
+from mkmerge.plan_report import PlanReport, TensorPlan, plan_report
 from mkmerge.run_stages import check_stages
 from mkmerge.stages import Stage
 

@@ -25,7 +25,8 @@ from common.loading import PickleCheckpoint, SafetensorsFile
 from mkmerge.cli import merge_app, plan_app
 from mkmerge.methods import METHODS
 from mkmerge.plan import plan_merge
-from mkmerge.plan_report import plan_report, report_json
+from mkmerge.plan_json import report_json
+from mkmerge.plan_report import plan_report
 from mkmerge.recipe import parse_recipe
 from mkmerge.run import run_merge
 
