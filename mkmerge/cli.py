@@ -5,6 +5,8 @@ Examples:
     mkmerge recipe.yml ./merged
     mkmerge recipe.yml ./merged --device cuda --shard-size 2G
     mkmerge stages.yml ./final --intermediate-dir ./work --no-lazy
+    mkmerge recipe.yml ./merged --dry-run
+    mkmerge plan recipe.yml --json
     mkmerge methods
 
 A recipe file with several `---`-separated documents is a multi-stage recipe: named stages are
@@ -45,6 +47,7 @@ from common.cli import (
     human_bytes,
     parse_float_dtype,
 )
+from common.errors import RecipeError
 
 Lazy = Annotated[
     bool,
@@ -55,8 +58,15 @@ IntermediateDir = Annotated[
     typer.Option("--intermediate-dir", help="Multi-stage: where named stages are written (default: OUT.stages)."),
 ]
 
+DryRun = Annotated[
+    bool,
+    typer.Option("--dry-run", help="Print the plan (as `mkmerge plan`) and stop: no tensor is read, OUT is not created."),
+]
+AsJson = Annotated[bool, typer.Option("--json", help="Print the plan as JSON (schema mkmerge-plan/1).")]
+
 merge_app = typer.Typer(add_completion=False, rich_markup_mode="rich", help=__doc__)
 methods_app = typer.Typer(add_completion=False, help="List merge methods and their parameters.")
+plan_app = typer.Typer(add_completion=False, help="Show what a recipe will do, reading only headers.")
 
 
 @merge_app.command(help=__doc__, no_args_is_help=True)
@@ -77,6 +87,8 @@ def merge(
     lora_merge_cache: LoraMergeCache = None,
     lazy: Lazy = True,
     intermediate_dir: IntermediateDir = None,
+    dry_run: DryRun = False,
+    as_json: AsJson = False,
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
@@ -90,7 +102,17 @@ def merge(
             device=device, cuda=cuda, threads=threads, shard_size=shard_size, seed=seed, overwrite=overwrite
         )
         merge_dtype = parse_float_dtype(lora_merge_dtype, option="--lora-merge-dtype")
+        if as_json and not dry_run:
+            raise RecipeError("--json prints a plan, so it needs --dry-run", field="--json")
         stages = load_stages(recipe, out=out, intermediate_dir=intermediate_dir)
+        if dry_run:
+            from mkmerge.plan_view import show_stage_plans
+
+            show_stage_plans(
+                stages, options, lazy=lazy, allow_crimes=allow_crimes, cache_dir=cache_dir,
+                lora_merge_dtype=merge_dtype, as_json=as_json,
+            )  # fmt: skip
+            return
         if len(stages) > 1:
             results = run_stages(
                 stages,
@@ -156,11 +178,51 @@ def methods() -> None:
     Console().print(table)
 
 
-SUBCOMMANDS = {"methods": methods_app}
+@plan_app.command(no_args_is_help=True)
+def plan(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML (mergekit format).")],
+    as_json: AsJson = False,
+    device: Device = "cpu",
+    cuda: Cuda = False,
+    threads: Threads = None,
+    shard_size: ShardSize = "5G",
+    seed: Seed = 0,
+    allow_crimes: AllowCrimes = False,
+    cache_dir: CacheDir = None,
+    lora_merge_dtype: LoraMergeDtype = None,
+    debug: Debug = False,
+) -> None:
+    """Print what `mkmerge RECIPE OUT` would do: inputs, output tensors, files, peak memory.
+
+    Reads config.json files and weight headers only. Takes the options of a run that shape
+    the plan; a recipe error is reported exactly as the run would report it. A multi-stage
+    recipe needs its output directory: plan it with `mkmerge RECIPE OUT --dry-run`.
+    """
+    from mkmerge.plan_view import show_plan
+    from mkmerge.stages import load_stages
+
+    with cli_errors(debug):
+        options = build_options(
+            device=device, cuda=cuda, threads=threads, shard_size=shard_size, seed=seed, overwrite=False
+        )
+        merge_dtype = parse_float_dtype(lora_merge_dtype, option="--lora-merge-dtype")
+        stages = load_stages(recipe, out=Path("OUT"))
+        if len(stages) > 1:
+            raise RecipeError(
+                f"{recipe} holds {len(stages)} stages, whose inputs are found relative to the output directory",
+                hint=f"plan it with `mkmerge {recipe} OUT --dry-run`",
+            )
+        show_plan(
+            stages[0].recipe, options, allow_crimes=allow_crimes, cache_dir=cache_dir,
+            lora_merge_dtype=merge_dtype, as_json=as_json,
+        )  # fmt: skip
+
+
+SUBCOMMANDS = {"methods": methods_app, "plan": plan_app}
 
 
 def main() -> None:
-    """Console entry: `mkmerge RECIPE OUT [options]` or `mkmerge methods`."""
+    """Console entry: `mkmerge RECIPE OUT [options]`, `mkmerge plan RECIPE` or `mkmerge methods`."""
     if len(sys.argv) > 1 and sys.argv[1] in SUBCOMMANDS:
         app = SUBCOMMANDS[sys.argv[1]]
         sys.argv = [f"mkmerge {sys.argv[1]}"] + sys.argv[2:]

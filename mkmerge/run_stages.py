@@ -96,23 +96,9 @@ def run_stages(
 
     ``progress(stage)`` opens a progress listener for one stage's computation.
     """
-    running = stages_to_run(stages, lazy=lazy)
-    recomputed = {s.name for s in stages if s.document in running and s.name is not None}
-    stage_paths = {str(s.out) for s in stages if s.name is not None}
-    plans: dict[int, MergePlan] = {}
-    for stage in (s for s in stages if s.document in running):
-        with _within(stage):
-            OutputDirectory(stage.out, overwrite=_options(stage, options).overwrite).check()
-            if recomputed.intersection(stage.depends_on):
-                _open_outside_inputs(stage, stage_paths, allow_crimes, cache_dir, lora_merge_dtype)
-            else:
-                plans[stage.document] = plan_merge(
-                    stage.recipe,
-                    allow_crimes=allow_crimes,
-                    seed=options.seed,
-                    cache_dir=cache_dir,
-                    lora_merge_dtype=lora_merge_dtype,
-                )
+    running, plans = check_stages(
+        stages, options, lazy=lazy, allow_crimes=allow_crimes, cache_dir=cache_dir, lora_merge_dtype=lora_merge_dtype
+    )
     results = []
     for stage in stages:
         if stage.document not in running:
@@ -133,6 +119,41 @@ def run_stages(
             )
         results.append(StageResult(stage, plan, stats))
     return results
+
+
+def check_stages(
+    stages: list[Stage],
+    options: BuildOptions,
+    *,
+    lazy: bool = True,
+    allow_crimes: bool = False,
+    cache_dir: str | None = None,
+    lora_merge_dtype: torch.dtype | None = None,
+) -> tuple[set[int], dict[int, MergePlan]]:
+    """Every check a run makes before its first read: (stages to compute, plans made now).
+
+    A stage is planned now when no stage it uses is recomputed in this run; the others have
+    their own inputs opened (headers only). A dry run reports exactly what this finds.
+    """
+    running = stages_to_run(stages, lazy=lazy)
+    recomputed = {s.name for s in stages if s.document in running and s.name is not None}
+    stage_paths = {str(s.out) for s in stages if s.name is not None}
+    plans: dict[int, MergePlan] = {}
+    for stage in (s for s in stages if s.document in running):
+        with _within(stage):
+            OutputDirectory(stage.out, overwrite=_options(stage, options).overwrite).check()
+            if recomputed.intersection(stage.depends_on):
+                _open_outside_inputs(stage, stage_paths, allow_crimes, cache_dir, lora_merge_dtype)
+            else:
+                plans[stage.document] = plan_merge(
+                    stage.recipe,
+                    allow_crimes=allow_crimes,
+                    seed=options.seed,
+                    cache_dir=cache_dir,
+                    chunk_bytes=options.chunk_bytes,
+                    lora_merge_dtype=lora_merge_dtype,
+                )
+    return running, plans
 
 
 def _options(stage: Stage, options: BuildOptions) -> BuildOptions:

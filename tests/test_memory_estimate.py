@@ -1,0 +1,88 @@
+"""The peak-memory model of mkmerge/memory_estimate.py on hand-sized plans.
+
+How close the model comes to a real run's peak is tested in test_mkmerge_plan.py; here each
+term is checked against the arithmetic its docstring states.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from common.build import BuildOptions
+from common.graph import CastTensor, LoadTensor, OutputTensor
+from common.loading import TensorInfo
+from mkmerge.memory_estimate import (
+    HEAP_BLOCK_LIMIT,
+    SCRATCH_ELEMENTS,
+    WORKING_SETS,
+    current_rss_bytes,
+    estimate_peak_memory,
+)
+from mkmerge.tasks import MergeTensor
+
+F32 = torch.float32
+
+
+def load(name: str, numel: int, dtype: torch.dtype = F32) -> LoadTensor:
+    return LoadTensor("m", name, numel * dtype.itemsize)
+
+
+def info_of(loads: list[LoadTensor], dtypes: dict[str, torch.dtype] | None = None):
+    table = {}
+    for task in loads:
+        dtype = (dtypes or {}).get(task.name, F32)
+        table[task.name] = TensorInfo(task.name, dtype, (task.nbytes // dtype.itemsize,))
+    return lambda task: table[task.name]
+
+
+def linear(*inputs, numel: int, dtype=F32) -> OutputTensor:
+    task = MergeTensor("linear", tuple(inputs), None, tuple(((("weight", 1.0),),) * len(inputs)), (("normalize", True),))
+    return OutputTensor(f"out{id(task)}", dtype, (numel,), task)
+
+
+def test_peak_is_baseline_plus_inputs_prefetched_loads_and_working_set():
+    a, b, c = load("a", 1000), load("b", 1000), load("c", 500)
+    outputs = [linear(a, b, numel=1000), OutputTensor("c", F32, (500,), c)]
+    estimate = estimate_peak_memory(outputs, info_of([a, b, c]), BuildOptions(prefetch_bytes=10_000), baseline_bytes=100)
+    working = 2 * 1000 * 4 + 1000 * 4  # result and quotient, one float32 scratch buffer
+    assert WORKING_SETS["linear"].copies == 2 and WORKING_SETS["linear"].scratch_buffers == 1
+    assert estimate.peak_tensor == outputs[0].name
+    assert (estimate.read_bytes, estimate.working_bytes, estimate.write_bytes) == (8000 + 2000, working, 0)
+    assert estimate.peak_bytes == 100 + 10_000 + working
+
+
+def test_read_window_is_capped_by_the_prefetch_budget_and_the_bytes_left_to_read():
+    a, b, c = load("a", 1000), load("b", 1000), load("c", 500)
+    outputs = [linear(a, b, numel=1000), OutputTensor("c", F32, (500,), c)]
+    info = info_of([a, b, c])
+    tight = estimate_peak_memory(outputs, info, BuildOptions(prefetch_bytes=9_000), baseline_bytes=0)
+    roomy = estimate_peak_memory(outputs, info, BuildOptions(prefetch_bytes=10**9), baseline_bytes=0)
+    assert tight.read_bytes == 8000  # c (2000 bytes) does not fit beside a and b
+    assert roomy.read_bytes == 10_000  # everything there is, no more
+
+
+def test_casts_feed_the_method_in_the_compute_dtype_and_out_dtype_costs_a_conversion():
+    a, b = load("a", 1000, torch.bfloat16), load("b", 1000, torch.bfloat16)
+    info = info_of([a, b], {"a": torch.bfloat16, "b": torch.bfloat16})
+    output = linear(CastTensor(a, F32), CastTensor(b, F32), numel=1000, dtype=torch.bfloat16)
+    estimate = estimate_peak_memory([output], info, BuildOptions(prefetch_bytes=0), baseline_bytes=0)
+    assert estimate.read_bytes == 2 * 1000 * 4  # float32 copies, the bfloat16 loads are released
+    assert estimate.working_bytes == 2 * 1000 * 4 + 1000 * 4 + 1000 * 2
+
+
+def test_small_blocks_freed_earlier_are_counted_as_retained_by_the_allocator():
+    small = [load(f"s{i}", 1000) for i in range(4)]
+    big_numel = HEAP_BLOCK_LIMIT // 4 + 1  # one float32 tensor above the heap limit
+    big = load("big", big_numel)
+    outputs = [linear(*small, numel=1000), OutputTensor("big", F32, (big_numel,), big)]
+    estimate = estimate_peak_memory(
+        outputs, info_of([*small, big]), BuildOptions(prefetch_bytes=0), baseline_bytes=0
+    )
+    first = 4 * 4000 + 2 * 4000 + min(1000, SCRATCH_ELEMENTS) * 4
+    assert estimate.peak_tensor == "big"
+    assert estimate.retained_bytes == first - 4000  # all of it but the first output, now being written
+    assert estimate.peak_bytes == big.nbytes + 4000 + estimate.retained_bytes
+
+
+def test_current_rss_is_the_size_of_a_process_with_torch_loaded():
+    assert 50 * 1024**2 < current_rss_bytes() < 64 * 1024**3
