@@ -117,7 +117,7 @@ def test_repeated_source_layers_are_read_for_each_use_and_written_as_copies(tiny
     assert cli(out, "--upscale", a, "--overlap", 1).exit_code == 0  # [0,3) + [1,4): layers 1, 2 twice
     # A repeated layer is read again where it is used again rather than held in memory from
     # its first use to its last (which, in a SOLAR-style stack, is half the model later).
-    assert set(tensor_reads) == set(tensors_of(a))
+    assert {name for _, name in tensor_reads} == set(tensors_of(a))
     assert len(tensor_reads) == len(tensors_of(out))
     got, ta = tensors_of(out), tensors_of(a)
     for j, layer in enumerate([0, 1, 2, 1, 2, 3]):
