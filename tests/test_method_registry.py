@@ -13,6 +13,7 @@ from mkmerge.methods.ram import ram_merge, ramplus_tl_merge
 from mkmerge.methods.sce import sce_merge
 from mkmerge.methods.slerp import slerp_merge
 from mkmerge.methods.task_arithmetic import task_vector_merge
+from method_helpers import bits
 
 TASK_VECTOR = [
     "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear",
@@ -30,10 +31,6 @@ TASK_VECTOR_TABLE = {
 }
 # per-model parameters beyond weight and density, with their SPEC §1.7 defaults
 SPARSIFIER_PARAMETERS = {"breadcrumbs": {"gamma": 0.01}, "della": {"epsilon": 0.15}}
-
-
-def bits(tensor: torch.Tensor) -> bytes:
-    return tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
 def call(tensors=(), base=None, per_model=None, params=None, base_params=None, seed=0, name="model.layers.0.w"):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -20,20 +19,7 @@ from mkmerge.methods.sparsifiers import (
     magnitude_sparsify,
 )
 from mkmerge.methods.task_arithmetic import sparsify, task_vector_merge
-
-
-@contextmanager
-def threads(count: int):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-def bits(tensor: torch.Tensor) -> bytes:
-    return tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+from method_helpers import bits, threads
 
 
 def fsum_l1(tensor: torch.Tensor) -> float:

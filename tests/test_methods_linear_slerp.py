@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -14,18 +13,9 @@ from mkmerge.methods.linear import linear_merge
 from mkmerge.methods import reductions
 from mkmerge.methods.reductions import dot, stacked_sum
 from mkmerge.methods.slerp import slerp_merge
+from method_helpers import threads
 
 HALF_AND_FULL = [torch.bfloat16, torch.float16, torch.float32]
-
-
-@contextmanager
-def threads(count: int):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def bits(tensor: torch.Tensor) -> bytes:

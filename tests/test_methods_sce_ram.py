@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 
 import pytest
 import torch
@@ -11,20 +10,7 @@ import torch
 from common.errors import ShapeMismatchError
 from mkmerge.methods.ram import ram_merge, ramplus_tl_merge
 from mkmerge.methods.sce import sce_merge
-
-
-@contextmanager
-def threads(count: int):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-def bits(tensor: torch.Tensor) -> bytes:
-    return tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+from method_helpers import bits, threads
 
 
 def family(count, shape=(23, 41), dtype=torch.float32, seed=0, spread=0.1):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 
 import pytest
 import torch
@@ -12,24 +11,7 @@ from common.errors import MergeError, ShapeMismatchError
 from mkmerge.methods.karcher import karcher_merge
 from mkmerge.methods.multislerp import multislerp_merge
 from mkmerge.methods.nuslerp import nuslerp_fraction, nuslerp_merge
-
-
-@contextmanager
-def threads(count: int):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-def bits(tensor: torch.Tensor) -> bytes:
-    return tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-
-
-def randn(*shape, seed: int) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+from method_helpers import bits, randn, threads
 
 
 def close(actual: torch.Tensor, expected: torch.Tensor, rtol=1e-5, atol=1e-6) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from itertools import combinations
 
 import pytest
@@ -13,24 +12,7 @@ from common.errors import MergeError, ShapeMismatchError
 from mkmerge.methods.arcee_fusion import SAMPLE_LIMIT, arcee_fusion_merge, fusion_importance, fusion_threshold
 from mkmerge.methods.model_stock import model_stock_merge
 from mkmerge.methods.nearswap import nearswap_merge
-
-
-@contextmanager
-def threads(count: int):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-def bits(tensor: torch.Tensor) -> bytes:
-    return tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-
-
-def randn(*shape, seed: int) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+from method_helpers import bits, randn, threads
 
 
 def close(actual: torch.Tensor, expected: torch.Tensor, rtol=1e-5, atol=1e-6) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 
 import pytest
 import numpy as np
@@ -13,20 +12,7 @@ from common.errors import MergeError
 from mkmerge.methods.reductions import l1_norm
 from mkmerge.methods.sparsifiers import magnitude_sparsify, random_sparsify, top_k_mask
 from mkmerge.methods.task_arithmetic import rescale_l1, sparsify, task_vector_merge
-
-
-@contextmanager
-def threads(count: int):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-def bits(tensor: torch.Tensor) -> bytes:
-    return tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+from method_helpers import bits, threads
 
 
 def fsum_l1(tensor: torch.Tensor) -> float:
