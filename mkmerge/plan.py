@@ -116,6 +116,25 @@ def plan_merge(
         raise error.in_file(getattr(recipe, "source_name", None)) from None
 
 
+def plan_for_run(
+    recipe,
+    options,
+    *,
+    allow_crimes: bool = False,
+    cache_dir: str | None = None,
+    lora_merge_dtype: torch.dtype | None = None,
+) -> MergePlan:
+    """:func:`plan_merge` with the seed and chunk size a run with these ``BuildOptions`` uses."""
+    return plan_merge(
+        recipe,
+        allow_crimes=allow_crimes,
+        seed=options.seed,
+        cache_dir=cache_dir,
+        chunk_bytes=options.chunk_bytes,
+        lora_merge_dtype=lora_merge_dtype,
+    )
+
+
 def _plan_merge(
     recipe,
     *,

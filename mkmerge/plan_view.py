@@ -19,7 +19,7 @@ from common.build import BuildOptions
 from common.cli import human_bytes
 from common.writing import OutputDirectory
 from mkmerge.memory_estimate import current_rss_bytes
-from mkmerge.plan import plan_merge
+from mkmerge.plan import plan_for_run
 from mkmerge.plan_json import SCHEMA, report_json
 from mkmerge.plan_report import PlanReport, TensorPlan, plan_report
 from mkmerge.run_stages import check_stages
@@ -37,13 +37,8 @@ def show_plan(
     console: Console | None = None,
 ) -> PlanReport:
     """Plan one parsed recipe from headers and print the report (rich tables, or JSON on stdout)."""
-    plan = plan_merge(
-        recipe,
-        allow_crimes=allow_crimes,
-        seed=options.seed,
-        cache_dir=cache_dir,
-        chunk_bytes=options.chunk_bytes,
-        lora_merge_dtype=lora_merge_dtype,
+    plan = plan_for_run(
+        recipe, options, allow_crimes=allow_crimes, cache_dir=cache_dir, lora_merge_dtype=lora_merge_dtype
     )
     # Measured here, after planning: the imports and metadata a run holds before its first read.
     report = plan_report(plan, options, baseline_bytes=current_rss_bytes())

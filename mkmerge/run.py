@@ -13,7 +13,7 @@ from common.graph import ProgressListener, RunStats
 from common.writing import write_config, write_model_card
 from common.writing.output_dir import OutputDirectory
 from mkmerge.methods import METHODS
-from mkmerge.plan import MergePlan, plan_merge
+from mkmerge.plan import MergePlan, plan_for_run
 from mkmerge.recipe import parse_recipe
 from mkmerge.vocab import write_tokenizer
 
@@ -57,13 +57,8 @@ def run_merge(
     """
     OutputDirectory(out, overwrite=options.overwrite).check()
     if plan is None:
-        plan = plan_merge(
-            recipe,
-            allow_crimes=allow_crimes,
-            seed=options.seed,
-            cache_dir=cache_dir,
-            chunk_bytes=options.chunk_bytes,
-            lora_merge_dtype=lora_merge_dtype,
+        plan = plan_for_run(
+            recipe, options, allow_crimes=allow_crimes, cache_dir=cache_dir, lora_merge_dtype=lora_merge_dtype
         )
     sources = {model.key: model.files.tensors for model in plan.models.values()}
 

@@ -28,7 +28,7 @@ from common.errors import MkError
 from common.graph import ProgressListener, RunStats
 from common.input_models import open_input_models
 from common.writing.output_dir import OutputDirectory
-from mkmerge.plan import MergePlan, plan_merge
+from mkmerge.plan import MergePlan, plan_for_run
 from mkmerge.run import RECIPE_COPY, run_merge
 from mkmerge.slices import referenced_models
 from mkmerge.stages import Stage
@@ -145,13 +145,8 @@ def check_stages(
             if recomputed.intersection(stage.depends_on):
                 _open_outside_inputs(stage, stage_paths, allow_crimes, cache_dir, lora_merge_dtype)
             else:
-                plans[stage.document] = plan_merge(
-                    stage.recipe,
-                    allow_crimes=allow_crimes,
-                    seed=options.seed,
-                    cache_dir=cache_dir,
-                    chunk_bytes=options.chunk_bytes,
-                    lora_merge_dtype=lora_merge_dtype,
+                plans[stage.document] = plan_for_run(
+                    stage.recipe, options, allow_crimes=allow_crimes, cache_dir=cache_dir, lora_merge_dtype=lora_merge_dtype
                 )
     return running, plans
 

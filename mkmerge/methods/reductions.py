@@ -64,11 +64,7 @@ def l1_partials(x: torch.Tensor) -> list[float]:
     for start in range(0, flat.numel(), span):
         stop = min(start + span, flat.numel())
         values = flat[start:stop].to(torch.float32).abs_() if flat.dtype != torch.float32 else flat[start:stop].abs()
-        full = (stop - start) // CHUNK * CHUNK
-        if full:
-            partials.extend(values[:full].view(-1, CHUNK).sum(dim=1).tolist())
-        if full < stop - start:
-            partials.append(values[full:].sum().item())
+        _append_chunk_sums(partials, values)
     return partials
 
 
@@ -113,18 +109,23 @@ def gram_partials(a: torch.Tensor, b: torch.Tensor) -> tuple[list[float], list[f
     for start in range(0, numel, span):
         stop = min(start + span, numel)
         xs, ys = flat_a[start:stop], flat_b[start:stop]
-        full = (stop - start) // CHUNK * CHUNK
         for target, values in zip(partials, (xs * xs, ys * ys, xs * ys)):
-            if full:
-                target.extend(values[:full].view(-1, CHUNK).sum(dim=1).tolist())
-            if full < stop - start:
-                target.append(values[full:].sum().item())
+            _append_chunk_sums(target, values)
     return partials
 
 
 def exact_sum(partials: list[float]) -> float:
     """The exactly rounded sum of partials (see :func:`l1_partials`)."""
     return _exact_sum(partials)
+
+
+def _append_chunk_sums(partials: list[float], values: torch.Tensor) -> None:
+    """Append the sum of each CHUNK of ``values`` (the last one may be shorter), one thread each."""
+    full = values.numel() // CHUNK * CHUNK
+    if full:
+        partials.extend(values[:full].view(-1, CHUNK).sum(dim=1).tolist())
+    if full < values.numel():
+        partials.append(values[full:].sum().item())
 
 
 def _exact_sum(partials: list[float]) -> float:
@@ -157,11 +158,7 @@ def _fixed_order_partials(
         xs = flat_x[start:stop].to(torch.float64, copy=True)
         ys = flat_y[start:stop].to(torch.float64) if flat_y is not None else None
         values = term(xs, ys)
-        full = (stop - start) // CHUNK * CHUNK
-        if full:
-            partials.extend(values[:full].view(-1, CHUNK).sum(dim=1).tolist())
-        if full < stop - start:
-            partials.append(values[full:].sum().item())
+        _append_chunk_sums(partials, values)
     return partials
 
 

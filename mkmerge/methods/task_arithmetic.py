@@ -294,7 +294,7 @@ def task_vector_chunked(variant: TaskVectorVariant) -> ChunkedForm:
     then, with ``rescale``, one pass for the kept deltas' L1 norms (a random mask is known
     up front, so DARE needs only that one). Element-wise members need none."""
 
-    def active(params: Mapping, density: float) -> bool:
+    def active(density: float) -> bool:
         return variant.sparsifier != "none" and float(density) < 1
 
     def selection_passes(dtype: torch.dtype) -> int | None:
@@ -307,7 +307,7 @@ def task_vector_chunked(variant: TaskVectorVariant) -> ChunkedForm:
         # may cost a pass.
         if len(per_model) > STREAMED_TERMS_MAX + 1 or variant.sparsifier not in ("none", "magnitude", "random"):
             return None
-        if not any(active(params, p.get("density", 1.0)) for p in per_model):
+        if not any(active(p.get("density", 1.0)) for p in per_model):
             return 0
         selection = selection_passes(dtype)
         if selection is None:
@@ -323,7 +323,7 @@ def task_vector_chunked(variant: TaskVectorVariant) -> ChunkedForm:
             density = float(call.per_model[i]["density"])
             part: dict[str, Any] = {}
             parts.append(part)
-            if not active(call.params, density):
+            if not active(density):
                 continue
             delta = tensor.to(dtype) - base
             if variant.sparsifier == "random":
@@ -368,7 +368,7 @@ def task_vector_chunked(variant: TaskVectorVariant) -> ChunkedForm:
         for i, tensor in enumerate(call.tensors):
             density = float(call.per_model[i]["density"])
             kept = tensor.to(dtype) - base
-            if active(call.params, density):
+            if active(density):
                 if variant.sparsifier == "random":
                     mask = dare_mask(kept.shape, density, call.generator(i), call.offset).to(kept.device)
                 else:
