@@ -97,12 +97,16 @@ def weight_files(model: Path) -> list[Path]:
 
 def floor_command(models: list[Path], out: Path) -> list[str]:
     """A child that reads all input weights once and writes one model's worth of bytes."""
+    # Writes start their writeback as they go, as our writer's do: left to pile up, dirty pages
+    # get the writer throttled and the floor would flatter every ratio against it.
     code = f"""
 import os
+from common.writing.safetensors_writer import start_writeback
 chunk = bytearray(64 << 20)
 view = memoryview(chunk)
 models = {[[str(f) for f in weight_files(m)] for m in models]!r}
 with open({str(out)!r}, "wb") as sink:
+    written = 0
     for i, files in enumerate(models):
         for name in files:
             with open(name, "rb", buffering=0) as source:
@@ -112,7 +116,8 @@ with open({str(out)!r}, "wb") as sink:
                         break
                     if i == 0:
                         sink.write(view[:n])
-    sink.flush()
+                        start_writeback(sink.fileno(), written, n)
+                        written += n
     os.fsync(sink.fileno())
 """
     return [sys.executable, "-c", code]

@@ -58,7 +58,11 @@ def build_model(
             if options.prefetch_bytes is not None:
                 kwargs["prefetch_bytes"] = options.prefetch_bytes
             executor = Executor(ctx, threads=options.threads, readers=options.readers, listener=listener, **kwargs)
-            stats = executor.run(outputs, lambda output, tensor: writer.write(output.name, tensor, output.rows))
+            stats = executor.run(
+                outputs,
+                lambda output, tensor: writer.write(output.name, tensor, output.rows),
+                lambda output, where: writer.copy(output.name, output.rows, output.part_shape, output.dtype, where),
+            )
             writer.finish()
         finally:
             writer.close()

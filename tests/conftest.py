@@ -63,3 +63,40 @@ def tiny_model(tmp_path_factory):
         return built[key]
 
     return make
+
+
+# Every way the engine reaches tensor bytes: whole loads, row blocks, and byte ranges that are
+# copied file to file without being loaded.
+_DATA_ACCESS = (("SafetensorsFile", "load"), ("SafetensorsFile", "load_rows"), ("SafetensorsFile", "byte_range"), ("PickleCheckpoint", "load"))
+
+
+def _watch_tensor_data(monkeypatch, on_access) -> None:
+    import common.loading as loading
+
+    for class_name, method in _DATA_ACCESS:
+        cls = getattr(loading, class_name)
+        real = getattr(cls, method)
+
+        def watched(self, name, *args, _real=real, **kwargs):
+            on_access(name)
+            return _real(self, name, *args, **kwargs)
+
+        monkeypatch.setattr(cls, method, watched)
+
+
+@pytest.fixture
+def tensor_reads(monkeypatch):
+    """Names of the tensors whose data was read or copied, in order (repeats included)."""
+    reads: list[str] = []
+    _watch_tensor_data(monkeypatch, reads.append)
+    return reads
+
+
+@pytest.fixture
+def no_tensor_reads(monkeypatch):
+    """Any access to tensor data fails the run (for errors that must be found before it)."""
+
+    def refuse(name):
+        raise AssertionError(f"tensor data was read ({name}) before the error was found")
+
+    _watch_tensor_data(monkeypatch, refuse)

@@ -152,3 +152,61 @@ def test_tensor_seed_depends_on_seed_name_and_index_only():
     assert tensor_seed(1, "a", 0) == tensor_seed(1, "a", 0)
     assert len({tensor_seed(1, "a", 0), tensor_seed(2, "a", 0), tensor_seed(1, "b", 0), tensor_seed(1, "a", 1)}) == 4
     assert 0 <= tensor_seed(123, "x", 5) < 2**63
+
+
+def test_outputs_that_are_stored_bytes_are_copied_and_the_rest_computed(tmp_path):
+    from safetensors.torch import save_file
+
+    from common.graph import ProgressEvent
+    from common.loading import SafetensorsFile
+
+    stored = {"x": torch.arange(6, dtype=torch.bfloat16).reshape(3, 2), "y": torch.ones(4)}
+    save_file(stored, str(tmp_path / "m.safetensors"))
+    source = SafetensorsFile(tmp_path / "m.safetensors")
+    outputs = [
+        OutputTensor("x", torch.bfloat16, (3, 2), LoadTensor("m", "x")),  # verbatim
+        OutputTensor("x.rows", torch.bfloat16, (3, 2), CastTensor(LoadTensor("m", "x", rows=(1, 3)), torch.bfloat16), rows=(1, 3)),  # a no-op cast: verbatim
+        OutputTensor("x.half", torch.float16, (3, 2), LoadTensor("m", "x")),  # another dtype: computed
+        OutputTensor("y.double", torch.float32, (4,), ScaleTensor(LoadTensor("m", "y"), 2.0)),  # math: computed
+    ]
+    sunk, copied, events = {}, {}, []
+    stats = Executor(ExecutionContext(sources={"m": source}), listener=events.append).run(
+        outputs, lambda output, tensor: sunk.__setitem__(output.name, tensor), lambda output, where: copied.__setitem__(output.name, where)
+    )
+    assert sorted(sunk) == ["x.half", "y.double"] and sorted(copied) == ["x", "x.rows"]
+    assert torch.equal(sunk["x.half"], stored["x"].half()) and torch.equal(sunk["y.double"], 2 * stored["y"])
+    assert copied["x"] == source.byte_range("x") and copied["x.rows"] == source.byte_range("x", (1, 3))
+    assert copied["x.rows"].nbytes == 2 * 2 * 2
+    assert stats.tensors == 4 and stats.bytes_written == sum(o.nbytes for o in outputs)
+    last = [e for e in events if e.kind == "tensor_written"][-1]
+    assert (last.tensors_done, last.tensors_total, last.bytes_done, last.bytes_total) == (4, 4, stats.bytes_written, stats.bytes_written)
+    assert isinstance(last, ProgressEvent)
+
+
+def test_without_a_copier_every_output_is_computed(tmp_path):
+    from safetensors.torch import save_file
+
+    from common.loading import SafetensorsFile
+
+    save_file({"x": torch.ones(2)}, str(tmp_path / "m.safetensors"))
+    sunk = {}
+    Executor(ExecutionContext(sources={"m": SafetensorsFile(tmp_path / "m.safetensors")})).run(
+        [OutputTensor("x", torch.float32, (2,), LoadTensor("m", "x"))], lambda output, tensor: sunk.__setitem__(output.name, tensor)
+    )
+    assert torch.equal(sunk["x"], torch.ones(2))
+
+
+def test_a_failing_copy_stops_the_run_with_its_error(tmp_path):
+    from safetensors.torch import save_file
+
+    from common.loading import SafetensorsFile
+
+    save_file({"x": torch.ones(2)}, str(tmp_path / "m.safetensors"))
+
+    def broken(output, where):
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space"):
+        Executor(ExecutionContext(sources={"m": SafetensorsFile(tmp_path / "m.safetensors")})).run(
+            [OutputTensor("x", torch.float32, (2,), LoadTensor("m", "x"))], lambda o, t: None, broken
+        )

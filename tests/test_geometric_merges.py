@@ -13,7 +13,6 @@ from typer.testing import CliRunner
 
 from common.build import BuildOptions
 from common.errors import MergeError, RecipeError, ShapeMismatchError
-from common.loading import SafetensorsFile
 from mkmerge.cli import merge_app, methods_app
 from mkmerge.methods import METHODS, REQUIRED, MethodCall, get_method
 from mkmerge.methods.karcher import karcher_merge
@@ -48,19 +47,6 @@ def merge(text: str, out: Path, **options) -> dict[str, torch.Tensor]:
         warnings.simplefilter("ignore")  # model_stock's t warnings on random fine-tunes
         run_merge(parse_recipe(text, known_methods=METHODS.keys()), out, BuildOptions(**options))
     return read_tensors(out)
-
-
-@pytest.fixture
-def tensor_reads(monkeypatch):
-    reads: list[str] = []
-    real = SafetensorsFile.load
-
-    def recording(self, name):
-        reads.append(name)
-        return real(self, name)
-
-    monkeypatch.setattr(SafetensorsFile, "load", recording)
-    return reads
 
 
 def refused(tmp_path: Path, text: str, error: type) -> str:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from common.errors import AdapterError, MissingTensorError, ModelNotFoundError, ShapeMismatchError
 from common.input_models import open_input_models
-from common.loading import LoraSource, ModelReference, SafetensorsFile, open_model, with_adapter
+from common.loading import LoraSource, ModelReference, open_model, with_adapter
 from lora_adapters import PREFIX, adapter_config, embedding_factors, linear_factors, write_adapter
 
 Q = "model.layers.0.self_attn.q_proj"  # [32, 32] in the tiny llama
@@ -201,14 +201,6 @@ def test_model_plus_lora_reference_opens_through_the_adapter(llama, tmp_path):
 
 
 # --- errors, all found from headers before any tensor data is read --------------------------------
-
-
-@pytest.fixture
-def no_tensor_reads(monkeypatch):
-    def refuse(self, name):
-        raise AssertionError(f"tensor data was read ({name}) before the error was found")
-
-    monkeypatch.setattr(SafetensorsFile, "load", refuse)
 
 
 def open_lora(model, adapter):

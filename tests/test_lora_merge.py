@@ -10,7 +10,6 @@ from typer.testing import CliRunner
 
 from common.build import BuildOptions
 from common.errors import MissingTensorError
-from common.loading import SafetensorsFile
 from lora_adapters import PREFIX, adapter_config, embedding_factors, linear_factors, write_adapter
 from mkmerge.cli import merge_app
 from mkmerge.methods import METHODS
@@ -144,12 +143,11 @@ def test_unknown_lora_merge_dtype_is_a_recipe_error(family, adapter, tmp_path):
     assert "did you mean `bfloat16`" in result.output
 
 
-def test_bad_adapter_fails_the_command_before_any_tensor_is_read(family, tmp_path, monkeypatch):
+def test_bad_adapter_fails_the_command_before_any_tensor_is_read(family, tmp_path, no_tensor_reads):
     base, _ = family
     adapter = write_adapter(
         tmp_path / "adapter", linear_factors("model.layers.9.self_attn.q_proj", 4, 32, 32, seed=4), adapter_config()
     )
-    monkeypatch.setattr(SafetensorsFile, "load", lambda self, name: pytest.fail(f"read {name}"))
     recipe = tmp_path / "r.yml"
     recipe.write_text(f"merge_method: passthrough\nmodels:\n  - model: {base}+{adapter}\n")
     result = CliRunner().invoke(merge_app, [str(recipe), str(tmp_path / "out")])

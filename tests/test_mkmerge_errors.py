@@ -29,7 +29,6 @@ from common.errors import (
     TensorFileError,
     UnsafePickleError,
 )
-from common.loading import PickleCheckpoint, SafetensorsFile
 from mkmerge.cli import merge_app
 from tiny_models import copy_model, read_tensors
 
@@ -44,28 +43,6 @@ def family(tiny_family):
     """A tiny llama base and two fine-tunes (shared and read-only)."""
     base, (ft1, ft2) = tiny_family("llama")
     return base, ft1, ft2
-
-
-@pytest.fixture
-def tensor_reads(monkeypatch):
-    """Names of tensors whose data was read (every source's `load` is wrapped to record them)."""
-    reads: list[str] = []
-    for cls in (SafetensorsFile, PickleCheckpoint):
-        real = cls.load
-
-        def recording(self, name, _real=real):
-            reads.append(name)
-            return _real(self, name)
-
-        monkeypatch.setattr(cls, "load", recording)
-    real_rows = SafetensorsFile.load_rows
-
-    def recording_rows(self, name, start, stop):
-        reads.append(name)
-        return real_rows(self, name, start, stop)
-
-    monkeypatch.setattr(SafetensorsFile, "load_rows", recording_rows)  # row blocks of big tensors
-    return reads
 
 
 def run_mkmerge(tmp_path: Path, recipe: str, *options: str):

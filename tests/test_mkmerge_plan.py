@@ -21,7 +21,6 @@ from typer.testing import CliRunner
 
 from common.build import BuildOptions
 from common.errors import ArchitectureError, RecipeError, ShapeMismatchError
-from common.loading import PickleCheckpoint, SafetensorsFile
 from mkmerge.cli import merge_app, plan_app
 from mkmerge.methods import METHODS
 from mkmerge.plan import plan_merge
@@ -37,21 +36,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 def family(tiny_family):
     base, (ft1, ft2) = tiny_family("llama")
     return base, ft1, ft2
-
-
-@pytest.fixture
-def tensor_reads(monkeypatch):
-    """Names of tensors whose data was read (every source's `load` is wrapped to record them)."""
-    reads: list[str] = []
-    for cls in (SafetensorsFile, PickleCheckpoint):
-        real = cls.load
-
-        def recording(self, name, _real=real):
-            reads.append(name)
-            return _real(self, name)
-
-        monkeypatch.setattr(cls, "load", recording)
-    return reads
 
 
 def ties_recipe(base: Path, ft1: Path, ft2: Path) -> str:

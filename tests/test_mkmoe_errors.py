@@ -7,7 +7,6 @@ from mkmoe_helpers import build, moe_yaml
 from typer.testing import CliRunner
 
 from common.errors import ArchitectureError, RecipeError, ShapeMismatchError
-from common.loading import PickleCheckpoint, SafetensorsFile
 from mkmoe.cli import app
 from mkmoe.config import parse_moe_config
 
@@ -78,14 +77,6 @@ def test_hidden_last_is_hidden_and_unknown_keys_only_warn():
 
 
 # -- against the models, before any tensor data ----------------------------------------------------------
-@pytest.fixture
-def no_tensor_reads(monkeypatch):
-    def refuse(self, name):
-        raise AssertionError(f"tensor data was read ({name}) before validation finished")
-
-    monkeypatch.setattr(SafetensorsFile, "load", refuse)
-    monkeypatch.setattr(PickleCheckpoint, "load", refuse)
-
 
 def _models(tiny_family, tiny_model):
     llama, (ft1, ft2) = tiny_family("llama")

@@ -10,7 +10,6 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from common.loading.safetensors_source import SafetensorsFile
 from mkmerge.methods import METHODS
 from mkmerge.plan import plan_merge
 from mkmerge.recipe import parse_recipe
@@ -47,27 +46,6 @@ def expected_stack(layer_map, first, last) -> dict[str, torch.Tensor]:
             if match and int(match[1]) == layer:
                 expected[f"model.layers.{j}.{match[2]}"] = tensor
     return expected
-
-
-@pytest.fixture
-def tensor_reads(monkeypatch):
-    """Every tensor read from a safetensors file, as (file, name); recorded, then done as usual."""
-    reads: list[tuple[str, str]] = []
-    original = SafetensorsFile.load
-
-    def counting(self, name):
-        reads.append((str(self.path), name))
-        return original(self, name)
-
-    monkeypatch.setattr(SafetensorsFile, "load", counting)
-    original_rows = SafetensorsFile.load_rows
-
-    def counting_rows(self, name, start, stop):
-        reads.append((str(self.path), name))
-        return original_rows(self, name, start, stop)
-
-    monkeypatch.setattr(SafetensorsFile, "load_rows", counting_rows)  # row blocks of big tensors
-    return reads
 
 
 # --- layer maps ---------------------------------------------------------------------------
@@ -117,11 +95,28 @@ def test_repeated_source_layers_are_read_for_each_use_and_written_as_copies(tiny
     assert cli(out, "--upscale", a, "--overlap", 1).exit_code == 0  # [0,3) + [1,4): layers 1, 2 twice
     # A repeated layer is read again where it is used again rather than held in memory from
     # its first use to its last (which, in a SOLAR-style stack, is half the model later).
-    assert {name for _, name in tensor_reads} == set(tensors_of(a))
+    assert set(tensor_reads) == set(tensors_of(a))
     assert len(tensor_reads) == len(tensors_of(out))
     got, ta = tensors_of(out), tensors_of(a)
     for j, layer in enumerate([0, 1, 2, 1, 2, 3]):
         assert torch.equal(got[f"model.layers.{j}.mlp.up_proj.weight"], ta[f"model.layers.{layer}.mlp.up_proj.weight"])
+
+
+def test_a_stack_copies_stored_bytes_file_to_file_without_loading_any_tensor(tiny_model, tmp_path, monkeypatch):
+    from common.loading import SafetensorsFile
+
+    a, b = tiny_model("llama", layers=4), tiny_model("llama", layers=4, seed=1)
+    for method in ("load", "load_rows"):
+        monkeypatch.setattr(SafetensorsFile, method, lambda self, name, *rows: pytest.fail(f"{name} was loaded"))
+    out = tmp_path / "out"
+    assert cli(out, "--slice", f"{a}:0-3", "--slice", f"{b}:1-4").exit_code == 0
+    monkeypatch.undo()
+    got, ta, tb = tensors_of(out), tensors_of(a), tensors_of(b)
+    assert len(got) == len(ta) + 2 * 9  # 6 layers of 9 tensors from 4
+    for j, (source, layer) in enumerate([(ta, 0), (ta, 1), (ta, 2), (tb, 1), (tb, 2), (tb, 3)]):
+        for name in ("self_attn.q_proj.weight", "mlp.down_proj.weight", "input_layernorm.weight"):
+            assert torch.equal(got[f"model.layers.{j}.{name}"], source[f"model.layers.{layer}.{name}"])
+    assert torch.equal(got["model.embed_tokens.weight"], ta["model.embed_tokens.weight"])
 
 
 # --- block expansion ----------------------------------------------------------------------

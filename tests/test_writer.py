@@ -131,3 +131,85 @@ def test_existing_output_needs_overwrite(tmp_path):
         staging.commit()
     assert sorted(p.name for p in out.iterdir()) == ["new"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+# -- verbatim copies: bytes that already lie in an input file ----------------------------------------
+
+
+def _stored(tmp_path, tensors):
+    from safetensors.torch import save_file
+
+    from common.loading import SafetensorsFile
+
+    save_file(tensors, str(tmp_path / "in.safetensors"))
+    return SafetensorsFile(tmp_path / "in.safetensors")
+
+
+def _copy_all(directory, source, tensors, blocks=None):
+    """Plan ``tensors`` and copy each from ``source``; ``blocks`` splits named tensors into row blocks."""
+    planned = [PlannedTensor(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
+    writer = ShardedWriter(directory, plan_shards(planned, 10**9))
+    writer.open()
+    for name, tensor in tensors.items():
+        for rows in (blocks or {}).get(name, [None]):
+            shape = tuple(tensor.shape) if rows is None else (rows[1] - rows[0], *tensor.shape[1:])
+            writer.copy(name, rows, shape, tensor.dtype, source.byte_range(name, rows))
+    writer.finish()
+
+
+def test_copied_tensors_and_row_blocks_are_the_stored_bytes(tmp_path):
+    tensors = _tensors()
+    source = _stored(tmp_path, tensors)
+    out = tmp_path / "out"
+    out.mkdir()
+    _copy_all(out, source, tensors, blocks={"a.weight": [(3, 4), (0, 3)], "c.bias": [(0, 0), (0, 3)]})
+    got = load_file(str(out / "model.safetensors"))
+    for name, tensor in tensors.items():
+        assert got[name].dtype == tensor.dtype and torch.equal(got[name], tensor), name
+
+
+def test_copies_go_through_a_buffer_where_the_kernel_cannot_copy(tmp_path, monkeypatch):
+    import errno
+
+    calls = []
+
+    def cross_device(*args):
+        calls.append(args)
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "copy_file_range", cross_device, raising=False)
+    tensors = _tensors()
+    out = tmp_path / "out"
+    out.mkdir()
+    _copy_all(out, _stored(tmp_path, tensors), tensors)
+    got = load_file(str(out / "model.safetensors"))
+    assert calls and all(torch.equal(got[n], t) for n, t in tensors.items())
+
+
+def test_a_copy_from_a_file_truncated_after_it_was_opened_names_the_file(tmp_path):
+    from common.errors import TensorFileError
+
+    tensors = {"big": torch.arange(4096, dtype=torch.float32)}
+    source = _stored(tmp_path, tensors)
+    where = source.byte_range("big")
+    os.truncate(tmp_path / "in.safetensors", where.offset + 100)
+    writer = ShardedWriter(tmp_path, plan_shards([PlannedTensor("big", torch.float32, (4096,))], 10**9))
+    writer.open()
+    with pytest.raises(TensorFileError, match="truncated.*in.safetensors"):
+        writer.copy("big", None, (4096,), torch.float32, where)
+    writer.close()
+
+
+def test_a_copy_is_checked_against_the_plan_like_a_write(tmp_path):
+    tensors = {"a": torch.zeros(4, 2, dtype=torch.bfloat16)}
+    source = _stored(tmp_path, tensors)
+    writer = ShardedWriter(tmp_path, plan_shards([PlannedTensor("a", torch.bfloat16, (4, 2))], 10**9))
+    writer.open()
+    with pytest.raises(ValueError, match="planned"):
+        writer.copy("a", None, (4, 2), torch.float16, source.byte_range("a"))  # another dtype
+    with pytest.raises(ValueError, match="source range"):
+        writer.copy("a", (0, 2), (2, 2), torch.bfloat16, source.byte_range("a"))  # the whole tensor for 2 rows
+    writer.copy("a", None, (4, 2), torch.bfloat16, source.byte_range("a"))
+    with pytest.raises(ValueError, match="written twice"):
+        writer.copy("a", (0, 1), (1, 2), torch.bfloat16, source.byte_range("a", (0, 1)))
+    writer.close()

@@ -7,7 +7,9 @@ Three kinds of work run side by side:
   always admitted, so a long-lived tensor can never starve it);
 * the calling thread runs every other task in schedule order and frees each result as soon as
   its last consumer has run;
-* one writer thread hands finished output tensors to the sink, behind a queue bounded in bytes.
+* one writer thread hands finished output tensors to the sink, behind a queue bounded in bytes;
+* given a ``copier``, one more thread copies the outputs that are input bytes verbatim file to
+  file (:mod:`common.graph.direct`): those never enter the task graph or process memory.
 
 Output bytes do not depend on the number of threads: tasks are pure, randomness comes from
 per-tensor generators, and compute happens in a fixed order on one thread.
@@ -26,9 +28,11 @@ import torch
 
 from common.loading.buffers import READ_BUFFERS
 from common.graph.events import ProgressEvent, ProgressListener
+from common.graph.direct import split_direct_copies
 from common.graph.memory import TRIM_EVERY_BYTES, trim_freed_memory
 from common.graph.schedule import Schedule, build_schedule
 from common.graph.tasks import OutputTensor, Task
+from common.loading.source import ByteRange
 
 DEFAULT_PREFETCH_BYTES = 320 * 1024**2
 DEFAULT_WRITE_QUEUE_BYTES = 192 * 1024**2
@@ -113,13 +117,21 @@ class Executor:
         self,
         outputs: Sequence[OutputTensor],
         sink: Callable[[OutputTensor, torch.Tensor], None],
+        copier: Callable[[OutputTensor, ByteRange], None] | None = None,
     ) -> RunStats:
+        """Produce every output; ``sink`` takes computed tensors, ``copier`` verbatim byte ranges.
+
+        Without a ``copier`` every output is computed and goes through ``sink``.
+        """
+        copies: list[tuple[OutputTensor, ByteRange]] = []
+        if copier is not None:
+            copies, outputs = split_direct_copies(outputs, self.ctx.sources)
         schedule = build_schedule(outputs)
         previous_threads = torch.get_num_threads()
         if self.threads:
             torch.set_num_threads(self.threads)
         try:
-            return _Run(self, schedule, sink).go()
+            return _Run(self, schedule, sink, copies, copier).go()
         finally:
             torch.set_num_threads(previous_threads)
 
@@ -127,10 +139,15 @@ class Executor:
 class _Run:
     """State of one execution (kept apart so an Executor can be reused)."""
 
-    def __init__(self, executor: Executor, schedule: Schedule, sink):
+    def __init__(self, executor: Executor, schedule: Schedule, sink, copies=(), copier=None):
         self.ex = executor
         self.schedule = schedule
         self.sink = sink
+        self.copies = list(copies)
+        self.copier = copier
+        self.tensors_total = len(schedule.outputs) + len(self.copies)
+        self.bytes_total = schedule.output_bytes + sum(output.nbytes for output, _ in self.copies)
+        self.stats_lock = threading.Lock()
         self.remaining = dict(schedule.consumers)
         self.values: dict[Task, torch.Tensor] = {}
         self.futures: dict[Task, Future] = {}
@@ -161,7 +178,8 @@ class _Run:
                 self.futures_ready.wait(timeout=0.5)
             future = self.futures.pop(task)
         tensor = future.result()
-        self.stats.bytes_read += tensor.numel() * tensor.element_size()
+        with self.stats_lock:
+            self.stats.bytes_read += tensor.numel() * tensor.element_size()
         return tensor
 
     # -- writing ---------------------------------------------------------------------------
@@ -174,27 +192,41 @@ class _Run:
             try:
                 if self.failure is None:
                     self.sink(output, tensor)
-                    self.stats.tensors += 1
-                    self.stats.bytes_written += nbytes
-                    self._emit(output, nbytes)
+                    self._written(output, nbytes)
             except BaseException as error:  # surfaced to the compute loop
                 self.failure = error
                 budget.cancel()
             finally:
                 budget.release(nbytes)
 
-    def _emit(self, output: OutputTensor, nbytes: int) -> None:
-        if self.ex.listener is not None:
-            self.ex.listener(
-                ProgressEvent(
-                    kind="tensor_written",
-                    name=output.name,
-                    tensors_done=self.stats.tensors,
-                    tensors_total=len(self.schedule.outputs),
-                    bytes_done=self.stats.bytes_written,
-                    bytes_total=self.schedule.output_bytes,
-                )
+    def _copy_verbatim(self) -> None:
+        for output, where in self.copies:
+            if self.failure is not None:
+                return
+            try:
+                self.copier(output, where)
+                with self.stats_lock:
+                    self.stats.bytes_read += where.nbytes
+                self._written(output, output.nbytes)
+            except BaseException as error:  # surfaced to the compute loop
+                self.failure = error
+                self.budget.cancel()
+                return
+
+    def _written(self, output: OutputTensor, nbytes: int) -> None:
+        with self.stats_lock:
+            self.stats.tensors += 1
+            self.stats.bytes_written += nbytes
+            event = ProgressEvent(
+                kind="tensor_written",
+                name=output.name,
+                tensors_done=self.stats.tensors,
+                tensors_total=self.tensors_total,
+                bytes_done=self.stats.bytes_written,
+                bytes_total=self.bytes_total,
             )
+        if self.ex.listener is not None:
+            self.ex.listener(event)
 
     # -- compute ---------------------------------------------------------------------------
     def _release(self, task: Task) -> None:
@@ -231,8 +263,8 @@ class _Run:
             listener(
                 ProgressEvent(
                     kind="start",
-                    tensors_total=len(self.schedule.outputs),
-                    bytes_total=self.schedule.output_bytes,
+                    tensors_total=self.tensors_total,
+                    bytes_total=self.bytes_total,
                 )
             )
         write_budget = _ByteBudget(self.ex.write_queue_bytes)
@@ -242,8 +274,11 @@ class _Run:
         pool = ThreadPoolExecutor(max_workers=self.ex.readers, thread_name_prefix="mk-read")
         prefetcher = threading.Thread(target=self._prefetch, args=(pool,), daemon=True)
         prefetcher.start()
+        copier = threading.Thread(target=self._copy_verbatim, daemon=True, name="mk-copy")
+        copier.start()
         try:
             self._compute(writes, write_budget)
+            copier.join()
         except BaseException as error:
             self.failure = self.failure or error
             raise
@@ -251,6 +286,7 @@ class _Run:
             self.budget.cancel()
             writes.put(None)
             writer.join()
+            copier.join()
             prefetcher.join()
             pool.shutdown(wait=True, cancel_futures=True)
             self.values.clear()
@@ -263,9 +299,9 @@ class _Run:
                 ProgressEvent(
                     kind="finish",
                     tensors_done=self.stats.tensors,
-                    tensors_total=len(self.schedule.outputs),
+                    tensors_total=self.tensors_total,
                     bytes_done=self.stats.bytes_written,
-                    bytes_total=self.schedule.output_bytes,
+                    bytes_total=self.bytes_total,
                 )
             )
         return self.stats

@@ -13,9 +13,10 @@ from common.loading.model import ModelFiles, ShardedSource, open_model, open_ten
 from common.loading.pickle_source import PickleCheckpoint
 from common.loading.reference import ModelReference
 from common.loading.safetensors_source import SAFETENSORS_DTYPES, SafetensorsFile
-from common.loading.source import TensorInfo, TensorSource, load_rows
+from common.loading.source import ByteRange, TensorInfo, TensorSource, byte_range, load_rows
 
 __all__ = [
+    "ByteRange",
     "CONFIG_PATTERNS",
     "LoraSource",
     "ModelFiles",
@@ -26,6 +27,7 @@ __all__ = [
     "ShardedSource",
     "TensorInfo",
     "TensorSource",
+    "byte_range",
     "hub_cache_dir",
     "load_rows",
     "hub_offline",

@@ -17,7 +17,7 @@ import torch
 
 from common.errors import MissingTensorError, ModelNotFoundError, TensorFileError, did_you_mean
 from common.loading.pickle_source import PickleCheckpoint
-from common.loading.source import load_rows
+from common.loading.source import ByteRange, byte_range, load_rows
 from common.loading.safetensors_source import SafetensorsFile
 from common.loading.source import TensorInfo, TensorSource
 
@@ -115,6 +115,9 @@ class ShardedSource(TensorSource):
 
     def load_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         return load_rows(self._shard_for(name), name, start, stop)
+
+    def byte_range(self, name: str, rows: tuple[int, int] | None = None) -> ByteRange | None:
+        return byte_range(self._shard_for(name), name, rows)
 
     def close(self) -> None:
         with self._lock:

@@ -20,7 +20,7 @@ import torch
 
 from common.errors import MissingTensorError, TensorFileError, did_you_mean
 from common.loading.buffers import typed_view
-from common.loading.source import TensorInfo, TensorSource, read_bytes
+from common.loading.source import ByteRange, TensorInfo, TensorSource, read_bytes
 
 # The reference implementation refuses headers above 100 MB; a larger length field means
 # the file is not safetensors (or its first bytes are damaged).
@@ -113,6 +113,23 @@ class SafetensorsFile(TensorSource):
         if sys.byteorder != "little":
             buffer = _to_native(buffer, info.dtype)
         return typed_view(buffer, info.dtype, (stop - start, *info.shape[1:]))
+
+    def byte_range(self, name: str, rows: tuple[int, int] | None = None) -> ByteRange | None:
+        """Where the tensor's bytes (or rows ``[start, stop)`` of it) lie in this file.
+
+        None on a big-endian host, where stored bytes are not the tensor's native bytes.
+        """
+        if sys.byteorder != "little" or self._fd is None:
+            return None
+        info, begin = self._entry(name)
+        offset, nbytes = self._data_start + begin, info.nbytes
+        if rows is not None:
+            start, stop = rows
+            if not info.shape or not 0 <= start <= stop <= info.shape[0]:
+                raise ValueError(f"rows [{start}, {stop}) of tensor `{name}` with shape {list(info.shape)}")
+            row_bytes = info.nbytes // info.shape[0] if info.shape[0] else 0
+            offset, nbytes = offset + start * row_bytes, (stop - start) * row_bytes
+        return ByteRange(self.path, self._fd, offset, nbytes)
 
     def close(self) -> None:
         with self._close_lock:

@@ -67,6 +67,27 @@ def load_rows(source: TensorSource, name: str, start: int, stop: int) -> torch.T
     return source.load(name)[start:stop].clone()
 
 
+@dataclass(frozen=True)
+class ByteRange:
+    """Where a stored tensor's bytes (or a row block's) lie in a file, exactly as they are stored."""
+
+    path: os.PathLike
+    fd: int
+    offset: int
+    nbytes: int
+
+
+def byte_range(source: TensorSource, name: str, rows: tuple[int, int] | None = None) -> ByteRange | None:
+    """The file bytes of a tensor (or of rows ``[start, stop)``), when they can be copied verbatim.
+
+    Only sources that store tensors as plain little-endian bytes on a little-endian host can say
+    (safetensors); for the others (pickles, LoRA-applied weights) this is None and the tensor
+    has to be loaded.
+    """
+    locate = getattr(source, "byte_range", None)
+    return None if locate is None else locate(name, rows)
+
+
 def read_bytes(fd: int, nbytes: int, offset: int, *, path: os.PathLike, name: str) -> torch.Tensor:
     """A uint8 tensor holding `nbytes` read from `fd` at `offset` (in a fresh or reused buffer).
 

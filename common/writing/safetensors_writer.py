@@ -10,15 +10,24 @@ tensors, and tensors whose dtype or shape differ from the plan.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import errno
 import json
+import math
 import os
 import struct
+import sys
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 import torch
+
+from common.errors import TensorFileError
+from common.loading.source import ByteRange
 
 SAFETENSORS_DTYPES = {
     torch.float64: "F64",
@@ -162,6 +171,27 @@ class ShardedWriter:
         Parts of one tensor may come in any order and from any thread; each row is written
         once, and the tensor counts as written when all its rows are.
         """
+        shard, offset = self._claim(name, rows, tensor.dtype, tuple(tensor.shape))
+        if tensor.numel():
+            data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+            _pwrite_all(self._fds[shard], memoryview(data), offset)
+            start_writeback(self._fds[shard], offset, data.nbytes)
+
+    def copy(self, name: str, rows: tuple[int, int] | None, shape: tuple[int, ...], dtype: torch.dtype, where: ByteRange) -> None:
+        """Write a tensor (or part) whose bytes already lie, as stored, in another file.
+
+        The kernel copies file to file (``copy_file_range``): no buffer in this process, so a
+        passthrough tensor costs neither memory nor a trip through Python. ``shape`` and
+        ``dtype`` are what the source stores at ``where``.
+        """
+        expected = math.prod(shape) * dtype.itemsize
+        if where.nbytes != expected:
+            raise ValueError(f"{name}: {dtype} {list(shape)} is {expected} bytes, the source range {where.nbytes}")
+        shard, offset = self._claim(name, rows, dtype, shape)
+        copy_file_bytes(where, self._fds[shard], offset, name=name)
+
+    def _claim(self, name: str, rows: tuple[int, int] | None, dtype: torch.dtype, shape: tuple[int, ...]) -> tuple[int, int]:
+        """Check a write against the plan and record its rows: (shard index, file offset)."""
         if self.state != "open":
             raise RuntimeError(f"writer.write() called in state {self.state}")
         if name not in self._where:
@@ -170,10 +200,10 @@ class ShardedWriter:
         total_rows = planned.shape[0] if planned.shape else 1
         start, stop = rows if rows is not None else (0, total_rows)
         expected = planned.shape if rows is None else (stop - start, *planned.shape[1:])
-        if tensor.dtype != planned.dtype or tuple(tensor.shape) != tuple(expected) or not 0 <= start <= stop <= total_rows:
+        if dtype != planned.dtype or tuple(shape) != tuple(expected) or not 0 <= start <= stop <= total_rows:
             raise ValueError(
                 f"{name}{'' if rows is None else f' rows [{start}, {stop})'}: planned {planned.dtype} "
-                f"{list(expected)} of {list(planned.shape)}, got {tensor.dtype} {list(tensor.shape)}"
+                f"{list(expected)} of {list(planned.shape)}, got {dtype} {list(shape)}"
             )
         with self._lock:
             done = self._rows_done.setdefault(name, [])
@@ -182,10 +212,8 @@ class ShardedWriter:
             done.append((start, stop))
             if sum(b - a for a, b in done) == total_rows:
                 self._written.add(name)
-        if planned.nbytes:
-            row_bytes = planned.nbytes // total_rows if total_rows else 0
-            data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
-            _pwrite_all(self._fds[shard], memoryview(data), offset + start * row_bytes)
+        row_bytes = planned.nbytes // total_rows if total_rows else 0
+        return shard, offset + start * row_bytes
 
     def finish(self) -> None:
         """Check completeness, flush to disk and write the index (when sharded)."""
@@ -207,6 +235,68 @@ class ShardedWriter:
         for fd in self._fds:
             os.close(fd)
         self._fds = []
+
+
+# Bytes per copy_file_range call, and per fallback read/write through a buffer.
+COPY_CHUNK_BYTES = 64 * 1024**2
+_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM, errno.EBADF}
+
+
+def copy_file_bytes(where: ByteRange, fd: int, offset: int, *, name: str) -> None:
+    """Copy ``where``'s bytes to ``fd`` at ``offset``, in the kernel where it can."""
+    kernel_copy = hasattr(os, "copy_file_range")
+    done = 0
+    while done < where.nbytes:
+        count = min(where.nbytes - done, COPY_CHUNK_BYTES)
+        if kernel_copy:
+            try:
+                copied = os.copy_file_range(where.fd, fd, count, where.offset + done, offset + done)
+            except OSError as error:
+                if error.errno not in _NO_KERNEL_COPY:
+                    raise
+                kernel_copy = False  # another filesystem, or a kernel without it: copy through a buffer
+                continue
+        else:
+            chunk = os.pread(where.fd, count, where.offset + done)
+            copied = len(chunk)
+            _pwrite_all(fd, chunk, offset + done)
+        if copied == 0:
+            raise TensorFileError(
+                f"truncated: tensor `{name}` needs bytes up to {where.offset + where.nbytes} "
+                f"but {where.path} ended at {where.offset + done}",
+                path=str(where.path),
+                hint="the file is damaged or an interrupted download; download it again",
+            )
+        start_writeback(fd, offset + done, copied)
+        done += copied
+
+
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+@cache
+def _sync_file_range():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        function = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+def start_writeback(fd: int, offset: int, nbytes: int) -> None:
+    """Ask the kernel to start writing a just-written range to disk now, without waiting.
+
+    Left alone, dirty pages pile up until the kernel throttles the writer (measured here:
+    2.2 GB took 1.5-8 s to write, then ~0.9 s to fsync); started range by range, the same
+    bytes take ~1 s in all and the final fsync has almost nothing left to do.
+    """
+    function = _sync_file_range()
+    if function is not None and nbytes:
+        function(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)  # advisory: a failure changes nothing
 
 
 def _pwrite_all(fd: int, data, offset: int) -> None:
