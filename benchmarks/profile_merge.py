@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import threading
 import time
 from collections import defaultdict
@@ -49,6 +50,7 @@ def main() -> None:
     parser.add_argument("--out", default="/tmp/mk-profile-out")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--chunk-mib", type=float, default=None, help="row-block size (default: the engine's)")
     args = parser.parse_args()
     imported = time.perf_counter()
     LoadTensor.execute = timed("read", LoadTensor.execute)
@@ -59,6 +61,8 @@ def main() -> None:
     writer_module.ShardedWriter.finish = timed("fsync+index", writer_module.ShardedWriter.finish)
     recipe = load_recipe(Path(args.recipe))
     options = BuildOptions(device=torch.device(args.device), threads=args.threads, overwrite=True)
+    if args.chunk_mib is not None:
+        options.chunk_bytes = int(args.chunk_mib * 1024**2)
     begin = time.perf_counter()
     run_merge(recipe, Path(args.out), options, write_card=False)
     end = time.perf_counter()
@@ -66,6 +70,9 @@ def main() -> None:
     print(f"{'run_merge':14s} {end - begin:8.2f} s   (wall of planning + merging + writing)")
     for kind in ("read", "merge", "write", "fsync+index"):
         print(f"{kind:14s} {totals[kind]:8.2f} s   over {counts[kind]} calls")
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    print(f"{'page faults':14s} {usage.ru_minflt:8d}     peak RSS {usage.ru_maxrss / 1024:.0f} MB")
+    print(f"{'cpu':14s} {usage.ru_utime:8.2f} s user {usage.ru_stime:.2f} s system (imports included)")
     print(f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE')} threads={torch.get_num_threads()}")
 
 

@@ -14,7 +14,9 @@ from common.writing import OutputDirectory, PlannedTensor, ShardedWriter, plan_s
 DEFAULT_SHARD_SIZE = 5_000_000_000
 # Tensors above this many bytes (in the compute dtype) are merged in row blocks where the
 # method allows it, so peak memory stays flat as models grow (mkmerge/methods/chunked.py).
-DEFAULT_CHUNK_BYTES = 32 * 1024**2
+# Small enough that a block's float32 temporaries stay below glibc's 32 MiB mmap ceiling and
+# come from the heap, reused, instead of being page-faulted in afresh (common/graph/memory.py).
+DEFAULT_CHUNK_BYTES = 8 * 1024**2
 
 
 @dataclass

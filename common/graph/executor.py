@@ -29,7 +29,7 @@ import torch
 from common.loading.buffers import READ_BUFFERS
 from common.graph.events import ProgressEvent, ProgressListener
 from common.graph.direct import split_direct_copies
-from common.graph.memory import TRIM_EVERY_BYTES, trim_freed_memory
+from common.graph.memory import TRIM_EVERY_BYTES, configure_allocator, trim_freed_memory
 from common.graph.schedule import Schedule, build_schedule
 from common.graph.tasks import OutputTensor, Task
 from common.loading.source import ByteRange
@@ -127,6 +127,7 @@ class Executor:
         if copier is not None:
             copies, outputs = split_direct_copies(outputs, self.ctx.sources)
         schedule = build_schedule(outputs)
+        configure_allocator()
         previous_threads = torch.get_num_threads()
         if self.threads:
             torch.set_num_threads(self.threads)
