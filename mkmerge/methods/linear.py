@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import torch
 
 from common.errors import MergeError
+from mkmerge.methods import fused
 from mkmerge.methods.reductions import Term, require_same_shape, stacked_sum
 
 
@@ -32,6 +33,14 @@ def linear_merge(
     dtype = functools.reduce(torch.promote_types, (t.dtype for t in tensors))
     device = tensors[0].device
     w = torch.tensor([float(x) for x in weights], dtype=dtype, device=device)
+    if normalize and w.sum().item() == 0:
+        listed = ", ".join(f"{float(x):g}" for x in weights)
+        raise MergeError(
+            f"weights sum to zero ({listed}), so the normalised linear merge would divide by zero",
+            hint="change the weights, or set `normalize: false` to keep the plain weighted sum",
+        )
+    if fused.linear_applies(tensors):
+        return fused.linear(tensors, weights, normalize)
 
     flats = [t.reshape(-1) for t in tensors]
 
@@ -41,13 +50,4 @@ def linear_merge(
     total = stacked_sum(
         [product(i) for i in range(len(tensors))], tensors[0].shape, dtype, device
     )
-    if not normalize:
-        return total
-    divisor = w.sum()
-    if divisor.item() == 0:
-        listed = ", ".join(f"{float(x):g}" for x in weights)
-        raise MergeError(
-            f"weights sum to zero ({listed}), so the normalised linear merge would divide by zero",
-            hint="change the weights, or set `normalize: false` to keep the plain weighted sum",
-        )
-    return total / divisor
+    return total / w.sum() if normalize else total

@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from mkmerge.methods import fused
 from mkmerge.methods.chunked import ChunkedForm
 from mkmerge.methods.reductions import exact_sum, gram_partials, gram_sums, require_same_shape
 
@@ -46,6 +47,8 @@ def slerp_scales(t: float, aa: float, cc: float, ac: float) -> tuple[float, floa
 
 def _mix(base: torch.Tensor, other: torch.Tensor, scale_a: float, scale_c: float) -> torch.Tensor:
     """``a·sa + c·sc`` in float32, each product rounded, then the sum; cast to the base dtype."""
+    if fused.linear_applies([base, other]):
+        return fused.mix(base, other, scale_a, scale_c)
     a = base.to(torch.float32, copy=True)
     out = a.mul_(scale_a).add_(other.to(torch.float32) * scale_c)
     return out.to(base.dtype)

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from mkmerge.methods import fused
 from mkmerge.methods.chunked import ChunkedForm
 from mkmerge.methods.reductions import (
     BLOCK,
@@ -180,6 +181,9 @@ def task_vector_merge(
     require_same_shape([base, *tensors], what="task-vector merge")
     generators = list(generators) if generators is not None else [None] * count
     options = list(sparsifier_options) if sparsifier_options is not None else [{}] * count
+    if _fusable(sparsifier, rescale, base, tensors):
+        rules = _fused_rules(base, tensors, weights, densities, sparsifier, rescale, generators)
+        return fused.merge(base, tensors, rules, consensus=consensus, normalize=normalize, lambda_=lambda_)
     dtype, device = base.dtype, base.device
 
     weighted: list[torch.Tensor] = []
@@ -196,6 +200,47 @@ def task_vector_merge(
         # kept is always a fresh tensor here (at worst the delta itself), so scale in place.
         weighted.append(kept.mul_(torch.tensor(float(weights[i]), dtype=dtype, device=device)))
     return combine_weighted(base, weighted, weights, consensus=consensus, normalize=normalize, lambda_=lambda_)
+
+
+def _fusable(sparsifier: str, rescale: bool, base: torch.Tensor, tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether :mod:`fused` computes this merge (magnitude with rescale stays in torch: rare)."""
+    wanted = sparsifier in ("none", "random") or (sparsifier == "magnitude" and not rescale)
+    return wanted and fused.applies(base, tensors)
+
+
+def _equal_policy(kept: int, equal: int) -> int:
+    """How many of the ``equal`` entries sitting on the threshold key are kept: all (-1), or the first n."""
+    return -1 if kept >= equal else max(0, kept)
+
+
+def _fused_rules(base, tensors, weights, densities, sparsifier, rescale, generators) -> list[fused.InputRule]:
+    """Per input, what :func:`fused.merge` needs to sparsify it as :func:`sparsify` would."""
+    numel = base.numel()
+    magnitude = [i for i in range(len(tensors)) if sparsifier == "magnitude" and float(densities[i]) < 1]
+    histograms = dict(zip(magnitude, fused.delta_histograms(base, [tensors[i] for i in magnitude]) if magnitude else []))
+    rules = []
+    for i, tensor in enumerate(tensors):
+        density, weight = float(densities[i]), float(weights[i])
+        if i in histograms:
+            k = _top_k_count(numel, density)
+            key, above = _kth_in_histogram(histograms[i], k)
+            equal = int(histograms[i][key].item())
+            rules.append(fused.InputRule(weight, fused.MODE_MAGNITUDE, key=key, equal=_equal_policy(k - above, equal)))
+        elif sparsifier == "random" and density < 1:
+            mask = dare_mask(base.shape, density, _required(generators[i]))
+            factor = None
+            if rescale:
+                delta = tensor.to(base.dtype) - base
+                factor = _rescale_factor(l1_norm(delta), l1_norm(delta * mask))
+            rules.append(fused.InputRule(weight, fused.MODE_MASK, mask=mask.numpy(), factor=factor))
+        else:
+            rules.append(fused.InputRule(weight))
+    return rules
+
+
+def _rescale_factor(before: float, after: float) -> float | None:
+    """The L1 rescale factor of :func:`rescale_l1`, or None where it is skipped."""
+    return None if before < RESCALE_EPS or after < RESCALE_EPS else before / after
 
 
 def combine_weighted(
@@ -325,6 +370,10 @@ def task_vector_chunked(variant: TaskVectorVariant) -> ChunkedForm:
             parts.append(part)
             if not active(density):
                 continue
+            if variant.sparsifier == "magnitude" and index == 0 and not rescale and fused.applies(base, [tensor]):
+                (part["hist"],) = fused.delta_histograms(base, [tensor])
+                part["level"] = "single"
+                continue
             delta = tensor.to(dtype) - base
             if variant.sparsifier == "random":
                 kept = delta * dare_mask(delta.shape, density, call.generator(i), call.offset).to(delta.device)
@@ -364,6 +413,8 @@ def task_vector_chunked(variant: TaskVectorVariant) -> ChunkedForm:
     def apply(call, state):
         base, dtype = call.base, call.base.dtype
         rescale = bool(call.params["rescale"])
+        if _fusable(variant.sparsifier, rescale and variant.sparsifier == "magnitude", base, call.tensors):
+            return _fused_chunk(call, state)
         weighted = []
         for i, tensor in enumerate(call.tensors):
             density = float(call.per_model[i]["density"])
@@ -381,6 +432,31 @@ def task_vector_chunked(variant: TaskVectorVariant) -> ChunkedForm:
             base,
             weighted,
             [p["weight"] for p in call.per_model],
+            consensus=variant.consensus,
+            normalize=bool(call.params["normalize"]),
+            lambda_=float(call.params["lambda"]),
+        )
+
+    def _fused_chunk(call, state):
+        rules = []
+        for i, tensor in enumerate(call.tensors):
+            density, weight = float(call.per_model[i]["density"]), float(call.per_model[i]["weight"])
+            if not active(density):
+                rules.append(fused.InputRule(weight))
+            elif variant.sparsifier == "random":
+                mask = dare_mask(call.base.shape, density, call.generator(i), call.offset).numpy()
+                factor = state[i].get("factor") if bool(call.params["rescale"]) else None
+                rules.append(fused.InputRule(weight, fused.MODE_MASK, mask=mask, factor=factor))
+            else:
+                selection = state[i]
+                equal_here = selection["equal_counts"][call.chunk]
+                need = max(0, min(equal_here, selection["missing"] - selection["equal_before"][call.chunk]))
+                key = selection["key"]
+                rules.append(fused.InputRule(weight, fused.MODE_MAGNITUDE, key=key, equal=_equal_policy(need, equal_here)))
+        return fused.merge(
+            call.base,
+            call.tensors,
+            rules,
             consensus=variant.consensus,
             normalize=bool(call.params["normalize"]),
             lambda_=float(call.params["lambda"]),
@@ -408,6 +484,7 @@ def _combine_selection(state: dict, parts: list[dict], numel: int, density: floa
     equal = [int(h[digit].item()) for h in hists]
     state["key"], state["missing"] = key, state["k"] - above
     state["equal_before"] = tuple(sum(equal[:c]) for c in range(len(equal)))
+    state["equal_counts"] = tuple(equal)
 
 
 def _top_k_count(numel: int, density: float) -> int:

@@ -1,0 +1,134 @@
+"""The fused bfloat16 kernels give the torch form's bits, case by case (mkmerge/methods/fused.py)."""
+
+import itertools
+
+import pytest
+import torch
+
+from mkmerge.methods import fused
+from mkmerge.methods.sparsifiers import _order_keys
+from mkmerge.methods.task_arithmetic import task_vector_merge
+
+pytestmark = pytest.mark.skipif(not fused.available(), reason="numba is not installed")
+
+
+def _family(count: int, numel: int = 40_000, seed: int = 0):
+    """A bf16 base and ``count`` fine-tunes with the awkward cases in them: entries equal to the
+    base (zero deltas), magnitudes repeated many times (ties at the top-k threshold), deltas of
+    opposite signs that cancel in the election sum, and large and subnormal values."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(numel, generator=g).to(torch.bfloat16)
+    base[:64] = torch.tensor([0.0, -0.0, 1e-40, -1e-40, 3e38, -3e38, 1.0, -1.0] * 8, dtype=torch.bfloat16)
+    tensors = []
+    for i in range(count):
+        noise = torch.randn(numel, generator=g) * 0.02
+        noise[numel // 2 :] = torch.round(noise[numel // 2 :] * 100) / 100  # few distinct magnitudes: ties
+        t = (base.float() + noise).to(torch.bfloat16)
+        t[i * 100 : i * 100 + 500] = base[i * 100 : i * 100 + 500]  # zero deltas
+        tensors.append(t)
+    if count >= 2:
+        tensors[1][1000:2000] = (2 * base[1000:2000].float() - tensors[0][1000:2000].float()).to(torch.bfloat16)
+    return base, tensors
+
+
+def _torch_form(monkeypatch, **kwargs):
+    with monkeypatch.context() as patch:
+        patch.setattr(fused, "applies", lambda *args: False)
+        return task_vector_merge(**kwargs)
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit for bit, except that NaNs need only both be NaN (torch's own payloads vary by code path)."""
+    if a.dtype != b.dtype or a.shape != b.shape or not torch.equal(a.isnan(), b.isnan()):
+        return False
+    numbers = ~a.isnan()
+    return torch.equal(a[numbers].view(torch.int16), b[numbers].view(torch.int16))
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 4])
+@pytest.mark.parametrize("consensus, normalize, lambda_", [(True, True, 1.0), (True, False, 0.7), (False, True, 1.0), (False, False, 1.3)])
+def test_magnitude_sparsified_merges_match_the_torch_form(monkeypatch, count, consensus, normalize, lambda_):
+    base, tensors = _family(count)
+    weights = [0.7, -0.3, 1.1, 0.45][:count]
+    densities = [0.5, 0.31, 0.9, 0.05][:count]
+    kwargs = dict(base=base, tensors=tensors, weights=weights, densities=densities, sparsifier="magnitude",
+                  consensus=consensus, normalize=normalize, lambda_=lambda_)  # fmt: skip
+    assert _same_bits(task_vector_merge(**kwargs), _torch_form(monkeypatch, **kwargs))
+
+
+def test_the_threshold_ties_are_broken_to_the_lowest_indices_as_in_the_torch_form(monkeypatch):
+    base = torch.zeros(1000, dtype=torch.bfloat16)
+    tensors = [torch.full((1000,), 0.5, dtype=torch.bfloat16), torch.full((1000,), -0.25, dtype=torch.bfloat16)]
+    tensors[0][::7] = 0.75
+    kwargs = dict(base=base, tensors=tensors, weights=[1.0, 1.0], densities=[0.3, 0.5], sparsifier="magnitude",
+                  consensus=True, normalize=True)  # fmt: skip
+    merged = task_vector_merge(**kwargs)
+    assert _same_bits(merged, _torch_form(monkeypatch, **kwargs))
+    # The first input keeps its 143 entries at 0.75, then the first 157 of its 0.5s; the second
+    # keeps its first 500 entries (all equal), which win only where the first kept nothing.
+    positions = torch.arange(1000)
+    first_kept = (positions % 7 == 0) | (positions < 157 + 157 // 6 + 1) & (positions % 7 != 0)
+    assert int((merged == 0.75).sum()) == 143 and int((merged == 0.5).sum()) == 157
+    rest = ~((merged == 0.75) | (merged == 0.5))
+    assert torch.equal(merged[rest], torch.where(positions[rest] < 500, -0.25, 0.0).to(torch.bfloat16))
+    assert torch.equal(rest, ~first_kept)
+
+
+@pytest.mark.parametrize("rescale, consensus", list(itertools.product([True, False], [True, False])))
+def test_dare_masks_and_rescale_match_the_torch_form(monkeypatch, rescale, consensus):
+    base, tensors = _family(3, seed=3)
+    generators = lambda: [torch.Generator().manual_seed(10 + i) for i in range(3)]  # noqa: E731
+    kwargs = dict(base=base, tensors=tensors, weights=[0.5, 0.3, 0.4], densities=[0.4, 0.7, 1.0], sparsifier="random",
+                  rescale=rescale, consensus=consensus, normalize=False)  # fmt: skip
+    fast = task_vector_merge(generators=generators(), **kwargs)
+    assert _same_bits(fast, _torch_form(monkeypatch, generators=generators(), **kwargs))
+
+
+def test_task_arithmetic_matches_the_torch_form_with_inputs_of_another_dtype(monkeypatch):
+    base, tensors = _family(2, seed=5)
+    tensors = [tensors[0].float(), tensors[1]]  # converted to the compute dtype first, in both forms
+    kwargs = dict(base=base, tensors=tensors, weights=[0.6, 0.6], densities=[1.0, 1.0], lambda_=0.5)
+    assert _same_bits(task_vector_merge(**kwargs), _torch_form(monkeypatch, **kwargs))
+
+
+def test_delta_histograms_are_bincounts_of_the_magnitude_keys():
+    base, tensors = _family(2, seed=7)
+    for tensor, counts in zip(tensors, fused.delta_histograms(base, tensors)):
+        expected = torch.bincount(_order_keys((tensor - base).abs().reshape(-1)), minlength=1 << 16)
+        assert torch.equal(counts, expected)
+
+
+def test_only_bfloat16_cpu_merges_of_up_to_four_inputs_are_fused():
+    base, tensors = _family(4, numel=100)
+    assert fused.applies(base, tensors[:4])
+    assert not fused.applies(base, tensors + [tensors[0]])  # five inputs: torch's stack grouping differs
+    assert not fused.applies(base.float(), [t.float() for t in tensors])
+    assert not fused.applies(base, [tensors[0][:50]])
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 4])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_linear_matches_the_torch_form(monkeypatch, count, normalize):
+    from mkmerge.methods.linear import linear_merge
+
+    _, tensors = _family(count, seed=11)
+    weights = [0.3, 0.45, -0.2, 0.77][:count]
+    with monkeypatch.context() as patch:
+        patch.setattr(fused, "linear_applies", lambda tensors: False)
+        reference = linear_merge(tensors, weights, normalize)
+    assert fused.linear_applies(tensors)
+    assert _same_bits(linear_merge(tensors, weights, normalize), reference)
+
+
+@pytest.mark.parametrize("t", [0.1, 0.4, 0.93])
+def test_slerp_mix_matches_the_torch_form(monkeypatch, t):
+    from mkmerge.methods.slerp import slerp_merge
+
+    g = torch.Generator().manual_seed(13)
+    base = torch.randn(40_000, generator=g).to(torch.bfloat16)
+    other = (base.float() * 0.5 + torch.randn(40_000, generator=g)).to(torch.bfloat16)  # far from parallel
+    with monkeypatch.context() as patch:
+        patch.setattr(fused, "linear_applies", lambda tensors: False)
+        reference = slerp_merge(t, base, other)
+    assert not reference.isnan().any()
+    assert _same_bits(slerp_merge(t, base, other), reference)
