@@ -97,11 +97,13 @@ def weight_files(model: Path) -> list[Path]:
 
 def floor_command(models: list[Path], out: Path) -> list[str]:
     """A child that reads all input weights once and writes one model's worth of bytes."""
-    # Writes start their writeback as they go, as our writer's do: left to pile up, dirty pages
-    # get the writer throttled and the floor would flatter every ratio against it.
+    # Writes start their writeback as they go, as our writer's do (sync_file_range, through
+    # ctypes so the floor imports nothing heavy): left to pile up, dirty pages get the writer
+    # throttled and the floor would flatter every ratio against it.
     code = f"""
-import os
-from common.writing.safetensors_writer import start_writeback
+import ctypes, os
+sync_range = ctypes.CDLL(None, use_errno=True).sync_file_range
+sync_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
 chunk = bytearray(64 << 20)
 view = memoryview(chunk)
 models = {[[str(f) for f in weight_files(m)] for m in models]!r}
@@ -116,7 +118,7 @@ with open({str(out)!r}, "wb") as sink:
                         break
                     if i == 0:
                         sink.write(view[:n])
-                        start_writeback(sink.fileno(), written, n)
+                        sync_range(sink.fileno(), written, n, 2)
                         written += n
     os.fsync(sink.fileno())
 """
@@ -168,6 +170,7 @@ def main() -> None:
             for label, command in commands.items():
                 for stale in (out, Path(str(out) + "-mk")):
                     shutil.rmtree(stale, ignore_errors=True)
+                (root / "floor.bin").unlink(missing_ok=True)  # no run pays for freeing another's output
                 runs.setdefault(label, []).append(run_child(command))
         floor = statistics.median(w for w, _ in runs["floor"])
         walls = {label: statistics.median(w for w, _ in samples) for label, samples in runs.items()}

@@ -132,3 +132,26 @@ def test_slerp_mix_matches_the_torch_form(monkeypatch, t):
         reference = slerp_merge(t, base, other)
     assert not reference.isnan().any()
     assert _same_bits(slerp_merge(t, base, other), reference)
+
+
+def test_the_bits_do_not_depend_on_how_many_threads_split_the_tensor(monkeypatch):
+    from mkmerge.methods.linear import linear_merge
+    from method_helpers import threads
+
+    base, tensors = _family(3, numel=1_100_003, seed=17)  # four threads' worth, with a ragged end
+    dare = lambda: dict(generators=[torch.Generator().manual_seed(i) for i in range(3)])  # noqa: E731
+    runs = {
+        "ties": lambda: task_vector_merge(base, tensors, [0.5, 0.3, 0.4], [0.5, 0.2, 0.8], sparsifier="magnitude", consensus=True, normalize=True),
+        "dare_ties": lambda: task_vector_merge(base, tensors, [0.5, 0.3, 0.4], [0.5, 0.2, 0.8], sparsifier="random", consensus=True, rescale=True, **dare()),
+        "linear": lambda: linear_merge(tensors, [0.2, 0.3, 0.5]),
+        "histograms": lambda: torch.stack(fused.delta_histograms(base, tensors)),
+    }
+    for name, run in runs.items():
+        with threads(1):
+            one = run()
+        with threads(4):
+            four = run()
+        assert torch.equal(one, four), name
+    with threads(4):
+        assert _same_bits(runs["dare_ties"](), _torch_form(monkeypatch, base=base, tensors=tensors, weights=[0.5, 0.3, 0.4], densities=[0.5, 0.2, 0.8],
+                                                            sparsifier="random", consensus=True, rescale=True, **dare()))  # fmt: skip

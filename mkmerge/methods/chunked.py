@@ -54,6 +54,16 @@ class ChunkedForm:
     apply: Callable[[Any, ChunkState], torch.Tensor]
     stats: Callable[[int, Any, ChunkState], Any] | None = None
     combine: Callable[[int, list[Any], ChunkState, Any], ChunkState] | None = None
+    # (compute dtype, number of inputs) -> whether the merge runs in fused kernels, whose only
+    # big allocation is the output: then a tensor that needs statistics passes is cut into
+    # FUSED_CHUNK_FACTOR times bigger blocks, so fewer tensors are read once per pass.
+    fused: Callable[[torch.dtype, int], bool] | None = None
+
+
+# With the default 8 MiB blocks: tensors up to 32 MiB (the MLP matrices of 1-3B models) are
+# read once, not once per pass, at the price of holding their inputs whole, which the
+# prefetch budget bounds anyway.
+FUSED_CHUNK_FACTOR = 4
 
 
 def elementwise(run: Callable[[Any], torch.Tensor], *, max_inputs: int | None = None) -> ChunkedForm:

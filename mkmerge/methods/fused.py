@@ -14,18 +14,18 @@ order, as ``torch.stack(...).sum(0)`` does for up to ``STREAMED_TERMS_MAX`` inpu
 compare both forms bit for bit; the torch form stays the reference and serves every other
 case (other dtypes, CUDA, more inputs, the other sparsifiers).
 
-The kernels run on the calling thread: vectorised, one pass is faster than torch's parallel
-operations (measured: ~1 ns per element and input), and the other cores are left to the
-reader and writer threads. (numba's own parallel loops measured slower here, their OpenMP
-threads competing with torch's.) One thread also makes the bits independent of thread count
-by construction.
+The kernels are vectorised loops that release the GIL; a tensor's element range is split
+across torch's thread count (``--threads``) on a small thread pool. Every element depends on
+that element alone, so the bits do not depend on the split. (numba's own parallel loops
+measured slower here, their OpenMP threads competing with torch's.)
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import cache
 
 import numpy as np
 import torch
@@ -38,6 +38,9 @@ try:
 except ImportError:  # pragma: no cover - numba is a dependency; this keeps a broken install usable
     numba = None
 
+# A range split across threads: pieces of at least this many elements, cut at multiples of _ALIGN.
+_MIN_ELEMENTS_PER_THREAD = 1 << 18
+_ALIGN = 4096
 _NO_EQUAL, _ALL_EQUAL = 0, -1  # equal-key policies besides a positive count of firsts to keep
 MODE_ALL, MODE_MAGNITUDE, MODE_MASK = 0, 1, 2
 
@@ -78,7 +81,8 @@ def delta_histograms(base: torch.Tensor, tensors: Sequence[torch.Tensor]) -> lis
 
     Equal to ``bincount(_order_keys((t - base).abs()))`` for each input ``t``.
     """
-    counts = _histograms(_bits(base), tuple(_bits(t) for t in tensors))
+    args = (_bits(base), tuple(_bits(t) for t in tensors))
+    counts = sum(_in_parallel(lambda start, stop: _histograms(*args, start, stop), base.numel()))
     return [torch.from_numpy(counts[i]) for i in range(len(tensors))]
 
 
@@ -103,50 +107,92 @@ def merge(
     modes = np.array([r.mode for r in rules], dtype=np.int64)
     keys = np.array([r.key for r in rules], dtype=np.int64)
     equal = np.array([r.equal for r in rules], dtype=np.int64)
-    factors = np.array([r.factor if r.factor is not None else math.nan for r in rules], dtype=np.float32)
+    factors = np.array([r.factor if r.factor is not None else 1.0 for r in rules], dtype=np.float32)
     masks = np.ones((count, numel if any(r.mode == MODE_MASK for r in rules) else 0), dtype=np.bool_)
     for i, rule in enumerate(rules):
         if rule.mode == MODE_MASK:
             masks[i] = rule.mask.reshape(-1)
     out = torch.empty(base.shape, dtype=torch.bfloat16)
-    _merge(
-        _bits(base),
-        tuple(_bits(t) for t in tensors),
-        modes,
-        keys,
-        equal,
-        factors,
-        weights,
-        masks.view(np.uint8),
-        consensus,
-        normalize,
-        np.float32(lambda_),
-        lambda_ != 1,
-        np.float32(divisor),
-        out.view(torch.int16).reshape(-1).numpy().view(np.uint16),
-    )
+    base_bits, input_bits = _bits(base), tuple(_bits(t) for t in tensors)
+    out_bits = out.view(torch.int16).reshape(-1).numpy().view(np.uint16)
+    rest = (factors, weights, masks.view(np.uint8), consensus, normalize, np.float32(lambda_),
+            np.float32(divisor if normalize else 1.0), out_bits)  # fmt: skip
+    ranges = _ranges(numel)
+    policies = _range_policies(base_bits, input_bits, keys, equal, ranges)
+    _map(lambda r: _merge(base_bits, input_bits, modes, keys, policies[r], *rest, *ranges[r]), range(len(ranges)))
     return out
+
+
+def _range_policies(base_bits, input_bits, keys, equal, ranges) -> list[np.ndarray]:
+    """Each range's equal-key policies, where the tensor is split into ``ranges``.
+
+    Keeping "the first n entries on the threshold key" is a count along the whole tensor; the
+    equal keys in each range (counted in parallel) tell every range how many of its own to keep.
+    """
+    partial = [i for i, e in enumerate(equal) if e > 0]
+    if len(ranges) == 1 or not partial:
+        return [equal] * len(ranges)
+    counts = {i: _map(lambda span, i=i: _count_equal(base_bits, input_bits[i], keys[i], *span), ranges) for i in partial}
+    policies = [equal.copy() for _ in ranges]
+    for i in partial:
+        remaining = int(equal[i])
+        for r, here in enumerate(counts[i]):
+            policies[r][i] = -1 if remaining >= here else max(0, remaining)
+            remaining = max(0, remaining - here)
+    return policies
 
 
 def linear(tensors: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool) -> torch.Tensor:
     """:func:`~mkmerge.methods.linear.linear_merge` of bfloat16 tensors, fused (weights must not sum to 0)."""
     w_bf16 = torch.tensor([float(w) for w in weights], dtype=torch.bfloat16)
     out = torch.empty(tensors[0].shape, dtype=torch.bfloat16)
-    _linear(
+    args = (
         tuple(_bits(t) for t in tensors),
         w_bf16.to(torch.float32).numpy(),
         normalize,
         np.float32(float(w_bf16.sum())),
         out.view(torch.int16).reshape(-1).numpy().view(np.uint16),
     )
+    _in_parallel(lambda start, stop: _linear(*args, start, stop), out.numel())
     return out
 
 
 def mix(base: torch.Tensor, other: torch.Tensor, scale_base: float, scale_other: float) -> torch.Tensor:
     """``bf16(base·sa + other·sc)`` with float32 products and sum: slerp's final step, fused."""
     out = torch.empty(base.shape, dtype=torch.bfloat16)
-    _mix(_bits(base), _bits(other), np.float32(scale_base), np.float32(scale_other), out.view(torch.int16).reshape(-1).numpy().view(np.uint16))
+    args = (_bits(base), _bits(other), np.float32(scale_base), np.float32(scale_other), out.view(torch.int16).reshape(-1).numpy().view(np.uint16))
+    _in_parallel(lambda start, stop: _mix(*args, start, stop), out.numel())
     return out
+
+
+def _in_parallel(kernel, numel: int) -> list:
+    """Run ``kernel(start, stop)`` over ``[0, numel)`` split across torch's thread count.
+
+    The kernels release the GIL, and every element's result depends on that element alone,
+    so the bits are the same however the range is split (histogram counts just add).
+    """
+    return _map(lambda span: kernel(*span), _ranges(numel))
+
+
+def _ranges(numel: int) -> list[tuple[int, int]]:
+    """``[0, numel)`` in one piece per thread (at most), cut at multiples of _ALIGN."""
+    threads = min(torch.get_num_threads(), numel // _MIN_ELEMENTS_PER_THREAD)
+    if threads <= 1:
+        return [(0, numel)]
+    step = -(-numel // threads // _ALIGN) * _ALIGN
+    return [(start, min(numel, start + step)) for start in range(0, numel, step)]
+
+
+def _map(function, items) -> list:
+    items = list(items)
+    if len(items) == 1:
+        return [function(items[0])]
+    return list(_pool(len(items)).map(function, items))
+
+
+@cache
+def _pool(threads: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=threads, thread_name_prefix="mk-fused")
 
 
 def linear_applies(tensors: Sequence[torch.Tensor]) -> bool:
@@ -187,31 +233,58 @@ if numba is not None:
         u = np.int64(_bits_from_f32(value))
         return np.uint16(((u + 0x7FFF + ((u >> 16) & 1)) >> 16) & 0xFFFF)
 
-    @numba.njit(cache=True)
-    def _histograms(base, inputs):
+    @numba.njit(cache=True, nogil=True)
+    def _count_equal(base, tensor, key, start, stop):
+        b, t = base[start:stop], tensor[start:stop]
+        count = 0
+        for j in range(b.size):
+            count += np.int64(_round(_widen(t[j]) - _widen(b[j])) & 0x7FFF) == key
+        return count
+
+    @numba.njit(cache=True, nogil=True)
+    def _histograms(base, inputs, start, stop):
         counts = np.zeros((len(inputs), 65536), dtype=np.int64)
+        b = base[start:stop]
         i = 0
         for tensor in inputs:
             hist = counts[i]
-            for j in range(base.size):
-                hist[_round(_widen(tensor[j]) - _widen(base[j])) & 0x7FFF] += 1
+            t = tensor[start:stop]
+            for j in range(b.size):
+                hist[_round(_widen(t[j]) - _widen(b[j])) & 0x7FFF] += 1
             i += 1
         return counts
 
     @numba.njit(inline="always")
     def _weighted(delta, keep, factor, weight):
-        """ω = (δ·mask [· rescale]) · w, each product rounded to bfloat16, as float32."""
+        """ω = (δ·mask · rescale) · w, each product rounded to bfloat16, as float32.
+
+        Without a rescale ``factor`` is 1, which changes no bits (a bfloat16 value times 1 is
+        itself): one branch-free loop serves both cases."""
         kept = delta if keep else np.uint16(delta & 0x8000)  # a dropped entry: zero with δ's sign
-        if factor == factor:
-            kept = _round(_widen(kept) * factor)
-        return _widen(_round(_widen(kept) * weight))
+        return _widen(_round(_widen(_round(_widen(kept) * factor)) * weight))
 
     @numba.njit(cache=True)
-    def _weigh(tensor, lo, widened, om, m, mode, key, budget, factor, weight, mask):
-        """ω of one input over elements [lo, lo + m); returns the equal keys still to keep."""
+    def _weigh_threshold(tensor, widened, om, key, keep_equal, factor, weight):
+        for j in range(tensor.size):
+            delta = _round(_widen(tensor[j]) - widened[j])
+            k = np.int64(delta & 0x7FFF)
+            om[j] = _weighted(delta, (k > key) | (keep_equal & (k == key)), factor, weight)
+
+    @numba.njit(cache=True)
+    def _weigh(tensor, widened, om, mode, key, budget, factor, weight, mask):
+        """ω of one input over one block (``tensor``, ``mask`` sliced to it); returns the equal
+        keys still to keep. (Loops index slices from 0: an index with an offset gets numba's
+        negative-index check, which stops LLVM from vectorising.)"""
+        m = tensor.size
         if mode == 1 and budget > 0:  # the first `budget` entries with the threshold key, in order
+            equal_here = 0
             for j in range(m):
-                delta = _round(_widen(tensor[lo + j]) - widened[j])
+                equal_here += np.int64(_round(_widen(tensor[j]) - widened[j]) & 0x7FFF) == key
+            if equal_here <= budget:  # all of this block's are kept: no counting along it
+                _weigh_threshold(tensor, widened, om, key, True, factor, weight)
+                return budget - equal_here
+            for j in range(m):
+                delta = _round(_widen(tensor[j]) - widened[j])
                 k = np.int64(delta & 0x7FFF)
                 keep = k > key
                 if k == key and budget > 0:
@@ -219,22 +292,18 @@ if numba is not None:
                     budget -= 1
                 om[j] = _weighted(delta, keep, factor, weight)
         elif mode == 1:
-            keep_equal = budget < 0
-            for j in range(m):
-                delta = _round(_widen(tensor[lo + j]) - widened[j])
-                k = np.int64(delta & 0x7FFF)
-                om[j] = _weighted(delta, (k > key) | (keep_equal & (k == key)), factor, weight)
+            _weigh_threshold(tensor, widened, om, key, budget < 0, factor, weight)
         elif mode == 2:
             for j in range(m):
-                delta = _round(_widen(tensor[lo + j]) - widened[j])
-                om[j] = _weighted(delta, mask[lo + j] != 0, factor, weight)
+                delta = _round(_widen(tensor[j]) - widened[j])
+                om[j] = _weighted(delta, mask[j] != 0, factor, weight)
         else:
             for j in range(m):
-                om[j] = _weighted(_round(_widen(tensor[lo + j]) - widened[j]), True, factor, weight)
+                om[j] = _weighted(_round(_widen(tensor[j]) - widened[j]), True, factor, weight)
         return budget
 
     @numba.njit(cache=True)
-    def _combine(omega, weights, widened, m, consensus, normalize, lam, use_lam, divisor, total, positive, mixed_sum, weight_sum, out, lo):
+    def _combine(omega, weights, widened, m, consensus, normalize, lam, divisor, total, positive, mixed_sum, weight_sum, out):
         count = omega.shape[0]
         for j in range(m):
             total[j] = 0.0
@@ -250,30 +319,24 @@ if numba is not None:
                 weight = weights[i]
                 for j in range(m):
                     x = omega[i, j]
-                    agree = (x > 0) if positive[j] else (x < 0)
+                    agree = (positive[j] & (x > 0)) | ((not positive[j]) & (x < 0))
                     mixed_sum[j] += x if agree else np.float32(0.0)  # adding +0 changes none of these sums
                     weight_sum[j] += weight if agree else np.float32(0.0)
             for j in range(m):
-                mixed = _round(mixed_sum[j])
-                if normalize:
-                    w = _widen(_round(weight_sum[j]))
-                    mixed = _round(_widen(mixed) / (w if w != 0 else np.float32(1.0)))
-                if use_lam:
-                    mixed = _round(_widen(mixed) * lam)
-                out[lo + j] = _round(widened[j] + _widen(mixed))
+                # Unused steps divide or multiply by 1, which changes no bits: no branches.
+                w = _widen(_round(weight_sum[j]))
+                w = w if (normalize and w != 0) else np.float32(1.0)
+                mixed = _widen(_round(_widen(_round(mixed_sum[j])) / w))
+                out[j] = _round(widened[j] + _widen(_round(mixed * lam)))
         else:
             for j in range(m):
-                mixed = _round(total[j])
-                if normalize:
-                    mixed = _round(_widen(mixed) / divisor)
-                if use_lam:
-                    mixed = _round(_widen(mixed) * lam)
-                out[lo + j] = _round(widened[j] + _widen(mixed))
+                mixed = _widen(_round(_widen(_round(total[j])) / divisor))
+                out[j] = _round(widened[j] + _widen(_round(mixed * lam)))
 
-    @numba.njit(cache=True)
-    def _merge(base, inputs, modes, keys, equal, factors, weights, masks, consensus, normalize, lam, use_lam, divisor, out):
+    @numba.njit(cache=True, nogil=True)
+    def _merge(base, inputs, modes, keys, equal, factors, weights, masks, consensus, normalize, lam, divisor, out, start, stop):
         # Blocks that stay in cache, each step its own simple loop, so LLVM vectorises them.
-        n = base.size
+        n = stop
         count = len(inputs)
         size = 4096
         omega = np.empty((count, size), dtype=np.float32)
@@ -283,45 +346,46 @@ if numba is not None:
         mixed_sum = np.empty(size, dtype=np.float32)
         weight_sum = np.empty(size, dtype=np.float32)
         budget = equal.copy()
-        for lo in range(0, n, size):
+        for lo in range(start, n, size):
             m = min(n, lo + size) - lo
+            b = base[lo : lo + m]
             for j in range(m):
-                widened[j] = _widen(base[lo + j])
+                widened[j] = _widen(b[j])
             i = 0
             for tensor in inputs:
-                mask = masks[i] if modes[i] == 2 else masks[0, :0]
-                budget[i] = _weigh(tensor, lo, widened, omega[i], m, modes[i], keys[i], budget[i], factors[i], weights[i], mask)
+                mask = masks[i, lo : lo + m] if modes[i] == 2 else masks[0, :0]
+                budget[i] = _weigh(tensor[lo : lo + m], widened, omega[i], modes[i], keys[i], budget[i], factors[i], weights[i], mask)
                 i += 1
-            _combine(omega, weights, widened, m, consensus, normalize, lam, use_lam, divisor, total, positive, mixed_sum, weight_sum, out, lo)
+            _combine(omega, weights, widened, m, consensus, normalize, lam, divisor, total, positive, mixed_sum, weight_sum, out[lo : lo + m])
 
     @numba.njit(cache=True)
-    def _accumulate(tensor, lo, m, weight, total):
-        for j in range(m):
-            total[j] += _widen(_round(_widen(tensor[lo + j]) * weight))
+    def _accumulate(tensor, weight, total):
+        for j in range(tensor.size):
+            total[j] += _widen(_round(_widen(tensor[j]) * weight))
 
-    @numba.njit(cache=True)
-    def _linear(inputs, weights, normalize, divisor, out):
-        n = out.size
+    @numba.njit(cache=True, nogil=True)
+    def _linear(inputs, weights, normalize, divisor, out, start, stop):
+        n = stop
         size = 4096
         total = np.empty(size, dtype=np.float32)
-        for lo in range(0, n, size):
+        for lo in range(start, n, size):
             m = min(n, lo + size) - lo
             for j in range(m):
                 total[j] = 0.0
             i = 0
             for tensor in inputs:
-                _accumulate(tensor, lo, m, weights[i], total)
+                _accumulate(tensor[lo : lo + m], weights[i], total)
                 i += 1
+            o = out[lo : lo + m]
             if normalize:
                 for j in range(m):
-                    out[lo + j] = _round(_widen(_round(total[j])) / divisor)
+                    o[j] = _round(_widen(_round(total[j])) / divisor)
             else:
                 for j in range(m):
-                    out[lo + j] = _round(total[j])
+                    o[j] = _round(total[j])
 
-    @numba.njit(cache=True)
-    def _mix(base, other, scale_base, scale_other, out):
-        for j in range(out.size):
-            a = _widen(base[j]) * scale_base
-            c = _widen(other[j]) * scale_other
-            out[j] = _round(a + c)
+    @numba.njit(cache=True, nogil=True)
+    def _mix(base, other, scale_base, scale_other, out, start, stop):
+        b, c, o = base[start:stop], other[start:stop], out[start:stop]
+        for j in range(o.size):
+            o[j] = _round(_widen(b[j]) * scale_base + _widen(c[j]) * scale_other)

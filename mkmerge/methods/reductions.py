@@ -99,8 +99,7 @@ def gram_sums(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float]:
 
 def gram_partials(a: torch.Tensor, b: torch.Tensor) -> tuple[list[float], list[float], list[float]]:
     """The per-CHUNK partials behind :func:`gram_sums` (they concatenate like ``l1_partials``)."""
-    flat_a = a.reshape(-1).to(torch.float32)
-    flat_b = b.reshape(-1).to(torch.float32)
+    flat_a, flat_b = a.reshape(-1), b.reshape(-1)  # widened to float32 span by span: small temporaries
     if flat_a.numel() != flat_b.numel():
         raise ShapeMismatchError(f"tensors with {flat_a.numel()} and {flat_b.numel()} elements")
     numel = flat_a.numel()
@@ -108,7 +107,7 @@ def gram_partials(a: torch.Tensor, b: torch.Tensor) -> tuple[list[float], list[f
     span = CHUNK * CHUNKS_PER_BLOCK
     for start in range(0, numel, span):
         stop = min(start + span, numel)
-        xs, ys = flat_a[start:stop], flat_b[start:stop]
+        xs, ys = flat_a[start:stop].to(torch.float32), flat_b[start:stop].to(torch.float32)
         for target, values in zip(partials, (xs * xs, ys * ys, xs * ys)):
             _append_chunk_sums(target, values)
     return partials

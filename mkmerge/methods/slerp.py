@@ -31,7 +31,7 @@ def slerp_merge(t: float, base: torch.Tensor, other: torch.Tensor) -> torch.Tens
         return base
     if t == 1:
         return other.to(base.dtype)
-    aa, cc, ac = gram_sums(base.to(torch.float32), other.to(torch.float32))
+    aa, cc, ac = gram_sums(base, other)
     return _mix(base, other, *slerp_scales(t, aa, cc, ac))
 
 
@@ -68,7 +68,7 @@ def slerp_chunked() -> ChunkedForm:
 
     def stats(index, call, state):
         (other,) = call.tensors
-        return gram_partials(call.base.to(torch.float32), other.to(torch.float32))
+        return gram_partials(call.base, other)
 
     def combine(index, partials, state, call):
         aa, cc, ac = (exact_sum([x for part in partials for x in part[j]]) for j in range(3))
@@ -84,4 +84,7 @@ def slerp_chunked() -> ChunkedForm:
             return other.to(call.base.dtype)
         return _mix(call.base, other, *state)
 
-    return ChunkedForm(passes=passes, apply=apply, stats=stats, combine=combine)
+    def fused_kernels(dtype, count):
+        return dtype == torch.bfloat16 and fused.available()
+
+    return ChunkedForm(passes=passes, apply=apply, stats=stats, combine=combine, fused=fused_kernels)

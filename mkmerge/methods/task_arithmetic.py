@@ -462,7 +462,10 @@ def task_vector_chunked(variant: TaskVectorVariant) -> ChunkedForm:
             lambda_=float(call.params["lambda"]),
         )
 
-    return ChunkedForm(passes=passes, apply=apply, stats=stats, combine=combine)
+    def fused_kernels(dtype, count):
+        return dtype == torch.bfloat16 and 1 <= count <= 4 and fused.available() and variant.sparsifier in ("none", "magnitude", "random")
+
+    return ChunkedForm(passes=passes, apply=apply, stats=stats, combine=combine, fused=fused_kernels)
 
 
 def _combine_selection(state: dict, parts: list[dict], numel: int, density: float) -> None:
