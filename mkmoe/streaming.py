@@ -1,12 +1,14 @@
 """Hidden states entering each decoder layer, computed one layer in memory at a time.
 
-The base model's transformers skeleton is built on the meta device (no memory). Only the
-modules outside the decoder stack (embeddings, rotary tables, final norm) are materialised up
-front; each decoder layer is materialised from the model's TensorSource just before it runs
-and returned to the meta device right after. The model's own ``forward`` runs, so attention
-masks (causal + left padding, sliding windows), position embeddings and embedding scaling are
-exactly what the installed transformers does. Peak memory is about one layer plus the
-activations of the prompt batch, whatever the model's depth.
+The base model's transformers skeleton is built on the meta device (no memory). The modules
+outside the decoder stack (rotary tables, final norm) are materialised up front, the input
+embedding with only the rows of the prompts' tokens (the ids are renumbered to match). Inside
+the decoder layers every module with weights of its own (a projection, a norm) is
+materialised from the model's TensorSource just before its forward and returned to the meta
+device right after. The model's own ``forward`` runs, so attention masks (causal + left
+padding, sliding windows), position embeddings and embedding scaling are exactly what the
+installed transformers does. Peak memory is about the largest weight matrix (in float32) plus
+the activations of the prompt batch, whatever the model's depth or width.
 """
 
 from __future__ import annotations
@@ -17,11 +19,14 @@ import torch
 from torch import nn
 
 from common.errors import ArchitectureError, MissingTensorError
+from common.graph.memory import configure_allocator, trim_freed_memory
 from common.input_models import InputModel
-from common.loading import TensorSource
+from common.loading import TensorSource, load_rows
 from mkmoe.prompts import PromptBatch
 
 REDUCTIONS = ("last", "mean")
+# Stored bytes read at a time into a big parameter.
+_COPY_BLOCK_BYTES = 4 * 1024**2
 
 
 class _Enough(Exception):
@@ -39,10 +44,11 @@ def layer_input_states(
     if reduce not in REDUCTIONS:
         raise ValueError(f"reduce must be one of {REDUCTIONS}, got {reduce!r}")
     device = device or torch.device("cpu")
+    configure_allocator()
     body = _skeleton(base)
     layers = _decoder_layers(body, base.num_layers)
     weights = _Weights(base.files.tensors, body.base_model_prefix)
-    _materialise_outside_layers(body, layers, weights, device)
+    input_ids = _materialise_outside_layers(body, layers, weights, device, batch.input_ids)
     mask = batch.attention_mask.to(device)
     recorded: list[torch.Tensor] = []
 
@@ -61,10 +67,15 @@ def layer_input_states(
         before = _before_layer(body, prefix, weights, device, record, last)
         handles.append(layer.register_forward_pre_hook(before, with_kwargs=True))
         handles.append(layer.register_forward_hook(_after_layer))
+        for path, module in layer.named_modules():
+            if path and _has_own_state(module):
+                load = _before_module(body, f"{prefix}.{path}", weights, device)
+                handles.append(module.register_forward_pre_hook(load))
+                handles.append(module.register_forward_hook(_after_module))
     try:
         with torch.no_grad():
             body(
-                input_ids=batch.input_ids.to(device),
+                input_ids=input_ids.to(device),
                 attention_mask=mask,
                 position_ids=batch.position_ids.to(device),
                 use_cache=False,
@@ -111,9 +122,31 @@ class _Weights:
         self.prefixes = (f"{prefix}." if prefix else "", "")
 
     def load(self, name: str) -> torch.Tensor:
+        return self.source.load(self.stored_name(name))
+
+    def load_rows(self, name: str, rows: list[int]) -> torch.Tensor:
+        """Rows ``rows`` of a matrix, each read alone (a few prompt tokens of a big embedding)."""
+        stored = self.stored_name(name)
+        return torch.cat([load_rows(self.source, stored, row, row + 1) for row in rows])
+
+    def copy_into(self, param: torch.Tensor, name: str) -> None:
+        """Fill ``param`` from the checkpoint, a block of rows at a time for a big matrix (so the
+        stored copy and the float32 parameter are not both whole in memory)."""
+        stored = self.stored_name(name)
+        info = self.source.info(stored)
+        rows = info.shape[0] if len(info.shape) >= 2 and tuple(info.shape) == tuple(param.shape) else 0
+        step = max(1, _COPY_BLOCK_BYTES // max(1, info.nbytes // rows)) if rows else 0
+        if not rows or step >= rows:
+            param.copy_(self.source.load(stored))
+            return
+        for start in range(0, rows, step):
+            stop = min(rows, start + step)
+            param[start:stop].copy_(load_rows(self.source, stored, start, stop))
+
+    def stored_name(self, name: str) -> str:
         for prefix in self.prefixes:
             if prefix + name in self.source:
-                return self.source.load(prefix + name)
+                return prefix + name
         raise MissingTensorError(
             f"the base model has no tensor {self.prefixes[0]}{name}, which its transformers class needs",
             hint="the checkpoint and its config.json disagree; check the base model",
@@ -130,29 +163,76 @@ def _materialise(body: nn.Module, modules: list[tuple[str, nn.Module]], weights:
     with torch.no_grad():
         for path, module in modules:
             for name, param in module.named_parameters(recurse=False):
-                param.copy_(weights.load(f"{path}.{name}" if path else name))
+                weights.copy_into(param, f"{path}.{name}" if path else name)
 
 
-def _materialise_outside_layers(body: nn.Module, layers: nn.ModuleList, weights: _Weights, device) -> None:
+def _materialise_outside_layers(
+    body: nn.Module, layers: nn.ModuleList, weights: _Weights, device, input_ids: torch.Tensor
+) -> torch.Tensor:
+    """Materialise what lies outside the decoder layers; returns the input ids to run with.
+
+    A plain ``nn.Embedding`` gets only the rows of the tokens in ``input_ids`` (the ids are
+    renumbered into those rows), so a 32000-row embedding costs a few rows, not the matrix.
+    """
     inside = {id(module) for module in layers.modules()}
-    outside = [(path, module) for path, module in body.named_modules() if id(module) not in inside]
+    embedding = body.get_input_embeddings()
+    compact = isinstance(embedding, nn.Embedding) and embedding.max_norm is None
+    outside = [
+        (path, module)
+        for path, module in body.named_modules()
+        if id(module) not in inside and not (compact and module is embedding)
+    ]
     _materialise(body, outside, weights, device)
+    if not compact:
+        return input_ids
+    path = _module_path(body, embedding)
+    tokens, renumbered = torch.unique(input_ids, return_inverse=True)
+    dtype = embedding.weight.dtype
+    # Shrink the (meta) weight first: materialising the full matrix, even briefly, is what this avoids.
+    embedding.weight = nn.Parameter(torch.empty(len(tokens), embedding.embedding_dim, dtype=dtype, device="meta"))
+    embedding.to_empty(device=device, recurse=False)
+    if any(True for _ in embedding.buffers(recurse=False)):
+        body._init_weights(embedding)  # e.g. Gemma3's embedding scale
+    with torch.no_grad():
+        embedding.weight.copy_(weights.load_rows(f"{path}.weight", tokens.tolist()))
+    embedding.padding_idx = None  # a row index of the full matrix; only gradients use it
+    return renumbered
 
 
 def _module_path(body: nn.Module, target: nn.Module) -> str:
     return next(path for path, module in body.named_modules() if module is target)
 
 
+def _has_own_state(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters(recurse=False)) or any(True for _ in module.buffers(recurse=False))
+
+
 def _before_layer(body, prefix: str, weights: _Weights, device, record: Callable, last: bool):
+    """Record the layer's input; materialise what the layer holds itself (its modules load their own)."""
+
     def hook(layer: nn.Module, args, kwargs):
         record(args[0] if args else kwargs["hidden_states"])
         if last:
             raise _Enough
-        modules = [(f"{prefix}.{path}" if path else prefix, module) for path, module in layer.named_modules()]
-        _materialise(body, modules, weights, device)
+        if _has_own_state(layer):
+            _materialise(body, [(prefix, layer)], weights, device)
 
     return hook
 
 
+def _before_module(body, path: str, weights: _Weights, device):
+    def hook(module: nn.Module, args):
+        _materialise(body, [(path, module)], weights, device)
+
+    return hook
+
+
+def _after_module(module: nn.Module, args, output) -> None:
+    module.to_empty(device="meta", recurse=False)  # frees its weights before the next module loads
+
+
 def _after_layer(layer: nn.Module, args, output) -> None:
-    layer.to_empty(device="meta")  # frees the layer's weights before the next one loads
+    _after_module(layer, args, output)
+    # Freed weights of alternating sizes fragment the heap: hand the free pages back each
+    # layer, or RSS creeps up layer after layer (measured: ~30 MB a layer at 1.1B).
+    trim_freed_memory()

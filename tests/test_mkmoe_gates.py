@@ -144,6 +144,20 @@ def test_streaming_reads_each_tensor_once_and_skips_what_it_does_not_need(tiny_m
     assert layer_of == sorted(layer_of)
 
 
+def test_only_the_embedding_rows_of_the_prompt_tokens_are_read(tiny_model):
+    path = tiny_model("llama")
+    base = _open(path)
+    source = base.files.tensors
+    rows: list[tuple[str, int, int]] = []
+    original_rows, original_load = source.load_rows, source.load
+    source.load_rows = lambda name, start, stop: rows.append((name, start, stop)) or original_rows(name, start, stop)
+    source.load = lambda name: pytest.fail(f"{name} was read whole") if "embed" in name else original_load(name)
+    batch = encode_prompts(load_tokenizer(path), PROMPTS)
+    layer_input_states(base, batch, reduce="last")
+    assert sorted(start for _, start, _ in rows) == torch.unique(batch.input_ids).tolist()
+    assert {name for name, _, _ in rows} == {"model.embed_tokens.weight"} and all(b == a + 1 for _, a, b in rows)
+
+
 # -- gates from a plan ------------------------------------------------------------------------------------------
 def test_hidden_gates_match_unpadded_full_forward_with_negatives_subtracted(tiny_family):
     from tiny_models import load_causal_lm
@@ -198,3 +212,18 @@ def test_random_modes_need_no_prompts_and_follow_the_seed(tiny_family):
     name = plan.router_names[1]
     assert torch.equal(first[name], again[name]) and not torch.equal(first[name], other[name])
     assert first[name].abs().max() <= 1 / math.sqrt(32)
+
+
+def test_big_matrices_copied_in_row_blocks_give_the_same_states(tiny_model, monkeypatch):
+    import mkmoe.streaming as streaming
+
+    path = tiny_model("qwen2")
+    batch = encode_prompts(load_tokenizer(path), PROMPTS)
+    whole = layer_input_states(_open(path), batch, reduce="mean")
+    monkeypatch.setattr(streaming, "_COPY_BLOCK_BYTES", 100)  # a few rows per read
+    base = _open(path)
+    blocks: list[str] = []
+    original = base.files.tensors.load_rows
+    base.files.tensors.load_rows = lambda name, a, b: blocks.append(name) or original(name, a, b)
+    assert torch.equal(layer_input_states(base, batch, reduce="mean"), whole)
+    assert any("mlp.down_proj" in name for name in blocks)
