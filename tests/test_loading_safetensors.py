@@ -243,3 +243,43 @@ def test_concurrent_loads_from_many_threads_return_correct_tensors(sharded):
         results = list(pool.map(source.load, jobs))
     for name, tensor in zip(jobs, results):
         assert_bit_exact(tensor, big[name])
+
+
+# -- big tensors are mapped, not read ------------------------------------------------------------
+
+
+def test_mapped_tensors_and_row_blocks_equal_read_ones_and_writes_never_reach_the_file(tmp_path, monkeypatch):
+    import common.loading.safetensors_source as module
+    from common.loading.buffers import READ_BUFFERS
+
+    tensors = {"odd": torch.arange(7, dtype=torch.int8), "m": torch.randn(33, 17), "h": torch.randn(5, 3).to(torch.bfloat16)}
+    path = tmp_path / "t.safetensors"
+    save_file(tensors, str(path))
+    before = path.read_bytes()
+    monkeypatch.setattr(module, "MAP_MIN_BYTES", 1)  # map everything, at unaligned offsets
+    source = SafetensorsFile(path)
+    for name, expected in tensors.items():
+        mapped = source.load(name)
+        assert mapped.dtype == expected.dtype and torch.equal(mapped, expected)
+        assert torch.equal(source.load_rows(name, 2, 5), expected[2:5])
+        mapped.zero_()  # copy-on-write: the process's page, not the file's
+        assert not READ_BUFFERS.give(mapped)  # a mapping is never kept as a read buffer
+    assert path.read_bytes() == before
+    assert torch.equal(source.load("m"), tensors["m"])
+
+
+def test_a_merge_with_every_input_mapped_gives_the_same_bits(tiny_family, tmp_path, monkeypatch):
+    import common.loading.safetensors_source as module
+    from common.build import BuildOptions
+    from mkmerge.methods import METHODS
+    from mkmerge.recipe import parse_recipe
+    from mkmerge.run import run_merge
+    from tiny_models import read_tensors
+
+    base, (a, b) = tiny_family("llama", hidden=64, vocab=200)
+    text = f"merge_method: ties\nbase_model: {base}\nmodels:\n  - {{model: {a}, parameters: {{weight: 0.5, density: 0.4}}}}\n  - {{model: {b}, parameters: {{weight: 0.7, density: 0.6}}}}\ndtype: bfloat16\n"
+    run_merge(parse_recipe(text, known_methods=METHODS.keys()), tmp_path / "read", BuildOptions(chunk_bytes=4096), write_card=False)
+    monkeypatch.setattr(module, "MAP_MIN_BYTES", 1)
+    run_merge(parse_recipe(text, known_methods=METHODS.keys()), tmp_path / "mapped", BuildOptions(chunk_bytes=4096), write_card=False)
+    read, mapped = read_tensors(tmp_path / "read"), read_tensors(tmp_path / "mapped")
+    assert read.keys() == mapped.keys() and all(torch.equal(read[k], mapped[k]) for k in read)

@@ -41,6 +41,7 @@ class BufferPool:
         self._free: dict[int, list[torch.UntypedStorage]] = {}
         self._held = 0
         self._lock = threading.Lock()
+        self._ours: set[int] = set()  # addresses of the buffers this pool handed out
         self.reused = 0  # buffers handed out again (for tests and benchmarks)
 
     def take(self, nbytes: int) -> torch.Tensor:
@@ -54,7 +55,10 @@ class BufferPool:
                 self._held -= nbytes
                 self.reused += 1
         if storage is None:
-            return torch.empty(nbytes, dtype=torch.uint8)
+            buffer = torch.empty(nbytes, dtype=torch.uint8)
+            with self._lock:
+                self._ours.add(buffer.data_ptr())
+            return buffer
         return torch.empty(0, dtype=torch.uint8).set_(storage, 0, (nbytes,))
 
     def give(self, tensor: torch.Tensor) -> bool:
@@ -69,6 +73,8 @@ class BufferPool:
         if tensor.storage_offset() != 0 or not tensor.is_contiguous():
             return False
         storage = tensor.untyped_storage()
+        if storage.data_ptr() not in self._ours:  # e.g. a file mapping: not ours to keep
+            return False
         nbytes = storage.nbytes()
         if nbytes == 0 or nbytes != tensor.numel() * tensor.element_size():
             return False
@@ -90,6 +96,7 @@ class BufferPool:
     def clear(self) -> None:
         with self._lock:
             self._free.clear()
+            self._ours.clear()
             self._held = 0
 
 

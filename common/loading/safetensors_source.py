@@ -1,15 +1,18 @@
 """One `.safetensors` file: header parsed and validated at open, tensors read by offset.
 
-We read each tensor with `os.preadv` into a freshly allocated buffer instead of holding an
-mmap view: pages touched through an mmap count toward the process RSS for as long as the
-mapping lives, and the engine must keep peak RSS bounded by the tensors in flight. A
-positioned read into an owned buffer is also faster than page-faulting the same bytes, and
-`pread` needs no shared file position, so concurrent loads need no lock.
+A tensor of at least MAP_MIN_BYTES is a private, copy-on-write mapping of its own bytes
+(:func:`mapped_bytes`): the page cache's pages are mapped rather than copied, which on this
+2-core machine made reading a 1.1B model ~4x cheaper in CPU than copying it into buffers. The
+mapping lives exactly as long as the tensor, so its pages count toward RSS only while the
+tensor is in flight (a mapping of the whole file would keep every page touched). Smaller
+tensors are read with `os.preadv` into owned (pooled) buffers, where a mapping costs more
+than it saves. `pread` needs no shared file position, so concurrent loads need no lock.
 """
 
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
 import sys
@@ -21,6 +24,10 @@ import torch
 from common.errors import MissingTensorError, TensorFileError, did_you_mean
 from common.loading.buffers import typed_view
 from common.loading.source import ByteRange, TensorInfo, TensorSource, read_bytes
+
+# Tensors of at least this many bytes are mapped rather than read (see mapped_bytes).
+MAP_MIN_BYTES = 1024**2
+MAP_READS = True
 
 # The reference implementation refuses headers above 100 MB; a larger length field means
 # the file is not safetensors (or its first bytes are damaged).
@@ -92,7 +99,7 @@ class SafetensorsFile(TensorSource):
             raise TensorFileError(
                 f"{self.path} was closed before tensor `{name}` was read", path=str(self.path)
             )
-        buffer = read_bytes(fd, info.nbytes, self._data_start + begin, path=self.path, name=name)
+        buffer = self._bytes(fd, info.nbytes, self._data_start + begin, name)
         if sys.byteorder != "little":
             buffer = _to_native(buffer, info.dtype)
         return typed_view(buffer, info.dtype, info.shape)
@@ -109,10 +116,15 @@ class SafetensorsFile(TensorSource):
             )
         row_bytes = info.nbytes // info.shape[0] if info.shape[0] else 0
         offset = self._data_start + begin + start * row_bytes
-        buffer = read_bytes(fd, (stop - start) * row_bytes, offset, path=self.path, name=name)
+        buffer = self._bytes(fd, (stop - start) * row_bytes, offset, name)
         if sys.byteorder != "little":
             buffer = _to_native(buffer, info.dtype)
         return typed_view(buffer, info.dtype, (stop - start, *info.shape[1:]))
+
+    def _bytes(self, fd: int, nbytes: int, offset: int, name: str) -> torch.Tensor:
+        if MAP_READS and nbytes >= MAP_MIN_BYTES and sys.byteorder == "little":
+            return mapped_bytes(fd, nbytes, offset)
+        return read_bytes(fd, nbytes, offset, path=self.path, name=name)
 
     def byte_range(self, name: str, rows: tuple[int, int] | None = None) -> ByteRange | None:
         """Where the tensor's bytes (or rows ``[start, stop)`` of it) lie in this file.
@@ -226,6 +238,19 @@ def _parse_entry(name: str, entry: object, corrupt) -> tuple[TensorInfo, int, in
             f"but data_offsets span {end - begin}"
         )
     return info, begin, end
+
+
+def mapped_bytes(fd: int, nbytes: int, offset: int) -> torch.Tensor:
+    """A uint8 tensor over ``nbytes`` of the file at ``offset``: a private (copy-on-write) mapping.
+
+    The page cache's pages are mapped, not copied (reading a 2.2 GB model this way costs a
+    fraction of copying it into buffers); a write to the tensor copies just the page written.
+    The mapping lives exactly as long as the tensor, so mapped pages count toward RSS only
+    while the tensor is in flight. The file's size was checked against its header at open.
+    """
+    start = offset - offset % mmap.ALLOCATIONGRANULARITY
+    mapping = mmap.mmap(fd, nbytes + offset - start, access=mmap.ACCESS_COPY, offset=start)
+    return torch.frombuffer(mapping, dtype=torch.uint8, count=nbytes, offset=offset - start)
 
 
 def _to_native(buffer: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
