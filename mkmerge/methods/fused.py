@@ -22,6 +22,8 @@ measured slower here, their OpenMP threads competing with torch's.)
 
 from __future__ import annotations
 
+import importlib.util
+
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -30,13 +32,8 @@ from functools import cache
 import numpy as np
 import torch
 
-try:
-    import numba
-    from llvmlite import ir
-    from numba import types
-    from numba.extending import intrinsic
-except ImportError:  # pragma: no cover - numba is a dependency; this keeps a broken install usable
-    numba = None
+# numba is a dependency; a broken install without it still merges, in the torch form.
+_NUMBA = importlib.util.find_spec("numba") is not None
 
 # A range split across threads: pieces of at least this many elements, cut at multiples of _ALIGN.
 _MIN_ELEMENTS_PER_THREAD = 1 << 18
@@ -46,7 +43,7 @@ MODE_ALL, MODE_MAGNITUDE, MODE_MASK = 0, 1, 2
 
 
 def available() -> bool:
-    return numba is not None
+    return _NUMBA
 
 
 @dataclass(frozen=True)
@@ -64,7 +61,7 @@ class InputRule:
 def applies(base: torch.Tensor, tensors: Sequence[torch.Tensor]) -> bool:
     """True when the fused kernels can merge these (bfloat16 CPU tensors, 1 to 4 inputs)."""
     return (
-        numba is not None
+        _NUMBA
         and base.dtype == torch.bfloat16
         and base.device.type == "cpu"
         and 1 <= len(tensors) <= 4
@@ -82,7 +79,7 @@ def delta_histograms(base: torch.Tensor, tensors: Sequence[torch.Tensor]) -> lis
     Equal to ``bincount(_order_keys((t - base).abs()))`` for each input ``t``.
     """
     args = (_bits(base), tuple(_bits(t) for t in tensors))
-    counts = sum(_in_parallel(lambda start, stop: _histograms(*args, start, stop), base.numel()))
+    counts = sum(_in_parallel(lambda start, stop: _kernels()._histograms(*args, start, stop), base.numel()))
     return [torch.from_numpy(counts[i]) for i in range(len(tensors))]
 
 
@@ -119,7 +116,7 @@ def merge(
             np.float32(divisor if normalize else 1.0), out_bits)  # fmt: skip
     ranges = _ranges(numel)
     policies = _range_policies(base_bits, input_bits, keys, equal, ranges)
-    _map(lambda r: _merge(base_bits, input_bits, modes, keys, policies[r], *rest, *ranges[r]), range(len(ranges)))
+    _map(lambda r: _kernels()._merge(base_bits, input_bits, modes, keys, policies[r], *rest, *ranges[r]), range(len(ranges)))
     return out
 
 
@@ -132,7 +129,7 @@ def _range_policies(base_bits, input_bits, keys, equal, ranges) -> list[np.ndarr
     partial = [i for i, e in enumerate(equal) if e > 0]
     if len(ranges) == 1 or not partial:
         return [equal] * len(ranges)
-    counts = {i: _map(lambda span, i=i: _count_equal(base_bits, input_bits[i], keys[i], *span), ranges) for i in partial}
+    counts = {i: _map(lambda span, i=i: _kernels()._count_equal(base_bits, input_bits[i], keys[i], *span), ranges) for i in partial}
     policies = [equal.copy() for _ in ranges]
     for i in partial:
         remaining = int(equal[i])
@@ -153,7 +150,7 @@ def linear(tensors: Sequence[torch.Tensor], weights: Sequence[float], normalize:
         np.float32(float(w_bf16.sum())),
         out.view(torch.int16).reshape(-1).numpy().view(np.uint16),
     )
-    _in_parallel(lambda start, stop: _linear(*args, start, stop), out.numel())
+    _in_parallel(lambda start, stop: _kernels()._linear(*args, start, stop), out.numel())
     return out
 
 
@@ -161,7 +158,7 @@ def mix(base: torch.Tensor, other: torch.Tensor, scale_base: float, scale_other:
     """``bf16(base·sa + other·sc)`` with float32 products and sum: slerp's final step, fused."""
     out = torch.empty(base.shape, dtype=torch.bfloat16)
     args = (_bits(base), _bits(other), np.float32(scale_base), np.float32(scale_other), out.view(torch.int16).reshape(-1).numpy().view(np.uint16))
-    _in_parallel(lambda start, stop: _mix(*args, start, stop), out.numel())
+    _in_parallel(lambda start, stop: _kernels()._mix(*args, start, stop), out.numel())
     return out
 
 
@@ -198,194 +195,13 @@ def _pool(threads: int) -> ThreadPoolExecutor:
 def linear_applies(tensors: Sequence[torch.Tensor]) -> bool:
     """True when :func:`linear` and :func:`mix` take these: bfloat16 CPU tensors of one shape, at most 4."""
     return (
-        numba is not None
+        _NUMBA
         and 1 <= len(tensors) <= 4
         and all(t.dtype == torch.bfloat16 and t.device.type == "cpu" and t.shape == tensors[0].shape for t in tensors)
     )
 
 
-if numba is not None:
+def _kernels():
+    from mkmerge.methods import fused_kernels  # numba takes ~0.6 s to import: only when needed
 
-    @intrinsic
-    def _f32_from_bits(typingctx, bits):
-        def codegen(context, builder, signature, args):
-            return builder.bitcast(args[0], ir.FloatType())
-
-        return types.float32(types.uint32), codegen
-
-    @intrinsic
-    def _bits_from_f32(typingctx, value):
-        def codegen(context, builder, signature, args):
-            return builder.bitcast(args[0], ir.IntType(32))
-
-        return types.uint32(types.float32), codegen
-
-    @numba.njit(inline="always")
-    def _widen(bits):
-        """bfloat16 bits -> float32 (exact)."""
-        return _f32_from_bits(np.uint32(bits) << np.uint32(16))
-
-    @numba.njit(inline="always")
-    def _round(value):
-        """float32 -> bfloat16 bits, to nearest even (NaN -> the quiet NaN 0x7FC0), as torch."""
-        if value != value:
-            return np.uint16(0x7FC0)
-        u = np.int64(_bits_from_f32(value))
-        return np.uint16(((u + 0x7FFF + ((u >> 16) & 1)) >> 16) & 0xFFFF)
-
-    @numba.njit(cache=True, nogil=True)
-    def _count_equal(base, tensor, key, start, stop):
-        b, t = base[start:stop], tensor[start:stop]
-        count = 0
-        for j in range(b.size):
-            count += np.int64(_round(_widen(t[j]) - _widen(b[j])) & 0x7FFF) == key
-        return count
-
-    @numba.njit(cache=True, nogil=True)
-    def _histograms(base, inputs, start, stop):
-        counts = np.zeros((len(inputs), 65536), dtype=np.int64)
-        b = base[start:stop]
-        i = 0
-        for tensor in inputs:
-            hist = counts[i]
-            t = tensor[start:stop]
-            for j in range(b.size):
-                hist[_round(_widen(t[j]) - _widen(b[j])) & 0x7FFF] += 1
-            i += 1
-        return counts
-
-    @numba.njit(inline="always")
-    def _weighted(delta, keep, factor, weight):
-        """ω = (δ·mask · rescale) · w, each product rounded to bfloat16, as float32.
-
-        Without a rescale ``factor`` is 1, which changes no bits (a bfloat16 value times 1 is
-        itself): one branch-free loop serves both cases."""
-        kept = delta if keep else np.uint16(delta & 0x8000)  # a dropped entry: zero with δ's sign
-        return _widen(_round(_widen(_round(_widen(kept) * factor)) * weight))
-
-    @numba.njit(cache=True)
-    def _weigh_threshold(tensor, widened, om, key, keep_equal, factor, weight):
-        for j in range(tensor.size):
-            delta = _round(_widen(tensor[j]) - widened[j])
-            k = np.int64(delta & 0x7FFF)
-            om[j] = _weighted(delta, (k > key) | (keep_equal & (k == key)), factor, weight)
-
-    @numba.njit(cache=True)
-    def _weigh(tensor, widened, om, mode, key, budget, factor, weight, mask):
-        """ω of one input over one block (``tensor``, ``mask`` sliced to it); returns the equal
-        keys still to keep. (Loops index slices from 0: an index with an offset gets numba's
-        negative-index check, which stops LLVM from vectorising.)"""
-        m = tensor.size
-        if mode == 1 and budget > 0:  # the first `budget` entries with the threshold key, in order
-            equal_here = 0
-            for j in range(m):
-                equal_here += np.int64(_round(_widen(tensor[j]) - widened[j]) & 0x7FFF) == key
-            if equal_here <= budget:  # all of this block's are kept: no counting along it
-                _weigh_threshold(tensor, widened, om, key, True, factor, weight)
-                return budget - equal_here
-            for j in range(m):
-                delta = _round(_widen(tensor[j]) - widened[j])
-                k = np.int64(delta & 0x7FFF)
-                keep = k > key
-                if k == key and budget > 0:
-                    keep = True
-                    budget -= 1
-                om[j] = _weighted(delta, keep, factor, weight)
-        elif mode == 1:
-            _weigh_threshold(tensor, widened, om, key, budget < 0, factor, weight)
-        elif mode == 2:
-            for j in range(m):
-                delta = _round(_widen(tensor[j]) - widened[j])
-                om[j] = _weighted(delta, mask[j] != 0, factor, weight)
-        else:
-            for j in range(m):
-                om[j] = _weighted(_round(_widen(tensor[j]) - widened[j]), True, factor, weight)
-        return budget
-
-    @numba.njit(cache=True)
-    def _combine(omega, weights, widened, m, consensus, normalize, lam, divisor, total, positive, mixed_sum, weight_sum, out):
-        count = omega.shape[0]
-        for j in range(m):
-            total[j] = 0.0
-        for i in range(count):  # Σω from +0 in input order: torch's float32 accumulation of a stack sum
-            for j in range(m):
-                total[j] += omega[i, j]
-        if consensus:
-            for j in range(m):
-                positive[j] = _widen(_round(total[j])) >= 0
-                mixed_sum[j] = 0.0
-                weight_sum[j] = 0.0
-            for i in range(count):
-                weight = weights[i]
-                for j in range(m):
-                    x = omega[i, j]
-                    agree = (positive[j] & (x > 0)) | ((not positive[j]) & (x < 0))
-                    mixed_sum[j] += x if agree else np.float32(0.0)  # adding +0 changes none of these sums
-                    weight_sum[j] += weight if agree else np.float32(0.0)
-            for j in range(m):
-                # Unused steps divide or multiply by 1, which changes no bits: no branches.
-                w = _widen(_round(weight_sum[j]))
-                w = w if (normalize and w != 0) else np.float32(1.0)
-                mixed = _widen(_round(_widen(_round(mixed_sum[j])) / w))
-                out[j] = _round(widened[j] + _widen(_round(mixed * lam)))
-        else:
-            for j in range(m):
-                mixed = _widen(_round(_widen(_round(total[j])) / divisor))
-                out[j] = _round(widened[j] + _widen(_round(mixed * lam)))
-
-    @numba.njit(cache=True, nogil=True)
-    def _merge(base, inputs, modes, keys, equal, factors, weights, masks, consensus, normalize, lam, divisor, out, start, stop):
-        # Blocks that stay in cache, each step its own simple loop, so LLVM vectorises them.
-        n = stop
-        count = len(inputs)
-        size = 4096
-        omega = np.empty((count, size), dtype=np.float32)
-        widened = np.empty(size, dtype=np.float32)
-        total = np.empty(size, dtype=np.float32)
-        positive = np.empty(size, dtype=np.bool_)
-        mixed_sum = np.empty(size, dtype=np.float32)
-        weight_sum = np.empty(size, dtype=np.float32)
-        budget = equal.copy()
-        for lo in range(start, n, size):
-            m = min(n, lo + size) - lo
-            b = base[lo : lo + m]
-            for j in range(m):
-                widened[j] = _widen(b[j])
-            i = 0
-            for tensor in inputs:
-                mask = masks[i, lo : lo + m] if modes[i] == 2 else masks[0, :0]
-                budget[i] = _weigh(tensor[lo : lo + m], widened, omega[i], modes[i], keys[i], budget[i], factors[i], weights[i], mask)
-                i += 1
-            _combine(omega, weights, widened, m, consensus, normalize, lam, divisor, total, positive, mixed_sum, weight_sum, out[lo : lo + m])
-
-    @numba.njit(cache=True)
-    def _accumulate(tensor, weight, total):
-        for j in range(tensor.size):
-            total[j] += _widen(_round(_widen(tensor[j]) * weight))
-
-    @numba.njit(cache=True, nogil=True)
-    def _linear(inputs, weights, normalize, divisor, out, start, stop):
-        n = stop
-        size = 4096
-        total = np.empty(size, dtype=np.float32)
-        for lo in range(start, n, size):
-            m = min(n, lo + size) - lo
-            for j in range(m):
-                total[j] = 0.0
-            i = 0
-            for tensor in inputs:
-                _accumulate(tensor[lo : lo + m], weights[i], total)
-                i += 1
-            o = out[lo : lo + m]
-            if normalize:
-                for j in range(m):
-                    o[j] = _round(_widen(_round(total[j])) / divisor)
-            else:
-                for j in range(m):
-                    o[j] = _round(total[j])
-
-    @numba.njit(cache=True, nogil=True)
-    def _mix(base, other, scale_base, scale_other, out, start, stop):
-        b, c, o = base[start:stop], other[start:stop], out[start:stop]
-        for j in range(o.size):
-            o[j] = _round(_widen(b[j]) * scale_base + _widen(c[j]) * scale_other)
+    return fused_kernels
