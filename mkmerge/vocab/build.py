@@ -7,12 +7,13 @@ import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-
-from tokenizers import AddedToken
-from transformers import AutoTokenizer
+from typing import TYPE_CHECKING
 
 from common.errors import MergeError
 from mkmerge.vocab.strip import strip_tokenizer
+
+if TYPE_CHECKING:  # transformers and tokenizers take ~1.3 s to import: only runs that build tokenizers pay
+    from tokenizers import AddedToken
 
 # AddedToken settings that make two definitions of one added token differ.
 ADDED_TOKEN_SETTINGS = ("special", "single_word", "lstrip", "rstrip", "normalized")
@@ -21,6 +22,8 @@ ADDED_TOKEN_SETTINGS = ("special", "single_word", "lstrip", "rstrip", "normalize
 def load_tokenizer(path: Path, *, model: str):
     """The tokenizer stored with a model; MergeError naming the model when there is none."""
     try:
+        from transformers import AutoTokenizer
+
         return AutoTokenizer.from_pretrained(str(path))
     except Exception as error:  # transformers raises OSError, ValueError, KeyError... for unusable files
         raise MergeError(
@@ -118,6 +121,8 @@ def _append_tokens(tokenizer, tokens: list[AddedToken | str]) -> None:
 
 
 def _copy_added_token(token: AddedToken) -> AddedToken:
+    from tokenizers import AddedToken
+
     return AddedToken(token.content, **{setting: getattr(token, setting) for setting in ADDED_TOKEN_SETTINGS})
 
 

@@ -13,7 +13,6 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from transformers import AutoTokenizer
 
 from common.errors import MergeError
 
@@ -47,6 +46,8 @@ def strip_tokenizer(tokenizer, limit: int | None, *, model: str):
         unset: dict[str, str] = {}
         for name in ("tokenizer_config.json", "special_tokens_map.json"):
             _rewrite_json(Path(scratch) / name, lambda config: _strip_special_tokens(config, removed, unset))
+        from transformers import AutoTokenizer  # slow to import: only when a tokenizer is stripped
+
         stripped = AutoTokenizer.from_pretrained(scratch)
     if unset:
         listing = ", ".join(f"{key} {token!r}" for key, token in unset.items())
