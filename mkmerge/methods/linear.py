@@ -19,11 +19,12 @@ def linear_merge(
 ) -> torch.Tensor:
     """``Σ w_i·W_i``, divided by ``Σ w_i`` when ``normalize``; computed in the inputs' dtype.
 
-    Rounding reproduces mergekit's outputs: each weight is rounded to the dtype, each product
+    Rounding follows SPEC §2.1 ("computed in the load dtype"): each weight is rounded to the dtype, each product
     ``w_i·W_i`` is rounded to the dtype, the products are summed exactly as
     ``torch.stack(products).sum(dim=0)`` sums them (float32 accumulation for bfloat16 and
     float16), and the division is by the weight sum rounded to the dtype. The stack itself is
-    not built for up to four inputs (see ``stacked_sum``).
+    not built for up to four inputs (see ``stacked_sum``). (mergekit 0.1.5's own bf16 outputs
+    differ from this in the last bit for some elements; see benchmarks/README.md.)
     """
     if not tensors:
         raise MergeError("linear merge was given no input tensors", hint="list at least one model")
