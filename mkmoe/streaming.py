@@ -121,9 +121,6 @@ class _Weights:
         self.source = source
         self.prefixes = (f"{prefix}." if prefix else "", "")
 
-    def load(self, name: str) -> torch.Tensor:
-        return self.source.load(self.stored_name(name))
-
     def load_rows(self, name: str, rows: list[int]) -> torch.Tensor:
         """Rows ``rows`` of a matrix, each read alone (a few prompt tokens of a big embedding)."""
         stored = self.stored_name(name)

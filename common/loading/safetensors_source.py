@@ -27,7 +27,6 @@ from common.loading.source import ByteRange, TensorInfo, TensorSource, read_byte
 
 # Tensors of at least this many bytes are mapped rather than read (see mapped_bytes).
 MAP_MIN_BYTES = 1024**2
-MAP_READS = True
 
 # The reference implementation refuses headers above 100 MB; a larger length field means
 # the file is not safetensors (or its first bytes are damaged).
@@ -106,23 +105,19 @@ class SafetensorsFile(TensorSource):
 
     def load_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows ``[start, stop)`` of a tensor: one contiguous positioned read, nothing else."""
-        info, begin = self._entry(name)
-        if not info.shape or not 0 <= start <= stop <= info.shape[0]:
-            raise ValueError(f"rows [{start}, {stop}) of tensor `{name}` with shape {list(info.shape)}")
+        info, offset, nbytes = self._span(name, (start, stop))
         fd = self._fd
         if fd is None:
             raise TensorFileError(
                 f"{self.path} was closed before tensor `{name}` was read", path=str(self.path)
             )
-        row_bytes = info.nbytes // info.shape[0] if info.shape[0] else 0
-        offset = self._data_start + begin + start * row_bytes
-        buffer = self._bytes(fd, (stop - start) * row_bytes, offset, name)
+        buffer = self._bytes(fd, nbytes, offset, name)
         if sys.byteorder != "little":
             buffer = _to_native(buffer, info.dtype)
         return typed_view(buffer, info.dtype, (stop - start, *info.shape[1:]))
 
     def _bytes(self, fd: int, nbytes: int, offset: int, name: str) -> torch.Tensor:
-        if MAP_READS and nbytes >= MAP_MIN_BYTES and sys.byteorder == "little":
+        if nbytes >= MAP_MIN_BYTES and sys.byteorder == "little":
             return mapped_bytes(fd, nbytes, offset)
         return read_bytes(fd, nbytes, offset, path=self.path, name=name)
 
@@ -133,15 +128,20 @@ class SafetensorsFile(TensorSource):
         """
         if sys.byteorder != "little" or self._fd is None:
             return None
-        info, begin = self._entry(name)
-        offset, nbytes = self._data_start + begin, info.nbytes
-        if rows is not None:
-            start, stop = rows
-            if not info.shape or not 0 <= start <= stop <= info.shape[0]:
-                raise ValueError(f"rows [{start}, {stop}) of tensor `{name}` with shape {list(info.shape)}")
-            row_bytes = info.nbytes // info.shape[0] if info.shape[0] else 0
-            offset, nbytes = offset + start * row_bytes, (stop - start) * row_bytes
+        _, offset, nbytes = self._span(name, rows)
         return ByteRange(self.path, self._fd, offset, nbytes)
+
+    def _span(self, name: str, rows: tuple[int, int] | None) -> tuple[TensorInfo, int, int]:
+        """(info, file offset, byte count) of a tensor, or of rows ``[start, stop)`` of it."""
+        info, begin = self._entry(name)
+        offset = self._data_start + begin
+        if rows is None:
+            return info, offset, info.nbytes
+        start, stop = rows
+        if not info.shape or not 0 <= start <= stop <= info.shape[0]:
+            raise ValueError(f"rows [{start}, {stop}) of tensor `{name}` with shape {list(info.shape)}")
+        row_bytes = info.nbytes // info.shape[0] if info.shape[0] else 0
+        return info, offset + start * row_bytes, (stop - start) * row_bytes
 
     def close(self) -> None:
         with self._close_lock:
