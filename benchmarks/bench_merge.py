@@ -11,7 +11,8 @@ page cache, then measures, alternating runs and reporting medians:
 * each merge through the `mkmerge` command line, in a child process whose peak RSS comes
   from the kernel (wait4 rusage), so the number includes Python, torch and everything else.
 
-With --mergekit, the same recipes also run through mergekit as a black box for comparison.
+With --mergekit, the same recipes also run through mergekit as a black box for comparison, and
+the last run's two outputs are compared tensor by tensor (`same bits`: tensors bit-identical).
 Prints one table; tests never assert on these numbers.
 """
 
@@ -29,6 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from compare_outputs import compare  # noqa: E402
 from model_family import build_llama_family  # noqa: E402
 
 RECIPES = {
@@ -166,24 +168,29 @@ def main() -> None:
             commands[method] = command
             if args.mergekit:
                 commands[f"{method} (mergekit)"] = [args.mergekit, str(recipe), str(out) + "-mk", "--lazy-unpickle"]
-        for _ in range(args.repeat):
+        identical: dict[str, str] = {}
+        for repeat in range(args.repeat):
             for label, command in commands.items():
                 for stale in (out, Path(str(out) + "-mk")):
                     shutil.rmtree(stale, ignore_errors=True)
                 (root / "floor.bin").unlink(missing_ok=True)  # no run pays for freeing another's output
                 runs.setdefault(label, []).append(run_child(command))
+                if label.endswith(" (mergekit)") and repeat == args.repeat - 1:
+                    # ours ran just before: both outputs are on disk (compared outside the timing)
+                    same, differ = compare(out, Path(str(out) + "-mk"), report=lambda line: None)
+                    identical[label.removesuffix(" (mergekit)")] = f"{same}/{same + differ}"
         floor = statistics.median(w for w, _ in runs["floor"])
         walls = {label: statistics.median(w for w, _ in samples) for label, samples in runs.items()}
         for label, samples in runs.items():
             rss = statistics.median(r for _, r in samples)
             theirs = walls.get(f"{label} (mergekit)")
             versus = f"{walls[label] / theirs:.2f}" if theirs else ""
-            rows.append((size, label, walls[label], walls[label] / floor, rss, versus))
+            rows.append((size, label, walls[label], walls[label] / floor, rss, versus, identical.get(label, "")))
         (root / "floor.bin").unlink(missing_ok=True)
 
-    print(f"\n{'size':6s} {'run':24s} {'wall s':>8s} {'x floor':>8s} {'peak RSS MB':>12s} {'x mergekit':>11s}")
-    for size, label, wall, ratio, rss, versus in rows:
-        print(f"{size:6s} {label:24s} {wall:8.2f} {ratio:8.2f} {rss:12.0f} {versus:>11s}")
+    print(f"\n{'size':6s} {'run':24s} {'wall s':>8s} {'x floor':>8s} {'peak RSS MB':>12s} {'x mergekit':>11s} {'same bits':>10s}")
+    for size, label, wall, ratio, rss, versus, same in rows:
+        print(f"{size:6s} {label:24s} {wall:8.2f} {ratio:8.2f} {rss:12.0f} {versus:>11s} {same:>10s}")
 
 
 if __name__ == "__main__":

@@ -30,18 +30,18 @@ def read(file: Path, name: str) -> torch.Tensor:
         return handle.get_tensor(name)
 
 
-def main() -> int:
-    ours, theirs = (Path(arg) for arg in sys.argv[1:3])
+def compare(ours: Path, theirs: Path, report=print) -> tuple[int, int]:
+    """(tensors bit-identical, tensors that differ or are missing); ``report`` gets one line each."""
     a, b = tensor_index(ours), tensor_index(theirs)
     problems = 0
     for name in sorted(set(a) ^ set(b)):
-        print(f"{name}: only in {ours if name in a else theirs}")
+        report(f"{name}: only in {ours if name in a else theirs}")
         problems += 1
     same = 0
     for name in sorted(set(a) & set(b)):
         x, y = read(a[name], name), read(b[name], name)
         if x.dtype != y.dtype or x.shape != y.shape:
-            print(f"{name}: {x.dtype} {list(x.shape)} vs {y.dtype} {list(y.shape)}")
+            report(f"{name}: {x.dtype} {list(x.shape)} vs {y.dtype} {list(y.shape)}")
             problems += 1
             continue
         width = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()]
@@ -49,10 +49,16 @@ def main() -> int:
         count = int(differ.sum())
         if count:
             gap = (x.double() - y.double()).abs().max().item()
-            print(f"{name}: {count} of {x.numel()} elements differ (largest difference {gap:.3g})")
+            report(f"{name}: {count} of {x.numel()} elements differ (largest difference {gap:.3g})")
             problems += 1
         else:
             same += 1
+    return same, problems
+
+
+def main() -> int:
+    ours, theirs = (Path(arg) for arg in sys.argv[1:3])
+    same, problems = compare(ours, theirs)
     print(f"{same} tensors bit-identical, {problems} differ or are missing")
     return 0 if problems == 0 else 1
 

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
-import numpy as np
 import pytest
 import torch
 
 from common.errors import MergeError, ShapeMismatchError
 from mkmerge.methods.linear import linear_merge
-from mkmerge.methods import reductions
 from mkmerge.methods.reductions import dot, stacked_sum
 from mkmerge.methods.slerp import slerp_merge
 from method_helpers import threads
@@ -29,12 +28,36 @@ def spread(shape, generator, dtype=torch.float32) -> torch.Tensor:
     return values.to(dtype)
 
 
-def stacked_linear_reference(tensors, weights, normalize):
-    """The computation recipe authors' outputs came from: stack, weight, sum over dim 0."""
-    stacked = torch.stack(tensors)
-    w = torch.tensor(weights, dtype=stacked.dtype).view(-1, *[1] * tensors[0].dim())
-    out = (w * stacked).sum(dim=0)
-    return out / w.sum(dim=0) if normalize else out
+def round_to_f32(q: Fraction) -> float:
+    """The float32 value nearest the exact rational ``q`` (ties to even); +0 for zero."""
+    if q == 0:
+        return 0.0
+    exponent = max(math.floor(math.log2(abs(q))), -126)
+    while abs(q) >= Fraction(2) ** (exponent + 1):  # log2 of a rational can be off by one
+        exponent += 1
+    while exponent > -126 and abs(q) < Fraction(2) ** exponent:
+        exponent -= 1
+    step = Fraction(2) ** (exponent - 23)  # float32 spacing in q's binade (subnormal: 2^-149)
+    value = round(q / step) * step  # round() of a Fraction ties to even
+    return float(value) if abs(value) < 2**128 else math.copysign(math.inf, q)
+
+
+def fma_linear_reference(tensors, weights, normalize):
+    """mergekit's linear arithmetic in exact rationals, one element at a time: float32 weights;
+    acc = +0, then acc = round32(W_i·w_i + acc) per input; / (float32 weight sum); to the dtype."""
+    w = torch.tensor(weights, dtype=torch.float32)
+    divisor = Fraction(float(w.sum()))
+    w = [Fraction(x) for x in w.tolist()]
+    flats = [t.reshape(-1).double().tolist() for t in tensors]
+    out = []
+    for j in range(len(flats[0])):
+        acc = 0.0
+        for flat, weight in zip(flats, w):
+            acc = round_to_f32(Fraction(flat[j]) * weight + Fraction(acc))
+        if normalize:
+            acc = round_to_f32(Fraction(acc) / divisor)
+        out.append(acc)
+    return torch.tensor(out, dtype=torch.float32).to(tensors[0].dtype).reshape(tensors[0].shape)
 
 
 # --- linear -----------------------------------------------------------------------------------
@@ -42,17 +65,102 @@ def stacked_linear_reference(tensors, weights, normalize):
 
 @pytest.mark.parametrize("dtype", HALF_AND_FULL)
 @pytest.mark.parametrize("normalize", [True, False])
-def test_linear_equals_stacked_weighted_sum_bit_for_bit(dtype, normalize):
+def test_linear_equals_an_exact_fused_multiply_add_chain_bit_for_bit(dtype, normalize):
     g = torch.Generator().manual_seed(3)
-    # odd widths and sizes above torch's parallel grain exercise every kernel path
-    for shape in [(), (1,), (7,), (3, 5), (37, 1001), (40_003,)]:
+    for shape in [(), (1,), (7,), (3, 5), (9, 31)]:
         for count in range(1, 7):
-            tensors = [spread(shape, g, dtype) for _ in range(count)]
+            tensors = [spread(shape, g, dtype).nan_to_num() for _ in range(count)]  # finite: rationals
             weights = torch.randn(count, generator=g).tolist()
             out = linear_merge(tensors, weights, normalize=normalize)
-            expected = stacked_linear_reference(tensors, weights, normalize)
+            expected = fma_linear_reference(tensors, weights, normalize)
             assert out.dtype == dtype and out.shape == torch.Size(shape)
             assert bits(out) == bits(expected), (shape, count)
+
+
+def test_linear_of_large_tensors_at_any_thread_count_equals_the_exact_chain():
+    g = torch.Generator().manual_seed(13)
+    tensors = [spread((70_001,), g, torch.bfloat16) for _ in range(3)]
+    weights = [0.4, 0.3, 0.3]
+    sample = torch.randint(0, 70_001, (400,), generator=g)
+    expected = fma_linear_reference([t[sample] for t in tensors], weights, True)
+    for n in (1, 2):
+        with threads(n):
+            out = linear_merge(tensors, weights)
+        assert bits(out[sample]) == bits(expected), n
+
+
+# 32 elements of a 3-model bfloat16 merge (weights 0.4/0.3/0.3, normalize) and the bits
+# mergekit 0.1.5 wrote for them. The first 24 are ones where rounding each step, or summing
+# float32 products without fusing, or an exact float64 sum, would each come out one ulp off.
+MERGEKIT_INPUTS = [
+    "3bbc 3c2b 3c4e bb7a 3ba7 3cdf bc81 bc80 3c8b 3cec 3cd5 bc72 3c60 3be9 3bf2 3cc6 bcb4 bcac bc3f bc4f 3d23 3bdd 3d19 bcab bbc6 bc27 3cc0 bbeb bb0d 3bbc bc9c 3cad",
+    "3b9f 3c6c 3c4c bb55 3b14 3cde bc8d bc6f 3c87 3ce2 3cd7 bc5d 3c6b 3bc7 3bd9 3cde bcc0 bcb0 bc53 bc5e 3d23 3bf0 3d14 bc9f bbe2 bc3f 3cc4 bbd9 ba06 3b9f bc9e 3cb6",
+    "3b84 3c03 3c5f bb72 3b43 3cbd bc51 bc78 3c94 3cdd 3cc4 bc81 3c3c 3b98 3c0d 3cbd bccb bca3 bc8a bc1d 3d28 3be3 3d0f bcbc bbbe bc21 3cc8 bc16 baef 3b84 bc8b 3ca2",
+]
+MERGEKIT_OUTPUT = "3ba3 3c32 3c53 bb6d 3b6d 3cd4 bc7a bc79 3c8d 3ce4 3cd1 bc71 3c59 3bc7 3bf7 3cca bcbf bcab bc5e bc45 3d25 3be5 3d15 bcad bbcc bc2c 3cc4 bbf9 bacd 3ba3 bc98 3cac"
+
+
+def from_hex(words: str) -> torch.Tensor:
+    return torch.tensor([int(w, 16) for w in words.split()], dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+
+
+@pytest.mark.parametrize("fused_kernel", [True, False])
+def test_linear_reproduces_the_bits_mergekit_wrote(monkeypatch, fused_kernel):
+    from mkmerge.methods import fused
+
+    if not fused_kernel:
+        monkeypatch.setattr(fused, "linear_applies", lambda tensors: False)
+    tensors = [from_hex(words) for words in MERGEKIT_INPUTS]
+    out = linear_merge(tensors, [0.4, 0.3, 0.3])
+    assert bits(out) == bits(from_hex(MERGEKIT_OUTPUT))
+    # and each simpler arithmetic misses some of them: the test can tell them apart
+    stacked = torch.stack(tensors)
+    per_op_bf16 = (torch.tensor([0.4, 0.3, 0.3], dtype=torch.bfloat16).view(3, 1) * stacked).sum(0) / torch.tensor(1.0, dtype=torch.bfloat16)
+    unfused_f32 = (torch.tensor([0.4, 0.3, 0.3]).view(3, 1) * stacked.float()).sum(0).to(torch.bfloat16)
+    exact = (torch.tensor([0.4, 0.3, 0.3], dtype=torch.float64).view(3, 1) * stacked.double()).sum(0).to(torch.bfloat16)
+    for other in (per_op_bf16, unfused_f32, exact):
+        assert bits(other) != bits(out)
+
+
+@pytest.mark.parametrize("fused_kernel", [True, False])
+def test_linear_rounds_each_step_once_even_where_float64_would_round_twice(monkeypatch, fused_kernel):
+    """acc = 2^-60, then + 1.515625 · (172961·2^-18) = 1 + 2^-24 exactly: the exact sum is just
+    above the float32 midpoint 1 + 2^-24, but float64 rounds it onto the midpoint, from where
+    a second rounding goes down to 1. A third input of 2^-8 carries the difference into bf16."""
+    from mkmerge.methods import fused
+
+    if not fused_kernel:
+        monkeypatch.setattr(fused, "linear_applies", lambda tensors: False)
+    weights = [1.0, 172961 * 2.0**-18, 1.0]
+    values = [2.0**-60, 1.515625, 2.0**-8]
+    full = [torch.tensor([v], dtype=torch.float32) for v in values[:2]]
+    assert float(full[0].double() + full[1].double() * weights[1]) == 1 + 2.0**-24  # float64 lands on the midpoint
+    assert linear_merge(full, weights[:2], normalize=False).item() == 1 + 2.0**-23
+    half = [torch.tensor([v], dtype=torch.bfloat16) for v in values]
+    assert linear_merge(half, weights, normalize=False).item() == 1 + 2.0**-7
+    assert fma_linear_reference(half, weights, False).item() == 1 + 2.0**-7
+
+
+def test_linear_of_negative_zeros_is_positive_zero():
+    zeros = [torch.tensor([-0.0, -0.0], dtype=torch.bfloat16)] * 3
+    for normalize in (True, False):
+        assert bits(linear_merge(zeros, [0.2, 0.3, 0.5], normalize)) == bits(torch.zeros(2, dtype=torch.bfloat16))
+
+
+def test_linear_rounds_to_the_dtype_once_at_the_end():
+    g = torch.Generator().manual_seed(6)
+    full = [spread((2000,), g) for _ in range(3)]
+    half = [t.to(torch.bfloat16) for t in full]
+    weights = [0.3, 0.3, 0.4]
+    in_bf16 = linear_merge(half, weights)
+    in_fp32 = linear_merge([t.float() for t in half], weights)
+    assert in_bf16.dtype == torch.bfloat16 and in_fp32.dtype == torch.float32
+    assert bits(in_bf16) == bits(in_fp32.to(torch.bfloat16))
+    reference = sum(w * t.double() for w, t in zip(weights, full)) / sum(weights)
+    torch.testing.assert_close(linear_merge(full, weights).double(), reference, rtol=1e-6, atol=1e-6)
+
+
+# --- the stack sum task arithmetic uses ------------------------------------------------------
 
 
 @pytest.mark.parametrize("dtype", HALF_AND_FULL)
@@ -82,46 +190,6 @@ def test_streamed_sum_turns_negative_zeros_into_positive_zero_like_torch():
     zeros = torch.tensor([-0.0, -0.0], dtype=torch.bfloat16)
     out = stacked_sum([lambda block: zeros[block]] * 2, (2,), torch.bfloat16)
     assert bits(out) == bits(torch.stack([zeros, zeros]).sum(dim=0)) == bits(torch.zeros(2, dtype=torch.bfloat16))
-
-
-def to_bf16(x: float) -> float:
-    return torch.tensor(x, dtype=torch.float64).to(torch.bfloat16).item()
-
-
-def test_linear_in_bfloat16_matches_an_element_by_element_hand_computation():
-    g = torch.Generator().manual_seed(5)
-    tensors = [spread((4,), g, torch.bfloat16) for _ in range(3)]
-    weights = [0.3, 0.45, 0.61]
-    out = linear_merge(tensors, weights, normalize=True)
-
-    w = [to_bf16(x) for x in weights]  # weights rounded to the dtype
-    w_sum = np.float32(0)
-    for x in w:
-        w_sum = np.float32(w_sum + np.float32(x))  # float32 accumulation
-    w_sum = to_bf16(float(w_sum))
-    for j in range(4):
-        acc = np.float32(0)
-        for i in range(3):
-            product = to_bf16(w[i] * tensors[i][j].item())  # exact in float64, then rounded
-            acc = np.float32(acc + np.float32(product))
-        total = to_bf16(float(acc))
-        expected = to_bf16(float(np.float32(total) / np.float32(w_sum)))
-        assert out[j].item() == expected
-
-
-def test_linear_computes_in_the_dtype_it_is_given():
-    g = torch.Generator().manual_seed(6)
-    full = [spread((2000,), g) for _ in range(3)]
-    half = [t.to(torch.bfloat16) for t in full]
-    weights = [0.3, 0.3, 0.4]
-    in_bf16 = linear_merge(half, weights)
-    in_fp32 = linear_merge(full, weights)
-    assert in_bf16.dtype == torch.bfloat16 and in_fp32.dtype == torch.float32
-    assert bits(in_bf16) == bits(stacked_linear_reference(half, weights, True))
-    # rounding every product to bfloat16 gives a different answer from rounding once at the end
-    assert not torch.equal(in_bf16, linear_merge([t.float() for t in half], weights).to(torch.bfloat16))
-    reference = sum(w * t.double() for w, t in zip(weights, full)) / sum(weights)
-    torch.testing.assert_close(in_fp32.double(), reference, rtol=1e-6, atol=1e-6)
 
 
 def test_linear_without_normalize_is_the_plain_weighted_sum():

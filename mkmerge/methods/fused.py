@@ -139,15 +139,18 @@ def _range_policies(base_bits, input_bits, keys, equal, ranges) -> list[np.ndarr
     return policies
 
 
-def linear(tensors: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool) -> torch.Tensor:
-    """:func:`~mkmerge.methods.linear.linear_merge` of bfloat16 tensors, fused (weights must not sum to 0)."""
-    w_bf16 = torch.tensor([float(w) for w in weights], dtype=torch.bfloat16)
+def linear(tensors: Sequence[torch.Tensor], weights: Sequence[float], divisor: float | None) -> torch.Tensor:
+    """:func:`~mkmerge.methods.linear.linear_merge` of bfloat16 tensors, fused.
+
+    ``weights`` are float32 values; ``divisor`` (float32, non-zero) is the weight sum to
+    normalise by, or None for the plain weighted sum.
+    """
     out = torch.empty(tensors[0].shape, dtype=torch.bfloat16)
     args = (
         tuple(_bits(t) for t in tensors),
-        w_bf16.to(torch.float32).numpy(),
-        normalize,
-        np.float32(float(w_bf16.sum())),
+        np.asarray(weights, dtype=np.float32),
+        divisor is not None,
+        np.float32(1.0 if divisor is None else divisor),
         out.view(torch.int16).reshape(-1).numpy().view(np.uint16),
     )
     _in_parallel(lambda start, stop: _kernels()._linear(*args, start, stop), out.numel())
@@ -193,10 +196,10 @@ def _pool(threads: int) -> ThreadPoolExecutor:
 
 
 def linear_applies(tensors: Sequence[torch.Tensor]) -> bool:
-    """True when :func:`linear` and :func:`mix` take these: bfloat16 CPU tensors of one shape, at most 4."""
+    """True when :func:`linear` and :func:`mix` take these: bfloat16 CPU tensors of one shape."""
     return (
         _NUMBA
-        and 1 <= len(tensors) <= 4
+        and len(tensors) >= 1
         and all(t.dtype == torch.bfloat16 and t.device.type == "cpu" and t.shape == tensors[0].shape for t in tensors)
     )
 

@@ -9,7 +9,7 @@ import torch
 
 from common.errors import MergeError
 from mkmerge.methods import fused
-from mkmerge.methods.reductions import Term, require_same_shape, stacked_sum
+from mkmerge.methods.reductions import blocks, fused_multiply_add, require_same_shape
 
 
 def linear_merge(
@@ -17,14 +17,15 @@ def linear_merge(
     weights: Sequence[float],
     normalize: bool = True,
 ) -> torch.Tensor:
-    """``Σ w_i·W_i``, divided by ``Σ w_i`` when ``normalize``; computed in the inputs' dtype.
+    """``Σ w_i·W_i``, divided by ``Σ w_i`` when ``normalize``; the result in the inputs' dtype.
 
-    Rounding follows SPEC §2.1 ("computed in the load dtype"): each weight is rounded to the dtype, each product
-    ``w_i·W_i`` is rounded to the dtype, the products are summed exactly as
-    ``torch.stack(products).sum(dim=0)`` sums them (float32 accumulation for bfloat16 and
-    float16), and the division is by the weight sum rounded to the dtype. The stack itself is
-    not built for up to four inputs (see ``stacked_sum``). (mergekit 0.1.5's own bf16 outputs
-    differ from this in the last bit for some elements; see benchmarks/README.md.)
+    The arithmetic is the one mergekit 0.1.5 performs for bfloat16, float16 and float32
+    inputs (established bit for bit, black box, on its outputs; see benchmarks/README.md):
+    weights rounded to float32; an accumulator that starts at +0 and takes each input in
+    order as one fused multiply-add in float32 (``acc = fma(W_i, w_i, acc)``, a single
+    rounding per step); then, with ``normalize``, one float32 division by the float32 sum of
+    the weights; finally one rounding to the dtype. float64 inputs are accumulated in float64
+    with a separate rounding for product and sum.
     """
     if not tensors:
         raise MergeError("linear merge was given no input tensors", hint="list at least one model")
@@ -32,23 +33,32 @@ def linear_merge(
         raise ValueError(f"{len(tensors)} tensors but {len(weights)} weights")
     require_same_shape(tensors, what="linear merge")
     dtype = functools.reduce(torch.promote_types, (t.dtype for t in tensors))
-    device = tensors[0].device
-    w = torch.tensor([float(x) for x in weights], dtype=dtype, device=device)
-    if normalize and w.sum().item() == 0:
+    wide = accumulation_dtype(dtype)
+    w = torch.tensor([float(x) for x in weights], dtype=wide)
+    divisor = float(w.sum())
+    if normalize and divisor == 0:
         listed = ", ".join(f"{float(x):g}" for x in weights)
         raise MergeError(
             f"weights sum to zero ({listed}), so the normalised linear merge would divide by zero",
             hint="change the weights, or set `normalize: false` to keep the plain weighted sum",
         )
     if fused.linear_applies(tensors):
-        return fused.linear(tensors, weights, normalize)
+        return fused.linear(tensors, w.tolist(), divisor if normalize else None)
 
+    device = tensors[0].device
+    out = torch.empty(tensors[0].shape, dtype=dtype, device=device)
+    flat_out = out.view(-1)
     flats = [t.reshape(-1) for t in tensors]
+    for block in blocks(flat_out.numel()):
+        acc = torch.zeros(block.stop - block.start, dtype=wide, device=device)
+        for flat, weight in zip(flats, w.tolist()):
+            acc = fused_multiply_add(flat[block], weight, acc)
+        if normalize:
+            acc.div_(divisor)
+        flat_out[block] = acc
+    return out
 
-    def product(i: int) -> Term:
-        return lambda block: flats[i][block].to(dtype) * w[i]
 
-    total = stacked_sum(
-        [product(i) for i in range(len(tensors))], tensors[0].shape, dtype, device
-    )
-    return total / w.sum() if normalize else total
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 for float64 inputs, float32 for everything narrower."""
+    return torch.float64 if dtype == torch.float64 else torch.float32

@@ -227,6 +227,29 @@ class BlockSummer:
         return target
 
 
+def fused_multiply_add(x: torch.Tensor, weight: float, acc: torch.Tensor) -> torch.Tensor:
+    """``x·weight + acc`` rounded once to ``acc``'s dtype: a fused multiply-add, element-wise.
+
+    For a float32 accumulator (``x`` of at most 24 significant bits, ``weight`` a float32
+    value) the product is exact in float64; the sum is formed in float64 and its rounding
+    error recovered exactly (TwoSum), then the float64 sum is rounded to odd, from which one
+    rounding to float32 is the correctly rounded fused result (53 >= 24 + 2). A float64
+    accumulator gets ``acc + x·weight`` with two roundings (no exact float64 FMA in torch).
+    """
+    if acc.dtype == torch.float64:
+        return acc.add_(x.to(torch.float64), alpha=weight)
+    product = x.to(torch.float64) * weight
+    addend = acc.to(torch.float64)
+    total = product + addend
+    part = total - addend
+    error = (product - part).add_(addend - (total - part))
+    inexact = (error != 0) & ((total.view(torch.int64) & 1) == 0) & torch.isfinite(total)
+    if bool(inexact.any()):
+        toward = torch.where(error > 0, torch.inf, -torch.inf).to(torch.float64)
+        total = torch.where(inexact, torch.nextafter(total, toward), total)
+    return total.to(acc.dtype)
+
+
 def require_same_shape(tensors: Sequence[torch.Tensor], *, what: str) -> None:
     """Refuse inputs whose shapes differ: torch would otherwise broadcast them silently."""
     shapes = [tuple(t.shape) for t in tensors]
