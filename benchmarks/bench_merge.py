@@ -30,7 +30,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from compare_outputs import compare  # noqa: E402
 from model_family import build_llama_family  # noqa: E402
 
 RECIPES = {
@@ -91,6 +90,20 @@ def run_child(command: list[str]) -> tuple[float, float]:
         err = process.stderr.read().decode() if process.stderr else ""
         raise RuntimeError(f"{' '.join(command)} failed ({status}):\n{err[-2000:]}")
     return wall, usage.ru_maxrss / 1024
+
+
+def same_bits(ours: Path, theirs: Path) -> str:
+    """"identical/total" tensors, from compare_outputs.py in a child (reading both outputs here
+    would raise this process's RSS, which every later child's ru_maxrss starts from)."""
+    done = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("compare_outputs.py")), str(ours), str(theirs)],
+        capture_output=True, text=True,
+    )
+    words = done.stdout.strip().splitlines()[-1].split() if done.stdout.strip() else []
+    if len(words) < 5 or not words[0].isdigit() or not words[3].isdigit():
+        return "?"
+    same, differ = int(words[0]), int(words[3])
+    return f"{same}/{same + differ}"
 
 
 def weight_files(model: Path) -> list[Path]:
@@ -171,14 +184,16 @@ def main() -> None:
         identical: dict[str, str] = {}
         for repeat in range(args.repeat):
             for label, command in commands.items():
-                for stale in (out, Path(str(out) + "-mk")):
-                    shutil.rmtree(stale, ignore_errors=True)
-                (root / "floor.bin").unlink(missing_ok=True)  # no run pays for freeing another's output
+                mergekit = label.endswith(" (mergekit)")
+                # No run pays for freeing an earlier output; ours stays until mergekit's is compared.
+                shutil.rmtree(Path(str(out) + "-mk") if mergekit else out, ignore_errors=True)
+                (root / "floor.bin").unlink(missing_ok=True)
                 runs.setdefault(label, []).append(run_child(command))
-                if label.endswith(" (mergekit)") and repeat == args.repeat - 1:
+                if mergekit and repeat == args.repeat - 1:
                     # ours ran just before: both outputs are on disk (compared outside the timing)
-                    same, differ = compare(out, Path(str(out) + "-mk"), report=lambda line: None)
-                    identical[label.removesuffix(" (mergekit)")] = f"{same}/{same + differ}"
+                    identical[label.removesuffix(" (mergekit)")] = same_bits(out, Path(str(out) + "-mk"))
+                if mergekit:
+                    shutil.rmtree(out, ignore_errors=True)
         floor = statistics.median(w for w, _ in runs["floor"])
         walls = {label: statistics.median(w for w, _ in samples) for label, samples in runs.items()}
         for label, samples in runs.items():

@@ -21,7 +21,7 @@ from common.graph import CastTensor, LoadTensor, OutputTensor, ScaleTensor, Slic
 from common.input_models import InputModel, open_input_models
 from common.loading import ModelReference
 from mkmerge.methods import REQUIRED, MergeMethod, get_method
-from mkmerge.methods.chunked import FUSED_CHUNK_FACTOR, row_chunks
+from mkmerge.methods.chunked import row_chunks
 from mkmerge.methods.sparsifiers import check_sparsifier_parameters
 from mkmerge.methods.task_arithmetic import TASK_VECTOR_VARIANTS
 from mkmerge.parameters import layer_position, resolve_parameter
@@ -483,7 +483,7 @@ class _TensorPlanner:
             return None, 0
         others = len(inputs) - (0 if self.method.base_model == "none" else 1)  # roughly: a chunking choice, not a result
         if passes and form.fused is not None and form.fused(compute, others):
-            chunks = row_chunks(shape, itemsize, self.chunk_bytes * FUSED_CHUNK_FACTOR)
+            chunks = row_chunks(shape, itemsize, self.chunk_bytes * form.fused_chunk_factor)
             if chunks is None:
                 return None, 0
         return chunks, passes

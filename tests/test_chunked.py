@@ -150,6 +150,21 @@ def test_statistics_passes_read_each_chunk_again(tiny_family, small_reduction_ch
     assert all(task.rows is not None for task in loads)
 
 
+@pytest.mark.parametrize("method, factor", [("ties", 4), ("slerp", 2), ("linear", 1)])
+def test_fused_methods_with_statistics_passes_take_bigger_blocks(method, factor, tiny_family, small_reduction_chunks):
+    from mkmerge.methods import fused
+
+    if not fused.available():
+        pytest.skip("numba is not installed")
+    base, (a, b) = tiny_family("llama", hidden=64, vocab=200)
+    text = RECIPES[method].format(base=base, a=a, b=b, dtype="bfloat16")
+    plan = plan_merge(parse_recipe(text), chunk_bytes=CHUNK_BYTES)
+    embed = [o for o in plan.outputs if o.name == "model.embed_tokens.weight"]
+    # float32 inputs: 4 bytes an element; linear has no statistics pass, so no bigger blocks
+    expected = row_chunks((200, 64), 4, CHUNK_BYTES * factor)
+    assert [o.rows for o in embed] == expected
+
+
 def test_chunk_sizes_follow_the_budget_and_alignment(monkeypatch):
     monkeypatch.setattr(reductions, "CHUNK", 16384)
     chunks = row_chunks((32000, 2048), 2, 32 * 1024**2)

@@ -34,6 +34,12 @@ ChunkState = Any
 """Whatever a method's statistics passes produce: small (scalars, per-chunk counts)."""
 
 
+# With the default 8 MiB blocks: tensors up to 32 MiB (the MLP matrices of 1-3B models) are
+# read once, not once per pass, at the price of holding their inputs whole, which the
+# prefetch budget bounds anyway.
+FUSED_CHUNK_FACTOR = 4
+
+
 @dataclass(frozen=True)
 class ChunkedForm:
     """How a method runs on chunks.
@@ -58,12 +64,8 @@ class ChunkedForm:
     # big allocation is the output: then a tensor that needs statistics passes is cut into
     # FUSED_CHUNK_FACTOR times bigger blocks, so fewer tensors are read once per pass.
     fused: Callable[[torch.dtype, int], bool] | None = None
-
-
-# With the default 8 MiB blocks: tensors up to 32 MiB (the MLP matrices of 1-3B models) are
-# read once, not once per pass, at the price of holding their inputs whole, which the
-# prefetch budget bounds anyway.
-FUSED_CHUNK_FACTOR = 4
+    # How many times bigger those blocks are (slerp takes 2: see slerp.SLERP_CHUNK_FACTOR).
+    fused_chunk_factor: int = FUSED_CHUNK_FACTOR
 
 
 def elementwise(run: Callable[[Any], torch.Tensor], *, max_inputs: int | None = None) -> ChunkedForm:

@@ -8,6 +8,11 @@ import torch
 
 from mkmerge.methods import fused
 from mkmerge.methods.chunked import ChunkedForm
+
+# A fused slerp's row blocks, in default blocks. Its statistics pass is one cheap Gram sum, so
+# reading a tensor twice costs little; with 4 its peak RSS grew from 0.5B to 3B models
+# (~700 -> 750-810 MB), with 2 it is 570-670 MB at all three sizes (benchmarks/README.md).
+SLERP_CHUNK_FACTOR = 2
 from mkmerge.methods.reductions import exact_sum, gram_partials, gram_sums, require_same_shape
 
 # |cos θ| above this counts as (anti-)parallel: sin θ is too small to divide by.
@@ -87,4 +92,4 @@ def slerp_chunked() -> ChunkedForm:
     def fused_kernels(dtype, count):
         return dtype == torch.bfloat16 and fused.available()
 
-    return ChunkedForm(passes=passes, apply=apply, stats=stats, combine=combine, fused=fused_kernels)
+    return ChunkedForm(passes=passes, apply=apply, stats=stats, combine=combine, fused=fused_kernels, fused_chunk_factor=SLERP_CHUNK_FACTOR)
