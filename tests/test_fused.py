@@ -106,13 +106,13 @@ def test_only_bfloat16_cpu_merges_of_up_to_four_inputs_are_fused():
     assert not fused.applies(base, [tensors[0][:50]])
 
 
-@pytest.mark.parametrize("count", [1, 2, 3, 4])
+@pytest.mark.parametrize("count", [1, 2, 3, 4, 6])
 @pytest.mark.parametrize("normalize", [True, False])
 def test_linear_matches_the_torch_form(monkeypatch, count, normalize):
     from mkmerge.methods.linear import linear_merge
 
     _, tensors = _family(count, seed=11)
-    weights = [0.3, 0.45, -0.2, 0.77][:count]
+    weights = [0.3, 0.45, -0.2, 0.77, 0.11, 0.6][:count]
     with monkeypatch.context() as patch:
         patch.setattr(fused, "linear_applies", lambda tensors: False)
         reference = linear_merge(tensors, weights, normalize)

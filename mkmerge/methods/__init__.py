@@ -23,7 +23,6 @@ from mkmerge.methods.chunked import ChunkedForm, elementwise
 from mkmerge.methods.linear import linear_merge
 from mkmerge.methods.passthrough import passthrough
 from mkmerge.methods.ram import ram_merge, ramplus_tl_merge
-from mkmerge.methods.reductions import STREAMED_TERMS_MAX
 from mkmerge.methods.sce import sce_merge
 from mkmerge.methods.slerp import slerp_chunked, slerp_merge
 from mkmerge.methods.task_arithmetic import (
@@ -399,7 +398,7 @@ def _build_registry() -> dict[str, MergeMethod]:
             min_inputs=1,
             max_inputs=None,
             run=_run_linear,
-            chunked=elementwise(_run_linear, max_inputs=STREAMED_TERMS_MAX),
+            chunked=elementwise(_run_linear),  # a per-element FMA chain: any number of inputs
         ),
         MergeMethod(
             name="slerp",

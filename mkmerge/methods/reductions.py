@@ -238,11 +238,12 @@ def fused_multiply_add(x: torch.Tensor, weight: float, acc: torch.Tensor) -> tor
     """
     if acc.dtype == torch.float64:
         return acc.add_(x.to(torch.float64), alpha=weight)
-    product = x.to(torch.float64) * weight
+    product = x.to(torch.float64).mul_(weight)
     addend = acc.to(torch.float64)
     total = product + addend
     part = total - addend
-    error = (product - part).add_(addend - (total - part))
+    error = product.sub_(part).add_(addend.sub_(part.neg_().add_(total)))  # TwoSum: exact
+    del addend, part
     inexact = (error != 0) & ((total.view(torch.int64) & 1) == 0) & torch.isfinite(total)
     if bool(inexact.any()):
         toward = torch.where(error > 0, torch.inf, -torch.inf).to(torch.float64)

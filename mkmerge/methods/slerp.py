@@ -8,13 +8,12 @@ import torch
 
 from mkmerge.methods import fused
 from mkmerge.methods.chunked import ChunkedForm
+from mkmerge.methods.reductions import exact_sum, gram_partials, gram_sums, require_same_shape
 
 # A fused slerp's row blocks, in default blocks. Its statistics pass is one cheap Gram sum, so
 # reading a tensor twice costs little; with 4 its peak RSS grew from 0.5B to 3B models
 # (~700 -> 750-810 MB), with 2 it is 570-670 MB at all three sizes (benchmarks/README.md).
 SLERP_CHUNK_FACTOR = 2
-from mkmerge.methods.reductions import exact_sum, gram_partials, gram_sums, require_same_shape
-
 # |cos θ| above this counts as (anti-)parallel: sin θ is too small to divide by.
 PARALLEL_THRESHOLD = 0.9995
 # Norms at or below this are not divided by (the vector is used as it is).
