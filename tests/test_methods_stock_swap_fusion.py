@@ -94,7 +94,45 @@ def test_model_stock_does_not_clamp_t_and_reports_it():
 def test_model_stock_exactly_opposite_deltas_are_a_merge_error_not_infinities():
     base = torch.zeros(3)
     with pytest.raises(MergeError, match="infinite"):
-        model_stock_merge(base, [torch.tensor([1.0, 2.0, 3.0]), torch.tensor([-1.0, -2.0, -3.0])])
+        model_stock_merge(base, [torch.tensor([3.0, 4.0, 0.0]), torch.tensor([-3.0, -4.0, 0.0])])  # norms exactly 5
+
+
+def bf16(x) -> float:
+    """A float32 value (or float32 arithmetic's result) rounded to bfloat16."""
+    return torch.tensor(float(x), dtype=torch.float32).to(torch.bfloat16).item()
+
+
+@pytest.mark.parametrize("filter_wise", [False, True])
+def test_model_stock_in_bfloat16_rounds_every_step_to_bfloat16(filter_wise):
+    """Scalar by scalar: deltas, norms, products, sums, cosines, t, mean and mix each rounded
+    to bfloat16 (sums and norms accumulated exactly, then rounded)."""
+    import numpy as np
+
+    f32 = np.float32
+    base = (0.02 * randn(3, 40, seed=21)).to(torch.bfloat16)
+    shared = 0.004 * randn(3, 40, seed=22)
+    tensors = [(base.float() + shared + 0.003 * randn(3, 40, seed=23 + i)).to(torch.bfloat16) for i in range(3)]
+    out, t = model_stock_merge(base, tensors, filter_wise=filter_wise)
+    rows = [base.reshape(3, 40)[r].tolist() for r in range(3)] if filter_wise else [base.reshape(-1).tolist()]
+    models = [[x.reshape(3, 40)[r].tolist() for r in range(3)] if filter_wise else [x.reshape(-1).tolist()] for x in tensors]
+    expected = []
+    for r, anchor in enumerate(rows):
+        deltas = [[bf16(f32(v) - f32(a)) for v, a in zip(m[r], anchor)] for m in models]
+        norms = [bf16(math.sqrt(math.fsum(d * d for d in delta))) for delta in deltas]
+        cosines = []
+        for i, j in combinations(range(3), 2):
+            dot = bf16(math.fsum(bf16(f32(x) * f32(y)) for x, y in zip(deltas[i], deltas[j])))
+            divisor = max(bf16(f32(norms[i]) * f32(norms[j])), bf16(1e-6))
+            cosines.append(min(max(bf16(f32(dot) / f32(divisor)), -1.0), 1.0))
+        c = bf16(math.fsum(cosines) / 3)
+        ratio = bf16(f32(bf16(3 * f32(c))) / f32(bf16(1 + f32(bf16(2 * f32(c))))))
+        assert t.reshape(-1)[r].item() == ratio
+        for k, a in enumerate(anchor):
+            mean = bf16(f32(bf16(f32(bf16(f32(models[0][r][k]) + f32(models[1][r][k]))) + f32(models[2][r][k]))) / 3)
+            mix = bf16(f32(bf16(f32(ratio) * f32(mean))) + f32(bf16(f32(bf16(1 - f32(ratio))) * f32(a))))
+            expected.append(mix)
+    assert out.dtype == torch.bfloat16
+    assert out.reshape(-1).tolist() == expected
 
 
 def test_model_stock_needs_two_models_besides_the_base_and_equal_shapes():
@@ -142,11 +180,30 @@ def test_nearswap_takes_close_entries_from_the_other_model_and_far_ones_stay_nea
     assert torch.equal(nearswap_merge(0.0, base, other), base)
 
 
-def test_nearswap_returns_the_base_dtype():
-    base, other = randn(50, seed=7).to(torch.bfloat16), randn(50, seed=8).to(torch.bfloat16)
-    out = nearswap_merge(0.5, base, other)
+def bf16_of(x: float) -> float:
+    """float32 arithmetic's result rounded to bfloat16 (a torch bfloat16 op rounds once from float32)."""
+    return torch.tensor(x, dtype=torch.float32).to(torch.bfloat16).item()
+
+
+def test_nearswap_in_bfloat16_rounds_every_op_to_bfloat16():
+    """Element by element, each op in float32 (numpy) and rounded to bfloat16 before the next."""
+    import numpy as np
+
+    base, other = (randn(300, seed=s).mul_(0.02).to(torch.bfloat16) for s in (7, 8))
+    other[:100] = base[:100] + 0.0004 * randn(100, seed=9).to(torch.bfloat16)  # some near, some far
+    t = 0.001
+    out = nearswap_merge(t, base, other)
     assert out.dtype == torch.bfloat16
-    torch.testing.assert_close(out, nearswap_reference(0.5, base.float(), other.float()).to(torch.bfloat16))
+    floor = bf16_of(1e-6)
+    for j, (b, o) in enumerate(zip(base.tolist(), other.tolist())):
+        distance = max(abs(bf16_of(np.float32(b) - np.float32(o))), floor)
+        # torch evaluates `scalar / tensor` as tensor.reciprocal() * scalar: two roundings
+        weight = min(max(bf16_of(np.float32(bf16_of(np.float32(1.0) / np.float32(distance))) * np.float32(t)), 0.0), 1.0)
+        kept = bf16_of(np.float32(weight) * np.float32(o))
+        rest = bf16_of(np.float32(bf16_of(np.float32(1.0) - np.float32(weight))) * np.float32(b))
+        assert out[j].item() == bf16_of(np.float32(kept) + np.float32(rest)), j
+    # not what float32 math rounded once gives
+    assert not torch.equal(out, nearswap_reference(t, base.float(), other.float()).to(torch.bfloat16))
 
 
 # --- arcee_fusion -----------------------------------------------------------------------------

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Sequence
 from itertools import combinations
 
 import torch
 
 from common.errors import MergeError
-from mkmerge.methods.reductions import require_same_shape
-from mkmerge.methods.vectors import as_vectors, vector_dots
+from mkmerge.methods.reductions import exact_sum, plain_partials, require_same_shape, squared_norm
+from mkmerge.methods.vectors import as_vectors
 
 # The product of two delta norms is floored at this before dividing.
 NORM_PRODUCT_FLOOR = 1e-6
@@ -27,8 +29,15 @@ def model_stock_merge(
     ``t = N·c / (1 + (N − 1)·c)``. Vectors: the whole tensor, or with ``filter_wise`` each row
     along the last axis (1-D tensors are one row). ``t`` is not clamped, as in mergekit (the
     caller may warn when it leaves [0, 1]); a non-finite ``t`` (mean cosine exactly
-    ``−1/(N − 1)``) is an error rather than a tensor of inf/NaN. Computed in float32, cast to
-    the base's dtype; ``t`` is returned in float64, shaped [vectors, 1].
+    ``−1/(N − 1)``) is an error rather than a tensor of inf/NaN.
+
+    Every step is one op in the inputs' dtype, as mergekit 0.1.5 computes it (bit for bit on
+    bfloat16 models, benchmarks/README.md): deltas, norms, element products and their sums,
+    cosines, ``t``, the mean and the mix are each rounded to the dtype. The sum over a whole
+    flattened tensor is exact, then rounded (torch splits it across threads in a
+    thread-count-dependent order; one rounding of the exact sum agrees with it except when
+    that order's float32 error crosses a rounding boundary of the dtype, ~1e-4 of tensors for
+    bfloat16). ``t`` is returned in float64, shaped [vectors, 1].
     """
     count = len(tensors)
     if count < 2:
@@ -37,26 +46,46 @@ def model_stock_merge(
             hint="list two or more fine-tuned models and the base model",
         )
     require_same_shape([base, *tensors], what="model_stock")
-    anchor = base.to(torch.float32)
-    deltas = [as_vectors(t.to(torch.float32) - anchor, flatten=not filter_wise) for t in tensors]
-    norms = [vector_dots(d, d, -1).sqrt() for d in deltas]
-    cosine_sum = torch.zeros_like(norms[0])
+    dtype = functools.reduce(torch.promote_types, (t.dtype for t in tensors), base.dtype)
+    anchor = as_vectors(base.to(dtype), flatten=not filter_wise)
+    deltas = [as_vectors(t.to(dtype), flatten=not filter_wise) - anchor for t in tensors]
+    norms = [_norms(d) for d in deltas]
+    cosines = []
     for i, j in combinations(range(count), 2):
-        divisor = (norms[i] * norms[j]).clamp_min(NORM_PRODUCT_FLOOR)
-        cosine_sum += (vector_dots(deltas[i], deltas[j], -1) / divisor).clamp(-1.0, 1.0)
+        divisor = (norms[i] * norms[j]).clamp(min=NORM_PRODUCT_FLOOR)
+        cosines.append((_sums(deltas[i] * deltas[j]) / divisor).clamp(-1, 1))
     del deltas
-    cosine = cosine_sum / (count * (count - 1) // 2)
-    t = count * cosine / (1 + (count - 1) * cosine)
+    cosine = torch.stack(cosines).mean(dim=0)
+    t = (count * cosine) / (1 + (count - 1) * cosine)
     if not bool(torch.isfinite(t).all()):
         raise MergeError(
             f"the deltas of the {count} models from the base have mean cosine exactly {-1 / (count - 1):g}, "
             "so model_stock's interpolation ratio t = N·c/(1 + (N−1)·c) is infinite",
             hint="these fine-tunes pull in opposite directions; use another method for this tensor",
         )
-    mean = torch.zeros_like(anchor)
-    for tensor in tensors:
-        mean += tensor.to(torch.float32)
-    mean /= count
-    ratio = t.to(torch.float32)
-    out = as_vectors(mean, flatten=not filter_wise) * ratio + as_vectors(anchor, flatten=not filter_wise) * (1 - ratio)
-    return out.reshape(base.shape).to(base.dtype), t
+    mean = as_vectors(tensors[0].to(dtype), flatten=not filter_wise)
+    for tensor in tensors[1:]:
+        mean = mean + as_vectors(tensor.to(dtype), flatten=not filter_wise)
+    mean = mean / count
+    out = t * mean + (1 - t) * anchor
+    return out.reshape(base.shape).to(base.dtype), t.to(torch.float64)
+
+
+def _norms(vectors: torch.Tensor) -> torch.Tensor:
+    """‖row‖ per row of a 2-D tensor, [rows, 1], in its dtype (float32 accumulation for 16-bit)."""
+    if vectors.shape[0] == 1:
+        return _rounded(math.sqrt(squared_norm(vectors)), vectors)
+    return torch.linalg.vector_norm(vectors, dim=-1, keepdim=True)
+
+
+def _sums(values: torch.Tensor) -> torch.Tensor:
+    """Σ row per row of a 2-D tensor, [rows, 1], in its dtype (float32 accumulation for 16-bit)."""
+    if values.shape[0] == 1:
+        return _rounded(exact_sum(plain_partials(values)), values)
+    return values.sum(dim=-1, keepdim=True)
+
+
+def _rounded(value: float, like: torch.Tensor) -> torch.Tensor:
+    """A [1, 1] tensor of ``like``'s dtype holding ``value`` rounded (via float32 for 16-bit dtypes)."""
+    wide = torch.float64 if like.dtype == torch.float64 else torch.float32
+    return torch.tensor([[value]], dtype=wide, device=like.device).to(like.dtype)

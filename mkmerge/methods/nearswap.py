@@ -14,11 +14,13 @@ def nearswap_merge(t: float, base: torch.Tensor, other: torch.Tensor) -> torch.T
     """Per entry ``ω = clamp(t / |W_base − W_other|, 0, 1)``; ``ω·W_other + (1 − ω)·W_base``.
 
     Entries that differ by at most ``t`` come entirely from the other model, far-apart ones
-    stay close to the base. Computed in float32 (where ω is 0 or 1 the result is an input's
-    value exactly) and cast to the base's dtype.
+    stay close to the base. Every step is one op in the inputs' dtype, rounded to it (torch
+    computes a bfloat16 op in float32 and rounds once): mergekit 0.1.5's arithmetic, whose
+    bfloat16 outputs this reproduces bit for bit (benchmarks/README.md).
     """
     require_same_shape([base, other], what="nearswap")
-    b, o = base.to(torch.float32), other.to(torch.float32)
+    dtype = torch.promote_types(base.dtype, other.dtype)
+    b, o = base.to(dtype), other.to(dtype)
     weight = (t / (b - o).abs_().clamp_min_(DIFFERENCE_FLOOR)).clamp_(0.0, 1.0)
     out = weight * o
     out += (1.0 - weight).mul_(b)

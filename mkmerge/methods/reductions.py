@@ -113,6 +113,11 @@ def gram_partials(a: torch.Tensor, b: torch.Tensor) -> tuple[list[float], list[f
     return partials
 
 
+def plain_partials(x: torch.Tensor) -> list[float]:
+    """Per-CHUNK float64 partial sums of ``x``'s elements, to add with :func:`exact_sum`."""
+    return _fixed_order_partials(x, None, lambda a, _: a)
+
+
 def exact_sum(partials: list[float]) -> float:
     """The exactly rounded sum of partials (see :func:`l1_partials`)."""
     return _exact_sum(partials)
