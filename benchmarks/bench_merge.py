@@ -32,6 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from model_family import build_llama_family  # noqa: E402
 
+import torch  # noqa: E402  (model_family has imported it already)
+
 RECIPES = {
     "linear": """merge_method: linear
 models:
@@ -41,7 +43,7 @@ models:
     parameters: {{weight: 0.3}}
   - model: {m2}
     parameters: {{weight: 0.3}}
-dtype: bfloat16
+dtype: {dtype}
 """,
     "slerp": """merge_method: slerp
 base_model: {m0}
@@ -50,7 +52,7 @@ models:
   - model: {m1}
 parameters:
   t: 0.4
-dtype: bfloat16
+dtype: {dtype}
 """,
     "ties": """merge_method: ties
 base_model: {m0}
@@ -59,7 +61,7 @@ models:
     parameters: {{weight: 0.5, density: 0.5}}
   - model: {m2}
     parameters: {{weight: 0.5, density: 0.5}}
-dtype: bfloat16
+dtype: {dtype}
 """,
     "dare_ties": """merge_method: dare_ties
 base_model: {m0}
@@ -68,14 +70,14 @@ models:
     parameters: {{weight: 0.5, density: 0.5}}
   - model: {m2}
     parameters: {{weight: 0.5, density: 0.5}}
-dtype: bfloat16
+dtype: {dtype}
 """,
     # Goliath-style: all of m0's layers, then the upper half of m1's (n layers -> 1.5 n)
     "passthrough": """merge_method: passthrough
 slices:
   - sources: [{{model: {m0}, layer_range: [0, {layers}]}}]
   - sources: [{{model: {m1}, layer_range: [{half}, {layers}]}}]
-dtype: bfloat16
+dtype: {dtype}
 """,
 }
 
@@ -157,12 +159,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--mergekit", default=None, help="path to mergekit-yaml in its own venv")
     parser.add_argument("--device", default=None, help="run our merges on this device (e.g. cuda)")
+    parser.add_argument(
+        "--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+        help="the models' dtype and the recipes' (float32 families live under ROOT/SIZE-float32)",
+    )
     args = parser.parse_args()
 
     root = Path(args.root)
     rows = []
     for size in args.sizes.split(","):
-        models = build_llama_family(root / size, size, 3)
+        family = root / (size if args.dtype == "bfloat16" else f"{size}-{args.dtype}")
+        models = build_llama_family(family, size, 3, dtype=getattr(torch, args.dtype))
         warm(models)
         out = root / "out"
         runs: dict[str, list[tuple[float, float]]] = {}
@@ -171,7 +178,9 @@ def main() -> None:
             recipe = root / f"{method}.yml"
             layers = json.loads((models[0] / "config.json").read_text())["num_hidden_layers"]
             recipe.write_text(
-                RECIPES[method].format(m0=models[0], m1=models[1], m2=models[2], layers=layers, half=layers // 2)
+                RECIPES[method].format(
+                    m0=models[0], m1=models[1], m2=models[2], layers=layers, half=layers // 2, dtype=args.dtype
+                )
             )
             command = [sys.executable, "-m", "mkmerge", str(recipe), str(out), "--overwrite", "--quiet"]
             if args.threads:

@@ -77,7 +77,8 @@ class WorkingSet:
     width does not follow the dtype (float32 copies, int32 keys, bool masks);
     ``scratch_buffers`` are float32 buffers of at most :data:`SCRATCH_ELEMENTS` elements.
     ``stacked`` replaces this set above ``STREAMED_TERMS_MAX`` summands, where the method
-    materialises every term and stacks them.
+    materialises every term and stacks them; ``fused`` replaces it for bfloat16 results when
+    the fused numba kernels are installed (mkmerge/methods/fused.py), which need only the result.
     """
 
     copies: float
@@ -85,10 +86,13 @@ class WorkingSet:
     bytes_per_element: float = 0.0
     scratch_buffers: int = 1
     stacked: WorkingSet | None = None
+    fused: WorkingSet | None = None
 
-    def nbytes(self, numel: int, itemsize: int, summands: int) -> int:
-        """Bytes for ``summands`` terms of ``numel`` elements of ``itemsize`` bytes."""
+    def nbytes(self, numel: int, itemsize: int, summands: int, dtype: torch.dtype | None = None) -> int:
+        """Bytes for ``summands`` terms of ``numel`` elements of ``itemsize`` bytes (of ``dtype``)."""
         chosen = self.stacked if self.stacked is not None and summands > STREAMED_TERMS_MAX else self
+        if self.fused is not None and dtype == torch.bfloat16 and _fused_kernels():
+            chosen = self.fused
         per_element = (chosen.copies + chosen.copies_per_summand * summands) * itemsize + chosen.bytes_per_element
         scratch = chosen.scratch_buffers * min(numel, SCRATCH_ELEMENTS) * 4
         return int(numel * per_element) + scratch
@@ -99,8 +103,8 @@ class WorkingSet:
 _TIES_STACKED = WorkingSet(copies=1, copies_per_summand=4, bytes_per_element=6, scratch_buffers=2)
 WORKING_SETS: dict[str, WorkingSet] = {
     # the result, and per 1M-element block the float64 temporaries of the emulated fused
-    # multiply-add (measured: ~83 MB beside a 50 MB bf16 result, any number of inputs)
-    "linear": WorkingSet(copies=1, scratch_buffers=6),
+    # multiply-add (measured: ~83 MB beside a 50 MB result, any number of inputs); fused: the result
+    "linear": WorkingSet(copies=1, scratch_buffers=6, fused=WorkingSet(copies=1, scratch_buffers=0)),
     # float32 copies of both endpoints and one scaled product
     "slerp": WorkingSet(copies=0, bytes_per_element=12, scratch_buffers=3),
     # a weighted delta per summand and the result
@@ -122,6 +126,12 @@ WORKING_SETS: dict[str, WorkingSet] = {
 }
 # Methods without an entry: as much as the hungriest declared streaming method.
 DEFAULT_WORKING_SET = WorkingSet(copies=2, copies_per_summand=1, bytes_per_element=6, scratch_buffers=3)
+
+
+def _fused_kernels() -> bool:
+    from mkmerge.methods import fused
+
+    return fused.available()
 
 
 def working_set_of(method: str) -> WorkingSet:
@@ -254,7 +264,7 @@ def _step_cost(
         own_loads = [load for branch in task.inputs for load in _loads_of(branch)]
         result = fed[task.base_index if task.base_index is not None else 0]
         summands = len(fed) - (task.base_index is not None)
-        working = working_set_of(task.method).nbytes(result.numel, result.dtype.itemsize, summands)
+        working = working_set_of(task.method).nbytes(result.numel, result.dtype.itemsize, summands, result.dtype)
         block = result.nbytes
     else:
         own_loads = _loads_of(task)

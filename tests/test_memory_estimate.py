@@ -86,3 +86,13 @@ def test_small_blocks_freed_earlier_are_counted_as_retained_by_the_allocator():
 
 def test_current_rss_is_the_size_of_a_process_with_torch_loaded():
     assert 50 * 1024**2 < current_rss_bytes() < 64 * 1024**3
+
+
+def test_a_fused_bfloat16_linear_needs_only_its_result():
+    from mkmerge.methods import fused
+
+    linear_set = WORKING_SETS["linear"]
+    torch_form = linear_set.nbytes(1000, 2, 3, torch.float16)
+    assert torch_form == 1000 * 2 + 6 * 1000 * 4
+    if fused.available():
+        assert linear_set.nbytes(1000, 2, 3, torch.bfloat16) == 1000 * 2

@@ -10,7 +10,7 @@ from itertools import combinations
 import torch
 
 from common.errors import MergeError
-from mkmerge.methods.reductions import exact_sum, plain_partials, require_same_shape, squared_norm
+from mkmerge.methods.reductions import exact_sum, plain_partials, require_same_shape, split_by_torch, squared_norm
 from mkmerge.methods.vectors import as_vectors
 
 # The product of two delta norms is floored at this before dividing.
@@ -33,11 +33,11 @@ def model_stock_merge(
 
     Every step is one op in the inputs' dtype, as mergekit 0.1.5 computes it (bit for bit on
     bfloat16 models, benchmarks/README.md): deltas, norms, element products and their sums,
-    cosines, ``t``, the mean and the mix are each rounded to the dtype. The sum over a whole
-    flattened tensor is exact, then rounded (torch splits it across threads in a
-    thread-count-dependent order; one rounding of the exact sum agrees with it except when
-    that order's float32 error crosses a rounding boundary of the dtype, ~1e-4 of tensors for
-    bfloat16). ``t`` is returned in float64, shaped [vectors, 1].
+    cosines, ``t``, the mean and the mix are each rounded to the dtype. A sum that torch would
+    split across threads (one vector longer than its grain, ``reductions.split_by_torch``), in
+    a thread-count-dependent order, is accumulated exactly and rounded once instead: for
+    bfloat16 that agrees with torch's float32 order unless its error crosses a bfloat16
+    rounding boundary (~1e-4 of such sums); float32 sums of that size can differ in the last bit. ``t`` is returned in float64, shaped [vectors, 1].
     """
     count = len(tensors)
     if count < 2:
@@ -73,14 +73,14 @@ def model_stock_merge(
 
 def _norms(vectors: torch.Tensor) -> torch.Tensor:
     """‖row‖ per row of a 2-D tensor, [rows, 1], in its dtype (float32 accumulation for 16-bit)."""
-    if vectors.shape[0] == 1:
+    if split_by_torch(vectors, -1):
         return _rounded(math.sqrt(squared_norm(vectors)), vectors)
     return torch.linalg.vector_norm(vectors, dim=-1, keepdim=True)
 
 
 def _sums(values: torch.Tensor) -> torch.Tensor:
     """Σ row per row of a 2-D tensor, [rows, 1], in its dtype (float32 accumulation for 16-bit)."""
-    if values.shape[0] == 1:
+    if split_by_torch(values, -1):
         return _rounded(exact_sum(plain_partials(values)), values)
     return values.sum(dim=-1, keepdim=True)
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from mkmerge.methods.reductions import require_same_shape
-from mkmerge.methods.vectors import pair_gram
+from mkmerge.methods.reductions import exact_sum, plain_partials, require_same_shape, split_by_torch, squared_norm
 
 # Weight sums below this give t = 0.5 instead of a division by ~0.
 WEIGHT_SUM_EPS = 1e-6
@@ -40,33 +41,53 @@ def nuslerp_merge(
     1-D tensors are one vector. With ``base`` the vectors are the deltas ``W − W_base`` and the
     result is added back to the base (task-vector mode).
 
-    Computed in float32 (mergekit uses the load dtype, whose bfloat16 trigonometry is coarse)
-    and cast back to the dtype of ``base`` (or ``first``).
+    Every step is one torch op in the inputs' dtype, as mergekit 0.1.5 computes it (bit for
+    bit on bfloat16 models, benchmarks/README.md): deltas, norms, unit vectors, the cosine,
+    θ, the sines, and ``(sin((1−t)θ)·v0 + sin(tθ)·v1) / sin θ``, or ``(1−t)·v0 + t·v1`` where
+    ``|sin θ| < 1e-8``. Sums that torch would split across threads (one vector longer than its
+    grain) are accumulated exactly and rounded once instead (see ``model_stock_merge``).
     """
     require_same_shape([first, second] + ([base] if base is not None else []), what="nuslerp")
-    dtype = (base if base is not None else first).dtype
-    v0, v1 = first.to(torch.float32), second.to(torch.float32)
-    anchor = base.to(torch.float32) if base is not None else None
+    dtype = torch.promote_types(first.dtype, second.dtype)
+    if base is not None:
+        dtype = torch.promote_types(dtype, base.dtype)
+    v0, v1 = first.to(dtype), second.to(dtype)
+    anchor = base.to(dtype) if base is not None else None
     if anchor is not None:
         v0, v1 = v0 - anchor, v1 - anchor
     if flatten or v0.dim() <= 1:
         v0, v1, dim = v0.reshape(1, -1), v1.reshape(1, -1), -1
     else:
         dim = 0 if row_wise else -1
-    norm0, norm1, products = pair_gram(v0, v1, dim)
-    divisor = norm0.sqrt().clamp_min(NORM_FLOOR) * norm1.sqrt().clamp_min(NORM_FLOOR)
-    # The cosine is rounded to float32, the precision of the computation: (anti-)parallel
-    # vectors then give exactly ±1 and take the linear branch, where a float64 cosine one ulp
-    # off ±1 would give sin θ ≈ 1.5e-8 and blow the coefficients up to ~1e8.
-    cosine = (products / divisor).clamp(-1.0, 1.0).to(torch.float32).to(torch.float64)
-    theta = cosine.arccos()
-    sin_theta = theta.sin()
-    parallel = sin_theta.abs() < SIN_EPS
-    safe_sin = torch.where(parallel, torch.ones_like(sin_theta), sin_theta)
-    scale0 = torch.where(parallel, torch.full_like(theta, 1.0 - t), ((1.0 - t) * theta).sin() / safe_sin)
-    scale1 = torch.where(parallel, torch.full_like(theta, t), (t * theta).sin() / safe_sin)
-    out = v0 * scale0.to(torch.float32) + v1 * scale1.to(torch.float32)
-    out = out.reshape(first.shape)
+    u0 = v0 / _norms(v0, dim).clamp_min(NORM_FLOOR)
+    u1 = v1 / _norms(v1, dim).clamp_min(NORM_FLOOR)
+    cosine = _sums(u0 * u1, dim).clamp(-1, 1)
+    del u0, u1
+    theta = torch.acos(cosine)
+    sin_theta = torch.sin(theta)
+    curved = (torch.sin((1 - t) * theta) * v0 + torch.sin(t * theta) * v1) / sin_theta
+    straight = (1 - t) * v0 + t * v1
+    out = torch.where(sin_theta.abs() < SIN_EPS, straight, curved).reshape(first.shape)
     if anchor is not None:
-        out += anchor
-    return out.to(dtype)
+        out = anchor + out
+    return out.to((base if base is not None else first).dtype)
+
+
+def _norms(vectors: torch.Tensor, dim: int) -> torch.Tensor:
+    """Each vector's norm along ``dim`` (kept), in the vectors' dtype."""
+    if split_by_torch(vectors, dim):
+        return _rounded(math.sqrt(squared_norm(vectors)), vectors)
+    return torch.linalg.vector_norm(vectors, dim=dim, keepdim=True)
+
+
+def _sums(values: torch.Tensor, dim: int) -> torch.Tensor:
+    """Each vector's element sum along ``dim`` (kept), in the values' dtype."""
+    if split_by_torch(values, dim):
+        return _rounded(exact_sum(plain_partials(values)), values)
+    return values.sum(dim=dim, keepdim=True)
+
+
+def _rounded(value: float, like: torch.Tensor) -> torch.Tensor:
+    """A [1, 1] tensor of ``like``'s dtype holding ``value`` (via float32 for 16-bit dtypes)."""
+    wide = torch.float64 if like.dtype == torch.float64 else torch.float32
+    return torch.tensor([[value]], dtype=wide, device=like.device).to(like.dtype)

@@ -113,6 +113,17 @@ def gram_partials(a: torch.Tensor, b: torch.Tensor) -> tuple[list[float], list[f
     return partials
 
 
+# torch reduces at most this many elements on one thread (at::internal::GRAIN_SIZE).
+TORCH_GRAIN = 32768
+
+
+def split_by_torch(values: torch.Tensor, dim: int) -> bool:
+    """True when torch would sum ``values`` (a [rows, n] tensor) along ``dim`` as one vector
+    split across threads, in a thread-count-dependent order: a single row longer than its grain.
+    Any other sum along an axis runs one vector per thread, in a fixed order."""
+    return values.shape[0] == 1 and dim in (-1, 1) and values.shape[-1] > TORCH_GRAIN
+
+
 def plain_partials(x: torch.Tensor) -> list[float]:
     """Per-CHUNK float64 partial sums of ``x``'s elements, to add with :func:`exact_sum`."""
     return _fixed_order_partials(x, None, lambda a, _: a)
