@@ -36,10 +36,18 @@ def reference_sce(base, tensors, select_topk):
         tau = tau * keep.view(variance.shape)
     elected = torch.where(tau.sum(dim=0) >= 0, 1.0, -1.0).to(dtype)
     agree = tau.sign() == elected
-    energies = [float(x.double().pow(2).sum()) / base.numel() for x in tau]
-    total = sum(energies)
-    coefficients = [1 / len(tensors)] * len(tensors) if total < 1e-6 else [e / total for e in energies]
-    c = torch.tensor(coefficients, dtype=dtype).view(-1, *[1] * base.dim())
+    # mergekit's arithmetic in the dtype: squares rounded, each mean rounded, the total as a
+    # Python float. A stack small enough for torch to reduce on one thread: torch's own mean, as
+    # mergekit runs it; a larger one (torch would split it across threads): the exact mean, rounded.
+    if tau.numel() <= 32768:
+        energies = tau.pow(2).mean(dim=list(range(1, tau.dim())))
+    else:
+        wide = torch.float64 if dtype == torch.float64 else torch.float32
+        exact = [math.fsum(x.pow(2).double().flatten().tolist()) / base.numel() for x in tau]
+        energies = torch.tensor(exact, dtype=torch.float64).to(wide).to(dtype)
+    total = energies.sum().item()
+    c = torch.ones(len(tensors), dtype=dtype) / len(tensors) if abs(total) < 1e-6 else energies / total
+    c = c.view(-1, *[1] * base.dim())
     numerator = (tau * c * agree).sum(dim=0)
     divisor = (agree.to(dtype) * c).sum(dim=0).clamp(min=1e-6)
     return base + numerator / divisor

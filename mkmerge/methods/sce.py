@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from mkmerge.methods.reductions import blocks, require_same_shape, squared_norm, stacked_sum
+from mkmerge.methods.reductions import TORCH_GRAIN, blocks, exact_sum, plain_partials, require_same_shape, stacked_sum
 from mkmerge.methods.sparsifiers import top_k_mask
 
 # Σ e_j below this: the coefficients are uniform instead of energy-proportional.
@@ -29,8 +29,8 @@ def sce_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], *, select_top
     are kept in every τ_i (ties: lowest index, :func:`top_k_mask`), all others zeroed;
     ``k ≤ 0`` zeroes everything, so the base comes back. Erase: ``m_i`` = sign of τ_i agrees
     with the sign of Σ τ_i (``+`` where the sum is ≥ 0; zero entries never agree). Calculate:
-    ``e_i = mean(τ_i²)`` (float64, thread-invariant), ``c_i = e_i/Σ e_j``, uniform 1/M when
-    ``Σ e_j < 1e-6``. Sums across models round like ``torch.stack(...).sum(0)``.
+    ``e_i = mean(τ_i²)``, ``c_i = e_i/Σ e_j``, uniform 1/M when ``Σ e_j < 1e-6``, in the
+    dtype (:func:`energy_coefficients`). Sums across models round like ``torch.stack(...).sum(0)``.
     """
     if not tensors:
         return base
@@ -45,7 +45,7 @@ def sce_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], *, select_top
     positive = stacked_sum([_term(f) for f in flats], shape, dtype, device).reshape(-1) >= 0
     agrees = [torch.where(positive, f > 0, f < 0) for f in flats]
     del positive
-    coefficients = [torch.tensor(c, dtype=dtype, device=device) for c in energy_coefficients(deltas)]
+    coefficients = energy_coefficients(deltas)
     terms = list(zip(flats, agrees, coefficients))
     numerator = stacked_sum([lambda b, f=f, a=a, w=w: f[b] * w * a[b] for f, a, w in terms], shape, dtype, device)
     divisor = stacked_sum([lambda b, a=a, w=w: a[b].to(dtype) * w for _, a, w in terms], shape, dtype, device)
@@ -73,14 +73,27 @@ def top_variance_mask(deltas: Sequence[torch.Tensor], select_topk: float) -> tor
     return top_k_mask(variance, k)
 
 
-def energy_coefficients(deltas: Sequence[torch.Tensor]) -> list[float]:
-    """``c_i = mean(τ_i²) / Σ_j mean(τ_j²)``; uniform when the total is below 1e-6."""
-    numel = max(deltas[0].numel(), 1)
-    energies = [squared_norm(delta) / numel for delta in deltas]
-    total = sum(energies)
-    if total < ENERGY_EPS:
-        return [1 / len(deltas)] * len(deltas)
-    return [e / total for e in energies]
+def energy_coefficients(deltas: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """``c_i = mean(τ_i²) / Σ_j mean(τ_j²)``, uniform ``1/M`` when the total is below 1e-6.
+
+    In the deltas' dtype, one torch op at a time as mergekit 0.1.5 computes it (bit for bit
+    on bfloat16 models): the squares, each mean, the total (as a Python float) and each
+    quotient are rounded to the dtype. A mean that torch would split across threads (a delta
+    longer than its grain) is accumulated exactly and rounded once, which keeps it the same
+    for any thread count. Returns 0-dim tensors.
+    """
+    dtype, device = deltas[0].dtype, deltas[0].device
+    numel = deltas[0].numel()
+    if numel * len(deltas) <= TORCH_GRAIN:
+        energies = torch.stack(list(deltas)).pow(2).mean(dim=list(range(1, deltas[0].dim() + 1)))
+    else:
+        wide = torch.float64 if dtype == torch.float64 else torch.float32
+        means = [exact_sum(plain_partials(delta.pow(2))) / max(numel, 1) for delta in deltas]
+        energies = torch.tensor(means, dtype=wide, device=device).to(dtype)
+    total = energies.sum().item()
+    if abs(total) < ENERGY_EPS:
+        return list(torch.ones(len(deltas), dtype=dtype, device=device) / len(deltas))
+    return list(energies / total)
 
 
 def _term(flat: torch.Tensor):
