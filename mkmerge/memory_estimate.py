@@ -77,8 +77,8 @@ class WorkingSet:
     width does not follow the dtype (float32 copies, int32 keys, bool masks);
     ``scratch_buffers`` are float32 buffers of at most :data:`SCRATCH_ELEMENTS` elements.
     ``stacked`` replaces this set above ``STREAMED_TERMS_MAX`` summands, where the method
-    materialises every term and stacks them; ``fused`` replaces it for bfloat16 results when
-    the fused numba kernels are installed (mkmerge/methods/fused.py), which need only the result.
+    materialises every term and stacks them; ``fused`` replaces it for results of one of
+    ``fused_dtypes`` when the fused numba kernels are installed (mkmerge/methods/fused.py).
     """
 
     copies: float
@@ -87,11 +87,12 @@ class WorkingSet:
     scratch_buffers: int = 1
     stacked: WorkingSet | None = None
     fused: WorkingSet | None = None
+    fused_dtypes: tuple[torch.dtype, ...] = ()
 
     def nbytes(self, numel: int, itemsize: int, summands: int, dtype: torch.dtype | None = None) -> int:
         """Bytes for ``summands`` terms of ``numel`` elements of ``itemsize`` bytes (of ``dtype``)."""
         chosen = self.stacked if self.stacked is not None and summands > STREAMED_TERMS_MAX else self
-        if self.fused is not None and dtype == torch.bfloat16 and _fused_kernels():
+        if self.fused is not None and dtype in self.fused_dtypes and _fused_kernels():
             chosen = self.fused
         per_element = (chosen.copies + chosen.copies_per_summand * summands) * itemsize + chosen.bytes_per_element
         scratch = chosen.scratch_buffers * min(numel, SCRATCH_ELEMENTS) * 4
@@ -104,7 +105,9 @@ _TIES_STACKED = WorkingSet(copies=1, copies_per_summand=4, bytes_per_element=6, 
 WORKING_SETS: dict[str, WorkingSet] = {
     # the result, and per 1M-element block the float64 temporaries of the emulated fused
     # multiply-add (measured: ~83 MB beside a 50 MB result, any number of inputs); fused: the result
-    "linear": WorkingSet(copies=1, scratch_buffers=6, fused=WorkingSet(copies=1, scratch_buffers=0)),
+    "linear": WorkingSet(
+        copies=1, scratch_buffers=6, fused=WorkingSet(copies=1, scratch_buffers=0), fused_dtypes=(torch.bfloat16, torch.float32)
+    ),
     # float32 copies of both endpoints and one scaled product
     "slerp": WorkingSet(copies=0, bytes_per_element=12, scratch_buffers=3),
     # a weighted delta per summand and the result

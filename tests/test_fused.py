@@ -120,6 +120,21 @@ def test_linear_matches_the_torch_form(monkeypatch, count, normalize):
     assert _same_bits(linear_merge(tensors, weights, normalize), reference)
 
 
+@pytest.mark.parametrize("count", [1, 3, 5])
+def test_float32_linear_matches_the_torch_form(monkeypatch, count):
+    from mkmerge.methods.linear import linear_merge
+
+    g = torch.Generator().manual_seed(17)
+    tensors = [torch.randn(50_001, generator=g) * torch.exp(torch.randn(50_001, generator=g) * 4) for _ in range(count)]
+    weights = [0.3, -0.45, 0.2, 0.77, 0.11][:count]
+    for normalize in (True, False):
+        with monkeypatch.context() as patch:
+            patch.setattr(fused, "linear_applies", lambda tensors: False)
+            reference = linear_merge(tensors, weights, normalize)
+        assert fused.linear_applies(tensors)
+        assert _same_bits(linear_merge(tensors, weights, normalize), reference)
+
+
 @pytest.mark.parametrize("t", [0.1, 0.4, 0.93])
 def test_slerp_mix_matches_the_torch_form(monkeypatch, t):
     from mkmerge.methods.slerp import slerp_merge
@@ -128,7 +143,7 @@ def test_slerp_mix_matches_the_torch_form(monkeypatch, t):
     base = torch.randn(40_000, generator=g).to(torch.bfloat16)
     other = (base.float() * 0.5 + torch.randn(40_000, generator=g)).to(torch.bfloat16)  # far from parallel
     with monkeypatch.context() as patch:
-        patch.setattr(fused, "linear_applies", lambda tensors: False)
+        patch.setattr(fused, "mix_applies", lambda tensors: False)
         reference = slerp_merge(t, base, other)
     assert not reference.isnan().any()
     assert _same_bits(slerp_merge(t, base, other), reference)

@@ -140,20 +140,27 @@ def _range_policies(base_bits, input_bits, keys, equal, ranges) -> list[np.ndarr
 
 
 def linear(tensors: Sequence[torch.Tensor], weights: Sequence[float], divisor: float | None) -> torch.Tensor:
-    """:func:`~mkmerge.methods.linear.linear_merge` of bfloat16 tensors, fused.
+    """:func:`~mkmerge.methods.linear.linear_merge` of bfloat16 or float32 tensors, fused.
 
     ``weights`` are float32 values; ``divisor`` (float32, non-zero) is the weight sum to
     normalise by, or None for the plain weighted sum.
     """
-    out = torch.empty(tensors[0].shape, dtype=torch.bfloat16)
+    dtype = tensors[0].dtype
+    out = torch.empty(tensors[0].shape, dtype=dtype)
+    if dtype == torch.float32:
+        inputs = tuple(t.contiguous().reshape(-1).numpy() for t in tensors)
+        target, kernel = out.reshape(-1).numpy(), "_linear_f32"
+    else:
+        inputs = tuple(_bits(t) for t in tensors)
+        target, kernel = out.view(torch.int16).reshape(-1).numpy().view(np.uint16), "_linear"
     args = (
-        tuple(_bits(t) for t in tensors),
+        inputs,
         np.asarray(weights, dtype=np.float32),
         divisor is not None,
         np.float32(1.0 if divisor is None else divisor),
-        out.view(torch.int16).reshape(-1).numpy().view(np.uint16),
+        target,
     )
-    _in_parallel(lambda start, stop: _kernels()._linear(*args, start, stop), out.numel())
+    _in_parallel(lambda start, stop: getattr(_kernels(), kernel)(*args, start, stop), out.numel())
     return out
 
 
@@ -196,12 +203,18 @@ def _pool(threads: int) -> ThreadPoolExecutor:
 
 
 def linear_applies(tensors: Sequence[torch.Tensor]) -> bool:
-    """True when :func:`linear` and :func:`mix` take these: bfloat16 CPU tensors of one shape."""
+    """True when :func:`linear` takes these: bfloat16 or float32 CPU tensors of one dtype and shape."""
+    dtype = tensors[0].dtype if tensors else None
     return (
         _NUMBA
-        and len(tensors) >= 1
-        and all(t.dtype == torch.bfloat16 and t.device.type == "cpu" and t.shape == tensors[0].shape for t in tensors)
+        and dtype in (torch.bfloat16, torch.float32)
+        and all(t.dtype == dtype and t.device.type == "cpu" and t.shape == tensors[0].shape for t in tensors)
     )
+
+
+def mix_applies(tensors: Sequence[torch.Tensor]) -> bool:
+    """True when :func:`mix` takes these: bfloat16 CPU tensors of one shape."""
+    return linear_applies(tensors) and tensors[0].dtype == torch.bfloat16
 
 
 def _kernels():

@@ -216,6 +216,35 @@ def _linear(inputs, weights, normalize, divisor, out, start, stop):
                 o[j] = _round(total[j])
 
 
+@numba.njit(cache=True)
+def _accumulate_f32(tensor, weight, total):
+    for j in range(tensor.size):
+        total[j] = _fma(tensor[j], weight, total[j])
+
+
+@numba.njit(cache=True, nogil=True)
+def _linear_f32(inputs, weights, normalize, divisor, out, start, stop):
+    """float32 inputs: acc = +0, then acc = fma(W_i, w_i, acc) per input; / divisor."""
+    n = stop
+    size = 4096
+    total = np.empty(size, dtype=np.float32)
+    for lo in range(start, n, size):
+        m = min(n, lo + size) - lo
+        for j in range(m):
+            total[j] = 0.0
+        i = 0
+        for tensor in inputs:
+            _accumulate_f32(tensor[lo : lo + m], weights[i], total)
+            i += 1
+        o = out[lo : lo + m]
+        if normalize:
+            for j in range(m):
+                o[j] = total[j] / divisor
+        else:
+            for j in range(m):
+                o[j] = total[j]
+
+
 @numba.njit(cache=True, nogil=True)
 def _mix(base, other, scale_base, scale_other, out, start, stop):
     b, c, o = base[start:stop], other[start:stop], out[start:stop]

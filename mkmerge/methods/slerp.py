@@ -51,7 +51,7 @@ def slerp_scales(t: float, aa: float, cc: float, ac: float) -> tuple[float, floa
 
 def _mix(base: torch.Tensor, other: torch.Tensor, scale_a: float, scale_c: float) -> torch.Tensor:
     """``a·sa + c·sc`` in float32, each product rounded, then the sum; cast to the base dtype."""
-    if fused.linear_applies([base, other]):
+    if fused.mix_applies([base, other]):
         return fused.mix(base, other, scale_a, scale_c)
     a = base.to(torch.float32, copy=True)
     out = a.mul_(scale_a).add_(other.to(torch.float32) * scale_c)
