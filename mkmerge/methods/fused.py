@@ -149,10 +149,10 @@ def linear(tensors: Sequence[torch.Tensor], weights: Sequence[float], divisor: f
     out = torch.empty(tensors[0].shape, dtype=dtype)
     if dtype == torch.float32:
         inputs = tuple(t.contiguous().reshape(-1).numpy() for t in tensors)
-        target, kernel = out.reshape(-1).numpy(), "_linear_f32"
+        target = out.reshape(-1).numpy()
     else:
         inputs = tuple(_bits(t) for t in tensors)
-        target, kernel = out.view(torch.int16).reshape(-1).numpy().view(np.uint16), "_linear"
+        target = out.view(torch.int16).reshape(-1).numpy().view(np.uint16)
     args = (
         inputs,
         np.asarray(weights, dtype=np.float32),
@@ -160,7 +160,7 @@ def linear(tensors: Sequence[torch.Tensor], weights: Sequence[float], divisor: f
         np.float32(1.0 if divisor is None else divisor),
         target,
     )
-    _in_parallel(lambda start, stop: getattr(_kernels(), kernel)(*args, start, stop), out.numel())
+    _in_parallel(lambda start, stop: _kernels()._linear(*args, start, stop), out.numel())
     return out
 
 

@@ -11,7 +11,7 @@ import numba
 import numpy as np
 from llvmlite import ir
 from numba import types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 
 @intrinsic
@@ -187,15 +187,38 @@ def _merge(base, inputs, modes, keys, equal, factors, weights, masks, consensus,
         _combine(omega, weights, widened, m, consensus, normalize, lam, divisor, total, positive, mixed_sum, weight_sum, out[lo : lo + m])
 
 
+def _value(element):
+    """An array element as float32: bfloat16 bits widened, float32 as it is."""
+
+
+@overload(_value)
+def _value_overload(element):
+    if isinstance(element, types.Integer):
+        return lambda element: _widen(element)
+    return lambda element: element
+
+
+def _stored(value, target):
+    """A float32 value as ``target``'s element type: bfloat16 bits (rounded) or float32."""
+
+
+@overload(_stored)
+def _stored_overload(value, target):
+    if isinstance(target.dtype, types.Integer):
+        return lambda value, target: _round(value)
+    return lambda value, target: value
+
+
 @numba.njit(cache=True)
 def _accumulate(tensor, weight, total):
     for j in range(tensor.size):
-        total[j] = _fma(_widen(tensor[j]), weight, total[j])
+        total[j] = _fma(_value(tensor[j]), weight, total[j])
 
 
 @numba.njit(cache=True, nogil=True)
 def _linear(inputs, weights, normalize, divisor, out, start, stop):
-    """acc = +0, then acc = fma(W_i, w_i, acc) per input in float32; / divisor; to bfloat16."""
+    """acc = +0, then acc = fma(W_i, w_i, acc) per input in float32; / divisor; to the
+    output's type (bfloat16 bits, rounded once, or float32). Compiled per input type."""
     n = stop
     size = 4096
     total = np.empty(size, dtype=np.float32)
@@ -210,39 +233,10 @@ def _linear(inputs, weights, normalize, divisor, out, start, stop):
         o = out[lo : lo + m]
         if normalize:
             for j in range(m):
-                o[j] = _round(total[j] / divisor)
+                o[j] = _stored(total[j] / divisor, o)
         else:
             for j in range(m):
-                o[j] = _round(total[j])
-
-
-@numba.njit(cache=True)
-def _accumulate_f32(tensor, weight, total):
-    for j in range(tensor.size):
-        total[j] = _fma(tensor[j], weight, total[j])
-
-
-@numba.njit(cache=True, nogil=True)
-def _linear_f32(inputs, weights, normalize, divisor, out, start, stop):
-    """float32 inputs: acc = +0, then acc = fma(W_i, w_i, acc) per input; / divisor."""
-    n = stop
-    size = 4096
-    total = np.empty(size, dtype=np.float32)
-    for lo in range(start, n, size):
-        m = min(n, lo + size) - lo
-        for j in range(m):
-            total[j] = 0.0
-        i = 0
-        for tensor in inputs:
-            _accumulate_f32(tensor[lo : lo + m], weights[i], total)
-            i += 1
-        o = out[lo : lo + m]
-        if normalize:
-            for j in range(m):
-                o[j] = total[j] / divisor
-        else:
-            for j in range(m):
-                o[j] = total[j]
+                o[j] = _stored(total[j], o)
 
 
 @numba.njit(cache=True, nogil=True)
