@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Sequence
 from itertools import combinations
 
 import torch
 
 from common.errors import MergeError
-from mkmerge.methods.reductions import exact_sum, plain_partials, require_same_shape, split_by_torch, squared_norm
-from mkmerge.methods.vectors import as_vectors
+from mkmerge.methods.reductions import require_same_shape
+from mkmerge.methods.vectors import as_vectors, norms_in_dtype, sums_in_dtype
 
 # The product of two delta norms is floored at this before dividing.
 NORM_PRODUCT_FLOOR = 1e-6
@@ -37,7 +36,8 @@ def model_stock_merge(
     split across threads (one vector longer than its grain, ``reductions.split_by_torch``), in
     a thread-count-dependent order, is accumulated exactly and rounded once instead: for
     bfloat16 that agrees with torch's float32 order unless its error crosses a bfloat16
-    rounding boundary (~1e-4 of such sums); float32 sums of that size can differ in the last bit. ``t`` is returned in float64, shaped [vectors, 1].
+    rounding boundary (~1e-4 of such sums); float32 sums of that size can differ in the last
+    bit. ``t`` is returned in float64, shaped [vectors, 1].
     """
     count = len(tensors)
     if count < 2:
@@ -49,11 +49,11 @@ def model_stock_merge(
     dtype = functools.reduce(torch.promote_types, (t.dtype for t in tensors), base.dtype)
     anchor = as_vectors(base.to(dtype), flatten=not filter_wise)
     deltas = [as_vectors(t.to(dtype), flatten=not filter_wise) - anchor for t in tensors]
-    norms = [_norms(d) for d in deltas]
+    norms = [norms_in_dtype(d) for d in deltas]
     cosines = []
     for i, j in combinations(range(count), 2):
         divisor = (norms[i] * norms[j]).clamp(min=NORM_PRODUCT_FLOOR)
-        cosines.append((_sums(deltas[i] * deltas[j]) / divisor).clamp(-1, 1))
+        cosines.append((sums_in_dtype(deltas[i] * deltas[j]) / divisor).clamp(-1, 1))
     del deltas
     cosine = torch.stack(cosines).mean(dim=0)
     t = (count * cosine) / (1 + (count - 1) * cosine)
@@ -70,22 +70,3 @@ def model_stock_merge(
     out = t * mean + (1 - t) * anchor
     return out.reshape(base.shape).to(base.dtype), t.to(torch.float64)
 
-
-def _norms(vectors: torch.Tensor) -> torch.Tensor:
-    """‖row‖ per row of a 2-D tensor, [rows, 1], in its dtype (float32 accumulation for 16-bit)."""
-    if split_by_torch(vectors, -1):
-        return _rounded(math.sqrt(squared_norm(vectors)), vectors)
-    return torch.linalg.vector_norm(vectors, dim=-1, keepdim=True)
-
-
-def _sums(values: torch.Tensor) -> torch.Tensor:
-    """Σ row per row of a 2-D tensor, [rows, 1], in its dtype (float32 accumulation for 16-bit)."""
-    if split_by_torch(values, -1):
-        return _rounded(exact_sum(plain_partials(values)), values)
-    return values.sum(dim=-1, keepdim=True)
-
-
-def _rounded(value: float, like: torch.Tensor) -> torch.Tensor:
-    """A [1, 1] tensor of ``like``'s dtype holding ``value`` rounded (via float32 for 16-bit dtypes)."""
-    wide = torch.float64 if like.dtype == torch.float64 else torch.float32
-    return torch.tensor([[value]], dtype=wide, device=like.device).to(like.dtype)

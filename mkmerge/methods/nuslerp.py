@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from mkmerge.methods.reductions import exact_sum, plain_partials, require_same_shape, split_by_torch, squared_norm
+from mkmerge.methods.reductions import require_same_shape
+from mkmerge.methods.vectors import norms_in_dtype, sums_in_dtype
 
 # Weight sums below this give t = 0.5 instead of a division by ~0.
 WEIGHT_SUM_EPS = 1e-6
@@ -59,9 +58,9 @@ def nuslerp_merge(
         v0, v1, dim = v0.reshape(1, -1), v1.reshape(1, -1), -1
     else:
         dim = 0 if row_wise else -1
-    u0 = v0 / _norms(v0, dim).clamp_min(NORM_FLOOR)
-    u1 = v1 / _norms(v1, dim).clamp_min(NORM_FLOOR)
-    cosine = _sums(u0 * u1, dim).clamp(-1, 1)
+    u0 = v0 / norms_in_dtype(v0, dim).clamp_min(NORM_FLOOR)
+    u1 = v1 / norms_in_dtype(v1, dim).clamp_min(NORM_FLOOR)
+    cosine = sums_in_dtype(u0 * u1, dim).clamp(-1, 1)
     del u0, u1
     theta = torch.acos(cosine)
     sin_theta = torch.sin(theta)
@@ -72,22 +71,3 @@ def nuslerp_merge(
         out = anchor + out
     return out.to((base if base is not None else first).dtype)
 
-
-def _norms(vectors: torch.Tensor, dim: int) -> torch.Tensor:
-    """Each vector's norm along ``dim`` (kept), in the vectors' dtype."""
-    if split_by_torch(vectors, dim):
-        return _rounded(math.sqrt(squared_norm(vectors)), vectors)
-    return torch.linalg.vector_norm(vectors, dim=dim, keepdim=True)
-
-
-def _sums(values: torch.Tensor, dim: int) -> torch.Tensor:
-    """Each vector's element sum along ``dim`` (kept), in the values' dtype."""
-    if split_by_torch(values, dim):
-        return _rounded(exact_sum(plain_partials(values)), values)
-    return values.sum(dim=dim, keepdim=True)
-
-
-def _rounded(value: float, like: torch.Tensor) -> torch.Tensor:
-    """A [1, 1] tensor of ``like``'s dtype holding ``value`` (via float32 for 16-bit dtypes)."""
-    wide = torch.float64 if like.dtype == torch.float64 else torch.float32
-    return torch.tensor([[value]], dtype=wide, device=like.device).to(like.dtype)

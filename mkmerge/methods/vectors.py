@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-from mkmerge.methods.reductions import dot, gram_sums
+from mkmerge.methods.reductions import dot, exact_sum, plain_partials, split_by_torch, squared_norm
 
 
 def as_vectors(tensor: torch.Tensor, *, flatten: bool) -> torch.Tensor:
@@ -38,19 +38,6 @@ def vector_dots(a: torch.Tensor, b: torch.Tensor, dim: int) -> torch.Tensor:
         shape = [1] * a.dim()
         return torch.tensor(dot(a, b), dtype=torch.float64, device=a.device).reshape(shape)
     return (a * b).sum(dim, keepdim=True).to(torch.float64)
-
-
-def pair_gram(a: torch.Tensor, b: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(Σa², Σb², Σa⊙b)`` along ``dim`` (kept as size 1), in float64, for float32 inputs.
-
-    A single vector takes one float32-product pass over both tensors (``reductions.gram_sums``),
-    as slerp does.
-    """
-    if _single_vector(a, dim):
-        shape = [1] * a.dim()
-        aa, bb, ab = (torch.tensor(s, dtype=torch.float64, device=a.device).reshape(shape) for s in gram_sums(a, b))
-        return aa, bb, ab
-    return vector_dots(a, a, dim), vector_dots(b, b, dim), vector_dots(a, b, dim)
 
 
 def gram_matrix(vectors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -87,3 +74,27 @@ def combine(
     for tensor, coefficient in zip(tensors, coefficients):
         out.add_(tensor, alpha=float(coefficient))
     return out.to(dtype)
+
+
+def norms_in_dtype(vectors: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Each vector's norm along ``dim`` of a 2-D tensor (kept), as torch computes it in the
+    tensor's dtype. A single vector torch would split across threads (longer than its grain)
+    gets its exact norm rounded once instead, the same for any thread count."""
+    if split_by_torch(vectors, dim):
+        return _scalar_like(math.sqrt(squared_norm(vectors)), vectors)
+    return torch.linalg.vector_norm(vectors, dim=dim, keepdim=True)
+
+
+def sums_in_dtype(values: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Each vector's element sum along ``dim`` of a 2-D tensor (kept), in its dtype; a single
+    long vector as in :func:`norms_in_dtype`."""
+    if split_by_torch(values, dim):
+        return _scalar_like(exact_sum(plain_partials(values)), values)
+    return values.sum(dim=dim, keepdim=True)
+
+
+def _scalar_like(value: float, like: torch.Tensor) -> torch.Tensor:
+    """A [1, 1] tensor of ``like``'s dtype holding ``value`` (via float32 for 16-bit dtypes, as
+    torch rounds a 16-bit reduction)."""
+    wide = torch.float64 if like.dtype == torch.float64 else torch.float32
+    return torch.tensor([[value]], dtype=wide, device=like.device).to(like.dtype)
