@@ -106,13 +106,9 @@ def test_only_bfloat16_cpu_merges_of_up_to_four_inputs_are_fused():
     assert not fused.applies(base, [tensors[0][:50]])
 
 
-@pytest.mark.parametrize("count", [1, 2, 3, 4, 6])
-@pytest.mark.parametrize("normalize", [True, False])
-def test_linear_matches_the_torch_form(monkeypatch, count, normalize):
+def _linear_matches_the_torch_form(monkeypatch, tensors, weights, normalize):
     from mkmerge.methods.linear import linear_merge
 
-    _, tensors = _family(count, seed=11)
-    weights = [0.3, 0.45, -0.2, 0.77, 0.11, 0.6][:count]
     with monkeypatch.context() as patch:
         patch.setattr(fused, "linear_applies", lambda tensors: False)
         reference = linear_merge(tensors, weights, normalize)
@@ -120,19 +116,19 @@ def test_linear_matches_the_torch_form(monkeypatch, count, normalize):
     assert _same_bits(linear_merge(tensors, weights, normalize), reference)
 
 
-@pytest.mark.parametrize("count", [1, 3, 5])
-def test_float32_linear_matches_the_torch_form(monkeypatch, count):
-    from mkmerge.methods.linear import linear_merge
+@pytest.mark.parametrize("count", [1, 2, 3, 4, 6])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_linear_matches_the_torch_form(monkeypatch, count, normalize):
+    _, tensors = _family(count, seed=11)
+    _linear_matches_the_torch_form(monkeypatch, tensors, [0.3, 0.45, -0.2, 0.77, 0.11, 0.6][:count], normalize)
 
+
+@pytest.mark.parametrize("count", [1, 3, 5])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_float32_linear_matches_the_torch_form(monkeypatch, count, normalize):
     g = torch.Generator().manual_seed(17)
     tensors = [torch.randn(50_001, generator=g) * torch.exp(torch.randn(50_001, generator=g) * 4) for _ in range(count)]
-    weights = [0.3, -0.45, 0.2, 0.77, 0.11][:count]
-    for normalize in (True, False):
-        with monkeypatch.context() as patch:
-            patch.setattr(fused, "linear_applies", lambda tensors: False)
-            reference = linear_merge(tensors, weights, normalize)
-        assert fused.linear_applies(tensors)
-        assert _same_bits(linear_merge(tensors, weights, normalize), reference)
+    _linear_matches_the_torch_form(monkeypatch, tensors, [0.3, -0.45, 0.2, 0.77, 0.11][:count], normalize)
 
 
 @pytest.mark.parametrize("t", [0.1, 0.4, 0.93])
