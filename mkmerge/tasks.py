@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -95,12 +95,25 @@ class MergeTensor(_MethodTask):
         return f"{self.method}({len(self.inputs)} inputs)"
 
 
+def _cached_hash(task: Task) -> int:
+    """A frozen dataclass's field hash, computed once. The passes of a chunked merge nest
+    (each pass's chunks hold the previous state, which holds every chunk of the pass before),
+    so a hash recomputed on every call grows as chunks ** passes."""
+    cached = task.__dict__.get("_hash")
+    if cached is None:
+        cached = hash((type(task).__name__, *(getattr(task, f.name) for f in fields(task) if f.compare)))
+        object.__setattr__(task, "_hash", cached)
+    return cached
+
+
 @dataclass(frozen=True)
 class ChunkStats(_MethodTask):
     """Statistics pass ``pass_index`` of a chunked merge over one chunk: a small partial."""
 
     pass_index: int = 0
     state: Task | None = None  # the state after the previous pass, if any
+
+    __hash__ = _cached_hash
 
     def dependencies(self) -> tuple[Task, ...]:
         return self.inputs + ((self.state,) if self.state is not None else ())
@@ -122,6 +135,8 @@ class CombineStats(Task):
     pass_index: int
     parts: tuple[ChunkStats, ...]
     state: Task | None = None
+
+    __hash__ = _cached_hash
 
     def dependencies(self) -> tuple[Task, ...]:
         return self.parts + ((self.state,) if self.state is not None else ())

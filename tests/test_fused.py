@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mkmerge.methods import fused
-from mkmerge.methods.sparsifiers import _order_keys
+from mkmerge.methods.sort_order import order_keys
 from mkmerge.methods.task_arithmetic import task_vector_merge
 
 pytestmark = pytest.mark.skipif(not fused.available(), reason="numba is not installed")
@@ -56,7 +56,7 @@ def test_magnitude_sparsified_merges_match_the_torch_form(monkeypatch, count, co
     assert _same_bits(task_vector_merge(**kwargs), _torch_form(monkeypatch, **kwargs))
 
 
-def test_the_threshold_ties_are_broken_to_the_lowest_indices_as_in_the_torch_form(monkeypatch):
+def test_the_threshold_ties_are_broken_as_torchs_sort_breaks_them_in_both_forms(monkeypatch):
     base = torch.zeros(1000, dtype=torch.bfloat16)
     tensors = [torch.full((1000,), 0.5, dtype=torch.bfloat16), torch.full((1000,), -0.25, dtype=torch.bfloat16)]
     tensors[0][::7] = 0.75
@@ -64,14 +64,17 @@ def test_the_threshold_ties_are_broken_to_the_lowest_indices_as_in_the_torch_for
                   consensus=True, normalize=True)  # fmt: skip
     merged = task_vector_merge(**kwargs)
     assert _same_bits(merged, _torch_form(monkeypatch, **kwargs))
-    # The first input keeps its 143 entries at 0.75, then the first 157 of its 0.5s; the second
-    # keeps its first 500 entries (all equal), which win only where the first kept nothing.
-    positions = torch.arange(1000)
-    first_kept = (positions % 7 == 0) | (positions < 157 + 157 // 6 + 1) & (positions % 7 != 0)
+    # The first input keeps its 143 entries at 0.75 and 157 of its 0.5s, the second 500 of its
+    # entries (all equal): which ones, torch's own sort says. The first wins wherever it kept one.
+    kept = []
+    for tensor, k in ((tensors[0], 300), (tensors[1], 500)):
+        mask = torch.zeros(1000, dtype=torch.bool)
+        mask[torch.argsort(tensor.float().abs(), descending=True)[:k]] = True
+        kept.append(mask)
+    expected = torch.where(kept[0], tensors[0], torch.where(kept[1], tensors[1], torch.zeros_like(base)))
+    assert torch.equal(merged, expected)
     assert int((merged == 0.75).sum()) == 143 and int((merged == 0.5).sum()) == 157
-    rest = ~((merged == 0.75) | (merged == 0.5))
-    assert torch.equal(merged[rest], torch.where(positions[rest] < 500, -0.25, 0.0).to(torch.bfloat16))
-    assert torch.equal(rest, ~first_kept)
+    assert not torch.equal(kept[1], torch.arange(1000) < 500)  # not simply the lowest indices
 
 
 @pytest.mark.parametrize("rescale, consensus", list(itertools.product([True, False], [True, False])))
@@ -94,7 +97,7 @@ def test_task_arithmetic_matches_the_torch_form_with_inputs_of_another_dtype(mon
 def test_delta_histograms_are_bincounts_of_the_magnitude_keys():
     base, tensors = _family(2, seed=7)
     for tensor, counts in zip(tensors, fused.delta_histograms(base, tensors)):
-        expected = torch.bincount(_order_keys((tensor - base).abs().reshape(-1)), minlength=1 << 16)
+        expected = torch.bincount(order_keys((tensor - base).abs().reshape(-1)), minlength=1 << 16)
         assert torch.equal(counts, expected)
 
 

@@ -39,7 +39,7 @@ _NUMBA = importlib.util.find_spec("numba") is not None
 _MIN_ELEMENTS_PER_THREAD = 1 << 18
 _ALIGN = 4096
 _NO_EQUAL, _ALL_EQUAL = 0, -1  # equal-key policies besides a positive count of firsts to keep
-MODE_ALL, MODE_MAGNITUDE, MODE_MASK = 0, 1, 2
+MODE_ALL, MODE_MAGNITUDE, MODE_MASK, MODE_LISTED = 0, 1, 2, 3
 
 
 def available() -> bool:
@@ -56,6 +56,10 @@ class InputRule:
     equal: int = _ALL_EQUAL  # ... and of keys equal to it: all (-1), none (0), or the first n
     mask: np.ndarray | None = None  # MODE_MASK: bool keep-mask of the (flattened) tensor
     factor: float | None = None  # L1 rescale factor, applied after the mask
+    # MODE_LISTED: keep keys above ``key``; of the entries equal to it, those ``listed`` marks
+    # (bool, one per equal entry of the whole tensor in index order); ``equal`` is then the
+    # number in ``listed`` of the first equal entry of the tensor merged (a chunk's offset).
+    listed: np.ndarray | None = None
 
 
 def applies(base: torch.Tensor, tensors: Sequence[torch.Tensor]) -> bool:
@@ -76,11 +80,20 @@ def _bits(tensor: torch.Tensor) -> np.ndarray:
 def delta_histograms(base: torch.Tensor, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """Per input, ``torch.bincount`` of the magnitude keys of its bfloat16 delta (65536 bins).
 
-    Equal to ``bincount(_order_keys((t - base).abs()))`` for each input ``t``.
+    Equal to ``bincount(order_keys((t - base).abs()))`` for each input ``t``.
     """
     args = (_bits(base), tuple(_bits(t) for t in tensors))
     counts = sum(_in_parallel(lambda start, stop: _kernels()._histograms(*args, start, stop), base.numel()))
     return [torch.from_numpy(counts[i]) for i in range(len(tensors))]
+
+
+def delta_keys(base: torch.Tensor, tensor: torch.Tensor) -> np.ndarray:
+    """int32 magnitude keys of the bfloat16 delta ``tensor − base`` (flattened): equal to
+    ``order_keys((tensor − base).abs())``, without the delta or its magnitude in memory."""
+    keys = np.empty(base.numel(), dtype=np.int32)
+    base_bits, bits = _bits(base), _bits(tensor)
+    _in_parallel(lambda start, stop: _kernels()._delta_keys(base_bits, bits, start, stop, keys[start:stop]), base.numel())
+    return keys
 
 
 def merge(
@@ -109,33 +122,42 @@ def merge(
     for i, rule in enumerate(rules):
         if rule.mode == MODE_MASK:
             masks[i] = rule.mask.reshape(-1)
+    listed = np.zeros((count, max((r.listed.size for r in rules if r.mode == MODE_LISTED), default=0)), dtype=np.uint8)
+    for i, rule in enumerate(rules):
+        if rule.mode == MODE_LISTED:
+            listed[i, : rule.listed.size] = rule.listed
     out = torch.empty(base.shape, dtype=torch.bfloat16)
     base_bits, input_bits = _bits(base), tuple(_bits(t) for t in tensors)
     out_bits = out.view(torch.int16).reshape(-1).numpy().view(np.uint16)
-    rest = (factors, weights, masks.view(np.uint8), consensus, normalize, np.float32(lambda_),
-            np.float32(divisor if normalize else 1.0), out_bits)  # fmt: skip
+    rest = (consensus, normalize, np.float32(lambda_), np.float32(divisor if normalize else 1.0), out_bits)
     ranges = _ranges(numel)
-    policies = _range_policies(base_bits, input_bits, keys, equal, ranges)
-    _map(lambda r: _kernels()._merge(base_bits, input_bits, modes, keys, policies[r], *rest, *ranges[r]), range(len(ranges)))
+    policies = _range_policies(base_bits, input_bits, modes, keys, equal, ranges)
+    rest = (masks.view(np.uint8), listed, *rest)
+    _map(lambda r: _kernels()._merge(base_bits, input_bits, modes, keys, policies[r], factors, weights, *rest, *ranges[r]), range(len(ranges)))
     return out
 
 
-def _range_policies(base_bits, input_bits, keys, equal, ranges) -> list[np.ndarray]:
+def _range_policies(base_bits, input_bits, modes, keys, equal, ranges) -> list[np.ndarray]:
     """Each range's equal-key policies, where the tensor is split into ``ranges``.
 
-    Keeping "the first n entries on the threshold key" is a count along the whole tensor; the
-    equal keys in each range (counted in parallel) tell every range how many of its own to keep.
+    Keeping "the first n entries on the threshold key", or the listed ones, depends on a
+    count along the whole tensor; the equal keys in each range (counted in parallel) tell
+    every range how many of its own to keep, or where in the list its own start.
     """
-    partial = [i for i, e in enumerate(equal) if e > 0]
-    if len(ranges) == 1 or not partial:
+    counted = [i for i, e in enumerate(equal) if e > 0 or modes[i] == MODE_LISTED]
+    if len(ranges) == 1 or not counted:
         return [equal] * len(ranges)
-    counts = {i: _map(lambda span, i=i: _kernels()._count_equal(base_bits, input_bits[i], keys[i], *span), ranges) for i in partial}
+    counts = {i: _map(lambda span, i=i: _kernels()._count_equal(base_bits, input_bits[i], keys[i], *span), ranges) for i in counted}
     policies = [equal.copy() for _ in ranges]
-    for i in partial:
+    for i in counted:
         remaining = int(equal[i])
         for r, here in enumerate(counts[i]):
-            policies[r][i] = -1 if remaining >= here else max(0, remaining)
-            remaining = max(0, remaining - here)
+            if modes[i] == MODE_LISTED:
+                policies[r][i] = remaining  # the number of this range's first equal entry
+                remaining += here
+            else:
+                policies[r][i] = -1 if remaining >= here else max(0, remaining)
+                remaining = max(0, remaining - here)
     return policies
 
 

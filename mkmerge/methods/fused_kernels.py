@@ -65,6 +65,14 @@ def _count_equal(base, tensor, key, start, stop):
 
 
 @numba.njit(cache=True, nogil=True)
+def _delta_keys(base, tensor, start, stop, out):
+    """The magnitude keys of the bfloat16 delta ``tensor − base`` over ``[start, stop)``, into ``out``."""
+    b, t = base[start:stop], tensor[start:stop]
+    for j in range(b.size):
+        out[j] = np.int32(_round(_widen(t[j]) - _widen(b[j])) & 0x7FFF)
+
+
+@numba.njit(cache=True, nogil=True)
 def _histograms(base, inputs, start, stop):
     counts = np.zeros((len(inputs), 65536), dtype=np.int64)
     b = base[start:stop]
@@ -97,11 +105,22 @@ def _weigh_threshold(tensor, widened, om, key, keep_equal, factor, weight):
 
 
 @numba.njit(cache=True)
-def _weigh(tensor, widened, om, mode, key, budget, factor, weight, mask):
+def _weigh(tensor, widened, om, mode, key, budget, factor, weight, mask, listed):
     """ω of one input over one block (``tensor``, ``mask`` sliced to it); returns the equal
-    keys still to keep. (Loops index slices from 0: an index with an offset gets numba's
-    negative-index check, which stops LLVM from vectorising.)"""
+    keys still to keep (mode 1) or the number of the next equal key in ``listed`` (mode 3).
+    (Loops index slices from 0: an index with an offset gets numba's negative-index check,
+    which stops LLVM from vectorising.)"""
     m = tensor.size
+    if mode == 3:  # keys above `key`; of the equal ones, those `listed` marks, in order
+        for j in range(m):
+            delta = _round(_widen(tensor[j]) - widened[j])
+            k = np.int64(delta & 0x7FFF)
+            keep = k > key
+            if k == key:
+                keep = listed[budget] != 0
+                budget += 1
+            om[j] = _weighted(delta, keep, factor, weight)
+        return budget
     if mode == 1 and budget > 0:  # the first `budget` entries with the threshold key, in order
         equal_here = 0
         for j in range(m):
@@ -162,7 +181,7 @@ def _combine(omega, weights, widened, m, consensus, normalize, lam, divisor, tot
 
 
 @numba.njit(cache=True, nogil=True)
-def _merge(base, inputs, modes, keys, equal, factors, weights, masks, consensus, normalize, lam, divisor, out, start, stop):
+def _merge(base, inputs, modes, keys, equal, factors, weights, masks, listed, consensus, normalize, lam, divisor, out, start, stop):
     # Blocks that stay in cache, each step its own simple loop, so LLVM vectorises them.
     n = stop
     count = len(inputs)
@@ -182,7 +201,7 @@ def _merge(base, inputs, modes, keys, equal, factors, weights, masks, consensus,
         i = 0
         for tensor in inputs:
             mask = masks[i, lo : lo + m] if modes[i] == 2 else masks[0, :0]
-            budget[i] = _weigh(tensor[lo : lo + m], widened, omega[i], modes[i], keys[i], budget[i], factors[i], weights[i], mask)
+            budget[i] = _weigh(tensor[lo : lo + m], widened, omega[i], modes[i], keys[i], budget[i], factors[i], weights[i], mask, listed[i])
             i += 1
         _combine(omega, weights, widened, m, consensus, normalize, lam, divisor, total, positive, mixed_sum, weight_sum, out[lo : lo + m])
 

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from mkmerge.methods.reductions import TORCH_GRAIN, blocks, exact_sum, plain_partials, require_same_shape, stacked_sum
-from mkmerge.methods.sparsifiers import top_k_mask
+from mkmerge.methods.sort_order import TOPK, first_masks
 
 # Σ e_j below this: the coefficients are uniform instead of energy-proportional.
 ENERGY_EPS = 1e-6
@@ -26,7 +26,8 @@ def sce_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], *, select_top
 
     Select (``select_topk < 1``): population variance of the τ_i across models per position;
     ``k = floor(select_topk × positions with non-zero variance)`` highest-variance positions
-    are kept in every τ_i (ties: lowest index, :func:`top_k_mask`), all others zeroed;
+    are kept in every τ_i (the set ``torch.topk`` picks, ties included:
+    :mod:`sort_order`), all others zeroed;
     ``k ≤ 0`` zeroes everything, so the base comes back. Erase: ``m_i`` = sign of τ_i agrees
     with the sign of Σ τ_i (``+`` where the sum is ≥ 0; zero entries never agree). Calculate:
     ``e_i = mean(τ_i²)``, ``c_i = e_i/Σ e_j``, uniform 1/M when ``Σ e_j < 1e-6``, in the
@@ -70,7 +71,7 @@ def top_variance_mask(deltas: Sequence[torch.Tensor], select_topk: float) -> tor
         stack.sub_(stack.mean(dim=0)).square_()
         flat_variance[block] = stack.mean(dim=0)
     k = int(select_topk * int(torch.count_nonzero(variance).item()))
-    return top_k_mask(variance, k)
+    return first_masks(variance, [k], TOPK)[0]
 
 
 def energy_coefficients(deltas: Sequence[torch.Tensor]) -> list[torch.Tensor]:

@@ -14,9 +14,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
-from mkmerge.methods import fused
+from mkmerge.methods import fused, sort_order
 from mkmerge.methods.chunked import ChunkedForm
 from mkmerge.methods.reductions import (
     BLOCK,
@@ -30,9 +31,8 @@ from mkmerge.methods.reductions import (
     require_same_shape,
     stacked_sum,
 )
+from mkmerge.methods.sort_order import kth_in_histogram, order_keys
 from mkmerge.methods.sparsifiers import (
-    _kth_in_histogram,
-    _order_keys,
     breadcrumbs_sparsify,
     dare_mask,
     della_sparsify,
@@ -223,9 +223,15 @@ def _fused_rules(base, tensors, weights, densities, sparsifier, rescale, generat
         density, weight = float(densities[i]), float(weights[i])
         if i in histograms:
             k = _top_k_count(numel, density)
-            key, above = _kth_in_histogram(histograms[i], k)
+            key, above = kth_in_histogram(histograms[i], k)
             equal = int(histograms[i][key].item())
-            rules.append(fused.InputRule(weight, fused.MODE_MAGNITUDE, key=key, equal=_equal_policy(k - above, equal)))
+            if 0 < k - above < equal:  # some of the entries on the threshold: the sort's choice
+                words, tracked, _ = sort_order.encode(fused.delta_keys(base, tensor), [key], in_place=True)
+                (listed,) = sort_order.replay(words, tracked, [k], sort_order.DESCENDING)
+                del words
+                rules.append(fused.InputRule(weight, fused.MODE_LISTED, key=key, equal=0, listed=listed))
+            else:
+                rules.append(fused.InputRule(weight, fused.MODE_MAGNITUDE, key=key, equal=_equal_policy(k - above, equal)))
         elif sparsifier == "random" and density < 1:
             mask = dare_mask(base.shape, density, _required(generators[i]))
             factor = None
@@ -355,9 +361,10 @@ def task_vector_chunked(variant: TaskVectorVariant) -> ChunkedForm:
         if not any(active(p.get("density", 1.0)) for p in per_model):
             return 0
         selection = selection_passes(dtype)
-        if selection is None:
-            return None
-        return selection + (1 if params["rescale"] else 0)
+        if selection is None or (selection and not sort_order.replayable()):
+            return None  # without numba, only a whole-tensor sort picks the sort's ties
+        spill = 1 if selection else 0
+        return selection + spill + (1 if params["rescale"] else 0)
 
     def stats(index: int, call, state):
         base, dtype = call.base, call.base.dtype
@@ -374,12 +381,17 @@ def task_vector_chunked(variant: TaskVectorVariant) -> ChunkedForm:
                 (part["hist"],) = fused.delta_histograms(base, [tensor])
                 part["level"] = "single"
                 continue
+            if variant.sparsifier == "magnitude" and index == selection:  # the spill pass
+                if "spill" in state[i]:
+                    state[i]["spill"].write(call.offset, _chunk_keys(base, tensor))
+                    part["spilled"] = True
+                continue
             delta = tensor.to(dtype) - base
             if variant.sparsifier == "random":
                 kept = delta * dare_mask(delta.shape, density, call.generator(i), call.offset).to(delta.device)
                 part["l1_before"], part["l1_after"] = l1_partials(delta), l1_partials(kept)
                 continue
-            keys = _order_keys(delta.abs().reshape(-1))
+            keys = order_keys(delta.abs().reshape(-1))
             if index == 0:
                 part["hist"] = torch.bincount(keys if selection == 1 else keys >> 16, minlength=1 << 16).cpu()
                 part["level"] = "single" if selection == 1 else "high"
@@ -402,6 +414,14 @@ def task_vector_chunked(variant: TaskVectorVariant) -> ChunkedForm:
                 continue
             if "hist" in parts[0]:
                 _combine_selection(model_state, parts, numel, float(call.per_model[i]["density"]))
+                if "key" in model_state and 0 < model_state["missing"] < sum(model_state["equal_counts"]):
+                    model_state["spill"] = sort_order.Spill(numel)  # some of the ties: the sort decides
+            if parts[0].get("spilled"):
+                spill = model_state.pop("spill")
+                try:
+                    model_state["listed"] = sort_order.replay_spilled(spill, model_state["key"], model_state["k"])
+                finally:
+                    spill.close()
             if "l1_before" in parts[0]:
                 model_state["l1_before"] = exact_sum([x for p in parts for x in p["l1_before"]])
             if "l1_after" in parts[0]:
@@ -423,7 +443,7 @@ def task_vector_chunked(variant: TaskVectorVariant) -> ChunkedForm:
                 if variant.sparsifier == "random":
                     mask = dare_mask(kept.shape, density, call.generator(i), call.offset).to(kept.device)
                 else:
-                    mask = _chunk_top_mask(_order_keys(kept.abs().reshape(-1)), state[i], call.chunk).view(kept.shape)
+                    mask = _chunk_top_mask(order_keys(kept.abs().reshape(-1)), state[i], call.chunk).view(kept.shape)
                 kept = kept * mask
                 if rescale and state[i].get("factor") is not None:
                     kept = kept * state[i]["factor"]
@@ -449,9 +469,12 @@ def task_vector_chunked(variant: TaskVectorVariant) -> ChunkedForm:
                 rules.append(fused.InputRule(weight, fused.MODE_MASK, mask=mask, factor=factor))
             else:
                 selection = state[i]
+                key, start = selection["key"], selection["equal_before"][call.chunk]
+                if "listed" in selection:
+                    rules.append(fused.InputRule(weight, fused.MODE_LISTED, key=key, equal=start, listed=selection["listed"]))
+                    continue
                 equal_here = selection["equal_counts"][call.chunk]
-                need = max(0, min(equal_here, selection["missing"] - selection["equal_before"][call.chunk]))
-                key = selection["key"]
+                need = max(0, min(equal_here, selection["missing"] - start))
                 rules.append(fused.InputRule(weight, fused.MODE_MAGNITUDE, key=key, equal=_equal_policy(need, equal_here)))
         return fused.merge(
             call.base,
@@ -469,20 +492,20 @@ def task_vector_chunked(variant: TaskVectorVariant) -> ChunkedForm:
 
 
 def _combine_selection(state: dict, parts: list[dict], numel: int, density: float) -> None:
-    """Fold one selection pass's per-chunk histograms into ``state`` (see _kth_largest_key)."""
+    """Fold one selection pass's per-chunk histograms into ``state`` (see kth_largest_key)."""
     hists = [p["hist"] for p in parts]
     total = torch.stack(hists).sum(0)
     level = parts[0]["level"]
     if level == "high":
         state["k"] = _top_k_count(numel, density)
-        state["bucket"], state["above"] = _kth_in_histogram(total, state["k"])
+        state["bucket"], state["above"] = kth_in_histogram(total, state["k"])
         return
     if level == "single":
         state["k"] = _top_k_count(numel, density)
-        digit, above = _kth_in_histogram(total, state["k"])
+        digit, above = kth_in_histogram(total, state["k"])
         key = digit
     else:
-        digit, above_low = _kth_in_histogram(total, state["k"] - state["above"])
+        digit, above_low = kth_in_histogram(total, state["k"] - state["above"])
         key, above = (state["bucket"] << 16) | digit, state["above"] + above_low
     equal = [int(h[digit].item()) for h in hists]
     state["key"], state["missing"] = key, state["k"] - above
@@ -497,10 +520,24 @@ def _top_k_count(numel: int, density: float) -> int:
     return k
 
 
+def _chunk_keys(base: torch.Tensor, tensor: torch.Tensor) -> np.ndarray:
+    """int32 magnitude keys of one chunk's delta (flattened), for the spill."""
+    if fused.applies(base, [tensor]):
+        return fused.delta_keys(base, tensor)
+    return order_keys((tensor.to(base.dtype) - base).abs().reshape(-1)).cpu().numpy()
+
+
 def _chunk_top_mask(keys: torch.Tensor, selection: Mapping[str, Any], chunk: int) -> torch.Tensor:
-    """This chunk's part of the whole tensor's top-k mask (ties to the lowest indices)."""
+    """This chunk's part of the whole tensor's top-k mask: of the entries on the threshold
+    key, those the sort puts first (``listed``), or all or none of them."""
     key = selection["key"]
     keep, equal = keys > key, keys == key
+    if "listed" in selection:
+        positions = equal.nonzero().reshape(-1)
+        start = selection["equal_before"][chunk]
+        listed = torch.from_numpy(selection["listed"][start : start + positions.numel()]).to(keys.device)
+        keep[positions[listed]] = True
+        return keep
     equal_here = int(torch.count_nonzero(equal).item())
     need = max(0, min(equal_here, selection["missing"] - selection["equal_before"][chunk]))
     if need == equal_here:
