@@ -114,8 +114,19 @@ WORKING_SETS: dict[str, WorkingSet] = {
     "task_arithmetic": WorkingSet(
         copies=1, copies_per_summand=1, scratch_buffers=2, stacked=WorkingSet(copies=1, copies_per_summand=2)
     ),
-    # deltas so far, the current delta and its magnitudes, the result; int32 keys, two bool masks
-    "ties": WorkingSet(copies=1, copies_per_summand=1, bytes_per_element=6, scratch_buffers=2, stacked=_TIES_STACKED),
+    # deltas so far, the current delta and its magnitudes, the result; int32 keys, two bool
+    # masks, and the uint32 words of a replayed sort (mkmerge/methods/sort_order.py). Fused
+    # (bfloat16 only): the result and, per input, the words of its replay (two bfloat16s'
+    # worth; the inputs are replayed side by side).
+    "ties": WorkingSet(
+        copies=1,
+        copies_per_summand=1,
+        bytes_per_element=10,
+        scratch_buffers=2,
+        stacked=_TIES_STACKED,
+        fused=WorkingSet(copies=1, copies_per_summand=2, scratch_buffers=0),
+        fused_dtypes=(torch.bfloat16,),
+    ),
     # deltas so far, the current delta, its masked and its rescaled copy; uint32 draws, a bool mask
     "dare_linear": WorkingSet(
         copies=2,
@@ -127,8 +138,9 @@ WORKING_SETS: dict[str, WorkingSet] = {
     "dare_ties": WorkingSet(copies=2, copies_per_summand=1, bytes_per_element=5, scratch_buffers=2, stacked=_TIES_STACKED),
     "passthrough": WorkingSet(copies=1, scratch_buffers=0),
 }
-# Methods without an entry: as much as the hungriest declared streaming method.
-DEFAULT_WORKING_SET = WorkingSet(copies=2, copies_per_summand=1, bytes_per_element=6, scratch_buffers=3)
+# Methods without an entry: as much as the hungriest declared streaming method (with the
+# words of a replayed sort: breadcrumbs, sce).
+DEFAULT_WORKING_SET = WorkingSet(copies=2, copies_per_summand=1, bytes_per_element=10, scratch_buffers=3)
 
 
 def _fused_kernels() -> bool:

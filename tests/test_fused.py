@@ -169,3 +169,6 @@ def test_the_bits_do_not_depend_on_how_many_threads_split_the_tensor(monkeypatch
     with threads(4):
         assert _same_bits(runs["dare_ties"](), _torch_form(monkeypatch, base=base, tensors=tensors, weights=[0.5, 0.3, 0.4], densities=[0.5, 0.2, 0.8],
                                                             sparsifier="random", consensus=True, rescale=True, **dare()))  # fmt: skip
+        # the ties on the threshold (replayed, then listed) are found across all four ranges
+        assert _same_bits(runs["ties"](), _torch_form(monkeypatch, base=base, tensors=tensors, weights=[0.5, 0.3, 0.4], densities=[0.5, 0.2, 0.8],
+                                                       sparsifier="magnitude", consensus=True, normalize=True))  # fmt: skip

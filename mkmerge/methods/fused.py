@@ -96,6 +96,23 @@ def delta_keys(base: torch.Tensor, tensor: torch.Tensor) -> np.ndarray:
     return keys
 
 
+def delta_words(base: torch.Tensor, tensor: torch.Tensor, key: int) -> tuple[np.ndarray, int]:
+    """(words, count): the bfloat16 delta's magnitude keys as :func:`sort_order.encode` would
+    encode them with ``key`` tracked, in one pass on the calling thread; ``count`` tracked."""
+    words = np.empty(base.numel(), dtype=np.uint32)
+    count = _kernels()._delta_words(_bits(base), _bits(tensor), np.uint32(key), words)
+    return words, int(count)
+
+
+def each_on_a_thread(function, items) -> list:
+    """``[function(item) for item in items]``, the items spread over torch's thread count
+    (functions whose work releases the GIL, and which do not use this pool themselves)."""
+    items = list(items)
+    if len(items) <= 1 or torch.get_num_threads() <= 1:
+        return [function(item) for item in items]
+    return list(_pool(min(len(items), torch.get_num_threads())).map(function, items))
+
+
 def merge(
     base: torch.Tensor,
     tensors: Sequence[torch.Tensor],

@@ -13,6 +13,8 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic, overload
 
+from mkmerge.methods.sort_order_kernels import ESCAPE
+
 
 @intrinsic
 def _f32_from_bits(typingctx, bits):
@@ -61,6 +63,21 @@ def _count_equal(base, tensor, key, start, stop):
     count = 0
     for j in range(b.size):
         count += np.int64(_round(_widen(t[j]) - _widen(b[j])) & 0x7FFF) == key
+    return count
+
+
+@numba.njit(cache=True, nogil=True)
+def _delta_words(base, tensor, key, out):
+    """:func:`_delta_keys` as the words of :mod:`sort_order_kernels`: entries on ``key``
+    escaped and numbered in index order; returns how many there are."""
+    count = 0
+    for j in range(base.size):
+        k = np.uint32(_round(_widen(tensor[j]) - _widen(base[j])) & 0x7FFF)
+        if k == key:
+            out[j] = ESCAPE + np.uint32(count)
+            count += 1
+        else:
+            out[j] = k
     return count
 
 

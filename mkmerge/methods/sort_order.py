@@ -241,7 +241,11 @@ def _encode_spilled(spill: Spill, threshold: int) -> int:
 
 
 def _partition_spilled(spill: Spill, first: int, last: int, tracked_keys: np.ndarray) -> int:
-    """``_partition_pivot`` of ``[first, last)`` in the file (descending); returns the cut."""
+    """``_partition_pivot`` of ``[first, last)`` in the file (descending); returns the cut.
+
+    Two windows, one following each side's scan; when they would overlap, one window over
+    everything still to be touched, grown if a scan runs past it. Each window is written
+    back when it is replaced."""
     from mkmerge.methods import sort_order_kernels as kernels
 
     spots = [first, first + 1, first + (last - first) // 2, last - 1]
@@ -250,30 +254,46 @@ def _partition_spilled(spill: Spill, first: int, last: int, tracked_keys: np.nda
     for p, word in zip(spots, four):
         spill.write(p, np.array([word]).view(np.int32))
     pivot = int(tracked_keys[four[0] - kernels.ESCAPE]) if four[0] >= kernels.ESCAPE else int(four[0])
-    window = WINDOW_WORDS
+    state = np.zeros(8, dtype=np.int64)
+    state[kernels.NEXT_LEFT], state[kernels.NEXT_RIGHT], state[kernels.PREVIOUS_RIGHT] = first + 1, last - 1, -1
+    left_stops, right_stops = np.empty(kernels._BLOCK, dtype=np.int64), np.empty(kernels._BLOCK, dtype=np.int64)
+    window = max(WINDOW_WORDS, 2 * kernels._BLOCK)  # a window holds a scan's whole block
     if last - first > 2 * window:
         left_base, left = first, spill.read(first, first + window)
         right_base, right = last - window, spill.read(last - window, last)
     else:
         left_base = right_base = first
         left = right = spill.read(first, last)
-    lo, hi, phase = first + 1, last, 0
     while True:
-        lo, hi, phase, status = kernels.partition_windows(left, left_base, right, right_base, lo, hi, phase, pivot, tracked_keys, True)
+        status = kernels.partition_windows(left, left_base, right, right_base, pivot, tracked_keys, True, first, last, state, left_stops, right_stops)
         if status == 0:
             break
+        next_left, next_right = int(state[kernels.NEXT_LEFT]), int(state[kernels.NEXT_RIGHT])
+        if right is not left and status == 1 and next_left + window <= right_base:
+            spill.write(left_base, left.view(np.int32))
+            left_base, left = next_left, spill.read(next_left, next_left + window)
+            continue
+        if right is not left and status == 2 and next_right + 1 - window >= left_base + left.size:
+            spill.write(right_base, right.view(np.int32))
+            right_base, right = next_right + 1 - window, spill.read(next_right + 1 - window, next_right + 1)
+            continue
+        # One window: from the lowest position still to be touched to the highest.
+        pending = [next_left, next_right + 1 - kernels._BLOCK, next_right + 1, next_left + kernels._BLOCK]
+        used, count = int(state[kernels.LEFT_USED]), int(state[kernels.LEFT_COUNT])
+        if used < count:
+            pending.append(int(left_stops[used]))
+        used, count = int(state[kernels.RIGHT_USED]), int(state[kernels.RIGHT_COUNT])
+        if used < count:
+            pending.append(int(right_stops[used]) + 1)
+        low, high = max(first, min(pending)), min(last, max(pending))
+        if right is left:  # grow the one window
+            low, high = min(low, left_base), max(high, left_base + left.size)
         spill.write(left_base, left.view(np.int32))
         if right is not left:
             spill.write(right_base, right.view(np.int32))
-        if status == 1 and right is not left and lo + window <= right_base:
-            left_base, left = lo, spill.read(lo, lo + window)
-        elif status == 2 and right is not left and hi + 1 - window >= left_base + left.size:
-            right_base, right = hi + 1 - window, spill.read(hi + 1 - window, hi + 1)
-        else:  # the cursors are near each other: one window holds all that is left to do
-            left_base = max(first, min(lo, hi) - 1)
-            left = right = spill.read(left_base, min(last, max(lo, hi) + 1))
-            right_base = left_base
+        left_base = right_base = low
+        left = right = spill.read(low, high)
     spill.write(left_base, left.view(np.int32))
     if right is not left:
         spill.write(right_base, right.view(np.int32))
-    return lo
+    return int(state[kernels.CUT])

@@ -20,6 +20,7 @@ import numpy as np
 ESCAPE = np.uint32(1 << 31)
 SORT_THRESHOLD = 16  # libstdc++ _S_threshold: introsort leaves smaller segments to insertion sort
 SELECT_THRESHOLD = 3  # std::nth_element's insertion-sort size
+_BLOCK = 128  # entries a partition examines per side before pairing its stoppers
 
 
 @numba.njit(inline="always")
@@ -78,20 +79,48 @@ def median_to_first(four, keys, descending):
 @numba.njit(cache=True)
 def _partition_pivot(words, keys, descending, first, last):
     """``std::__unguarded_partition_pivot``: median of (first+1, middle, last−1) to ``first``,
-    then Hoare's partition of ``[first+1, last)`` around it; returns the cut."""
+    then Hoare's partition of ``[first+1, last)`` around it; returns the cut.
+
+    Hoare's loop swaps the i-th entry from the left that may not stay left (a "left
+    stopper") with the i-th from the right that may not stay right, until they cross at
+    pair t; the cut is then the t-th left stopper, or the (t−1)-th right one if that comes
+    first (the loop's own stop, on the entry swapped there). Both lists depend only on the
+    entries before the crossing, so they are gathered a block at a time, branch-free, as in
+    BlockQuicksort (Edelkamp & Weiß, 2016): the same swaps and cut, without a mispredicted
+    branch per entry.
+    """
     _median_to_first(words, keys, descending, first, first + 1, first + (last - first) // 2, last - 1)
     pivot = _key(words, keys, first)
-    lo, hi = first + 1, last
+    left = np.empty(_BLOCK, dtype=np.int64)
+    right = np.empty(_BLOCK, dtype=np.int64)
+    next_left, next_right = first + 1, last - 1  # the next entries each side examines
+    left_count = left_used = right_count = right_used = 0
+    previous_right = -1
     while True:
-        while _before(_key(words, keys, lo), pivot, descending):
-            lo += 1
-        hi -= 1
-        while _before(pivot, _key(words, keys, hi), descending):
-            hi -= 1
+        if left_used == left_count:
+            left_count = left_used = 0
+            while left_count == 0 and next_left < last:
+                stop = min(next_left + _BLOCK, last)
+                for p in range(next_left, stop):
+                    left[left_count] = p
+                    left_count += 0 if _before(_key(words, keys, p), pivot, descending) else 1
+                next_left = stop
+        if right_used == right_count:
+            right_count = right_used = 0
+            while right_count == 0 and next_right >= first:  # the pivot at `first` stops it
+                stop = max(next_right - _BLOCK, first - 1)
+                for p in range(next_right, stop, -1):
+                    right[right_count] = p
+                    right_count += 0 if _before(pivot, _key(words, keys, p), descending) else 1
+                next_right = stop
+        lo = left[left_used] if left_used < left_count else last
+        hi = right[right_used]
         if lo >= hi:
-            return lo
+            return lo if previous_right < 0 else min(lo, previous_right)
         _swap(words, lo, hi)
-        lo += 1
+        previous_right = hi
+        left_used += 1
+        right_used += 1
 
 
 @numba.njit(cache=True)
@@ -244,36 +273,66 @@ def select_first(words, keys, k):
     _insertion_sort(words, keys, True, first, last)
 
 
+# partition_windows' state: where each side scans next, its gathered stoppers (count, used),
+# the last right position swapped, and (when done) the cut.
+NEXT_LEFT, NEXT_RIGHT, LEFT_COUNT, LEFT_USED, RIGHT_COUNT, RIGHT_USED, PREVIOUS_RIGHT, CUT = range(8)
+
+
 @numba.njit(cache=True, nogil=True)
-def partition_windows(left, left_base, right, right_base, lo, hi, phase, pivot, keys, descending):
-    """Hoare's partition of :func:`_partition_pivot`, resumable, on two windows of a bigger
-    array: ``left`` holds positions from ``left_base`` (where ``lo`` moves up), ``right``
-    from ``right_base`` (where ``hi`` moves down); they may be one array. Returns
-    ``(lo, hi, phase, status)``: status 0 when done (the cut is ``lo``), 1 when ``lo`` has
-    left its window, 2 when ``hi`` has left its; resume with the returned values."""
-    left_end = left_base + left.size
+def partition_windows(left, left_base, right, right_base, pivot, keys, descending, first, last, state, left_stops, right_stops):
+    """:func:`_partition_pivot`'s partition (after the median step), resumable, on two windows
+    of a bigger array: ``left`` holds positions from ``left_base``, ``right`` from
+    ``right_base`` (they may be one array). ``state`` (see NEXT_LEFT…CUT) and the stopper
+    buffers carry over between calls. Returns 0 when done (the cut in ``state[CUT]``), 1 when
+    the left side needs a window holding ``[state[NEXT_LEFT], +_BLOCK)``, 2 when the right
+    side needs one holding ``(state[NEXT_RIGHT] − _BLOCK, state[NEXT_RIGHT]]``."""
+    next_left, next_right = state[NEXT_LEFT], state[NEXT_RIGHT]
+    left_count, left_used = state[LEFT_COUNT], state[LEFT_USED]
+    right_count, right_used = state[RIGHT_COUNT], state[RIGHT_USED]
+    previous_right = state[PREVIOUS_RIGHT]
+    status = 0
     while True:
-        if phase == 0:
-            while True:
-                if lo >= left_end:
-                    return lo, hi, 0, 1
-                if not _before(_key(left, keys, lo - left_base), pivot, descending):
+        if left_used == left_count:
+            left_count = left_used = 0
+            while left_count == 0 and next_left < last:
+                stop = min(next_left + _BLOCK, last)
+                if next_left < left_base or stop > left_base + left.size:
+                    status = 1
                     break
-                lo += 1
-            hi -= 1
-            phase = 1
-        while True:
-            if hi < right_base:
-                return lo, hi, 1, 2
-            if not _before(pivot, _key(right, keys, hi - right_base), descending):
+                for p in range(next_left, stop):
+                    left_stops[left_count] = p
+                    left_count += 0 if _before(_key(left, keys, p - left_base), pivot, descending) else 1
+                next_left = stop
+            if status:
                 break
-            hi -= 1
+        if right_used == right_count:
+            right_count = right_used = 0
+            while right_count == 0 and next_right >= first:
+                stop = max(next_right - _BLOCK, first - 1)
+                if stop + 1 < right_base or next_right >= right_base + right.size:
+                    status = 2
+                    break
+                for p in range(next_right, stop, -1):
+                    right_stops[right_count] = p
+                    right_count += 0 if _before(pivot, _key(right, keys, p - right_base), descending) else 1
+                next_right = stop
+            if status:
+                break
+        lo = left_stops[left_used] if left_used < left_count else last
+        hi = right_stops[right_used]
         if lo >= hi:
-            return lo, hi, 1, 0
+            state[CUT] = lo if previous_right < 0 else min(lo, previous_right)
+            break
         a, b = lo - left_base, hi - right_base
         left[a], right[b] = right[b], left[a]
-        lo += 1
-        phase = 0
+        previous_right = hi
+        left_used += 1
+        right_used += 1
+    state[NEXT_LEFT], state[NEXT_RIGHT] = next_left, next_right
+    state[LEFT_COUNT], state[LEFT_USED] = left_count, left_used
+    state[RIGHT_COUNT], state[RIGHT_USED] = right_count, right_used
+    state[PREVIOUS_RIGHT] = previous_right
+    return status
 
 
 @numba.njit(cache=True, nogil=True)

@@ -218,20 +218,23 @@ def _fused_rules(base, tensors, weights, densities, sparsifier, rescale, generat
     numel = base.numel()
     magnitude = [i for i in range(len(tensors)) if sparsifier == "magnitude" and float(densities[i]) < 1]
     histograms = dict(zip(magnitude, fused.delta_histograms(base, [tensors[i] for i in magnitude]) if magnitude else []))
+    cuts = {}  # input -> (k, threshold key, entries above it, entries on it)
+    for i in histograms:
+        k = _top_k_count(numel, float(densities[i]))
+        key, above = kth_in_histogram(histograms[i], k)
+        cuts[i] = (k, key, above, int(histograms[i][key].item()))
+    # Where only some of the entries on the threshold survive, the sort's choice, replayed
+    # for all such inputs at once (each on one thread).
+    replayed = [i for i, (k, _, above, equal) in cuts.items() if 0 < k - above < equal]
+    listed = dict(zip(replayed, fused.each_on_a_thread(lambda i: _sorted_ties(base, tensors[i], cuts[i][1], cuts[i][0]), replayed)))
     rules = []
     for i, tensor in enumerate(tensors):
         density, weight = float(densities[i]), float(weights[i])
-        if i in histograms:
-            k = _top_k_count(numel, density)
-            key, above = kth_in_histogram(histograms[i], k)
-            equal = int(histograms[i][key].item())
-            if 0 < k - above < equal:  # some of the entries on the threshold: the sort's choice
-                words, tracked, _ = sort_order.encode(fused.delta_keys(base, tensor), [key], in_place=True)
-                (listed,) = sort_order.replay(words, tracked, [k], sort_order.DESCENDING)
-                del words
-                rules.append(fused.InputRule(weight, fused.MODE_LISTED, key=key, equal=0, listed=listed))
-            else:
-                rules.append(fused.InputRule(weight, fused.MODE_MAGNITUDE, key=key, equal=_equal_policy(k - above, equal)))
+        if i in listed:
+            rules.append(fused.InputRule(weight, fused.MODE_LISTED, key=cuts[i][1], equal=0, listed=listed[i]))
+        elif i in cuts:
+            k, key, above, equal = cuts[i]
+            rules.append(fused.InputRule(weight, fused.MODE_MAGNITUDE, key=key, equal=_equal_policy(k - above, equal)))
         elif sparsifier == "random" and density < 1:
             mask = dare_mask(base.shape, density, _required(generators[i]))
             factor = None
@@ -242,6 +245,14 @@ def _fused_rules(base, tensors, weights, densities, sparsifier, rescale, generat
         else:
             rules.append(fused.InputRule(weight))
     return rules
+
+
+def _sorted_ties(base: torch.Tensor, tensor: torch.Tensor, key: int, k: int) -> np.ndarray:
+    """Which entries on the threshold ``key`` (in index order) torch's descending sort of
+    the bfloat16 delta's magnitudes puts among the first ``k``."""
+    words, count = fused.delta_words(base, tensor, key)
+    (kept,) = sort_order.replay(words, np.full(count, key, dtype=np.uint32), [k], sort_order.DESCENDING)
+    return kept
 
 
 def _rescale_factor(before: float, after: float) -> float | None:
