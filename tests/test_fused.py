@@ -148,6 +148,24 @@ def test_slerp_mix_matches_the_torch_form(monkeypatch, t):
     assert _same_bits(slerp_merge(t, base, other), reference)
 
 
+def test_a_cut_among_zero_deltas_needs_no_replay_and_gives_the_torch_forms_bits(monkeypatch):
+    from mkmerge.methods import task_arithmetic
+
+    base, tensors = _family(2, seed=5)
+    for t in tensors:  # half of each delta exactly zero (signed zeros included): the cut falls among them
+        t[:20000] = base[:20000]
+    kwargs = dict(base=base, tensors=tensors, weights=[0.6, 0.4], densities=[0.7, 0.9], sparsifier="magnitude",
+                  consensus=True, normalize=True)  # fmt: skip
+
+    def no_replay(*args):
+        raise AssertionError("a zero threshold was replayed")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(task_arithmetic, "_sorted_ties", no_replay)
+        merged = task_vector_merge(**kwargs)
+    assert _same_bits(merged, _torch_form(monkeypatch, **kwargs))  # the torch form keeps torch's exact set
+
+
 def test_the_bits_do_not_depend_on_how_many_threads_split_the_tensor(monkeypatch):
     from mkmerge.methods.linear import linear_merge
     from method_helpers import threads

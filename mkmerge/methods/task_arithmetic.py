@@ -225,7 +225,7 @@ def _fused_rules(base, tensors, weights, densities, sparsifier, rescale, generat
         cuts[i] = (k, key, above, int(histograms[i][key].item()))
     # Where only some of the entries on the threshold survive, the sort's choice, replayed
     # for all such inputs at once (each on one thread).
-    replayed = [i for i, (k, _, above, equal) in cuts.items() if 0 < k - above < equal]
+    replayed = [i for i, (k, key, above, equal) in cuts.items() if _sort_decides(k - above, equal, key)]
     listed = dict(zip(replayed, fused.each_on_a_thread(lambda i: _sorted_ties(base, tensors[i], cuts[i][1], cuts[i][0]), replayed)))
     rules = []
     for i, tensor in enumerate(tensors):
@@ -245,6 +245,13 @@ def _fused_rules(base, tensors, weights, densities, sparsifier, rescale, generat
         else:
             rules.append(fused.InputRule(weight))
     return rules
+
+
+def _sort_decides(missing: int, equal: int, key: int) -> bool:
+    """Whether the sort's choice among the ``equal`` entries on the threshold ``key``, of
+    which ``missing`` survive, changes the merge. Not when all or none survive, nor when the
+    threshold is zero: a zero delta masked is the same zero (δ·0 keeps δ's sign)."""
+    return 0 < missing < equal and key != 0
 
 
 def _sorted_ties(base: torch.Tensor, tensor: torch.Tensor, key: int, k: int) -> np.ndarray:
@@ -425,7 +432,7 @@ def task_vector_chunked(variant: TaskVectorVariant) -> ChunkedForm:
                 continue
             if "hist" in parts[0]:
                 _combine_selection(model_state, parts, numel, float(call.per_model[i]["density"]))
-                if "key" in model_state and 0 < model_state["missing"] < sum(model_state["equal_counts"]):
+                if "key" in model_state and _sort_decides(model_state["missing"], sum(model_state["equal_counts"]), model_state["key"]):
                     model_state["spill"] = sort_order.Spill(numel)  # some of the ties: the sort decides
             if parts[0].get("spilled"):
                 spill = model_state.pop("spill")
