@@ -546,8 +546,9 @@ def _chunk_keys(base: torch.Tensor, tensor: torch.Tensor) -> np.ndarray:
 
 
 def _chunk_top_mask(keys: torch.Tensor, selection: Mapping[str, Any], chunk: int) -> torch.Tensor:
-    """This chunk's part of the whole tensor's top-k mask: of the entries on the threshold
-    key, those the sort puts first (``listed``), or all or none of them."""
+    """This chunk's part of the whole tensor's top-k mask. Of the entries on the threshold
+    key: those the sort puts first (``listed``), else the first in index order, which is
+    used only where the choice cannot change the merge (all or none survive, or zeros)."""
     key = selection["key"]
     keep, equal = keys > key, keys == key
     if "listed" in selection:
