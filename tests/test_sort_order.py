@@ -206,10 +206,12 @@ def test_the_replay_on_disk_keeps_the_same_entries_as_in_memory(monkeypatch):
         keys = sort_order.order_keys(values).numpy()
         threshold = sort_order.kth_largest_key(torch.from_numpy(keys), cut)
         spill = sort_order.Spill(n)
+        head, tail = keys[: n // 3].copy(), keys[n // 3 :].copy()
         try:
-            spill.write(n // 3, keys[n // 3 :])  # chunks may arrive in any order
-            spill.write(0, keys[: n // 3])
-            kept = sort_order.replay_spilled(spill, threshold, cut)
+            # chunks may arrive in any order; each numbers its tracked entries after those before it
+            spill.write_keys(n // 3, tail, threshold, int((head == threshold).sum()))
+            spill.write_keys(0, head, threshold, 0)
+            kept = sort_order.replay_spilled(spill, threshold, cut, int((keys == threshold).sum()))
         finally:
             spill.close()
         mask = torch.from_numpy(keys > threshold)

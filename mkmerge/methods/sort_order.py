@@ -158,14 +158,14 @@ def kth_largest_key(keys: torch.Tensor, k: int) -> int:
 # --- tensors too big to hold their words: the same replay on disk
 
 
-RESIDENT_WORDS = 1 << 22  # a segment this small (16 MiB of words) is replayed in memory
+RESIDENT_WORDS = 1 << 24  # a segment this small (64 MiB of words) is replayed in memory
 WINDOW_WORDS = 1 << 20  # each of the two windows a partition on disk works through
 
 
 class Spill:
-    """The int32 order keys of one whole tensor, in an unnamed scratch file, for
-    :func:`replay_spilled` (a chunked tensor's keys are written chunk by chunk, from any
-    thread). Memory stays at a few windows whatever the tensor's size."""
+    """The words of one whole tensor (see :func:`encode`), in an unnamed scratch file, for
+    :func:`replay_spilled`: a chunked tensor's are written chunk by chunk, from any thread
+    (:meth:`write_keys`). Memory stays at a few windows whatever the tensor's size."""
 
     def __init__(self, numel: int):
         from common.writing.output_dir import scratch_directory
@@ -179,6 +179,17 @@ class Spill:
         done = 0
         while done < len(data):
             done += os.pwrite(self.fd, data[done:], (offset * 4) + done)
+
+    def write_keys(self, offset: int, keys: np.ndarray, threshold: int, first_tracked: int) -> None:
+        """One chunk's int32 order keys, from element ``offset``, as words: those equal to
+        ``threshold`` escaped and numbered from ``first_tracked`` (how many the chunks
+        before hold). ``keys`` is overwritten."""
+        from mkmerge.methods.sort_order_kernels import ESCAPE
+
+        words = keys.view(np.uint32)
+        hits = np.flatnonzero(keys == threshold)
+        words[hits] = ESCAPE + np.arange(first_tracked, first_tracked + hits.size, dtype=np.uint32)
+        self.write(offset, words.view(np.int32))
 
     def read(self, start: int, stop: int) -> np.ndarray:
         words = np.empty(stop - start, dtype=np.uint32)
@@ -195,16 +206,16 @@ class Spill:
         self.file.close()
 
 
-def replay_spilled(spill: Spill, threshold: int, cut: int) -> np.ndarray:
-    """:func:`replay` of a descending sort with one cut, on the spilled keys: per entry with
-    the ``threshold`` key (in index order), whether the sort puts it before ``cut``.
+def replay_spilled(spill: Spill, threshold: int, cut: int, count: int) -> np.ndarray:
+    """:func:`replay` of a descending sort with one cut, on the spilled words: per entry with
+    the ``threshold`` key (``count`` of them, in index order), whether the sort puts it
+    before ``cut``.
 
     Segments bigger than :data:`RESIDENT_WORDS` are partitioned on disk through two windows
     (:func:`sort_order_kernels.partition_windows`), exactly as in memory; the rest, and a
     segment that exhausts the depth budget (heap sort needs random access), in memory."""
     from mkmerge.methods import sort_order_kernels as kernels
 
-    count = _encode_spilled(spill, threshold)
     tracked_keys = np.full(count, threshold, dtype=np.uint32)
     first, last, depth = 0, spill.numel, 2 * (spill.numel.bit_length() - 1)
     before = np.zeros(count, dtype=np.bool_)
@@ -223,21 +234,6 @@ def replay_spilled(spill: Spill, threshold: int, cut: int) -> np.ndarray:
     for start in range(0, first, WINDOW_WORDS):  # everything left of the final segment
         before |= kernels.tracked_before(spill.read(start, min(first, start + WINDOW_WORDS)), min(first, start + WINDOW_WORDS) - start, count)
     return before
-
-
-def _encode_spilled(spill: Spill, threshold: int) -> int:
-    """Escape the entries with the ``threshold`` key in the file, numbered in index order."""
-    from mkmerge.methods.sort_order_kernels import ESCAPE
-
-    count = 0
-    for start in range(0, spill.numel, WINDOW_WORDS):
-        words = spill.read(start, min(spill.numel, start + WINDOW_WORDS))
-        hits = np.flatnonzero(words == threshold)
-        if hits.size:
-            words[hits] = ESCAPE + np.arange(count, count + hits.size, dtype=np.uint32)
-            spill.write(start, words.view(np.int32))
-            count += hits.size
-    return count
 
 
 def _partition_spilled(spill: Spill, first: int, last: int, tracked_keys: np.ndarray) -> int:

@@ -401,7 +401,8 @@ def task_vector_chunked(variant: TaskVectorVariant) -> ChunkedForm:
                 continue
             if variant.sparsifier == "magnitude" and index == selection:  # the spill pass
                 if "spill" in state[i]:
-                    state[i]["spill"].write(call.offset, _chunk_keys(base, tensor))
+                    chosen = state[i]
+                    chosen["spill"].write_keys(call.offset, _chunk_keys(base, tensor), chosen["key"], chosen["equal_before"][call.chunk])
                     part["spilled"] = True
                 continue
             delta = tensor.to(dtype) - base
@@ -437,7 +438,8 @@ def task_vector_chunked(variant: TaskVectorVariant) -> ChunkedForm:
             if parts[0].get("spilled"):
                 spill = model_state.pop("spill")
                 try:
-                    model_state["listed"] = sort_order.replay_spilled(spill, model_state["key"], model_state["k"])
+                    equal = sum(model_state["equal_counts"])
+                    model_state["listed"] = sort_order.replay_spilled(spill, model_state["key"], model_state["k"], equal)
                 finally:
                     spill.close()
             if "l1_before" in parts[0]:
