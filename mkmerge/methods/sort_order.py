@@ -81,16 +81,16 @@ def first_masks(values: torch.Tensor, cuts: Sequence[int], order: str) -> list[t
     return [mask.view(values.shape) for mask in masks]
 
 
-def encode(keys: np.ndarray, thresholds: Sequence[int], *, in_place: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def encode(keys: np.ndarray, thresholds: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(words, tracked keys, tracked positions) for :func:`replay`: ``keys`` (int32 order keys
     of the whole tensor) as ``uint32`` words, the entries whose key is one of ``thresholds``
-    escaped and numbered in index order. ``in_place``: the words overwrite ``keys``."""
+    escaped and numbered in index order."""
     from mkmerge.methods.sort_order_kernels import ESCAPE
 
     tracked = np.unique(np.asarray(thresholds, dtype=np.int32))
     positions = np.flatnonzero(np.isin(keys, tracked) if tracked.size > 1 else keys == tracked[0])
     tracked_keys = keys[positions].astype(np.uint32)
-    words = keys.view(np.uint32) if in_place else keys.astype(np.uint32)
+    words = keys.astype(np.uint32)
     words[positions] = ESCAPE + np.arange(positions.size, dtype=np.uint32)
     return words, tracked_keys, positions
 
