@@ -146,11 +146,11 @@ def merge(
     out = torch.empty(base.shape, dtype=torch.bfloat16)
     base_bits, input_bits = _bits(base), tuple(_bits(t) for t in tensors)
     out_bits = out.view(torch.int16).reshape(-1).numpy().view(np.uint16)
-    rest = (consensus, normalize, np.float32(lambda_), np.float32(divisor if normalize else 1.0), out_bits)
+    rest = (factors, weights, masks.view(np.uint8), listed, consensus, normalize, np.float32(lambda_),
+            np.float32(divisor if normalize else 1.0), out_bits)  # fmt: skip
     ranges = _ranges(numel)
     policies = _range_policies(base_bits, input_bits, modes, keys, equal, ranges)
-    rest = (masks.view(np.uint8), listed, *rest)
-    _map(lambda r: _kernels()._merge(base_bits, input_bits, modes, keys, policies[r], factors, weights, *rest, *ranges[r]), range(len(ranges)))
+    _map(lambda r: _kernels()._merge(base_bits, input_bits, modes, keys, policies[r], *rest, *ranges[r]), range(len(ranges)))
     return out
 
 
