@@ -198,3 +198,37 @@ def test_writer_places_parts_at_their_offsets(tmp_path):
     build_model(outputs, {}, tmp_path / "out", BuildOptions(), finalize=lambda d: None)
     assert torch.equal(read_tensors(tmp_path / "out")["w"], full)
     assert math.prod(full.shape) == 40
+
+
+def test_chunked_ties_replay_their_sort_on_disk_in_the_outputs_partial_directory(tiny_family, tmp_path, small_reduction_chunks, monkeypatch):
+    """A chunked tensor's ties at the top-k cut are replayed from a scratch file (spill): it
+    lives in the output's partial directory, is unnamed, and the result is the whole merge's."""
+    import tempfile
+
+    from mkmerge.methods import sort_order
+
+    base, (a, b) = tiny_family("llama", hidden=64, vocab=200)
+    text = RECIPES["ties"].format(base=base, a=a, b=b, dtype="bfloat16")
+    _, whole = _merge(text, tmp_path / "whole", None)
+    monkeypatch.setattr(sort_order, "RESIDENT_WORDS", 300)  # partition on disk down to 300 words
+    monkeypatch.setattr(sort_order, "WINDOW_WORDS", 1)
+    opened = []
+    real = tempfile.TemporaryFile
+
+    def recording(*args, **kwargs):
+        opened.append(kwargs.get("dir"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", recording)
+    partitions = []
+    partition = sort_order._partition_spilled
+    monkeypatch.setattr(sort_order, "_partition_spilled", lambda *args: partitions.append(args[1:3]) or partition(*args))
+    out = tmp_path / "out" / "chunked"
+    _, chunked = _merge(text, out, CHUNK_BYTES)
+    assert opened, "no tensor was spilled"
+    assert any(last - first > 2 * 256 for first, last in partitions)  # two windows, not one
+    assert all(d is not None and d.parent == out.parent and d.name.startswith(".chunked.partial-") for d in opened)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["chunked"]  # no partial directory left
+    assert set(chunked) == set(whole)
+    for name in whole:
+        assert torch.equal(chunked[name], whole[name]), name
