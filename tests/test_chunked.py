@@ -204,6 +204,7 @@ def test_chunked_ties_replay_their_sort_on_disk_in_the_outputs_partial_directory
     """A chunked tensor's ties at the top-k cut are replayed from a scratch file (spill): it
     lives in the output's partial directory, is unnamed, and the result is the whole merge's."""
     import tempfile
+    import types
 
     from mkmerge.methods import sort_order
 
@@ -213,13 +214,13 @@ def test_chunked_ties_replay_their_sort_on_disk_in_the_outputs_partial_directory
     monkeypatch.setattr(sort_order, "RESIDENT_WORDS", 300)  # partition on disk down to 300 words
     monkeypatch.setattr(sort_order, "WINDOW_WORDS", 1)
     opened = []
-    real = tempfile.TemporaryFile
 
     def recording(*args, **kwargs):
         opened.append(kwargs.get("dir"))
-        return real(*args, **kwargs)
+        return tempfile.TemporaryFile(*args, **kwargs)
 
-    monkeypatch.setattr(tempfile, "TemporaryFile", recording)
+    # only the spill's scratch files (numba's cache, say, makes its own temporary files)
+    monkeypatch.setattr(sort_order, "tempfile", types.SimpleNamespace(TemporaryFile=recording))
     partitions = []
     partition = sort_order._partition_spilled
     monkeypatch.setattr(sort_order, "_partition_spilled", lambda *args: partitions.append(args[1:3]) or partition(*args))
