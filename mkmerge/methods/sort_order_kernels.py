@@ -91,36 +91,11 @@ def _partition_pivot(words, keys, descending, first, last):
     """
     _median_to_first(words, keys, descending, first, first + 1, first + (last - first) // 2, last - 1)
     pivot = _key(words, keys, first)
-    left = np.empty(_BLOCK, dtype=np.int64)
-    right = np.empty(_BLOCK, dtype=np.int64)
-    next_left, next_right = first + 1, last - 1  # the next entries each side examines
-    left_count = left_used = right_count = right_used = 0
-    previous_right = -1
-    while True:
-        if left_used == left_count:
-            left_count = left_used = 0
-            while left_count == 0 and next_left < last:
-                stop = min(next_left + _BLOCK, last)
-                for p in range(next_left, stop):
-                    left[left_count] = p
-                    left_count += 0 if _before(_key(words, keys, p), pivot, descending) else 1
-                next_left = stop
-        if right_used == right_count:
-            right_count = right_used = 0
-            while right_count == 0 and next_right >= first:  # the pivot at `first` stops it
-                stop = max(next_right - _BLOCK, first - 1)
-                for p in range(next_right, stop, -1):
-                    right[right_count] = p
-                    right_count += 0 if _before(pivot, _key(words, keys, p), descending) else 1
-                next_right = stop
-        lo = left[left_used] if left_used < left_count else last
-        hi = right[right_used]
-        if lo >= hi:
-            return lo if previous_right < 0 else min(lo, previous_right)
-        _swap(words, lo, hi)
-        previous_right = hi
-        left_used += 1
-        right_used += 1
+    state = np.zeros(8, dtype=np.int64)
+    state[NEXT_LEFT], state[NEXT_RIGHT], state[PREVIOUS_RIGHT] = first + 1, last - 1, -1
+    stops = np.empty((2, _BLOCK), dtype=np.int64)
+    partition_windows(words, 0, words, 0, pivot, keys, descending, first, last, state, stops[0], stops[1])  # one window: done
+    return state[CUT]
 
 
 @numba.njit(cache=True)
