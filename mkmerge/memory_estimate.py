@@ -84,6 +84,7 @@ class WorkingSet:
     copies: float
     copies_per_summand: float = 0.0
     bytes_per_element: float = 0.0
+    bytes_per_summand_element: float = 0.0
     scratch_buffers: int = 1
     stacked: WorkingSet | None = None
     fused: WorkingSet | None = None
@@ -94,7 +95,11 @@ class WorkingSet:
         chosen = self.stacked if self.stacked is not None and summands > STREAMED_TERMS_MAX else self
         if self.fused is not None and dtype in self.fused_dtypes and _fused_kernels():
             chosen = self.fused
-        per_element = (chosen.copies + chosen.copies_per_summand * summands) * itemsize + chosen.bytes_per_element
+        per_element = (
+            (chosen.copies + chosen.copies_per_summand * summands) * itemsize
+            + chosen.bytes_per_element
+            + chosen.bytes_per_summand_element * summands
+        )
         scratch = chosen.scratch_buffers * min(numel, SCRATCH_ELEMENTS) * 4
         return int(numel * per_element) + scratch
 
@@ -106,7 +111,7 @@ WORKING_SETS: dict[str, WorkingSet] = {
     # the result, and per 1M-element block the float64 temporaries of the emulated fused
     # multiply-add (measured: ~83 MB beside a 50 MB result, any number of inputs); fused: the result
     "linear": WorkingSet(
-        copies=1, scratch_buffers=6, fused=WorkingSet(copies=1, scratch_buffers=0), fused_dtypes=(torch.bfloat16, torch.float32)
+        copies=1, scratch_buffers=6, fused=WorkingSet(copies=1, scratch_buffers=0), fused_dtypes=(torch.bfloat16, torch.float16, torch.float32)
     ),
     # float32 copies of both endpoints and one scaled product
     "slerp": WorkingSet(copies=0, bytes_per_element=12, scratch_buffers=3),
@@ -115,17 +120,17 @@ WORKING_SETS: dict[str, WorkingSet] = {
         copies=1, copies_per_summand=1, scratch_buffers=2, stacked=WorkingSet(copies=1, copies_per_summand=2)
     ),
     # deltas so far, the current delta and its magnitudes, the result; int32 keys, two bool
-    # masks, and the uint32 words of a replayed sort (mkmerge/methods/sort_order.py). Fused
-    # (bfloat16 only): the result and, per input, the words of its replay (two bfloat16s'
-    # worth; the inputs are replayed side by side).
+    # masks, and the uint32 words of a replayed sort (mkmerge/methods/sort_order.py). Fused:
+    # the result and, per input, the uint32 words of its replay (the inputs are replayed
+    # side by side).
     "ties": WorkingSet(
         copies=1,
         copies_per_summand=1,
         bytes_per_element=10,
         scratch_buffers=2,
         stacked=_TIES_STACKED,
-        fused=WorkingSet(copies=1, copies_per_summand=2, scratch_buffers=0),
-        fused_dtypes=(torch.bfloat16,),
+        fused=WorkingSet(copies=1, bytes_per_summand_element=4, scratch_buffers=0),
+        fused_dtypes=(torch.bfloat16, torch.float16, torch.float32),
     ),
     # deltas so far, the current delta, its masked and its rescaled copy; uint32 draws, a bool mask
     "dare_linear": WorkingSet(

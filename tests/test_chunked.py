@@ -114,7 +114,7 @@ def _merge(text, out, chunk_bytes):
     return plan, read_tensors(out)
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
 @pytest.mark.parametrize("method", sorted(RECIPES))
 def test_chunked_merge_is_bit_identical(method, dtype, tiny_family, tmp_path, small_reduction_chunks):
     base, (a, b) = tiny_family("llama", hidden=64, vocab=200)

@@ -1,4 +1,5 @@
-"""The fused bfloat16 kernels give the torch form's bits, case by case (mkmerge/methods/fused.py)."""
+"""The fused kernels give the torch form's bits in bfloat16, float16 and float32, case by case
+(mkmerge/methods/fused.py)."""
 
 import itertools
 
@@ -10,24 +11,35 @@ from mkmerge.methods.sort_order import order_keys
 from mkmerge.methods.task_arithmetic import task_vector_merge
 
 pytestmark = pytest.mark.skipif(not fused.available(), reason="numba is not installed")
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+# Per dtype: large values (twice them overflows) and subnormals.
+_EXTREMES = {torch.bfloat16: (3e38, 1e-40), torch.float16: (6e4, 6e-8), torch.float32: (3e38, 1e-40)}
 
 
-def _family(count: int, numel: int = 40_000, seed: int = 0):
-    """A bf16 base and ``count`` fine-tunes with the awkward cases in them: entries equal to the
-    base (zero deltas), magnitudes repeated many times (ties at the top-k threshold), deltas of
-    opposite signs that cancel in the election sum, and large and subnormal values."""
+def _family(count: int, numel: int = 40_000, seed: int = 0, dtype: torch.dtype = torch.bfloat16, infinite: bool = False):
+    """A base and ``count`` fine-tunes in ``dtype`` with the awkward cases in them: entries
+    equal to the base (zero deltas), magnitudes repeated many times (ties at the top-k
+    threshold, in float32 too: the base has bfloat16's few significant bits, and the noise
+    is on a 1/128 grid, so the deltas are exact), deltas of opposite signs that cancel in the
+    election sum, and large and subnormal values; with ``infinite``, deltas that overflow."""
     g = torch.Generator().manual_seed(seed)
-    base = torch.randn(numel, generator=g).to(torch.bfloat16)
-    base[:64] = torch.tensor([0.0, -0.0, 1e-40, -1e-40, 3e38, -3e38, 1.0, -1.0] * 8, dtype=torch.bfloat16)
+    large, tiny = _EXTREMES[dtype]
+    base = torch.randn(numel, generator=g).to(torch.bfloat16).to(dtype)
+    base[:64] = torch.tensor([0.0, -0.0, tiny, -tiny, large, -large, 1.0, -1.0] * 8, dtype=dtype)
     tensors = []
     for i in range(count):
         noise = torch.randn(numel, generator=g) * 0.02
-        noise[numel // 2 :] = torch.round(noise[numel // 2 :] * 100) / 100  # few distinct magnitudes: ties
-        t = (base.float() + noise).to(torch.bfloat16)
+        noise[numel // 2 :] = torch.round(noise[numel // 2 :] * 128) / 128  # few distinct magnitudes: ties
+        t = (base.float() + noise).to(dtype)
         t[i * 100 : i * 100 + 500] = base[i * 100 : i * 100 + 500]  # zero deltas
         tensors.append(t)
     if count >= 2:
-        tensors[1][1000:2000] = (2 * base[1000:2000].float() - tensors[0][1000:2000].float()).to(torch.bfloat16)
+        tensors[1][1000:2000] = (2 * base[1000:2000].float() - tensors[0][1000:2000].float()).to(dtype)
+    if infinite:  # deltas of ∓2·large and ∓inf, of opposite signs where two inputs have them
+        tensors[-1][4:64:8] = -base[4:64:8]
+        tensors[0][5:64:8] = -base[5:64:8]
+        if count >= 2:
+            tensors[-1][5:64:8] = float("-inf")
     return base, tensors
 
 
@@ -42,13 +54,15 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     if a.dtype != b.dtype or a.shape != b.shape or not torch.equal(a.isnan(), b.isnan()):
         return False
     numbers = ~a.isnan()
-    return torch.equal(a[numbers].view(torch.int16), b[numbers].view(torch.int16))
+    bits = torch.int32 if a.dtype == torch.float32 else torch.int16
+    return torch.equal(a[numbers].view(bits), b[numbers].view(bits))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("count", [1, 2, 3, 4])
 @pytest.mark.parametrize("consensus, normalize, lambda_", [(True, True, 1.0), (True, False, 0.7), (False, True, 1.0), (False, False, 1.3)])
-def test_magnitude_sparsified_merges_match_the_torch_form(monkeypatch, count, consensus, normalize, lambda_):
-    base, tensors = _family(count)
+def test_magnitude_sparsified_merges_match_the_torch_form(monkeypatch, count, consensus, normalize, lambda_, dtype):
+    base, tensors = _family(count, dtype=dtype, infinite=True)
     weights = [0.7, -0.3, 1.1, 0.45][:count]
     densities = [0.5, 0.31, 0.9, 0.05][:count]
     kwargs = dict(base=base, tensors=tensors, weights=weights, densities=densities, sparsifier="magnitude",
@@ -56,9 +70,10 @@ def test_magnitude_sparsified_merges_match_the_torch_form(monkeypatch, count, co
     assert _same_bits(task_vector_merge(**kwargs), _torch_form(monkeypatch, **kwargs))
 
 
-def test_the_threshold_ties_are_broken_as_torchs_sort_breaks_them_in_both_forms(monkeypatch):
-    base = torch.zeros(1000, dtype=torch.bfloat16)
-    tensors = [torch.full((1000,), 0.5, dtype=torch.bfloat16), torch.full((1000,), -0.25, dtype=torch.bfloat16)]
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_the_threshold_ties_are_broken_as_torchs_sort_breaks_them_in_both_forms(monkeypatch, dtype):
+    base = torch.zeros(1000, dtype=dtype)
+    tensors = [torch.full((1000,), 0.5, dtype=dtype), torch.full((1000,), -0.25, dtype=dtype)]
     tensors[0][::7] = 0.75
     kwargs = dict(base=base, tensors=tensors, weights=[1.0, 1.0], densities=[0.3, 0.5], sparsifier="magnitude",
                   consensus=True, normalize=True)  # fmt: skip
@@ -77,9 +92,10 @@ def test_the_threshold_ties_are_broken_as_torchs_sort_breaks_them_in_both_forms(
     assert not torch.equal(kept[1], torch.arange(1000) < 500)  # not simply the lowest indices
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rescale, consensus", list(itertools.product([True, False], [True, False])))
-def test_dare_masks_and_rescale_match_the_torch_form(monkeypatch, rescale, consensus):
-    base, tensors = _family(3, seed=3)
+def test_dare_masks_and_rescale_match_the_torch_form(monkeypatch, rescale, consensus, dtype):
+    base, tensors = _family(3, seed=3, dtype=dtype, infinite=not rescale)  # an infinite L1 norm: NaN everywhere
     generators = lambda: [torch.Generator().manual_seed(10 + i) for i in range(3)]  # noqa: E731
     kwargs = dict(base=base, tensors=tensors, weights=[0.5, 0.3, 0.4], densities=[0.4, 0.7, 1.0], sparsifier="random",
                   rescale=rescale, consensus=consensus, normalize=False)  # fmt: skip
@@ -87,25 +103,43 @@ def test_dare_masks_and_rescale_match_the_torch_form(monkeypatch, rescale, conse
     assert _same_bits(fast, _torch_form(monkeypatch, generators=generators(), **kwargs))
 
 
-def test_task_arithmetic_matches_the_torch_form_with_inputs_of_another_dtype(monkeypatch):
-    base, tensors = _family(2, seed=5)
-    tensors = [tensors[0].float(), tensors[1]]  # converted to the compute dtype first, in both forms
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_task_arithmetic_matches_the_torch_form_with_inputs_of_another_dtype(monkeypatch, dtype):
+    base, tensors = _family(2, seed=5, dtype=dtype)
+    other = torch.float16 if dtype == torch.float32 else torch.float32
+    tensors = [(tensors[0].double() * 1.001).to(other), tensors[1]]  # converted to the compute dtype first, in both forms
     kwargs = dict(base=base, tensors=tensors, weights=[0.6, 0.6], densities=[1.0, 1.0], lambda_=0.5)
     assert _same_bits(task_vector_merge(**kwargs), _torch_form(monkeypatch, **kwargs))
 
 
-def test_delta_histograms_are_bincounts_of_the_magnitude_keys():
-    base, tensors = _family(2, seed=7)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_delta_histograms_are_bincounts_of_the_magnitude_keys(dtype):
+    base, tensors = _family(2, seed=7, dtype=dtype)
     for tensor, counts in zip(tensors, fused.delta_histograms(base, tensors)):
         expected = torch.bincount(order_keys((tensor - base).abs().reshape(-1)), minlength=1 << 16)
         assert torch.equal(counts, expected)
+        assert torch.equal(torch.from_numpy(fused.delta_keys(base, tensor)), order_keys((tensor - base).abs().reshape(-1)))
 
 
-def test_only_bfloat16_cpu_merges_of_up_to_four_inputs_are_fused():
+def test_float32_delta_histograms_count_the_keys_two_16_bit_digits_at_a_time():
+    base, tensors = _family(2, seed=7, dtype=torch.float32)
+    keys = [order_keys((t - base).abs().reshape(-1)) for t in tensors]
+    for k, counts in zip(keys, fused.delta_histograms(base, tensors)):
+        assert torch.equal(counts, torch.bincount(k >> 16, minlength=1 << 16))
+    buckets = [int(k.max()) >> 16, int(k.median()) >> 16]
+    for k, bucket, counts in zip(keys, buckets, fused.delta_histograms(base, tensors, buckets)):
+        assert counts.sum() > 0
+        assert torch.equal(counts, torch.bincount(k[(k >> 16) == bucket] & 0xFFFF, minlength=1 << 16))
+    assert torch.equal(torch.from_numpy(fused.delta_keys(base, tensors[0])), keys[0])
+
+
+def test_cpu_merges_of_up_to_four_inputs_in_the_fused_dtypes_are_fused():
     base, tensors = _family(4, numel=100)
     assert fused.applies(base, tensors[:4])
     assert not fused.applies(base, tensors + [tensors[0]])  # five inputs: torch's stack grouping differs
-    assert not fused.applies(base.float(), [t.float() for t in tensors])
+    assert fused.applies(base.float(), [t.float() for t in tensors])
+    assert fused.applies(base.half(), [t.half() for t in tensors])
+    assert not fused.applies(base.double(), [t.double() for t in tensors])
     assert not fused.applies(base, [tensors[0][:50]])
 
 
@@ -119,10 +153,11 @@ def _linear_matches_the_torch_form(monkeypatch, tensors, weights, normalize):
     assert _same_bits(linear_merge(tensors, weights, normalize), reference)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("count", [1, 2, 3, 4, 6])
 @pytest.mark.parametrize("normalize", [True, False])
-def test_linear_matches_the_torch_form(monkeypatch, count, normalize):
-    _, tensors = _family(count, seed=11)
+def test_linear_matches_the_torch_form(monkeypatch, count, normalize, dtype):
+    _, tensors = _family(count, seed=11, dtype=dtype)
     _linear_matches_the_torch_form(monkeypatch, tensors, [0.3, 0.45, -0.2, 0.77, 0.11, 0.6][:count], normalize)
 
 
@@ -134,13 +169,14 @@ def test_float32_linear_matches_the_torch_form(monkeypatch, count, normalize):
     _linear_matches_the_torch_form(monkeypatch, tensors, [0.3, -0.45, 0.2, 0.77, 0.11][:count], normalize)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("t", [0.1, 0.4, 0.93])
-def test_slerp_mix_matches_the_torch_form(monkeypatch, t):
+def test_slerp_mix_matches_the_torch_form(monkeypatch, t, dtype):
     from mkmerge.methods.slerp import slerp_merge
 
     g = torch.Generator().manual_seed(13)
-    base = torch.randn(40_000, generator=g).to(torch.bfloat16)
-    other = (base.float() * 0.5 + torch.randn(40_000, generator=g)).to(torch.bfloat16)  # far from parallel
+    base = torch.randn(40_000, generator=g).to(dtype)
+    other = (base.float() * 0.5 + torch.randn(40_000, generator=g)).to(dtype)  # far from parallel
     with monkeypatch.context() as patch:
         patch.setattr(fused, "mix_applies", lambda tensors: False)
         reference = slerp_merge(t, base, other)
@@ -148,10 +184,11 @@ def test_slerp_mix_matches_the_torch_form(monkeypatch, t):
     assert _same_bits(slerp_merge(t, base, other), reference)
 
 
-def test_a_cut_among_zero_deltas_needs_no_replay_and_gives_the_torch_forms_bits(monkeypatch):
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_cut_among_zero_deltas_needs_no_replay_and_gives_the_torch_forms_bits(monkeypatch, dtype):
     from mkmerge.methods import task_arithmetic
 
-    base, tensors = _family(2, seed=5)
+    base, tensors = _family(2, seed=5, dtype=dtype)
     for t in tensors:  # half of each delta exactly zero (signed zeros included): the cut falls among them
         t[:20000] = base[:20000]
     kwargs = dict(base=base, tensors=tensors, weights=[0.6, 0.4], densities=[0.7, 0.9], sparsifier="magnitude",
@@ -166,11 +203,12 @@ def test_a_cut_among_zero_deltas_needs_no_replay_and_gives_the_torch_forms_bits(
     assert _same_bits(merged, _torch_form(monkeypatch, **kwargs))  # the torch form keeps torch's exact set
 
 
-def test_the_bits_do_not_depend_on_how_many_threads_split_the_tensor(monkeypatch):
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_the_bits_do_not_depend_on_how_many_threads_split_the_tensor(monkeypatch, dtype):
     from mkmerge.methods.linear import linear_merge
     from method_helpers import threads
 
-    base, tensors = _family(3, numel=1_100_003, seed=17)  # four threads' worth, with a ragged end
+    base, tensors = _family(3, numel=1_100_003, seed=17, dtype=dtype)  # four threads' worth, with a ragged end
     dare = lambda: dict(generators=[torch.Generator().manual_seed(i) for i in range(3)])  # noqa: E731
     runs = {
         "ties": lambda: task_vector_merge(base, tensors, [0.5, 0.3, 0.4], [0.5, 0.2, 0.8], sparsifier="magnitude", consensus=True, normalize=True),

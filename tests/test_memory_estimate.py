@@ -100,8 +100,16 @@ def test_current_rss_is_the_size_of_a_process_with_torch_loaded():
 def test_a_fused_linear_needs_only_its_result(monkeypatch):
     linear_set = WORKING_SETS["linear"]
     monkeypatch.setattr(memory_estimate, "_fused_kernels", lambda: True)
-    assert linear_set.nbytes(1000, 2, 3, torch.float16) == 1000 * 2 + 6 * 1000 * 4  # no fused float16 kernel
+    assert linear_set.nbytes(1000, 8, 3, torch.float64) == 1000 * 8 + 6 * 1000 * 4  # no fused float64 kernel
+    assert linear_set.nbytes(1000, 2, 3, torch.float16) == 1000 * 2
     assert linear_set.nbytes(1000, 2, 3, torch.bfloat16) == 1000 * 2
     assert linear_set.nbytes(1000, 4, 3, torch.float32) == 1000 * 4
     monkeypatch.setattr(memory_estimate, "_fused_kernels", lambda: False)  # numba not installed
     assert linear_set.nbytes(1000, 4, 3, torch.float32) == 1000 * 4 + 6 * 1000 * 4
+
+
+def test_a_fused_ties_needs_its_result_and_the_words_of_each_inputs_replay(monkeypatch):
+    ties = WORKING_SETS["ties"]
+    monkeypatch.setattr(memory_estimate, "_fused_kernels", lambda: True)
+    for dtype, itemsize in ((torch.bfloat16, 2), (torch.float16, 2), (torch.float32, 4)):
+        assert ties.nbytes(1000, itemsize, 3, dtype) == 1000 * itemsize + 3 * 1000 * 4  # uint32 words, whatever the dtype

@@ -1,4 +1,4 @@
-"""Fused CPU kernels for the task-vector family on bfloat16: one pass per element, bit for bit.
+"""Fused CPU kernels for the task-vector family, linear and slerp: one pass per element, bit for bit.
 
 The torch form of a TIES merge is some thirty whole-array operations per tensor (deltas,
 magnitude keys, masks, weighting, the sign election's three sums, the division, the final
@@ -7,12 +7,14 @@ computed start to finish in registers by a numba kernel, so the merge costs abou
 its inputs. (numba: a well-kept LLVM JIT for numeric Python, the only way to fuse these loops
 without shipping a C extension; kernels are compiled once and cached on disk.)
 
-Every intermediate is rounded exactly where the torch form rounds it: bfloat16 values are
-widened to float32 (exact), each operation is done in float32 and rounded to bfloat16 to
-nearest-even as torch does, and the sums over inputs accumulate in float32 from +0 in input
-order, as ``torch.stack(...).sum(0)`` does for up to ``STREAMED_TERMS_MAX`` inputs. The tests
-compare both forms bit for bit; the torch form stays the reference and serves every other
-case (other dtypes, CUDA, more inputs, the other sparsifiers).
+Every intermediate is rounded exactly where the torch form rounds it. For bfloat16 and
+float16 (torch computes their element-wise ops in float32 and rounds each result), values
+are widened to float32 (exact), each operation is done in float32 and rounded to the format
+to nearest-even as torch does; float32 is float32 throughout. The sums over inputs
+accumulate in float32 from +0 in input order, as ``torch.stack(...).sum(0)`` does for up to
+``STREAMED_TERMS_MAX`` inputs. The tests compare both forms bit for bit; the torch form stays
+the reference and serves every other case (float64, CUDA, more inputs, the other
+sparsifiers).
 
 The kernels are vectorised loops that release the GIL; a tensor's element range is split
 across torch's thread count (``--threads``) on a small thread pool. Every element depends on
@@ -40,6 +42,9 @@ _MIN_ELEMENTS_PER_THREAD = 1 << 18
 _ALIGN = 4096
 _NO_EQUAL, _ALL_EQUAL = 0, -1  # equal-key policies besides a positive count of firsts to keep
 MODE_ALL, MODE_MAGNITUDE, MODE_MASK, MODE_LISTED = 0, 1, 2, 3
+# The dtypes the kernels compute in. Half formats travel to numba as their bits: bfloat16 as
+# uint16, float16 as int16 (numba has no float16 type; the view's type is the format's tag).
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def available() -> bool:
@@ -63,44 +68,62 @@ class InputRule:
 
 
 def applies(base: torch.Tensor, tensors: Sequence[torch.Tensor]) -> bool:
-    """True when the fused kernels can merge these (bfloat16 CPU tensors, 1 to 4 inputs)."""
+    """True when the fused kernels can merge these (CPU tensors of a fused dtype, 1 to 4 inputs)."""
     return (
         _NUMBA
-        and base.dtype == torch.bfloat16
+        and base.dtype in DTYPES
         and base.device.type == "cpu"
         and 1 <= len(tensors) <= 4
         and all(t.device.type == "cpu" and t.shape == base.shape for t in tensors)
     )
 
 
-def _bits(tensor: torch.Tensor) -> np.ndarray:
-    return tensor.to(torch.bfloat16).contiguous().view(torch.int16).reshape(-1).numpy().view(np.uint16)
+def _bits(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> np.ndarray:
+    """The flattened tensor, converted to ``dtype`` (default: its own), as the kernels take it."""
+    dtype = dtype or tensor.dtype
+    flat = tensor.to(dtype).contiguous().reshape(-1)
+    if dtype == torch.float32:
+        return flat.numpy()
+    return flat.view(torch.int16).numpy().view(np.uint16 if dtype == torch.bfloat16 else np.int16)
 
 
-def delta_histograms(base: torch.Tensor, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Per input, ``torch.bincount`` of the magnitude keys of its bfloat16 delta (65536 bins).
+def key_bits(dtype: torch.dtype) -> int:
+    """Bits of a magnitude key (see :func:`sort_order.order_keys`): 15, or 31 for float32."""
+    return 31 if dtype == torch.float32 else 15
 
-    Equal to ``bincount(order_keys((t - base).abs()))`` for each input ``t``.
+
+def delta_histograms(
+    base: torch.Tensor, tensors: Sequence[torch.Tensor], buckets: Sequence[int] | None = None
+) -> list[torch.Tensor]:
+    """Per input, ``torch.bincount`` of the magnitude keys of its delta (65536 bins).
+
+    Equal to ``bincount(order_keys((t - base).abs()))`` for each input ``t`` in the half
+    formats. float32 keys have 31 bits, counted as two 16-bit digits: without ``buckets``,
+    the bincount of ``keys >> 16``; with them (one per input), of ``keys & 0xFFFF`` over
+    the keys whose high digit is that input's bucket.
     """
-    args = (_bits(base), tuple(_bits(t) for t in tensors))
+    dtype = base.dtype
+    shift = 16 if dtype == torch.float32 else 0
+    chosen = np.array(buckets if buckets is not None else [-1] * len(tensors), dtype=np.int64)
+    args = (_bits(base), tuple(_bits(t, dtype) for t in tensors), shift, chosen)
     counts = sum(_in_parallel(lambda start, stop: _kernels()._histograms(*args, start, stop), base.numel()))
     return [torch.from_numpy(counts[i]) for i in range(len(tensors))]
 
 
 def delta_keys(base: torch.Tensor, tensor: torch.Tensor) -> np.ndarray:
-    """int32 magnitude keys of the bfloat16 delta ``tensor − base`` (flattened): equal to
+    """int32 magnitude keys of the delta ``tensor − base`` (flattened): equal to
     ``order_keys((tensor − base).abs())``, without the delta or its magnitude in memory."""
     keys = np.empty(base.numel(), dtype=np.int32)
-    base_bits, bits = _bits(base), _bits(tensor)
+    base_bits, bits = _bits(base), _bits(tensor, base.dtype)
     _in_parallel(lambda start, stop: _kernels()._delta_keys(base_bits, bits, start, stop, keys[start:stop]), base.numel())
     return keys
 
 
 def delta_words(base: torch.Tensor, tensor: torch.Tensor, key: int) -> tuple[np.ndarray, int]:
-    """(words, count): the bfloat16 delta's magnitude keys as :func:`sort_order.encode` would
-    encode them with ``key`` tracked, in one pass on the calling thread; ``count`` tracked."""
+    """(words, count): the delta's magnitude keys as :func:`sort_order.encode` would encode
+    them with ``key`` tracked, in one pass on the calling thread; ``count`` tracked."""
     words = np.empty(base.numel(), dtype=np.uint32)
-    count = _kernels()._delta_words(_bits(base), _bits(tensor), np.uint32(key), words)
+    count = _kernels()._delta_words(_bits(base), _bits(tensor, base.dtype), np.uint32(key), words)
     return words, int(count)
 
 
@@ -123,11 +146,11 @@ def merge(
     lambda_: float,
 ) -> torch.Tensor:
     """The task-vector merge of :func:`~mkmerge.methods.task_arithmetic.task_vector_merge`
-    (sparsify by ``rules``, weight, elect, sum, normalise, λ, add), fused, in bfloat16."""
-    count = len(tensors)
-    w_bf16 = torch.tensor([float(r.weight) for r in rules], dtype=torch.bfloat16)
-    weights = w_bf16.to(torch.float32).numpy()
-    divisor = float(w_bf16.sum())  # bfloat16 sum of bfloat16 weights, as the torch form
+    (sparsify by ``rules``, weight, elect, sum, normalise, λ, add), fused, in the base's dtype."""
+    count, dtype = len(tensors), base.dtype
+    w = torch.tensor([float(r.weight) for r in rules], dtype=dtype)
+    weights = w.to(torch.float32).numpy()
+    divisor = float(w.sum())  # the dtype's sum of the dtype's weights, as the torch form
     if abs(divisor) < 1e-8:
         divisor = 1.0
     numel = base.numel()
@@ -143,9 +166,9 @@ def merge(
     for i, rule in enumerate(rules):
         if rule.mode == MODE_LISTED:
             listed[i, : rule.listed.size] = rule.listed
-    out = torch.empty(base.shape, dtype=torch.bfloat16)
-    base_bits, input_bits = _bits(base), tuple(_bits(t) for t in tensors)
-    out_bits = out.view(torch.int16).reshape(-1).numpy().view(np.uint16)
+    out = torch.empty(base.shape, dtype=dtype)
+    base_bits, input_bits = _bits(base), tuple(_bits(t, dtype) for t in tensors)
+    out_bits = _bits(out)  # a view: the kernels write the result through it
     rest = (factors, weights, masks.view(np.uint8), listed, consensus, normalize, np.float32(lambda_),
             np.float32(divisor if normalize else 1.0), out_bits)  # fmt: skip
     ranges = _ranges(numel)
@@ -179,34 +202,29 @@ def _range_policies(base_bits, input_bits, modes, keys, equal, ranges) -> list[n
 
 
 def linear(tensors: Sequence[torch.Tensor], weights: Sequence[float], divisor: float | None) -> torch.Tensor:
-    """:func:`~mkmerge.methods.linear.linear_merge` of bfloat16 or float32 tensors, fused.
+    """:func:`~mkmerge.methods.linear.linear_merge` of tensors of one fused dtype, fused.
 
     ``weights`` are float32 values; ``divisor`` (float32, non-zero) is the weight sum to
     normalise by, or None for the plain weighted sum.
     """
     dtype = tensors[0].dtype
     out = torch.empty(tensors[0].shape, dtype=dtype)
-    if dtype == torch.float32:
-        inputs = tuple(t.contiguous().reshape(-1).numpy() for t in tensors)
-        target = out.reshape(-1).numpy()
-    else:
-        inputs = tuple(_bits(t) for t in tensors)
-        target = out.view(torch.int16).reshape(-1).numpy().view(np.uint16)
     args = (
-        inputs,
+        tuple(_bits(t) for t in tensors),
         np.asarray(weights, dtype=np.float32),
         divisor is not None,
         np.float32(1.0 if divisor is None else divisor),
-        target,
+        _bits(out),
     )
     _in_parallel(lambda start, stop: _kernels()._linear(*args, start, stop), out.numel())
     return out
 
 
 def mix(base: torch.Tensor, other: torch.Tensor, scale_base: float, scale_other: float) -> torch.Tensor:
-    """``bf16(base·sa + other·sc)`` with float32 products and sum: slerp's final step, fused."""
-    out = torch.empty(base.shape, dtype=torch.bfloat16)
-    args = (_bits(base), _bits(other), np.float32(scale_base), np.float32(scale_other), out.view(torch.int16).reshape(-1).numpy().view(np.uint16))
+    """``base·sa + other·sc`` with float32 products and sum, rounded once to the base's
+    dtype: slerp's final step, fused."""
+    out = torch.empty(base.shape, dtype=base.dtype)
+    args = (_bits(base), _bits(other, base.dtype), np.float32(scale_base), np.float32(scale_other), _bits(out))
     _in_parallel(lambda start, stop: _kernels()._mix(*args, start, stop), out.numel())
     return out
 
@@ -242,18 +260,18 @@ def _pool(threads: int) -> ThreadPoolExecutor:
 
 
 def linear_applies(tensors: Sequence[torch.Tensor]) -> bool:
-    """True when :func:`linear` takes these: bfloat16 or float32 CPU tensors of one dtype and shape."""
+    """True when :func:`linear` takes these: CPU tensors of one fused dtype and shape."""
     dtype = tensors[0].dtype if tensors else None
     return (
         _NUMBA
-        and dtype in (torch.bfloat16, torch.float32)
+        and dtype in DTYPES
         and all(t.dtype == dtype and t.device.type == "cpu" and t.shape == tensors[0].shape for t in tensors)
     )
 
 
 def mix_applies(tensors: Sequence[torch.Tensor]) -> bool:
-    """True when :func:`mix` takes these: bfloat16 CPU tensors of one shape."""
-    return linear_applies(tensors) and tensors[0].dtype == torch.bfloat16
+    """True when :func:`mix` takes these: CPU tensors of one fused dtype and shape."""
+    return linear_applies(tensors)
 
 
 def _kernels():

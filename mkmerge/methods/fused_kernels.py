@@ -1,8 +1,18 @@
 """The numba kernels behind :mod:`mkmerge.methods.fused` (imported on first use: numba takes
 ~0.6 s to import, which runs that never fuse anything should not pay).
 
-bfloat16 values travel as their uint16 bits; :func:`_widen` and :func:`_round` convert to and
-from float32 exactly as torch does (round to nearest even, NaN to the quiet NaN).
+Three element formats, told apart by the type of the arrays that carry them (numba has no
+float16 arithmetic, so the half formats travel as their 16-bit patterns):
+
+* ``uint16`` arrays: bfloat16 bits;
+* ``int16`` arrays: float16 bits;
+* ``float32`` arrays: float32 values.
+
+Every kernel computes in float32 and rounds to the format where torch's op would round
+(:func:`_rounded`): bfloat16 and float16 to nearest even exactly as torch converts them,
+float32 not at all, since each float32 operation already rounds once. The formats are
+resolved when a kernel is compiled (one specialisation per format), so the generic code
+costs nothing per element.
 """
 
 from __future__ import annotations
@@ -42,6 +52,9 @@ def _fma(typingctx, a, b, c):
     return types.float32(types.float32, types.float32, types.float32), codegen
 
 
+# --- bfloat16
+
+
 @numba.njit(inline="always")
 def _widen(bits):
     """bfloat16 bits -> float32 (exact)."""
@@ -57,12 +70,113 @@ def _round(value):
     return np.uint16(((u + 0x7FFF + ((u >> 16) & 1)) >> 16) & 0xFFFF)
 
 
+# --- float16
+
+_HALF_DENORMAL_MAGIC = 126 << 23  # 0.5: adding it rounds to float16's subnormal step, 2^-24
+
+
+@numba.njit(inline="always")
+def _widen_half(bits):
+    """float16 bits (int16) -> float32 (exact): subnormals, infinities and NaNs included."""
+    h = np.int64(np.uint16(bits))
+    sign = (h & 0x8000) << 16
+    magnitude = (h & 0x7FFF) << 13
+    exponent = magnitude & 0x0F800000
+    magnitude += (127 - 15) << 23
+    if exponent == 0x0F800000:  # infinity or NaN: the largest exponent
+        return _f32_from_bits(np.uint32(sign | (magnitude + ((128 - 16) << 23))))
+    if exponent == 0:  # zero or subnormal: exact through one subtraction
+        value = _f32_from_bits(np.uint32(magnitude + (1 << 23))) - _f32_from_bits(np.uint32(113 << 23))
+        return _f32_from_bits(np.uint32(sign | np.int64(_bits_from_f32(value))))
+    return _f32_from_bits(np.uint32(sign | magnitude))
+
+
+@numba.njit(inline="always")
+def _round_half(value):
+    """float32 -> float16 bits (int16), to nearest even, overflow to infinity, subnormals
+    rounded to their 2^-24 step, NaN -> the quiet NaN 0x7E00 with its sign: as torch."""
+    f = np.int64(_bits_from_f32(value))
+    sign = f & 0x80000000
+    f ^= sign
+    if f >= (127 + 16) << 23:  # at least 65536: infinity, or NaN
+        out = 0x7E00 if f > 0x7F800000 else 0x7C00
+    elif f < 113 << 23:  # below float16's smallest normal: the float addition rounds
+        magic = _f32_from_bits(np.uint32(_HALF_DENORMAL_MAGIC))
+        out = np.int64(_bits_from_f32(_f32_from_bits(np.uint32(f)) + magic)) - _HALF_DENORMAL_MAGIC
+    else:  # rebias, round to nearest even; a carry out of the mantissa moves up the exponent
+        out = (f - (112 << 23) + 0xFFF + ((f >> 13) & 1)) >> 13
+    return np.int16(np.uint16(out | (sign >> 16)))
+
+
+# --- generic over the three formats, resolved at compile time
+
+
+def _value(element):
+    """An element as float32: bfloat16 or float16 bits widened, float32 as it is."""
+
+
+@overload(_value)
+def _value_overload(element):
+    if isinstance(element, types.Integer):
+        return (lambda element: _widen_half(element)) if element.signed else (lambda element: _widen(element))
+    return lambda element: element
+
+
+def _stored(value, target):
+    """A float32 value as ``target``'s element: bfloat16/float16 bits (rounded) or float32."""
+
+
+@overload(_stored)
+def _stored_overload(value, target):
+    if isinstance(target.dtype, types.Integer):
+        if target.dtype.signed:
+            return lambda value, target: _round_half(value)
+        return lambda value, target: _round(value)
+    return lambda value, target: value
+
+
+def _rounded(value, like):
+    """A float32 value rounded to the format of ``like``'s elements, as float32 again."""
+
+
+@overload(_rounded)
+def _rounded_overload(value, like):
+    if isinstance(like.dtype, types.Integer):
+        if like.dtype.signed:
+            return lambda value, like: _widen_half(_round_half(value))
+        return lambda value, like: _widen(_round(value))
+    return lambda value, like: value
+
+
+def _key(value, like):
+    """The magnitude key of a value already rounded to ``like``'s format (see
+    :func:`~mkmerge.methods.sort_order.order_keys`): its bits without the sign."""
+
+
+@overload(_key)
+def _key_overload(value, like):
+    if isinstance(like.dtype, types.Integer):
+        if like.dtype.signed:
+            return lambda value, like: np.int64(_round_half(value)) & 0x7FFF
+        return lambda value, like: np.int64(_bits_from_f32(value) >> np.uint32(16)) & 0x7FFF
+    return lambda value, like: np.int64(_bits_from_f32(value)) & 0x7FFFFFFF
+
+
+@numba.njit(inline="always")
+def _delta(t, b, like):
+    """The rounded delta ``t − b`` of two elements, as float32."""
+    return _rounded(_value(t) - _value(b), like)
+
+
+# --- the kernels
+
+
 @numba.njit(cache=True, nogil=True)
 def _count_equal(base, tensor, key, start, stop):
     b, t = base[start:stop], tensor[start:stop]
     count = 0
     for j in range(b.size):
-        count += np.int64(_round(_widen(t[j]) - _widen(b[j])) & 0x7FFF) == key
+        count += _key(_delta(t[j], b[j], base), base) == key
     return count
 
 
@@ -72,7 +186,7 @@ def _delta_words(base, tensor, key, out):
     escaped and numbered in index order; returns how many there are."""
     count = 0
     for j in range(base.size):
-        k = np.uint32(_round(_widen(tensor[j]) - _widen(base[j])) & 0x7FFF)
+        k = np.uint32(_key(_delta(tensor[j], base[j], base), base))
         if k == key:
             out[j] = ESCAPE + np.uint32(count)
             count += 1
@@ -83,42 +197,52 @@ def _delta_words(base, tensor, key, out):
 
 @numba.njit(cache=True, nogil=True)
 def _delta_keys(base, tensor, start, stop, out):
-    """The magnitude keys of the bfloat16 delta ``tensor − base`` over ``[start, stop)``, into ``out``."""
+    """The magnitude keys of the delta ``tensor − base`` over ``[start, stop)``, into ``out``."""
     b, t = base[start:stop], tensor[start:stop]
     for j in range(b.size):
-        out[j] = np.int32(_round(_widen(t[j]) - _widen(b[j])) & 0x7FFF)
+        out[j] = np.int32(_key(_delta(t[j], b[j], base), base))
 
 
 @numba.njit(cache=True, nogil=True)
-def _histograms(base, inputs, start, stop):
+def _histograms(base, inputs, shift, buckets, start, stop):
+    """Per input, counts of its delta's magnitude keys over ``[start, stop)`` in 65536 bins:
+    of ``key >> shift``, or where ``buckets[i] ≥ 0``, of the low 16 bits of the keys whose
+    high bits are that bucket (the second digit of a float32 radix select)."""
     counts = np.zeros((len(inputs), 65536), dtype=np.int64)
     b = base[start:stop]
     i = 0
     for tensor in inputs:
         hist = counts[i]
         t = tensor[start:stop]
-        for j in range(b.size):
-            hist[_round(_widen(t[j]) - _widen(b[j])) & 0x7FFF] += 1
+        bucket = buckets[i]
+        if bucket < 0:
+            for j in range(b.size):
+                hist[_key(_delta(t[j], b[j], base), base) >> shift] += 1
+        else:
+            for j in range(b.size):
+                k = _key(_delta(t[j], b[j], base), base)
+                if (k >> 16) == bucket:
+                    hist[k & 0xFFFF] += 1
         i += 1
     return counts
 
 
 @numba.njit(inline="always")
-def _weighted(delta, keep, factor, weight):
-    """ω = (δ·mask · rescale) · w, each product rounded to bfloat16, as float32.
+def _weighted(delta, keep, factor, weight, like):
+    """ω = (δ·mask · rescale) · w, each product rounded to the format, as float32.
 
-    Without a rescale ``factor`` is 1, which changes no bits (a bfloat16 value times 1 is
-    itself): one branch-free loop serves both cases."""
-    kept = delta if keep else np.uint16(delta & 0x8000)  # a dropped entry: zero with δ's sign
-    return _widen(_round(_widen(_round(_widen(kept) * factor)) * weight))
+    A dropped entry is δ·0, as torch's multiply by a bool mask gives (a zero with δ's sign).
+    Without a rescale ``factor`` is 1, which changes no bits: one branch-free loop serves both."""
+    kept = delta if keep else delta * np.float32(0.0)
+    return _rounded(_rounded(kept * factor, like) * weight, like)
 
 
 @numba.njit(cache=True)
 def _weigh_threshold(tensor, widened, om, key, keep_equal, factor, weight):
     for j in range(tensor.size):
-        delta = _round(_widen(tensor[j]) - widened[j])
-        k = np.int64(delta & 0x7FFF)
-        om[j] = _weighted(delta, (k > key) | (keep_equal & (k == key)), factor, weight)
+        delta = _rounded(_value(tensor[j]) - widened[j], tensor)
+        k = _key(delta, tensor)
+        om[j] = _weighted(delta, (k > key) | (keep_equal & (k == key)), factor, weight, tensor)
 
 
 @numba.njit(cache=True)
@@ -130,38 +254,38 @@ def _weigh(tensor, widened, om, mode, key, budget, factor, weight, mask, listed)
     m = tensor.size
     if mode == 3:  # keys above `key`; of the equal ones, those `listed` marks, in order
         for j in range(m):
-            delta = _round(_widen(tensor[j]) - widened[j])
-            k = np.int64(delta & 0x7FFF)
+            delta = _rounded(_value(tensor[j]) - widened[j], tensor)
+            k = _key(delta, tensor)
             keep = k > key
             if k == key:
                 keep = listed[budget] != 0
                 budget += 1
-            om[j] = _weighted(delta, keep, factor, weight)
+            om[j] = _weighted(delta, keep, factor, weight, tensor)
         return budget
     if mode == 1 and budget > 0:  # the first `budget` entries with the threshold key, in order
         equal_here = 0
         for j in range(m):
-            equal_here += np.int64(_round(_widen(tensor[j]) - widened[j]) & 0x7FFF) == key
+            equal_here += _key(_rounded(_value(tensor[j]) - widened[j], tensor), tensor) == key
         if equal_here <= budget:  # all of this block's are kept: no counting along it
             _weigh_threshold(tensor, widened, om, key, True, factor, weight)
             return budget - equal_here
         for j in range(m):
-            delta = _round(_widen(tensor[j]) - widened[j])
-            k = np.int64(delta & 0x7FFF)
+            delta = _rounded(_value(tensor[j]) - widened[j], tensor)
+            k = _key(delta, tensor)
             keep = k > key
             if k == key and budget > 0:
                 keep = True
                 budget -= 1
-            om[j] = _weighted(delta, keep, factor, weight)
+            om[j] = _weighted(delta, keep, factor, weight, tensor)
     elif mode == 1:
         _weigh_threshold(tensor, widened, om, key, budget < 0, factor, weight)
     elif mode == 2:
         for j in range(m):
-            delta = _round(_widen(tensor[j]) - widened[j])
-            om[j] = _weighted(delta, mask[j] != 0, factor, weight)
+            delta = _rounded(_value(tensor[j]) - widened[j], tensor)
+            om[j] = _weighted(delta, mask[j] != 0, factor, weight, tensor)
     else:
         for j in range(m):
-            om[j] = _weighted(_round(_widen(tensor[j]) - widened[j]), True, factor, weight)
+            om[j] = _weighted(_rounded(_value(tensor[j]) - widened[j], tensor), True, factor, weight, tensor)
     return budget
 
 
@@ -175,7 +299,7 @@ def _combine(omega, weights, widened, m, consensus, normalize, lam, divisor, tot
             total[j] += omega[i, j]
     if consensus:
         for j in range(m):
-            positive[j] = _widen(_round(total[j])) >= 0
+            positive[j] = _rounded(total[j], out) >= 0
             mixed_sum[j] = 0.0
             weight_sum[j] = 0.0
         for i in range(count):
@@ -183,18 +307,20 @@ def _combine(omega, weights, widened, m, consensus, normalize, lam, divisor, tot
             for j in range(m):
                 x = omega[i, j]
                 agree = (positive[j] & (x > 0)) | ((not positive[j]) & (x < 0))
-                mixed_sum[j] += x if agree else np.float32(0.0)  # adding +0 changes none of these sums
+                # x·0 where it disagrees, as the torch form's multiply by the mask: a zero
+                # (which changes no sum that starts at +0), or NaN where ω is infinite or NaN
+                mixed_sum[j] += x if agree else x * np.float32(0.0)
                 weight_sum[j] += weight if agree else np.float32(0.0)
         for j in range(m):
             # Unused steps divide or multiply by 1, which changes no bits: no branches.
-            w = _widen(_round(weight_sum[j]))
+            w = _rounded(weight_sum[j], out)
             w = w if (normalize and w != 0) else np.float32(1.0)
-            mixed = _widen(_round(_widen(_round(mixed_sum[j])) / w))
-            out[j] = _round(widened[j] + _widen(_round(mixed * lam)))
+            mixed = _rounded(_rounded(mixed_sum[j], out) / w, out)
+            out[j] = _stored(widened[j] + _rounded(mixed * lam, out), out)
     else:
         for j in range(m):
-            mixed = _widen(_round(_widen(_round(total[j])) / divisor))
-            out[j] = _round(widened[j] + _widen(_round(mixed * lam)))
+            mixed = _rounded(_rounded(total[j], out) / divisor, out)
+            out[j] = _stored(widened[j] + _rounded(mixed * lam, out), out)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -214,35 +340,13 @@ def _merge(base, inputs, modes, keys, equal, factors, weights, masks, listed, co
         m = min(n, lo + size) - lo
         b = base[lo : lo + m]
         for j in range(m):
-            widened[j] = _widen(b[j])
+            widened[j] = _value(b[j])
         i = 0
         for tensor in inputs:
             mask = masks[i, lo : lo + m] if modes[i] == 2 else masks[0, :0]
             budget[i] = _weigh(tensor[lo : lo + m], widened, omega[i], modes[i], keys[i], budget[i], factors[i], weights[i], mask, listed[i])
             i += 1
         _combine(omega, weights, widened, m, consensus, normalize, lam, divisor, total, positive, mixed_sum, weight_sum, out[lo : lo + m])
-
-
-def _value(element):
-    """An array element as float32: bfloat16 bits widened, float32 as it is."""
-
-
-@overload(_value)
-def _value_overload(element):
-    if isinstance(element, types.Integer):
-        return lambda element: _widen(element)
-    return lambda element: element
-
-
-def _stored(value, target):
-    """A float32 value as ``target``'s element type: bfloat16 bits (rounded) or float32."""
-
-
-@overload(_stored)
-def _stored_overload(value, target):
-    if isinstance(target.dtype, types.Integer):
-        return lambda value, target: _round(value)
-    return lambda value, target: value
 
 
 @numba.njit(cache=True)
@@ -254,7 +358,7 @@ def _accumulate(tensor, weight, total):
 @numba.njit(cache=True, nogil=True)
 def _linear(inputs, weights, normalize, divisor, out, start, stop):
     """acc = +0, then acc = fma(W_i, w_i, acc) per input in float32; / divisor; to the
-    output's type (bfloat16 bits, rounded once, or float32). Compiled per input type."""
+    output's format, rounded once. Compiled per format."""
     n = stop
     size = 4096
     total = np.empty(size, dtype=np.float32)
@@ -279,4 +383,4 @@ def _linear(inputs, weights, normalize, divisor, out, start, stop):
 def _mix(base, other, scale_base, scale_other, out, start, stop):
     b, c, o = base[start:stop], other[start:stop], out[start:stop]
     for j in range(o.size):
-        o[j] = _round(_widen(b[j]) * scale_base + _widen(c[j]) * scale_other)
+        o[j] = _stored(_value(b[j]) * scale_base + _value(c[j]) * scale_other, o)

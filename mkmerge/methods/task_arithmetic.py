@@ -217,12 +217,9 @@ def _fused_rules(base, tensors, weights, densities, sparsifier, rescale, generat
     """Per input, what :func:`fused.merge` needs to sparsify it as :func:`sparsify` would."""
     numel = base.numel()
     magnitude = [i for i in range(len(tensors)) if sparsifier == "magnitude" and float(densities[i]) < 1]
-    histograms = dict(zip(magnitude, fused.delta_histograms(base, [tensors[i] for i in magnitude]) if magnitude else []))
-    cuts = {}  # input -> (k, threshold key, entries above it, entries on it)
-    for i in histograms:
-        k = _top_k_count(numel, float(densities[i]))
-        key, above = kth_in_histogram(histograms[i], k)
-        cuts[i] = (k, key, above, int(histograms[i][key].item()))
+    ks = [_top_k_count(numel, float(densities[i])) for i in magnitude]
+    # input -> (k, threshold key, entries above it, entries on it)
+    cuts = dict(zip(magnitude, _fused_cuts(base, [tensors[i] for i in magnitude], ks))) if magnitude else {}
     # Where only some of the entries on the threshold survive, the sort's choice, replayed
     # for all such inputs at once (each on one thread).
     replayed = [i for i, (k, key, above, equal) in cuts.items() if _sort_decides(k - above, equal, key)]
@@ -247,6 +244,19 @@ def _fused_rules(base, tensors, weights, densities, sparsifier, rescale, generat
     return rules
 
 
+def _fused_cuts(base: torch.Tensor, tensors: Sequence[torch.Tensor], ks: Sequence[int]) -> list[tuple[int, int, int, int]]:
+    """Per input, (k, the k-th largest magnitude key of its delta, keys above it, keys equal
+    to it), by radix select over the fused histograms: one 16-bit digit for the half
+    formats, two for float32."""
+    histograms = fused.delta_histograms(base, tensors)
+    found = [kth_in_histogram(h, k) for h, k in zip(histograms, ks)]  # (digit, above)
+    if fused.key_bits(base.dtype) > 16:  # float32: the low digit inside each chosen high bucket
+        histograms = fused.delta_histograms(base, tensors, [bucket for bucket, _ in found])
+        low = [kth_in_histogram(h, k - above) for h, k, (_, above) in zip(histograms, ks, found)]
+        found = [((bucket << 16) | digit, above + above_low) for (bucket, above), (digit, above_low) in zip(found, low)]
+    return [(k, key, above, int(h[key & 0xFFFF].item())) for k, (key, above), h in zip(ks, found, histograms)]
+
+
 def _sort_decides(missing: int, equal: int, key: int) -> bool:
     """Whether the sort's choice among the ``equal`` entries on the threshold ``key``, of
     which ``missing`` survive, changes the merge. Not when all or none survive, nor when the
@@ -256,7 +266,7 @@ def _sort_decides(missing: int, equal: int, key: int) -> bool:
 
 def _sorted_ties(base: torch.Tensor, tensor: torch.Tensor, key: int, k: int) -> np.ndarray:
     """Which entries on the threshold ``key`` (in index order) torch's descending sort of
-    the bfloat16 delta's magnitudes puts among the first ``k``."""
+    the delta's magnitudes puts among the first ``k``."""
     words, count = fused.delta_words(base, tensor, key)
     (kept,) = sort_order.replay(words, np.full(count, key, dtype=np.uint32), [k], sort_order.DESCENDING)
     return kept
@@ -395,9 +405,13 @@ def task_vector_chunked(variant: TaskVectorVariant) -> ChunkedForm:
             parts.append(part)
             if not active(density):
                 continue
-            if variant.sparsifier == "magnitude" and index == 0 and not rescale and fused.applies(base, [tensor]):
-                (part["hist"],) = fused.delta_histograms(base, [tensor])
-                part["level"] = "single"
+            if variant.sparsifier == "magnitude" and index < selection and not rescale and fused.applies(base, [tensor]):
+                if index == 0:
+                    (part["hist"],) = fused.delta_histograms(base, [tensor])
+                    part["level"] = "single" if selection == 1 else "high"
+                else:  # float32: the low digit inside the chosen high bucket
+                    (part["hist"],) = fused.delta_histograms(base, [tensor], [state[i]["bucket"]])
+                    part["level"] = "low"
                 continue
             if variant.sparsifier == "magnitude" and index == selection:  # the spill pass
                 if "spill" in state[i]:
@@ -506,7 +520,7 @@ def task_vector_chunked(variant: TaskVectorVariant) -> ChunkedForm:
         )
 
     def fused_kernels(dtype, count):
-        return dtype == torch.bfloat16 and 1 <= count <= 4 and fused.available() and variant.sparsifier in ("none", "magnitude", "random")
+        return dtype in fused.DTYPES and 1 <= count <= 4 and fused.available() and variant.sparsifier in ("none", "magnitude", "random")
 
     return ChunkedForm(passes=passes, apply=apply, stats=stats, combine=combine, fused=fused_kernels)
 
