@@ -228,3 +228,52 @@ def test_the_bits_do_not_depend_on_how_many_threads_split_the_tensor(monkeypatch
         # the ties on the threshold (replayed, then listed) are found across all four ranges
         assert _same_bits(runs["ties"](), _torch_form(monkeypatch, base=base, tensors=tensors, weights=[0.5, 0.3, 0.4], densities=[0.5, 0.2, 0.8],
                                                        sparsifier="magnitude", consensus=True, normalize=True))  # fmt: skip
+
+
+def _float16_conversions():
+    """(widen, round) loops over arrays, for each float16 conversion the kernels may use:
+    the branch-free one in integer arithmetic, and the CPU's own where it has one (F16C)."""
+    import numba
+
+    from mkmerge.methods import fused_kernels as k
+
+    pairs = {"soft": (k._widen_half_soft, k._round_half_soft)}
+    if k._F16C:
+        pairs["f16c"] = (k._f32_from_half, k._half_from_f32)
+    loops = {}
+    for name, (widen, round_) in pairs.items():
+
+        def widen_all(bits, out, widen=widen):
+            for j in range(bits.size):
+                out[j] = widen(bits[j])
+
+        def round_all(values, out, round_=round_):
+            for j in range(values.size):
+                out[j] = round_(values[j])
+
+        loops[name] = (numba.njit(widen_all), numba.njit(round_all))
+    return loops
+
+
+def test_float16_conversions_give_torchs_bits_for_every_half_and_millions_of_floats():
+    import numpy as np
+
+    every_half = np.arange(1 << 16, dtype=np.uint16).view(np.int16)
+    widened_by_torch = torch.from_numpy(every_half.copy()).view(torch.float16).float()
+    g = np.random.default_rng(0)
+    floats = np.concatenate([
+        g.integers(0, 1 << 32, size=2_000_000, dtype=np.uint64).astype(np.uint32).view(np.float32),  # every exponent, NaNs
+        widened_by_torch.numpy(),  # exact halves, and just above and below each
+        np.nextafter(widened_by_torch.numpy(), np.float32(np.inf)),
+        np.nextafter(widened_by_torch.numpy(), np.float32(-np.inf)),
+        (widened_by_torch.numpy()[:-1] + widened_by_torch.numpy()[1:]) / 2,  # midpoints: ties to even
+        np.float32([65504, 65519.996, 65520, 65536, 2.0**-24, 2.0**-25, 1.5 * 2.0**-25, 2.0**-26, 1e-45, 0.0, -0.0]),
+    ]).astype(np.float32)  # fmt: skip
+    rounded_by_torch = torch.from_numpy(floats).to(torch.float16)
+    for name, (widen_all, round_all) in _float16_conversions().items():
+        widened = np.empty(every_half.size, dtype=np.float32)
+        widen_all(every_half, widened)
+        assert _same_bits(torch.from_numpy(widened), widened_by_torch), name
+        rounded = np.empty(floats.size, dtype=np.int16)
+        round_all(floats, rounded)
+        assert _same_bits(torch.from_numpy(rounded).view(torch.float16), rounded_by_torch), name

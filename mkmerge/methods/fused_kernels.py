@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import numba
 import numpy as np
+from llvmlite import binding as llvm_binding
 from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic, overload
@@ -63,49 +64,114 @@ def _widen(bits):
 
 @numba.njit(inline="always")
 def _round(value):
-    """float32 -> bfloat16 bits, to nearest even (NaN -> the quiet NaN 0x7FC0), as torch."""
-    if value != value:
-        return np.uint16(0x7FC0)
-    u = np.int64(_bits_from_f32(value))
-    return np.uint16(((u + 0x7FFF + ((u >> 16) & 1)) >> 16) & 0xFFFF)
+    """float32 -> bfloat16 bits, to nearest even (NaN -> the quiet NaN 0x7FC0), as torch.
+    (Branch-free, as the helpers below: selects let LLVM vectorise the loops around them.)"""
+    u = np.uint32(_bits_from_f32(value))
+    rounded = np.uint16((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+    return rounded if value == value else np.uint16(0x7FC0)
 
 
 # --- float16
+#
+# Where the CPU converts float16 itself (x86's F16C: the instructions torch's own vectorised
+# float16 loops use), the kernels do too; elsewhere the branch-free conversions below, which
+# give the same bits for every number (the tests check both over every float16 and millions
+# of float32 values).
 
-_HALF_DENORMAL_MAGIC = 126 << 23  # 0.5: adding it rounds to float16's subnormal step, 2^-24
+_F16C = bool(llvm_binding.get_host_cpu_features().get("f16c", False))
+_HALF = np.float32(0.5)  # adding 0.5 rounds a float below 2^-14 to float16's subnormal step, 2^-24
+_TWO_POW_M24 = np.float32(2.0**-24)
+_SMALLEST_NORMAL = np.uint32(113 << 23)  # float16's 2^-14, as float32 bits
+_OVERFLOW = np.uint32(143 << 23)  # 65536: magnitudes that round to it or above are infinite
+_INFINITY = np.uint32(0x7F800000)
+
+
+@intrinsic
+def _f32_from_half(typingctx, bits):
+    """float16 bits (int16) -> float32, by the CPU's conversion (F16C)."""
+
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+    return types.float32(types.int16), codegen
+
+
+@intrinsic
+def _half_from_f32(typingctx, value):
+    """float32 -> float16 bits (int16), rounded to nearest even by the CPU's conversion (F16C)."""
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+
+    return types.int16(types.float32), codegen
 
 
 @numba.njit(inline="always")
-def _widen_half(bits):
+def _widen_half_soft(bits):
     """float16 bits (int16) -> float32 (exact): subnormals, infinities and NaNs included."""
-    h = np.int64(np.uint16(bits))
-    sign = (h & 0x8000) << 16
-    magnitude = (h & 0x7FFF) << 13
-    exponent = magnitude & 0x0F800000
-    magnitude += (127 - 15) << 23
-    if exponent == 0x0F800000:  # infinity or NaN: the largest exponent
-        return _f32_from_bits(np.uint32(sign | (magnitude + ((128 - 16) << 23))))
-    if exponent == 0:  # zero or subnormal: exact through one subtraction
-        value = _f32_from_bits(np.uint32(magnitude + (1 << 23))) - _f32_from_bits(np.uint32(113 << 23))
-        return _f32_from_bits(np.uint32(sign | np.int64(_bits_from_f32(value))))
-    return _f32_from_bits(np.uint32(sign | magnitude))
+    h = np.uint32(np.uint16(bits))
+    sign = (h & np.uint32(0x8000)) << np.uint32(16)
+    magnitude = h & np.uint32(0x7FFF)
+    normal = (magnitude << np.uint32(13)) + np.uint32(112 << 23)  # rebias the exponent
+    special = (magnitude << np.uint32(13)) + np.uint32(224 << 23)  # infinity and NaN: exponent 255
+    subnormal = _bits_from_f32(np.float32(np.int32(magnitude)) * _TWO_POW_M24)  # exact: < 2^10 steps of 2^-24
+    chosen = special if magnitude >= np.uint32(0x7C00) else (normal if magnitude >= np.uint32(0x0400) else subnormal)
+    return _f32_from_bits(np.uint32(chosen | sign))
 
 
 @numba.njit(inline="always")
-def _round_half(value):
-    """float32 -> float16 bits (int16), to nearest even, overflow to infinity, subnormals
-    rounded to their 2^-24 step, NaN -> the quiet NaN 0x7E00 with its sign: as torch."""
-    f = np.int64(_bits_from_f32(value))
-    sign = f & 0x80000000
-    f ^= sign
-    if f >= (127 + 16) << 23:  # at least 65536: infinity, or NaN
-        out = 0x7E00 if f > 0x7F800000 else 0x7C00
-    elif f < 113 << 23:  # below float16's smallest normal: the float addition rounds
-        magic = _f32_from_bits(np.uint32(_HALF_DENORMAL_MAGIC))
-        out = np.int64(_bits_from_f32(_f32_from_bits(np.uint32(f)) + magic)) - _HALF_DENORMAL_MAGIC
-    else:  # rebias, round to nearest even; a carry out of the mantissa moves up the exponent
-        out = (f - (112 << 23) + 0xFFF + ((f >> 13) & 1)) >> 13
-    return np.int16(np.uint16(out | (sign >> 16)))
+def _round_to_half_soft(value):
+    """A float32 value rounded to float16's precision and range (to nearest even, overflow to
+    infinity, subnormals to their 2^-24 step, NaN to the quiet NaN), as float32 bits."""
+    u = np.uint32(_bits_from_f32(value))
+    sign = u & np.uint32(0x80000000)
+    a = u ^ sign
+    normal = (a + np.uint32(0xFFF) + ((a >> np.uint32(13)) & np.uint32(1))) & np.uint32(0xFFFFE000)
+    normal = _INFINITY if normal >= _OVERFLOW else normal
+    subnormal = _bits_from_f32((_f32_from_bits(a) + _HALF) - _HALF)
+    chosen = np.uint32(0x7FC00000) if a > _INFINITY else (normal if a >= _SMALLEST_NORMAL else subnormal)
+    return np.uint32(chosen | sign)
+
+
+@numba.njit(inline="always")
+def _round_half_soft(value):
+    """float32 -> float16 bits (int16), to nearest even, as torch converts (NaN -> 0x7E00 with its sign)."""
+    r = _round_to_half_soft(value)
+    a = r & np.uint32(0x7FFFFFFF)
+    normal = (a >> np.uint32(13)) - np.uint32(112 << 10)
+    special = (a >> np.uint32(13)) - np.uint32(224 << 10)
+    subnormal = np.uint32(np.int32(_f32_from_bits(a) * np.float32(2.0**24)))
+    bits = special if a >= _INFINITY else (normal if a >= _SMALLEST_NORMAL else subnormal)
+    return np.int16(np.uint16(bits | ((r >> np.uint32(16)) & np.uint32(0x8000))))
+
+
+if _F16C:
+
+    @numba.njit(inline="always")
+    def _widen_half(bits):
+        return _f32_from_half(bits)
+
+    @numba.njit(inline="always")
+    def _round_half(value):
+        return _half_from_f32(value)
+
+    @numba.njit(inline="always")
+    def _rounded_half(value):
+        return _f32_from_half(_half_from_f32(value))
+
+else:
+
+    @numba.njit(inline="always")
+    def _widen_half(bits):
+        return _widen_half_soft(bits)
+
+    @numba.njit(inline="always")
+    def _round_half(value):
+        return _round_half_soft(value)
+
+    @numba.njit(inline="always")
+    def _rounded_half(value):
+        return _f32_from_bits(_round_to_half_soft(value))
 
 
 # --- generic over the three formats, resolved at compile time
@@ -143,32 +209,48 @@ def _rounded(value, like):
 def _rounded_overload(value, like):
     if isinstance(like.dtype, types.Integer):
         if like.dtype.signed:
-            return lambda value, like: _widen_half(_round_half(value))
+            return lambda value, like: _rounded_half(value)
         return lambda value, like: _widen(_round(value))
     return lambda value, like: value
 
 
-def _key(value, like):
-    """The magnitude key of a value already rounded to ``like``'s format (see
-    :func:`~mkmerge.methods.sort_order.order_keys`): its bits without the sign."""
+def _split(value, like):
+    """(``value`` rounded to ``like``'s format as float32, its magnitude key): see
+    :func:`~mkmerge.methods.sort_order.order_keys` (the rounded bits without the sign)."""
 
 
-@overload(_key)
-def _key_overload(value, like):
+@overload(_split)
+def _split_overload(value, like):
     if isinstance(like.dtype, types.Integer):
         if like.dtype.signed:
-            return lambda value, like: np.int64(_round_half(value)) & 0x7FFF
-        return lambda value, like: np.int64(_bits_from_f32(value) >> np.uint32(16)) & 0x7FFF
-    return lambda value, like: np.int64(_bits_from_f32(value)) & 0x7FFFFFFF
+
+            def split_half(value, like):
+                bits = _round_half(value)
+                return _widen_half(bits), np.int64(bits) & 0x7FFF
+
+            return split_half
+
+        def split_bfloat16(value, like):
+            bits = _round(value)
+            return _widen(bits), np.int64(bits) & 0x7FFF
+
+        return split_bfloat16
+    return lambda value, like: (value, np.int64(_bits_from_f32(value)) & 0x7FFFFFFF)
 
 
 @numba.njit(inline="always")
 def _delta(t, b, like):
-    """The rounded delta ``t − b`` of two elements, as float32."""
-    return _rounded(_value(t) - _value(b), like)
+    """The delta ``t − b`` of two elements, rounded, as float32, and its magnitude key."""
+    return _split(_value(t) - _value(b), like)
 
 
 # --- the kernels
+
+
+@numba.njit(cache=True)
+def _block_keys(t, b, like, keys):
+    for j in range(t.size):
+        keys[j] = np.int32(_delta(t[j], b[j], like)[1])
 
 
 @numba.njit(cache=True, nogil=True)
@@ -176,22 +258,30 @@ def _count_equal(base, tensor, key, start, stop):
     b, t = base[start:stop], tensor[start:stop]
     count = 0
     for j in range(b.size):
-        count += _key(_delta(t[j], b[j], base), base) == key
+        count += _delta(t[j], b[j], base)[1] == key
     return count
 
 
 @numba.njit(cache=True, nogil=True)
 def _delta_words(base, tensor, key, out):
     """:func:`_delta_keys` as the words of :mod:`sort_order_kernels`: entries on ``key``
-    escaped and numbered in index order; returns how many there are."""
+    escaped and numbered in index order; returns how many there are. (Keys a block at a
+    time in a vectorised loop, then the numbering.)"""
+    size = 4096
+    keys = np.empty(size, dtype=np.int32)
     count = 0
-    for j in range(base.size):
-        k = np.uint32(_key(_delta(tensor[j], base[j], base), base))
-        if k == key:
-            out[j] = ESCAPE + np.uint32(count)
-            count += 1
-        else:
-            out[j] = k
+    n = base.size
+    for lo in range(0, n, size):
+        m = min(n, lo + size) - lo
+        _block_keys(tensor[lo : lo + m], base[lo : lo + m], base, keys)
+        o = out[lo : lo + m]
+        for j in range(m):
+            k = np.uint32(keys[j])
+            if k == key:
+                o[j] = ESCAPE + np.uint32(count)
+                count += 1
+            else:
+                o[j] = k
     return count
 
 
@@ -200,31 +290,40 @@ def _delta_keys(base, tensor, start, stop, out):
     """The magnitude keys of the delta ``tensor − base`` over ``[start, stop)``, into ``out``."""
     b, t = base[start:stop], tensor[start:stop]
     for j in range(b.size):
-        out[j] = np.int32(_key(_delta(t[j], b[j], base), base))
+        out[j] = np.int32(_delta(t[j], b[j], base)[1])
 
 
 @numba.njit(cache=True, nogil=True)
 def _histograms(base, inputs, shift, buckets, start, stop):
     """Per input, counts of its delta's magnitude keys over ``[start, stop)`` in 65536 bins:
     of ``key >> shift``, or where ``buckets[i] ≥ 0``, of the low 16 bits of the keys whose
-    high bits are that bucket (the second digit of a float32 radix select)."""
-    counts = np.zeros((len(inputs), 65536), dtype=np.int64)
-    b = base[start:stop]
+    high bits are that bucket (the second digit of a float32 radix select).
+
+    Keys are computed a block at a time in their own (vectorised) loop, then counted into
+    two interleaved histograms, so that runs of one key do not wait on each other's counts."""
+    size = 4096
+    counts = np.zeros((len(inputs), 2, 65536), dtype=np.int64)
+    keys = np.empty(size, dtype=np.int32)
     i = 0
     for tensor in inputs:
-        hist = counts[i]
-        t = tensor[start:stop]
+        even, odd = counts[i, 0], counts[i, 1]
         bucket = buckets[i]
-        if bucket < 0:
-            for j in range(b.size):
-                hist[_key(_delta(t[j], b[j], base), base) >> shift] += 1
-        else:
-            for j in range(b.size):
-                k = _key(_delta(t[j], b[j], base), base)
-                if (k >> 16) == bucket:
-                    hist[k & 0xFFFF] += 1
+        for lo in range(start, stop, size):
+            m = min(stop, lo + size) - lo
+            _block_keys(tensor[lo : lo + m], base[lo : lo + m], base, keys)
+            if bucket < 0:
+                for j in range(0, m - 1, 2):
+                    even[keys[j] >> shift] += 1
+                    odd[keys[j + 1] >> shift] += 1
+                if m % 2:
+                    even[keys[m - 1] >> shift] += 1
+            else:
+                for j in range(m):
+                    k = keys[j]
+                    if (k >> 16) == bucket:
+                        even[k & 0xFFFF] += 1
         i += 1
-    return counts
+    return counts.sum(axis=1)
 
 
 @numba.njit(inline="always")
@@ -240,8 +339,7 @@ def _weighted(delta, keep, factor, weight, like):
 @numba.njit(cache=True)
 def _weigh_threshold(tensor, widened, om, key, keep_equal, factor, weight):
     for j in range(tensor.size):
-        delta = _rounded(_value(tensor[j]) - widened[j], tensor)
-        k = _key(delta, tensor)
+        delta, k = _split(_value(tensor[j]) - widened[j], tensor)
         om[j] = _weighted(delta, (k > key) | (keep_equal & (k == key)), factor, weight, tensor)
 
 
@@ -254,8 +352,7 @@ def _weigh(tensor, widened, om, mode, key, budget, factor, weight, mask, listed)
     m = tensor.size
     if mode == 3:  # keys above `key`; of the equal ones, those `listed` marks, in order
         for j in range(m):
-            delta = _rounded(_value(tensor[j]) - widened[j], tensor)
-            k = _key(delta, tensor)
+            delta, k = _split(_value(tensor[j]) - widened[j], tensor)
             keep = k > key
             if k == key:
                 keep = listed[budget] != 0
@@ -265,13 +362,12 @@ def _weigh(tensor, widened, om, mode, key, budget, factor, weight, mask, listed)
     if mode == 1 and budget > 0:  # the first `budget` entries with the threshold key, in order
         equal_here = 0
         for j in range(m):
-            equal_here += _key(_rounded(_value(tensor[j]) - widened[j], tensor), tensor) == key
+            equal_here += _split(_value(tensor[j]) - widened[j], tensor)[1] == key
         if equal_here <= budget:  # all of this block's are kept: no counting along it
             _weigh_threshold(tensor, widened, om, key, True, factor, weight)
             return budget - equal_here
         for j in range(m):
-            delta = _rounded(_value(tensor[j]) - widened[j], tensor)
-            k = _key(delta, tensor)
+            delta, k = _split(_value(tensor[j]) - widened[j], tensor)
             keep = k > key
             if k == key and budget > 0:
                 keep = True
