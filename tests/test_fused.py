@@ -277,3 +277,23 @@ def test_float16_conversions_give_torchs_bits_for_every_half_and_millions_of_flo
         rounded = np.empty(floats.size, dtype=np.int16)
         round_all(floats, rounded)
         assert _same_bits(torch.from_numpy(rounded).view(torch.float16), rounded_by_torch), name
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_delta_l1_partials_are_the_torch_forms_partials_of_the_delta_and_the_masked_delta(dtype, monkeypatch):
+    import math
+
+    from mkmerge.methods import reductions
+
+    monkeypatch.setattr(reductions, "CHUNKS_PER_BLOCK", 3)  # several spans, and a ragged last chunk
+    base, tensors = _family(2, numel=5 * reductions.CHUNK + 123, seed=21, dtype=dtype, infinite=True)
+    mask = torch.rand(base.shape, generator=torch.Generator().manual_seed(1)) < 0.4
+    for tensor in tensors:
+        delta = tensor - base
+        expected = (reductions.l1_partials(delta), reductions.l1_partials(delta * mask))
+        got = fused.delta_l1_partials(base, tensor, mask.numpy())
+        for want, have in zip(expected, got):
+            assert len(want) == len(have) == 6
+            assert all(w == h or (math.isnan(w) and math.isnan(h)) for w, h in zip(want, have))
+    # the infinite deltas of the last input: its unmasked partial is infinite, not a number
+    assert math.isinf(got[0][0])

@@ -131,6 +131,27 @@ def delta_words(base: torch.Tensor, tensor: torch.Tensor, key: int) -> tuple[np.
     return words, int(count)
 
 
+def delta_l1_partials(base: torch.Tensor, tensor: torch.Tensor, mask: np.ndarray) -> tuple[list[float], list[float]]:
+    """``(l1_partials(δ), l1_partials(δ·mask))`` of the delta ``tensor − base`` in the base's
+    dtype, the same numbers, from one pass and two reused float32 buffers instead of the
+    delta, the masked delta and their widened copies (see :func:`reductions.l1_partials`)."""
+    from mkmerge.methods.reductions import CHUNK, CHUNKS_PER_BLOCK, append_chunk_sums
+
+    numel, span = base.numel(), CHUNK * CHUNKS_PER_BLOCK
+    base_bits, bits, keep = _bits(base), _bits(tensor, base.dtype), mask.reshape(-1).view(np.uint8)
+    before_buffer = np.empty(min(numel, span), dtype=np.float32)
+    after_buffer = np.empty_like(before_buffer)
+    before: list[float] = []
+    after: list[float] = []
+    for start in range(0, numel, span):
+        stop = min(numel, start + span)
+        b, a = before_buffer[: stop - start], after_buffer[: stop - start]
+        _kernels()._delta_magnitudes(base_bits[start:stop], bits[start:stop], keep[start:stop], b, a)
+        append_chunk_sums(before, torch.from_numpy(b))
+        append_chunk_sums(after, torch.from_numpy(a))
+    return before, after
+
+
 def each_on_a_thread(function, items) -> list:
     """``[function(item) for item in items]``, the items spread over torch's thread count
     (functions whose work releases the GIL, and which do not use this pool themselves)."""

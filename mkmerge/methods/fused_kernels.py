@@ -326,6 +326,16 @@ def _histograms(base, inputs, shift, buckets, start, stop):
     return counts.sum(axis=1)
 
 
+@numba.njit(cache=True, nogil=True)
+def _delta_magnitudes(base, tensor, mask, before, after):
+    """|δ| and |δ·mask| of the rounded delta ``tensor − base``, as float32, into ``before``
+    and ``after`` (a dropped entry is |δ·0|: zero, or NaN where δ is infinite or NaN)."""
+    for j in range(base.size):
+        delta = _delta(tensor[j], base[j], base)[0]
+        before[j] = abs(delta)
+        after[j] = abs(delta if mask[j] else delta * np.float32(0.0))
+
+
 @numba.njit(inline="always")
 def _weighted(delta, keep, factor, weight, like):
     """ω = (δ·mask · rescale) · w, each product rounded to the format, as float32.

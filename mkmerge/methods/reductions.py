@@ -64,7 +64,7 @@ def l1_partials(x: torch.Tensor) -> list[float]:
     for start in range(0, flat.numel(), span):
         stop = min(start + span, flat.numel())
         values = flat[start:stop].to(torch.float32).abs_() if flat.dtype != torch.float32 else flat[start:stop].abs()
-        _append_chunk_sums(partials, values)
+        append_chunk_sums(partials, values)
     return partials
 
 
@@ -109,7 +109,7 @@ def gram_partials(a: torch.Tensor, b: torch.Tensor) -> tuple[list[float], list[f
         stop = min(start + span, numel)
         xs, ys = flat_a[start:stop].to(torch.float32), flat_b[start:stop].to(torch.float32)
         for target, values in zip(partials, (xs * xs, ys * ys, xs * ys)):
-            _append_chunk_sums(target, values)
+            append_chunk_sums(target, values)
     return partials
 
 
@@ -134,7 +134,7 @@ def exact_sum(partials: list[float]) -> float:
     return _exact_sum(partials)
 
 
-def _append_chunk_sums(partials: list[float], values: torch.Tensor) -> None:
+def append_chunk_sums(partials: list[float], values: torch.Tensor) -> None:
     """Append the sum of each CHUNK of ``values`` (the last one may be shorter), one thread each."""
     full = values.numel() // CHUNK * CHUNK
     if full:
@@ -173,7 +173,7 @@ def _fixed_order_partials(
         xs = flat_x[start:stop].to(torch.float64, copy=True)
         ys = flat_y[start:stop].to(torch.float64) if flat_y is not None else None
         values = term(xs, ys)
-        _append_chunk_sums(partials, values)
+        append_chunk_sums(partials, values)
     return partials
 
 

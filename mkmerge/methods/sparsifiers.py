@@ -153,10 +153,24 @@ def random_sparsify(delta: torch.Tensor, density: float, generator: torch.Genera
 def dare_mask(shape: torch.Size, density: float, generator: torch.Generator, offset: int = 0) -> torch.Tensor:
     """The boolean keep-mask of :func:`random_sparsify` (of a chunk starting at ``offset``)."""
     numel = math.prod(shape)
-    draws = uniform_draws(numel, generator, offset)
-    threshold = min(int(density * 2**32), 2**32 - 1) if density < 1 else 2**32 - 1
-    keep = draws < np.uint32(threshold) if density < 1 else np.ones(numel, dtype=bool)
+    if density >= 1:
+        return torch.ones(tuple(shape), dtype=torch.bool)
+    if offset % 2:
+        raise ValueError(f"draws for a chunk must start at an even entry, not {offset}")
+    threshold = np.uint32(min(int(density * 2**32), 2**32 - 1))
+    # uniform_draws' stream, drawn a block at a time: the blocks' draws are small and reused
+    # by the allocator, where the whole stream would be a fresh 4 bytes per entry.
+    bits = np.random.PCG64(generator.initial_seed())
+    if offset:
+        bits.advance(offset // 2)
+    keep = np.empty(numel, dtype=bool)
+    for start in range(0, numel, DRAW_BLOCK):
+        stop = min(numel, start + DRAW_BLOCK)
+        np.less(bits.random_raw((stop - start + 1) // 2).view(np.uint32)[: stop - start], threshold, out=keep[start:stop])
     return torch.from_numpy(keep).view(tuple(shape))
+
+
+DRAW_BLOCK = 1 << 20  # even: each 64-bit output is two draws
 
 
 def della_sparsify(delta: torch.Tensor, density: float, epsilon: float, generator: torch.Generator) -> torch.Tensor:

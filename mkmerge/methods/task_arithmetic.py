@@ -224,21 +224,20 @@ def _fused_rules(base, tensors, weights, densities, sparsifier, rescale, generat
     # for all such inputs at once (each on one thread).
     replayed = [i for i, (k, key, above, equal) in cuts.items() if _sort_decides(k - above, equal, key)]
     listed = dict(zip(replayed, fused.each_on_a_thread(lambda i: _sorted_ties(base, tensors[i], cuts[i][1], cuts[i][0]), replayed)))
+    dropped = [i for i in range(len(tensors)) if sparsifier == "random" and float(densities[i]) < 1]
+    # DARE: each input's draws, mask and L1 rescale factor, the inputs side by side
+    masked = dict(zip(dropped, fused.each_on_a_thread(
+        lambda i: _random_rule(base, tensors[i], float(weights[i]), float(densities[i]), rescale, _required(generators[i])), dropped)))  # fmt: skip
     rules = []
-    for i, tensor in enumerate(tensors):
-        density, weight = float(densities[i]), float(weights[i])
+    for i in range(len(tensors)):
+        weight = float(weights[i])
         if i in listed:
             rules.append(fused.InputRule(weight, fused.MODE_LISTED, key=cuts[i][1], equal=0, listed=listed[i]))
         elif i in cuts:
             k, key, above, equal = cuts[i]
             rules.append(fused.InputRule(weight, fused.MODE_MAGNITUDE, key=key, equal=_equal_policy(k - above, equal)))
-        elif sparsifier == "random" and density < 1:
-            mask = dare_mask(base.shape, density, _required(generators[i]))
-            factor = None
-            if rescale:
-                delta = tensor.to(base.dtype) - base
-                factor = _rescale_factor(l1_norm(delta), l1_norm(delta * mask))
-            rules.append(fused.InputRule(weight, fused.MODE_MASK, mask=mask.numpy(), factor=factor))
+        elif i in masked:
+            rules.append(masked[i])
         else:
             rules.append(fused.InputRule(weight))
     return rules
@@ -255,6 +254,16 @@ def _fused_cuts(base: torch.Tensor, tensors: Sequence[torch.Tensor], ks: Sequenc
         low = [kth_in_histogram(h, k - above) for h, k, (_, above) in zip(histograms, ks, found)]
         found = [((bucket << 16) | digit, above + above_low) for (bucket, above), (digit, above_low) in zip(found, low)]
     return [(k, key, above, int(h[key & 0xFFFF].item())) for k, (key, above), h in zip(ks, found, histograms)]
+
+
+def _random_rule(base, tensor, weight: float, density: float, rescale: bool, generator: torch.Generator) -> fused.InputRule:
+    """One input's DARE drop as a fused rule: its mask and, with ``rescale``, the L1 factor."""
+    mask = dare_mask(base.shape, density, generator).numpy()
+    factor = None
+    if rescale:
+        before, after = fused.delta_l1_partials(base, tensor, mask)
+        factor = _rescale_factor(exact_sum(before), exact_sum(after))
+    return fused.InputRule(weight, fused.MODE_MASK, mask=mask, factor=factor)
 
 
 def _sort_decides(missing: int, equal: int, key: int) -> bool:
@@ -422,11 +431,15 @@ def task_vector_chunked(variant: TaskVectorVariant) -> ChunkedForm:
                     chosen["spill"].write_keys(call.offset, _chunk_keys(base, tensor), chosen["key"], chosen["equal_before"][call.chunk])
                     part["spilled"] = True
                 continue
-            delta = tensor.to(dtype) - base
             if variant.sparsifier == "random":
-                kept = delta * dare_mask(delta.shape, density, call.generator(i), call.offset).to(delta.device)
-                part["l1_before"], part["l1_after"] = l1_partials(delta), l1_partials(kept)
+                mask = dare_mask(base.shape, density, call.generator(i), call.offset)
+                if fused.applies(base, [tensor]):
+                    part["l1_before"], part["l1_after"] = fused.delta_l1_partials(base, tensor, mask.numpy())
+                else:
+                    delta = tensor.to(dtype) - base
+                    part["l1_before"], part["l1_after"] = l1_partials(delta), l1_partials(delta * mask.to(delta.device))
                 continue
+            delta = tensor.to(dtype) - base
             keys = order_keys(delta.abs().reshape(-1))
             if index == 0:
                 part["hist"] = torch.bincount(keys if selection == 1 else keys >> 16, minlength=1 << 16).cpu()
