@@ -217,28 +217,3 @@ def test_the_replay_on_disk_keeps_the_same_entries_as_in_memory(monkeypatch):
         mask = torch.from_numpy(keys > threshold)
         mask[torch.from_numpy(np.flatnonzero(keys == threshold)[kept])] = True
         assert torch.equal(mask, torch_first(values, cut, DESCENDING)), (trial, n, cut)
-
-
-def test_words_buffers_are_pooled_at_the_biggest_size_taken_and_big_ones_are_not_kept(monkeypatch):
-    from mkmerge.methods import sort_order
-
-    monkeypatch.setattr(sort_order, "_pool", [])
-    monkeypatch.setattr(sort_order, "_pooled_size", 0)
-    monkeypatch.setattr(sort_order, "RESIDENT_WORDS", 1000)
-    small = sort_order.take_words(100)
-    assert small.size == 100 and small.dtype == np.uint32
-    sort_order.give_words(small)
-    assert sort_order.take_words(50) is small  # reused, whatever the smaller request
-    big = sort_order.take_words(700)  # bigger than the pooled size: fresh, and the size grows
-    assert big.size == 700
-    sort_order.give_words(small)  # the old size no longer fits every request: let go
-    sort_order.give_words(big)
-    assert len(sort_order._pool) == 1 and sort_order._pool[0] is big
-    a, b = sort_order.take_words(10), sort_order.take_words(10)
-    assert a is big and b.size == 700  # an empty pool hands out fresh buffers of the pooled size
-    for buffer in (a, b, sort_order.take_words(700)):
-        sort_order.give_words(buffer)
-    assert len(sort_order._pool) == sort_order.POOLED_BUFFERS  # no more are kept
-    huge = sort_order.take_words(5000)  # beyond RESIDENT_WORDS: never pooled
-    sort_order.give_words(huge)
-    assert all(buffer is not huge for buffer in sort_order._pool) and sort_order._pooled_size == 700

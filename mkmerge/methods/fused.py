@@ -121,12 +121,8 @@ def delta_keys(base: torch.Tensor, tensor: torch.Tensor) -> np.ndarray:
 
 def delta_words(base: torch.Tensor, tensor: torch.Tensor, key: int) -> tuple[np.ndarray, int]:
     """(words, count): the delta's magnitude keys as :func:`sort_order.encode` would encode
-    them with ``key`` tracked, in one pass on the calling thread; ``count`` tracked.
-
-    The words are in a buffer from :func:`sort_order.take_words` (the caller gives it back)."""
-    from mkmerge.methods.sort_order import take_words
-
-    words = take_words(base.numel())[: base.numel()]
+    them with ``key`` tracked, in one pass on the calling thread; ``count`` tracked."""
+    words = np.empty(base.numel(), dtype=np.uint32)
     count = _kernels()._delta_words(_bits(base), _bits(tensor, base.dtype), np.uint32(key), words)
     return words, int(count)
 

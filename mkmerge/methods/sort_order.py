@@ -25,7 +25,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import tempfile
-import threading
 from collections.abc import Sequence
 
 import numpy as np
@@ -156,44 +155,6 @@ def kth_largest_key(keys: torch.Tensor, k: int) -> int:
     return (bucket << 16) | digit
 
 
-# --- scratch for the words
-
-# Words buffers of up to RESIDENT_WORDS are kept for the next replay, at most this many (the
-# replays that run side by side: one per input of a merge). A fresh array costs a page fault
-# per page on first touch, and where the page cache fills memory the kernel must reclaim
-# first: at 1.1B, ~9 GB of words, ~6.5 s of a ~53 s TIES merge (measured).
-POOLED_BUFFERS = 2
-_pool: list[np.ndarray] = []
-_pooled_size = 0
-_pool_lock = threading.Lock()
-
-
-def take_words(count: int) -> np.ndarray:
-    """A uint32 buffer of at least ``count`` words (its contents arbitrary): a pooled one
-    where there is one, else fresh. Hand it back with :func:`give_words`.
-
-    Fresh buffers are as big as the biggest taken so far (up to RESIDENT_WORDS), so every
-    pooled buffer fits every request of the run: the pool does not churn as sizes vary."""
-    global _pooled_size
-    if count > RESIDENT_WORDS:
-        return np.empty(count, dtype=np.uint32)
-    with _pool_lock:
-        if count > _pooled_size:
-            _pooled_size = count
-            _pool.clear()  # too small for what comes now
-        elif _pool:
-            return _pool.pop()
-        size = _pooled_size
-    return np.empty(size, dtype=np.uint32)
-
-
-def give_words(buffer: np.ndarray) -> None:
-    """Return a buffer from :func:`take_words` to the pool (or let it go)."""
-    with _pool_lock:
-        if buffer.size == _pooled_size and len(_pool) < POOLED_BUFFERS:
-            _pool.append(buffer)
-
-
 # --- tensors too big to hold their words: the same replay on disk
 
 
@@ -230,8 +191,8 @@ class Spill:
         words[hits] = ESCAPE + np.arange(first_tracked, first_tracked + hits.size, dtype=np.uint32)
         self.write(offset, words.view(np.int32))
 
-    def read(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
-        words = np.empty(stop - start, dtype=np.uint32) if out is None else out[: stop - start]
+    def read(self, start: int, stop: int) -> np.ndarray:
+        words = np.empty(stop - start, dtype=np.uint32)
         view = memoryview(words).cast("B")
         done = 0
         while done < len(view):
@@ -260,13 +221,9 @@ def replay_spilled(spill: Spill, threshold: int, cut: int, count: int) -> np.nda
     before = np.zeros(count, dtype=np.bool_)
     while first < cut < last:
         if last - first <= RESIDENT_WORDS or depth == 0:
-            scratch = take_words(last - first)
-            try:
-                words = spill.read(first, last, scratch)
-                kernels.sort_segments(words, tracked_keys, True, np.array([cut - first], dtype=np.int64), depth)
-                before |= kernels.tracked_before(words, cut - first, count)
-            finally:
-                give_words(scratch)
+            words = spill.read(first, last)
+            kernels.sort_segments(words, tracked_keys, True, np.array([cut - first], dtype=np.int64), depth)
+            before |= kernels.tracked_before(words, cut - first, count)
             break
         depth -= 1
         middle = _partition_spilled(spill, first, last, tracked_keys)

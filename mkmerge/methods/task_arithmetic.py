@@ -277,10 +277,7 @@ def _sorted_ties(base: torch.Tensor, tensor: torch.Tensor, key: int, k: int) -> 
     """Which entries on the threshold ``key`` (in index order) torch's descending sort of
     the delta's magnitudes puts among the first ``k``."""
     words, count = fused.delta_words(base, tensor, key)
-    try:
-        (kept,) = sort_order.replay(words, np.full(count, key, dtype=np.uint32), [k], sort_order.DESCENDING)
-    finally:
-        sort_order.give_words(words.base if words.base is not None else words)
+    (kept,) = sort_order.replay(words, np.full(count, key, dtype=np.uint32), [k], sort_order.DESCENDING)
     return kept
 
 
