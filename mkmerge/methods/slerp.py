@@ -89,6 +89,6 @@ def slerp_chunked() -> ChunkedForm:
         return _mix(call.base, other, *state)
 
     def fused_kernels(dtype, count):
-        return dtype in fused.DTYPES and fused.available()
+        return dtype == torch.bfloat16 and fused.available()
 
     return ChunkedForm(passes=passes, apply=apply, stats=stats, combine=combine, fused=fused_kernels, fused_chunk_factor=SLERP_CHUNK_FACTOR)
