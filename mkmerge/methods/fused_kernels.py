@@ -262,10 +262,15 @@ def _block_keys(t, b, like, keys):
 
 @numba.njit(cache=True, nogil=True)
 def _count_equal(base, tensor, key, start, stop):
-    b, t = base[start:stop], tensor[start:stop]
+    """How many of the delta's magnitude keys over ``[start, stop)`` equal ``key``."""
+    size = 4096
+    keys = np.empty(size, dtype=np.int32)
     count = 0
-    for j in range(b.size):
-        count += _delta(t[j], b[j], base)[1] == key
+    for lo in range(start, stop, size):
+        m = min(stop, lo + size) - lo
+        _block_keys(tensor[lo : lo + m], base[lo : lo + m], base, keys)
+        for j in range(m):
+            count += keys[j] == key
     return count
 
 
