@@ -152,33 +152,14 @@ def _round_half_soft(value):
     return np.int16(np.uint16(bits | ((r >> np.uint32(16)) & np.uint32(0x8000))))
 
 
-if _F16C:
+_widen_half = _f32_from_half if _F16C else _widen_half_soft
+_round_half = _half_from_f32 if _F16C else _round_half_soft
 
-    @numba.njit(inline="always")
-    def _widen_half(bits):
-        return _f32_from_half(bits)
 
-    @numba.njit(inline="always")
-    def _round_half(value):
-        return _half_from_f32(value)
-
-    @numba.njit(inline="always")
-    def _rounded_half(value):
-        return _f32_from_half(_half_from_f32(value))
-
-else:
-
-    @numba.njit(inline="always")
-    def _widen_half(bits):
-        return _widen_half_soft(bits)
-
-    @numba.njit(inline="always")
-    def _round_half(value):
-        return _round_half_soft(value)
-
-    @numba.njit(inline="always")
-    def _rounded_half(value):
-        return _f32_from_bits(_round_to_half_soft(value))
+@numba.njit(inline="always")
+def _rounded_half(value):
+    """A float32 value rounded to float16, as float32."""
+    return _widen_half(_round_half(value))
 
 
 # --- generic over the three formats, resolved at compile time

@@ -134,12 +134,17 @@ def uniform_draws(numel: int, generator: torch.Generator, offset: int = 0) -> np
     ``offset``: the draws of a chunk starting at that (even: each 64-bit PCG64 output gives
     two draws) entry, equal to that slice of the whole tensor's draws.
     """
+    return _draws_from(generator, offset).random_raw((numel + 1) // 2).view(np.uint32)[:numel]
+
+
+def _draws_from(generator: torch.Generator, offset: int) -> np.random.PCG64:
+    """The PCG64 stream of :func:`uniform_draws`, advanced to entry ``offset`` (even)."""
     if offset % 2:
         raise ValueError(f"draws for a chunk must start at an even entry, not {offset}")
     bits = np.random.PCG64(generator.initial_seed())
     if offset:
         bits.advance(offset // 2)
-    return bits.random_raw((numel + 1) // 2).view(np.uint32)[:numel]
+    return bits
 
 
 def random_sparsify(delta: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
@@ -155,14 +160,10 @@ def dare_mask(shape: torch.Size, density: float, generator: torch.Generator, off
     numel = math.prod(shape)
     if density >= 1:
         return torch.ones(tuple(shape), dtype=torch.bool)
-    if offset % 2:
-        raise ValueError(f"draws for a chunk must start at an even entry, not {offset}")
     threshold = np.uint32(min(int(density * 2**32), 2**32 - 1))
     # uniform_draws' stream, drawn a block at a time: the blocks' draws are small and reused
     # by the allocator, where the whole stream would be a fresh 4 bytes per entry.
-    bits = np.random.PCG64(generator.initial_seed())
-    if offset:
-        bits.advance(offset // 2)
+    bits = _draws_from(generator, offset)
     keep = np.empty(numel, dtype=bool)
     for start in range(0, numel, DRAW_BLOCK):
         stop = min(numel, start + DRAW_BLOCK)
