@@ -29,6 +29,8 @@ class BuildOptions:
     readers: int = 2
     prefetch_bytes: int | None = None
     chunk_bytes: int | None = DEFAULT_CHUNK_BYTES  # None: never split a tensor
+    # Read GPU-bound inputs straight to the device through pinned pieces (None: on CUDA).
+    device_reads: bool | None = None
 
 
 def output_layout(outputs: Sequence[OutputTensor], shard_size: int):
@@ -59,7 +61,14 @@ def build_model(
             kwargs = {}
             if options.prefetch_bytes is not None:
                 kwargs["prefetch_bytes"] = options.prefetch_bytes
-            executor = Executor(ctx, threads=options.threads, readers=options.readers, listener=listener, **kwargs)
+            executor = Executor(
+                ctx,
+                threads=options.threads,
+                readers=options.readers,
+                listener=listener,
+                device_reads=options.device_reads,
+                **kwargs,
+            )
             stats = executor.run(
                 outputs,
                 lambda output, tensor: writer.write(output.name, tensor, output.rows),

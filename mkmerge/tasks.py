@@ -35,6 +35,8 @@ class _MethodTask(Task):
     full_shape: tuple[int, ...] | None = None
     label: str = field(default="", compare=False)
 
+    device_inputs = "move"
+
     def _call(self, inputs: list[torch.Tensor], ctx) -> MethodCall:
         device = ctx.device
         tensors = [t.to(device, non_blocking=True) if t.device != device else t for t in inputs]

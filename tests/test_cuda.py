@@ -85,3 +85,50 @@ def test_cuda_matches_cpu(method, chunked, tiny_family, tmp_path, monkeypatch):
             torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-3, msg=name)
     model = load_causal_lm(tmp_path / "cuda")
     assert torch.isfinite(logits(model, [1, 2, 3])).all()
+
+
+@pytest.mark.parametrize("piece", [7, 4096, 1 << 20])
+def test_reads_to_the_gpu_through_pinned_pieces_are_the_stored_tensors(tmp_path, monkeypatch, piece):
+    import common.loading.device_reads as device_reads
+    from safetensors.torch import save_file
+
+    from common.loading import SafetensorsFile, byte_range
+
+    monkeypatch.setattr(device_reads, "PIECE_BYTES", piece)
+    tensors = {"w": torch.randn(300, 129).to(torch.bfloat16), "v": torch.arange(5.0), "e": torch.zeros(0, 3)}
+    save_file(tensors, str(tmp_path / "m.safetensors"))
+    device = torch.device("cuda")
+    with SafetensorsFile(tmp_path / "m.safetensors") as source:
+        for name, expected in tensors.items():
+            got = device_reads.read_to_device(byte_range(source, name), expected.dtype, tuple(expected.shape), device, name=name)
+            assert got.is_cuda
+            assert torch.equal(got.cpu(), expected), name
+        rows = device_reads.read_to_device(byte_range(source, "w", (17, 230)), torch.bfloat16, (213, 129), device, name="w")
+        assert torch.equal(rows.cpu(), tensors["w"][17:230])
+    assert all(piece.is_pinned() for piece in device_reads._staging(device).pieces)
+
+
+def test_a_cuda_merge_reads_its_inputs_straight_to_the_gpu(tiny_family, tmp_path, monkeypatch):
+    import common.graph.tasks as tasks
+    import common.loading.device_reads as device_reads
+
+    monkeypatch.setattr(device_reads, "PIECE_BYTES", 4096)
+    read = device_reads.read_to_device
+    devices = []
+
+    def counted(*args, **kwargs):
+        tensor = read(*args, **kwargs)
+        devices.append(tensor.device.type)
+        return tensor
+
+    monkeypatch.setattr(tasks, "read_to_device", counted)
+    base, (a, b) = tiny_family("llama", hidden=64, vocab=200)
+    text = _recipe("ties", base, a, b)
+    outputs = {}
+    for device in ("cpu", "cuda"):
+        recipe = parse_recipe(text, known_methods=METHODS.keys())
+        run_merge(recipe, tmp_path / device, BuildOptions(device=torch.device(device)), write_card=False)
+        outputs[device] = read_tensors(tmp_path / device)
+    assert devices and set(devices) == {"cuda"}
+    for name, expected in outputs["cpu"].items():
+        assert torch.equal(outputs["cuda"][name], expected), name

@@ -11,6 +11,11 @@ Three kinds of work run side by side:
 * given a ``copier``, one more thread copies the outputs that are input bytes verbatim file to
   file (:mod:`common.graph.direct`): those never enter the task graph or process memory.
 
+On a GPU (``ctx.device`` is CUDA) the readers read every input that only GPU-side tasks use
+straight into device memory, through pinned pieces on their own streams
+(:mod:`common.loading.device_reads`), and the writer copies finished outputs back on a stream
+of its own once the compute stream has produced them: transfers overlap compute both ways.
+
 Output bytes do not depend on the number of threads: tasks are pure, randomness comes from
 per-tensor generators, and compute happens in a fixed order on one thread.
 """
@@ -27,6 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 from common.loading.buffers import READ_BUFFERS
+from common.loading.device_reads import claim, to_host
 from common.graph.events import ProgressEvent, ProgressListener
 from common.graph.direct import split_direct_copies
 from common.graph.memory import TRIM_EVERY_BYTES, configure_allocator, trim_freed_memory
@@ -105,6 +111,7 @@ class Executor:
         prefetch_bytes: int = DEFAULT_PREFETCH_BYTES,
         write_queue_bytes: int = DEFAULT_WRITE_QUEUE_BYTES,
         listener: ProgressListener | None = None,
+        device_reads: bool | None = None,
     ):
         self.ctx = ctx
         self.threads = threads
@@ -112,6 +119,9 @@ class Executor:
         self.prefetch_bytes = prefetch_bytes
         self.write_queue_bytes = write_queue_bytes
         self.listener = listener
+        # Read GPU-bound inputs straight to ctx.device; None: exactly when it is a CUDA device
+        # (True elsewhere runs the same path with host pieces: how it is tested without a GPU).
+        self.device_reads = ctx.device.type == "cuda" if device_reads is None else device_reads
 
     def run(
         self,
@@ -157,6 +167,7 @@ class _Run:
         self.held_bytes: dict[Task, int] = {}
         self.stats = RunStats()
         self.failure: BaseException | None = None
+        self.to_device = device_loads(schedule) if executor.device_reads else frozenset()
 
     # -- reading ---------------------------------------------------------------------------
     def _prefetch(self, pool: ThreadPoolExecutor) -> None:
@@ -164,11 +175,17 @@ class _Run:
             nbytes = getattr(task, "nbytes", 0)
             if not self.budget.acquire(nbytes, index):
                 return
-            future = pool.submit(task.execute, [], self.ex.ctx)
+            future = pool.submit(self._read, task)
             with self.futures_ready:
                 self.futures[task] = future
                 self.held_bytes[task] = nbytes
                 self.futures_ready.notify_all()
+
+    def _read(self, task: Task) -> torch.Tensor:
+        ctx = self.ex.ctx
+        if task in self.to_device:
+            return task.execute_on(ctx.device, ctx)
+        return task.execute([], ctx)
 
     def _await_load(self, index: int, task: Task) -> torch.Tensor:
         self.budget.want(index)
@@ -181,7 +198,7 @@ class _Run:
         tensor = future.result()
         with self.stats_lock:
             self.stats.bytes_read += tensor.numel() * tensor.element_size()
-        return tensor
+        return claim(tensor)
 
     # -- writing ---------------------------------------------------------------------------
     def _writer(self, items: queue.Queue, budget: _ByteBudget) -> None:
@@ -189,15 +206,18 @@ class _Run:
             item = items.get()
             if item is None:
                 return
-            output, tensor, nbytes = item
+            output, tensor, nbytes, ready = item
             try:
                 if self.failure is None:
+                    if tensor.device.type != "cpu":
+                        tensor = to_host(tensor, ready)
                     self.sink(output, tensor)
                     self._written(output, nbytes)
             except BaseException as error:  # surfaced to the compute loop
                 self.failure = error
                 budget.cancel()
             finally:
+                del tensor
                 budget.release(nbytes)
 
     def _copy_verbatim(self) -> None:
@@ -244,7 +264,12 @@ class _Run:
     def _finish_output(self, output: OutputTensor, tensor: torch.Tensor, writes, write_budget) -> None:
         if tensor.dtype != output.dtype:
             tensor = tensor.to(output.dtype)
-        if tensor.device.type != "cpu":
+        ready = None
+        if tensor.is_cuda:  # the writer copies it to the host once the compute stream is past it
+            tensor = tensor.contiguous()
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(tensor.device))
+        elif tensor.device.type != "cpu":
             tensor = tensor.cpu()
         if tuple(tensor.shape) != tuple(output.part_shape):
             raise RuntimeError(
@@ -255,7 +280,7 @@ class _Run:
         write_budget.acquire(nbytes)
         if self.failure is not None:
             raise self.failure
-        writes.put((output, tensor.contiguous(), nbytes))
+        writes.put((output, tensor.contiguous(), nbytes, ready))
 
     def go(self) -> RunStats:
         started = time.perf_counter()
@@ -328,3 +353,23 @@ class _Run:
             if since_trim >= TRIM_EVERY_BYTES:
                 trim_freed_memory()
                 since_trim = 0
+
+
+def device_loads(schedule: Schedule) -> frozenset[Task]:
+    """The reads whose every use may take a tensor in GPU memory (see ``Task.device_inputs``).
+
+    A use by a task that moves its inputs to the device itself qualifies; a use by a task
+    whose result follows its input's device qualifies if all of that task's uses do; output
+    roots qualify (the writer copies results back). Anything else keeps the read on the host.
+    """
+    users: dict[Task, list[Task]] = {}
+    for task in schedule.order:
+        for dep in task.dependencies():
+            users.setdefault(dep, []).append(task)
+    allowed: dict[Task, bool] = {}
+    for task in reversed(schedule.order):  # every user comes later in the order
+        allowed[task] = all(
+            user.device_inputs == "move" or (user.device_inputs == "follow" and allowed[user])
+            for user in users.get(task, ())
+        )
+    return frozenset(task for _, task in schedule.loads if allowed[task] and hasattr(task, "execute_on"))

@@ -14,14 +14,23 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from common.loading.source import load_rows
+from common.loading.device_reads import read_to_device, to_device
+from common.loading.source import byte_range, load_rows
 
 if TYPE_CHECKING:
     from common.graph.executor import ExecutionContext
 
 
 class Task:
-    """Base of all tasks. Subclasses are frozen dataclasses."""
+    """Base of all tasks. Subclasses are frozen dataclasses.
+
+    ``device_inputs`` says where the task's inputs may live when the run computes on a GPU:
+    ``"move"``: anywhere (the task moves them to the run's device itself); ``"follow"``:
+    anywhere, and the result lives where the input did; ``""``: host memory only. The
+    executor reads an input straight into GPU memory only when every use of it allows that.
+    """
+
+    device_inputs = ""
 
     def dependencies(self) -> tuple[Task, ...]:
         return ()
@@ -63,6 +72,17 @@ class LoadTensor(Task):
             return source.load(self.name)
         return load_rows(source, self.name, *self.rows)
 
+    def execute_on(self, device: torch.device, ctx: ExecutionContext) -> torch.Tensor:
+        """The tensor in ``device``'s memory: read there through pinned pieces where the
+        file stores it as plain bytes, else loaded on the host and copied."""
+        source = ctx.sources[self.model]
+        where = byte_range(source, self.name, self.rows)
+        if where is None:
+            return to_device(self.execute([], ctx), device)
+        info = source.info(self.name)
+        shape = info.shape if self.rows is None else (self.rows[1] - self.rows[0], *info.shape[1:])
+        return read_to_device(where, info.dtype, shape, device, name=self.name)
+
     def describe(self) -> str:
         where = f"[{self.rows[0]}:{self.rows[1]}]" if self.rows is not None else ""
         return f"{self.model}:{self.name}{where}"
@@ -71,6 +91,8 @@ class LoadTensor(Task):
 @dataclass(frozen=True)
 class CastTensor(Task):
     """Convert an input to a dtype (a no-op when it already has it)."""
+
+    device_inputs = "follow"
 
     input: Task
     dtype: torch.dtype
@@ -86,6 +108,8 @@ class CastTensor(Task):
 @dataclass(frozen=True)
 class SliceRows(Task):
     """Keep the leading ``rows`` x ``cols`` block of a matrix (embedding sub-matrix rule)."""
+
+    device_inputs = "follow"
 
     input: Task
     rows: int
@@ -103,6 +127,8 @@ class SliceRows(Task):
 @dataclass(frozen=True)
 class ScaleTensor(Task):
     """Multiply by a scalar in the tensor's own dtype."""
+
+    device_inputs = "follow"
 
     input: Task
     factor: float

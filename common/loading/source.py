@@ -89,12 +89,19 @@ def byte_range(source: TensorSource, name: str, rows: tuple[int, int] | None = N
 
 
 def read_bytes(fd: int, nbytes: int, offset: int, *, path: os.PathLike, name: str) -> torch.Tensor:
-    """A uint8 tensor holding `nbytes` read from `fd` at `offset` (in a fresh or reused buffer).
+    """A uint8 tensor holding `nbytes` read from `fd` at `offset` (in a fresh or reused buffer)."""
+    buffer = READ_BUFFERS.take(nbytes)
+    read_into(fd, buffer, offset, path=path, name=name)
+    return buffer
+
+
+def read_into(fd: int, buffer: torch.Tensor, offset: int, *, path: os.PathLike, name: str) -> None:
+    """Fill the contiguous uint8 CPU tensor ``buffer`` with the bytes of `fd` from `offset` on.
 
     Reads straight into the tensor's memory (no intermediate bytes object) and loops,
     because one positioned read may return short (Linux caps a read near 2 GiB).
     """
-    buffer = READ_BUFFERS.take(nbytes)
+    nbytes = buffer.numel()
     view = memoryview(buffer.numpy()).cast("B")
     done = 0
     while done < nbytes:
@@ -117,4 +124,3 @@ def read_bytes(fd: int, nbytes: int, offset: int, *, path: os.PathLike, name: st
                 hint="the file is damaged or an interrupted download; download it again",
             )
         done += count
-    return buffer
