@@ -230,6 +230,42 @@ def test_the_bits_do_not_depend_on_how_many_threads_split_the_tensor(monkeypatch
                                                        sparsifier="magnitude", consensus=True, normalize=True))  # fmt: skip
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("numel", [40_003, 1_100_003])  # one range; four threads' ranges (ragged ends)
+def test_the_equal_key_policies_keep_exactly_the_entries_a_mask_names(dtype, numel):
+    """fused.merge's "first n on the threshold" and "those listed" policies against the same
+    merge given the mask they mean, built in torch from the deltas' magnitude keys."""
+    from method_helpers import threads
+
+    base, tensors = _family(2, numel=numel, seed=5, dtype=dtype)
+    rules_for = {}
+    masks = []
+    g = torch.Generator().manual_seed(3)
+    for i, tensor in enumerate(tensors):
+        delta = (tensor.float() - base.float()).to(dtype)
+        keys = order_keys(delta.abs())
+        values, counts = torch.unique(keys[keys != 0], return_counts=True)
+        key = int(values[counts.argmax()])  # the most repeated non-zero magnitude
+        on_key = keys == key
+        positions = torch.nonzero(on_key).flatten()
+        if i == 0:  # the first n entries on the key, n spanning several ranges
+            n = int(positions.numel() * 0.6)
+            rule = fused.InputRule(0.6, fused.MODE_MAGNITUDE, key=key, equal=n)
+            chosen = positions[:n]
+        else:  # those a list marks, in index order
+            listed = torch.rand(positions.numel(), generator=g) < 0.3
+            rule = fused.InputRule(0.6, fused.MODE_LISTED, key=key, equal=0, listed=listed.numpy().astype("uint8"))
+            chosen = positions[listed]
+        mask = keys > key
+        mask[chosen] = True
+        rules_for[i] = rule
+        masks.append(fused.InputRule(0.6, fused.MODE_MASK, mask=mask.numpy()))
+    with threads(4):
+        expected = fused.merge(base, tensors, masks, consensus=True, normalize=True, lambda_=1.0)
+        got = fused.merge(base, tensors, [rules_for[0], rules_for[1]], consensus=True, normalize=True, lambda_=1.0)
+    assert _same_bits(got, expected)
+
+
 def _float16_conversions():
     """(widen, round) loops over arrays, for each float16 conversion the kernels may use:
     the branch-free one in integer arithmetic, and the CPU's own where it has one (F16C)."""

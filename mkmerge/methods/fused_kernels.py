@@ -340,44 +340,58 @@ def _weighted(delta, keep, factor, weight, like):
 
 
 @numba.njit(cache=True)
-def _weigh_threshold(tensor, widened, om, key, keep_equal, factor, weight):
+def _weigh_threshold(tensor, widened, om, key, keep_equal, factor, weight, flags):
+    """ω keeping the keys above ``key`` (and the equal ones with ``keep_equal``); ``flags``
+    marks the entries on ``key``."""
     for j in range(tensor.size):
         delta, k = _split(_value(tensor[j]) - widened[j], tensor)
+        flags[j] = k == key
         om[j] = _weighted(delta, (k > key) | (keep_equal & (k == key)), factor, weight, tensor)
 
 
 @numba.njit(cache=True)
-def _weigh(tensor, widened, om, mode, key, budget, factor, weight, mask, listed):
+def _keep_flagged(tensor, widened, om, factor, weight, flags, budget, listed, counted):
+    """Keep, after all, some of the entries ``flags`` marks, in index order: with ``counted``
+    the first ``budget`` of them; otherwise those whose entry in ``listed``, numbered from
+    ``budget``, is set. Returns the budget left, or the next number.
+
+    A scalar loop (each decision depends on the count so far), but it only branches on the
+    few flagged entries; the vectorised pass before it did the rest."""
+    m = tensor.size
+    words = flags[: m - m % 8].view(np.uint64)  # eight flags at a time: most words hold none
+    j = 0
+    while j < m:
+        if j % 8 == 0 and j // 8 < words.size and words[j // 8] == 0:
+            j += 8
+            continue
+        if flags[j]:
+            if (budget > 0) if counted else (listed[budget] != 0):
+                delta = _split(_value(tensor[j]) - widened[j], tensor)[0]
+                om[j] = _weighted(delta, True, factor, weight, tensor)
+            budget += -1 if counted else 1
+            if counted and budget == 0:
+                break
+        j += 1
+    return budget
+    return budget
+
+
+@numba.njit(cache=True)
+def _weigh(tensor, widened, om, mode, key, budget, factor, weight, mask, listed, flags):
     """ω of one input over one block (``tensor``, ``mask`` sliced to it); returns the equal
     keys still to keep (mode 1) or the number of the next equal key in ``listed`` (mode 3).
+    ``flags`` is scratch of the block's size.
     (Loops index slices from 0: an index with an offset gets numba's negative-index check,
     which stops LLVM from vectorising.)"""
     m = tensor.size
     if mode == 3:  # keys above `key`; of the equal ones, those `listed` marks, in order
-        for j in range(m):
-            delta, k = _split(_value(tensor[j]) - widened[j], tensor)
-            keep = k > key
-            if k == key:
-                keep = listed[budget] != 0
-                budget += 1
-            om[j] = _weighted(delta, keep, factor, weight, tensor)
-        return budget
+        _weigh_threshold(tensor, widened, om, key, False, factor, weight, flags)
+        return _keep_flagged(tensor, widened, om, factor, weight, flags, budget, listed, False)
     if mode == 1 and budget > 0:  # the first `budget` entries with the threshold key, in order
-        equal_here = 0
-        for j in range(m):
-            equal_here += _split(_value(tensor[j]) - widened[j], tensor)[1] == key
-        if equal_here <= budget:  # all of this block's are kept: no counting along it
-            _weigh_threshold(tensor, widened, om, key, True, factor, weight)
-            return budget - equal_here
-        for j in range(m):
-            delta, k = _split(_value(tensor[j]) - widened[j], tensor)
-            keep = k > key
-            if k == key and budget > 0:
-                keep = True
-                budget -= 1
-            om[j] = _weighted(delta, keep, factor, weight, tensor)
-    elif mode == 1:
-        _weigh_threshold(tensor, widened, om, key, budget < 0, factor, weight)
+        _weigh_threshold(tensor, widened, om, key, False, factor, weight, flags)
+        return _keep_flagged(tensor, widened, om, factor, weight, flags, budget, listed, True)
+    if mode == 1:
+        _weigh_threshold(tensor, widened, om, key, budget < 0, factor, weight, flags)
     elif mode == 2:
         for j in range(m):
             delta = _rounded(_value(tensor[j]) - widened[j], tensor)
@@ -434,6 +448,7 @@ def _merge(base, inputs, modes, keys, equal, factors, weights, masks, listed, co
     positive = np.empty(size, dtype=np.bool_)
     mixed_sum = np.empty(size, dtype=np.float32)
     weight_sum = np.empty(size, dtype=np.float32)
+    flags = np.empty(size, dtype=np.bool_)
     budget = equal.copy()
     for lo in range(start, n, size):
         m = min(n, lo + size) - lo
@@ -443,7 +458,7 @@ def _merge(base, inputs, modes, keys, equal, factors, weights, masks, listed, co
         i = 0
         for tensor in inputs:
             mask = masks[i, lo : lo + m] if modes[i] == 2 else masks[0, :0]
-            budget[i] = _weigh(tensor[lo : lo + m], widened, omega[i], modes[i], keys[i], budget[i], factors[i], weights[i], mask, listed[i])
+            budget[i] = _weigh(tensor[lo : lo + m], widened, omega[i], modes[i], keys[i], budget[i], factors[i], weights[i], mask, listed[i], flags)
             i += 1
         _combine(omega, weights, widened, m, consensus, normalize, lam, divisor, total, positive, mixed_sum, weight_sum, out[lo : lo + m])
 
