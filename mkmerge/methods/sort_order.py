@@ -158,7 +158,7 @@ def kth_largest_key(keys: torch.Tensor, k: int) -> int:
 # --- tensors too big to hold their words: the same replay on disk
 
 
-RESIDENT_WORDS = 1 << 24  # a segment this small (64 MiB of words) is replayed in memory
+RESIDENT_WORDS = 1 << 23  # a segment this small (32 MiB of words) is replayed in memory
 WINDOW_WORDS = 1 << 20  # each of the two windows a partition on disk works through
 
 

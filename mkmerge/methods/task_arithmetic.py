@@ -281,6 +281,12 @@ def _sorted_ties(base: torch.Tensor, tensor: torch.Tensor, key: int, k: int) -> 
     return kept
 
 
+def _replay_spill(model_state: dict) -> np.ndarray:
+    """:func:`sort_order.replay_spilled` of one input's spilled words (its chunked state)."""
+    equal = sum(model_state["equal_counts"])
+    return sort_order.replay_spilled(model_state["spill"], model_state["key"], model_state["k"], equal)
+
+
 def _rescale_factor(before: float, after: float) -> float | None:
     """The L1 rescale factor of :func:`rescale_l1`, or None where it is skipped."""
     return None if before < RESCALE_EPS or after < RESCALE_EPS else before / after
@@ -454,6 +460,15 @@ def task_vector_chunked(variant: TaskVectorVariant) -> ChunkedForm:
     def combine(index: int, partials: list, state, call):
         numel = math.prod(call.full_shape)
         new_state = [dict(s) for s in state] if state is not None else [{} for _ in call.per_model]
+        spilled = [i for i in range(len(new_state)) if partials and partials[0][i] and partials[0][i].get("spilled")]
+        if spilled:  # the sort's choices, replayed on the scratch files, the inputs side by side
+            try:
+                replays = fused.each_on_a_thread(lambda i: _replay_spill(new_state[i]), spilled)
+            finally:
+                for i in spilled:
+                    new_state[i].pop("spill").close()
+            for i, listed in zip(spilled, replays):
+                new_state[i]["listed"] = listed
         for i, model_state in enumerate(new_state):
             parts = [chunk_parts[i] for chunk_parts in partials]
             if not parts or not parts[0]:
@@ -462,13 +477,6 @@ def task_vector_chunked(variant: TaskVectorVariant) -> ChunkedForm:
                 _combine_selection(model_state, parts, numel, float(call.per_model[i]["density"]))
                 if "key" in model_state and _sort_decides(model_state["missing"], sum(model_state["equal_counts"]), model_state["key"]):
                     model_state["spill"] = sort_order.Spill(numel)  # some of the ties: the sort decides
-            if parts[0].get("spilled"):
-                spill = model_state.pop("spill")
-                try:
-                    equal = sum(model_state["equal_counts"])
-                    model_state["listed"] = sort_order.replay_spilled(spill, model_state["key"], model_state["k"], equal)
-                finally:
-                    spill.close()
             if "l1_before" in parts[0]:
                 model_state["l1_before"] = exact_sum([x for p in parts for x in p["l1_before"]])
             if "l1_after" in parts[0]:
