@@ -264,9 +264,9 @@ class _Run:
     def _finish_output(self, output: OutputTensor, tensor: torch.Tensor, writes, write_budget) -> None:
         if tensor.dtype != output.dtype:
             tensor = tensor.to(output.dtype)
+        tensor = tensor.contiguous()
         ready = None
         if tensor.is_cuda:  # the writer copies it to the host once the compute stream is past it
-            tensor = tensor.contiguous()
             ready = torch.cuda.Event()
             ready.record(torch.cuda.current_stream(tensor.device))
         elif tensor.device.type != "cpu":
@@ -280,7 +280,7 @@ class _Run:
         write_budget.acquire(nbytes)
         if self.failure is not None:
             raise self.failure
-        writes.put((output, tensor.contiguous(), nbytes, ready))
+        writes.put((output, tensor, nbytes, ready))
 
     def go(self) -> RunStats:
         started = time.perf_counter()

@@ -373,7 +373,6 @@ def _keep_flagged(tensor, widened, om, factor, weight, flags, budget, listed, co
                 break
         j += 1
     return budget
-    return budget
 
 
 @numba.njit(cache=True)
@@ -384,12 +383,11 @@ def _weigh(tensor, widened, om, mode, key, budget, factor, weight, mask, listed,
     (Loops index slices from 0: an index with an offset gets numba's negative-index check,
     which stops LLVM from vectorising.)"""
     m = tensor.size
-    if mode == 3:  # keys above `key`; of the equal ones, those `listed` marks, in order
+    # Keys above `key`; of the equal ones, those `listed` marks (mode 3) or the first `budget`
+    # (mode 1), in order: decided after a pass that drops them all.
+    if mode == 3 or (mode == 1 and budget > 0):
         _weigh_threshold(tensor, widened, om, key, False, factor, weight, flags)
-        return _keep_flagged(tensor, widened, om, factor, weight, flags, budget, listed, False)
-    if mode == 1 and budget > 0:  # the first `budget` entries with the threshold key, in order
-        _weigh_threshold(tensor, widened, om, key, False, factor, weight, flags)
-        return _keep_flagged(tensor, widened, om, factor, weight, flags, budget, listed, True)
+        return _keep_flagged(tensor, widened, om, factor, weight, flags, budget, listed, mode == 1)
     if mode == 1:
         _weigh_threshold(tensor, widened, om, key, budget < 0, factor, weight, flags)
     elif mode == 2:
