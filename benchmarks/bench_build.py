@@ -26,8 +26,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_merge import run_child, warm  # noqa: E402
-from model_family import build_llama_family  # noqa: E402
+from bench_merge import run_child, warm
+from model_family import build_llama_family
 
 TEXT = "the quick brown fox jumps over the lazy dog while models merge their weights in code and language"
 
@@ -86,7 +86,9 @@ def main() -> None:
                 runs.setdefault(label, []).append(run_child(command))
         shutil.rmtree(out, ignore_errors=True)
         for label, samples in runs.items():
-            rows.append((size, label, statistics.median(w for w, _ in samples), statistics.median(r for _, r in samples)))
+            rows.append(
+                (size, label, statistics.median(w for w, _ in samples), statistics.median(r for _, r in samples))
+            )
 
     print(f"\n{'size':6s} {'run':34s} {'wall s':>8s} {'peak RSS MB':>12s}")
     for size, label, wall, rss in rows:

@@ -30,9 +30,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from model_family import build_llama_family  # noqa: E402
-
-import torch  # noqa: E402  (model_family has imported it already)
+import torch
+from model_family import build_llama_family
 
 RECIPES = {
     "linear": """merge_method: linear
@@ -95,11 +94,12 @@ def run_child(command: list[str]) -> tuple[float, float]:
 
 
 def same_bits(ours: Path, theirs: Path) -> str:
-    """"identical/total" tensors, from compare_outputs.py in a child (reading both outputs here
+    """ "identical/total" tensors, from compare_outputs.py in a child (reading both outputs here
     would raise this process's RSS, which every later child's ru_maxrss starts from)."""
     done = subprocess.run(
         [sys.executable, str(Path(__file__).with_name("compare_outputs.py")), str(ours), str(theirs)],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     words = done.stdout.strip().splitlines()[-1].split() if done.stdout.strip() else []
     if len(words) < 5 or not words[0].isdigit() or not words[3].isdigit():
@@ -160,7 +160,9 @@ def main() -> None:
     parser.add_argument("--mergekit", default=None, help="path to mergekit-yaml in its own venv")
     parser.add_argument("--device", default=None, help="run our merges on this device (e.g. cuda)")
     parser.add_argument(
-        "--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+        "--dtype",
+        default="bfloat16",
+        choices=["bfloat16", "float16", "float32"],
         help="the models' dtype and the recipes' (float32 families live under ROOT/SIZE-float32)",
     )
     args = parser.parse_args()
@@ -212,7 +214,9 @@ def main() -> None:
             rows.append((size, label, walls[label], walls[label] / floor, rss, versus, identical.get(label, "")))
         (root / "floor.bin").unlink(missing_ok=True)
 
-    print(f"\n{'size':6s} {'run':24s} {'wall s':>8s} {'x floor':>8s} {'peak RSS MB':>12s} {'x mergekit':>11s} {'same bits':>10s}")
+    print(
+        f"\n{'size':6s} {'run':24s} {'wall s':>8s} {'x floor':>8s} {'peak RSS MB':>12s} {'x mergekit':>11s} {'same bits':>10s}"
+    )
     for size, label, wall, ratio, rss, versus, same in rows:
         print(f"{size:6s} {label:24s} {wall:8.2f} {ratio:8.2f} {rss:12.0f} {versus:>11s} {same:>10s}")
 

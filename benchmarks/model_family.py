@@ -156,8 +156,15 @@ def _config(shape: LlamaShape, dtype: torch.dtype) -> dict:
 
 
 def _write_model(
-    out_dir: Path, shape: LlamaShape, dtype: torch.dtype, seed: int, index: int, base_dir: Path | None,
-    shard_bytes: int, delta_std: float, pool: ThreadPoolExecutor,
+    out_dir: Path,
+    shape: LlamaShape,
+    dtype: torch.dtype,
+    seed: int,
+    index: int,
+    base_dir: Path | None,
+    shard_bytes: int,
+    delta_std: float,
+    pool: ThreadPoolExecutor,
 ) -> None:
     """Write one model's shards, index and config.json into out_dir; with base_dir, base + noise."""
     plan = plan_shards(shape, dtype, shard_bytes)
@@ -189,7 +196,9 @@ def _is_complete(path: Path, marker: dict) -> bool:
     if not path.exists():
         return False
     if not (path / MARKER).is_file():
-        raise FileExistsError(f"{path} exists but was not written by {Path(__file__).name}; move it or pick another ROOT")
+        raise FileExistsError(
+            f"{path} exists but was not written by {Path(__file__).name}; move it or pick another ROOT"
+        )
     if json.loads((path / MARKER).read_text()) == marker:
         return True
     shutil.rmtree(path)  # ours, built with other parameters: rebuild
@@ -223,8 +232,12 @@ def build_llama_family(
     with ThreadPoolExecutor(max_workers=threads or os.cpu_count() or 1) as pool:
         for i, path in enumerate(paths):
             marker = {
-                "shape": asdict(shape), "dtype": str(dtype), "seed": seed, "index": i,
-                "shard_bytes": shard_bytes, "delta_std": delta_std if i else 0.0,
+                "shape": asdict(shape),
+                "dtype": str(dtype),
+                "seed": seed,
+                "index": i,
+                "shard_bytes": shard_bytes,
+                "delta_std": delta_std if i else 0.0,
             }
             if _is_complete(path, marker):
                 continue
@@ -249,8 +262,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     start = time.perf_counter()
     paths = build_llama_family(
-        args.root, args.size, args.models, dtype=getattr(torch, args.dtype), seed=args.seed,
-        shard_bytes=args.shard_bytes, threads=args.threads,
+        args.root,
+        args.size,
+        args.models,
+        dtype=getattr(torch, args.dtype),
+        seed=args.seed,
+        shard_bytes=args.shard_bytes,
+        threads=args.threads,
     )
     elapsed = time.perf_counter() - start
     print(f"{len(paths)} x llama-{args.size} ({SIZES[args.size].n_params() / 1e9:.2f}B params) in {elapsed:.1f}s:")

@@ -20,11 +20,11 @@ started = time.perf_counter()
 
 import torch  # noqa: E402
 
-import common.writing.safetensors_writer as writer_module  # noqa: E402
-from common.build import BuildOptions  # noqa: E402
-from common.graph import LoadTensor  # noqa: E402
+import mksuite.common.writing.safetensors_writer as writer_module  # noqa: E402
 from mkmerge import tasks as merge_tasks  # noqa: E402
 from mkmerge.run import load_recipe, run_merge  # noqa: E402
+from mksuite.common.build import BuildOptions  # noqa: E402
+from mksuite.common.graph import LoadTensor  # noqa: E402
 
 totals: dict[str, float] = defaultdict(float)
 counts: dict[str, int] = defaultdict(int)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from common.graph import ExecutionContext, Executor, OutputTensor, ProgressListener, RunStats
-from common.writing import OutputDirectory, PlannedTensor, ShardedWriter, plan_shards
+from mksuite.common.graph import ExecutionContext, Executor, OutputTensor, ProgressListener, RunStats
+from mksuite.common.writing import OutputDirectory, PlannedTensor, ShardedWriter, plan_shards
 
 DEFAULT_SHARD_SIZE = 5_000_000_000
 # Tensors above this many bytes (in the compute dtype) are merged in row blocks where the

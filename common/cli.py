@@ -14,7 +14,7 @@ import warnings
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import torch
 import typer
@@ -30,8 +30,8 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from common.errors import MkError, RecipeError, did_you_mean
-from common.graph import ProgressEvent
+from mksuite.common.errors import MkError, RecipeError, did_you_mean
+from mksuite.common.graph import ProgressEvent
 
 err_console = Console(stderr=True)
 
@@ -39,9 +39,7 @@ err_console = Console(stderr=True)
 OutPath = Annotated[Path, typer.Argument(help="Output directory (created atomically when the run succeeds).")]
 Device = Annotated[str, typer.Option("--device", help="Where the math runs: cpu, cuda or cuda:N.")]
 Cuda = Annotated[bool, typer.Option("--cuda", help="Shorthand for --device cuda (mergekit flag).")]
-Threads = Annotated[
-    Optional[int], typer.Option("--threads", "-j", "--num-threads", help="CPU threads for tensor math.")
-]
+Threads = Annotated[int | None, typer.Option("--threads", "-j", "--num-threads", help="CPU threads for tensor math.")]
 ShardSize = Annotated[
     str,
     typer.Option(
@@ -53,9 +51,7 @@ ShardSize = Annotated[
 Seed = Annotated[int, typer.Option("--seed", "--random-seed", help="Seed for random methods (DARE, ...).")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress display or summary.")]
 Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")]
-AllowCrimes = Annotated[
-    bool, typer.Option("--allow-crimes", help="Allow inputs of different architectures.")
-]
+AllowCrimes = Annotated[bool, typer.Option("--allow-crimes", help="Allow inputs of different architectures.")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it already exists.")]
 CopyTokenizer = Annotated[
     bool, typer.Option("--copy-tokenizer/--no-copy-tokenizer", help="Copy the donor's tokenizer files.")
@@ -65,10 +61,10 @@ ModelCard = Annotated[
     typer.Option("--write-model-card/--no-write-model-card", help="Write README.md and the recipe copy."),
 ]
 CacheDir = Annotated[
-    Optional[str], typer.Option("--cache-dir", "--transformers-cache", help="Hugging Face cache directory.")
+    str | None, typer.Option("--cache-dir", "--transformers-cache", help="Hugging Face cache directory.")
 ]
 LoraMergeDtype = Annotated[
-    Optional[str],
+    str | None,
     typer.Option(
         "--lora-merge-dtype",
         help="dtype of model+lora inputs once the adapter is applied (float32, float16, bfloat16); "
@@ -76,7 +72,7 @@ LoraMergeDtype = Annotated[
     ),
 ]
 LoraMergeCache = Annotated[
-    Optional[str],
+    str | None,
     typer.Option(
         "--lora-merge-cache",
         help="Accepted for mergekit compatibility and unused: adapters are applied while loading, "
@@ -99,9 +95,7 @@ def parse_size(text: str, *, option: str = "--shard-size") -> int:
     if match and unit == "b" and match.group(1).isdigit() and len(match.group(0).strip()) <= 3:
         unit = "g"  # mergekit spells 5e9 as "5B"
     if not match or unit not in _UNITS:
-        raise RecipeError(
-            f"cannot read size {text!r}", field=option, hint="write e.g. 5G, 500M, 2GiB or 1000000"
-        )
+        raise RecipeError(f"cannot read size {text!r}", field=option, hint="write e.g. 5G, 500M, 2GiB or 1000000")
     value = int(float(match.group(1)) * _UNITS[unit])
     if value <= 0:
         raise RecipeError(f"size must be positive, got {text!r}", field=option)
@@ -139,11 +133,9 @@ def parse_device(device: str, cuda: bool = False) -> torch.device:
     return parsed
 
 
-def build_options(
-    *, device: str, cuda: bool, threads: int | None, shard_size: str, seed: int, overwrite: bool
-):
+def build_options(*, device: str, cuda: bool, threads: int | None, shard_size: str, seed: int, overwrite: bool):
     """The engine's BuildOptions from the shared command-line options (validated here)."""
-    from common.build import BuildOptions
+    from mksuite.common.build import BuildOptions
 
     return BuildOptions(
         device=parse_device(device, cuda),

@@ -66,7 +66,6 @@ class RecipeError(MkError):
         prefix = f"{', '.join(where)}: " if where else ""
         super().__init__(prefix + message, hint=hint)
 
-
     def in_file(self, file: str | None) -> RecipeError:
         """The same error, located in ``file`` (for errors raised after parsing)."""
         if self.file or not file:

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import torch
 
-from common.arch import ArchitectureDefinition, WeightInfo, find_architecture, infer_architecture
-from common.errors import ArchitectureError, MkError
-from common.loading import ModelFiles, ModelReference, TensorInfo, open_model, resolve_model_path
-from common.loading.lora import with_adapter
+from mksuite.common.arch import ArchitectureDefinition, WeightInfo, find_architecture, infer_architecture
+from mksuite.common.errors import ArchitectureError, MkError
+from mksuite.common.loading import ModelFiles, ModelReference, TensorInfo, open_model, resolve_model_path
+from mksuite.common.loading.lora import with_adapter
 
 
 @dataclass(frozen=True, eq=False)
@@ -113,8 +113,7 @@ def _assign_architectures(models: list[InputModel], allow_crimes: bool) -> None:
         arch = known[id(model)]
         if arch.name != first.name and not allow_crimes:
             raise ArchitectureError(
-                f"inputs have different architectures: {models[0].ref} is {first.name}, "
-                f"{model.ref} is {arch.name}",
+                f"inputs have different architectures: {models[0].ref} is {first.name}, {model.ref} is {arch.name}",
                 hint="pass --allow-crimes to merge them anyway (the first model's architecture is used)",
             )
         chosen = first if allow_crimes else arch

@@ -20,9 +20,9 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers  # noqa: E402
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 EXAMPLES = Path(__file__).resolve().parent
 TEXT = (
@@ -93,16 +93,14 @@ def main() -> int:
     for tool, recipe in runs:
         out = work / f"merged-{recipe.stem}"
         started = time.perf_counter()
-        result = subprocess.run(
-            [sys.executable, "-m", tool, str(recipe), str(out), "--overwrite", "--quiet"], cwd=work
-        )
+        result = subprocess.run([sys.executable, "-m", tool, str(recipe), str(out), "--overwrite", "--quiet"], cwd=work)
         if result.returncode != 0:
             print(f"{tool:8s} {recipe.stem:20s} FAILED (exit {result.returncode})")
             failures += 1
             continue
         model = AutoModelForCausalLM.from_pretrained(out)
         generated = model.generate(**prompt, max_new_tokens=6, do_sample=False)
-        text = tok.decode(generated[0][prompt["input_ids"].shape[1]:])
+        text = tok.decode(generated[0][prompt["input_ids"].shape[1] :])
         print(f"{tool:8s} {recipe.stem:20s} ok in {time.perf_counter() - started:5.2f} s -> {out.name}: {text!r}")
     return 1 if failures else 0
 

@@ -20,11 +20,11 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
-from common.cli import (
+from mksuite.common.cli import (
     AllowCrimes,
     CacheDir,
     CopyTokenizer,
@@ -47,20 +47,22 @@ from common.cli import (
     human_bytes,
     parse_float_dtype,
 )
-from common.errors import RecipeError
+from mksuite.common.errors import RecipeError
 
 Lazy = Annotated[
     bool,
     typer.Option("--lazy/--no-lazy", help="Multi-stage: reuse a stage's output when it is complete and up to date."),
 ]
 IntermediateDir = Annotated[
-    Optional[Path],
+    Path | None,
     typer.Option("--intermediate-dir", help="Multi-stage: where named stages are written (default: OUT.stages)."),
 ]
 
 DryRun = Annotated[
     bool,
-    typer.Option("--dry-run", help="Print the plan (as `mkmerge plan`) and stop: no tensor is read, OUT is not created."),
+    typer.Option(
+        "--dry-run", help="Print the plan (as `mkmerge plan`) and stop: no tensor is read, OUT is not created."
+    ),
 ]
 AsJson = Annotated[bool, typer.Option("--json", help="Print the plan as JSON (schema mkmerge-plan/1).")]
 

@@ -50,12 +50,12 @@ from dataclasses import dataclass
 
 import torch
 
-from common.build import BuildOptions
-from common.graph import CastTensor, LoadTensor, OutputTensor, ScaleTensor, SliceRows, Task, build_schedule
-from common.graph.executor import DEFAULT_PREFETCH_BYTES, DEFAULT_WRITE_QUEUE_BYTES
-from common.loading import TensorInfo
 from mkmerge.methods.reductions import BLOCK, CHUNK, CHUNKS_PER_BLOCK, STREAMED_TERMS_MAX
 from mkmerge.tasks import ChunkStats, MergeTensor
+from mksuite.common.build import BuildOptions
+from mksuite.common.graph import CastTensor, LoadTensor, OutputTensor, ScaleTensor, SliceRows, Task, build_schedule
+from mksuite.common.graph.executor import DEFAULT_PREFETCH_BYTES, DEFAULT_WRITE_QUEUE_BYTES
+from mksuite.common.loading import TensorInfo
 
 # The largest float32 work buffer the methods allocate (a chunked L1 norm or dot product).
 SCRATCH_ELEMENTS = max(BLOCK, CHUNK * CHUNKS_PER_BLOCK)
@@ -111,7 +111,10 @@ WORKING_SETS: dict[str, WorkingSet] = {
     # the result, and per 1M-element block the float64 temporaries of the emulated fused
     # multiply-add (measured: ~83 MB beside a 50 MB result, any number of inputs); fused: the result
     "linear": WorkingSet(
-        copies=1, scratch_buffers=6, fused=WorkingSet(copies=1, scratch_buffers=0), fused_dtypes=(torch.bfloat16, torch.float16, torch.float32)
+        copies=1,
+        scratch_buffers=6,
+        fused=WorkingSet(copies=1, scratch_buffers=0),
+        fused_dtypes=(torch.bfloat16, torch.float16, torch.float32),
     ),
     # float32 copies of both endpoints and one scaled product
     "slerp": WorkingSet(copies=0, bytes_per_element=12, scratch_buffers=3),
@@ -140,7 +143,9 @@ WORKING_SETS: dict[str, WorkingSet] = {
         scratch_buffers=2,
         stacked=WorkingSet(copies=1, copies_per_summand=2, bytes_per_element=5, scratch_buffers=2),
     ),
-    "dare_ties": WorkingSet(copies=2, copies_per_summand=1, bytes_per_element=5, scratch_buffers=2, stacked=_TIES_STACKED),
+    "dare_ties": WorkingSet(
+        copies=2, copies_per_summand=1, bytes_per_element=5, scratch_buffers=2, stacked=_TIES_STACKED
+    ),
     "passthrough": WorkingSet(copies=1, scratch_buffers=0),
 }
 # Methods without an entry: as much as the hungriest declared streaming method (with the

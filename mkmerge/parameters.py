@@ -18,8 +18,8 @@ from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
-from common.errors import RecipeError
 from mkmerge.yaml_lines import format_path
+from mksuite.common.errors import RecipeError
 
 ParameterValue: TypeAlias = float | tuple[float, ...]
 

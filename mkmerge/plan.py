@@ -14,12 +14,6 @@ from dataclasses import dataclass
 
 import torch
 
-from common.arch import ArchitectureDefinition, WeightInfo
-from common.build import DEFAULT_CHUNK_BYTES
-from common.errors import MergeError, MissingTensorError, RecipeError, ShapeMismatchError
-from common.graph import CastTensor, LoadTensor, OutputTensor, ScaleTensor, SliceRows, Task
-from common.input_models import InputModel, open_input_models
-from common.loading import ModelReference
 from mkmerge.methods import REQUIRED, MergeMethod, get_method
 from mkmerge.methods.chunked import row_chunks
 from mkmerge.methods.sparsifiers import check_sparsifier_parameters
@@ -36,6 +30,12 @@ from mkmerge.vocab import (
     vocab_size_key,
     written_vocab_size,
 )
+from mksuite.common.arch import ArchitectureDefinition, WeightInfo
+from mksuite.common.build import DEFAULT_CHUNK_BYTES
+from mksuite.common.errors import MergeError, MissingTensorError, RecipeError, ShapeMismatchError
+from mksuite.common.graph import CastTensor, LoadTensor, OutputTensor, ScaleTensor, SliceRows, Task
+from mksuite.common.input_models import InputModel, open_input_models
+from mksuite.common.loading import ModelReference
 
 # How a method copes with embedding matrices of different sizes (SPEC §2.0).
 COMMON_SUBMATRIX = {"linear", "slerp", "nuslerp", "model_stock", "arcee_fusion", "karcher"}
@@ -167,7 +167,13 @@ def _plan_merge(
 
     first, last = slices[0], slices[-1]
     for i, weight in enumerate(arch.pre_weights(total_layers)):
-        add(lambda src, i=i: models[src.model].arch.pre_weights(models[src.model].num_layers)[i], first, None, weight, 0.0)
+        add(
+            lambda src, i=i: models[src.model].arch.pre_weights(models[src.model].num_layers)[i],
+            first,
+            None,
+            weight,
+            0.0,
+        )
     out_index = 0
     for output_slice in slices:
         for k in range(output_slice.length):
@@ -185,7 +191,13 @@ def _plan_merge(
                 )
             out_index += 1
     for i, weight in enumerate(arch.post_weights(total_layers)):
-        add(lambda src, i=i: models[src.model].arch.post_weights(models[src.model].num_layers)[i], last, None, weight, 0.0)
+        add(
+            lambda src, i=i: models[src.model].arch.post_weights(models[src.model].num_layers)[i],
+            last,
+            None,
+            weight,
+            0.0,
+        )
 
     return MergePlan(
         recipe=recipe,
@@ -284,7 +296,9 @@ class _TensorPlanner:
         )
 
     # -- one output tensor -------------------------------------------------------------------
-    def plan_tensor(self, output_slice: PlannedSlice, out_weight: WeightInfo, weight_for, t: float) -> list[OutputTensor]:
+    def plan_tensor(
+        self, output_slice: PlannedSlice, out_weight: WeightInfo, weight_for, t: float
+    ) -> list[OutputTensor]:
         """The output tensor (or its row-block parts); empty when it is left out."""
         base_ref = self.base_of(output_slice) if self.method.base_model != "none" else None
         inputs, missing = [], []
@@ -303,7 +317,11 @@ class _TensorPlanner:
             source, weight = missing[0]
             raise MissingTensorError(
                 f"{source.model} has no tensor {weight.name}"
-                + (f" (nor {', '.join(weight.aliases + weight.tied_names)})" if weight.aliases or weight.tied_names else ""),
+                + (
+                    f" (nor {', '.join(weight.aliases + weight.tied_names)})"
+                    if weight.aliases or weight.tied_names
+                    else ""
+                ),
                 hint="is it the same architecture as the other models? check its weight files",
             )
         if not inputs:
@@ -414,7 +432,9 @@ class _TensorPlanner:
             values[spec.name] = _convert(spec.kind, value)
         return values
 
-    def _build(self, output_slice: PlannedSlice, weight: WeightInfo, inputs: list[_Input], t: float) -> list[OutputTensor]:
+    def _build(
+        self, output_slice: PlannedSlice, weight: WeightInfo, inputs: list[_Input], t: float
+    ) -> list[OutputTensor]:
         compute = _dtype_name(weight.force_dtype) or self.recipe.dtype
         if compute is None:
             reference = next((i for i in inputs if i.is_base), inputs[0])
@@ -481,21 +501,27 @@ class _TensorPlanner:
         passes = form.passes(params, per_model, compute)
         if passes is None:
             return None, 0
-        others = len(inputs) - (0 if self.method.base_model == "none" else 1)  # roughly: a chunking choice, not a result
+        others = len(inputs) - (
+            0 if self.method.base_model == "none" else 1
+        )  # roughly: a chunking choice, not a result
         if passes and form.fused is not None and form.fused(compute, others):
             chunks = row_chunks(shape, itemsize, self.chunk_bytes * form.fused_chunk_factor)
             if chunks is None:
                 return None, 0
         return chunks, passes
 
-    def _chunked(self, name, shape, out_dtype, compute, inputs, per_model, params, chunks, passes) -> list[OutputTensor]:
+    def _chunked(
+        self, name, shape, out_dtype, compute, inputs, per_model, params, chunks, passes
+    ) -> list[OutputTensor]:
         """The row-block parts of one output: statistics passes, then one merge per chunk."""
         row_elements = math.prod(shape[1:])
         method = self.method
         if method.name == "passthrough" and len(inputs) == 1:  # no merge task: load, maybe scale
             outputs = []
             for rows in chunks:
-                task = self._merge_task(name, inputs, [self._load(inputs[0], compute, None, None, rows=rows)], per_model, params)
+                task = self._merge_task(
+                    name, inputs, [self._load(inputs[0], compute, None, None, rows=rows)], per_model, params
+                )
                 outputs.append(OutputTensor(name, out_dtype, shape, task, rows=rows))
             return outputs
         common = self._merge_fields(name, inputs, per_model, params)
@@ -503,7 +529,9 @@ class _TensorPlanner:
         for pass_index in range(passes):
             parts = tuple(
                 ChunkStats(
-                    inputs=tuple(self._load(inp, compute, None, None, rows=rows, pass_index=pass_index) for inp in inputs),
+                    inputs=tuple(
+                        self._load(inp, compute, None, None, rows=rows, pass_index=pass_index) for inp in inputs
+                    ),
                     chunk=c,
                     offset=rows[0] * row_elements,
                     full_shape=tuple(shape),
@@ -546,7 +574,9 @@ class _TensorPlanner:
         )
         return rows, cols
 
-    def _merge_task(self, name: str, inputs: list[_Input], tasks: list[Task], per_model: list[dict], params: dict) -> Task:
+    def _merge_task(
+        self, name: str, inputs: list[_Input], tasks: list[Task], per_model: list[dict], params: dict
+    ) -> Task:
         if self.method.name == "passthrough" and len(tasks) == 1:
             scale = per_model[0].get("scale")
             return tasks[0] if scale is None or scale == 1.0 else ScaleTensor(tasks[0], float(scale))
@@ -597,9 +627,7 @@ class _TensorPlanner:
             try:
                 check_sparsifier_parameters(variant.sparsifier, p["density"], numel, p)
             except MergeError as error:
-                raise MergeError(
-                    f"{inp.source.model}, tensor {name}: {error.message}", hint=error.hint
-                ) from None
+                raise MergeError(f"{inp.source.model}, tensor {name}: {error.message}", hint=error.hint) from None
 
 
 def _convert(kind: type, value):

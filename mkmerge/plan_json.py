@@ -50,8 +50,14 @@ def report_json(report: PlanReport) -> dict:
         "method": report.method,
         "inputs": [
             {
-                "label": i.label, "reference": i.reference, "path": i.path, "architecture": i.architecture,
-                "layers": i.layers, "dtypes": list(i.dtypes), "tensors": i.tensors, "bytes": i.nbytes,
+                "label": i.label,
+                "reference": i.reference,
+                "path": i.path,
+                "architecture": i.architecture,
+                "layers": i.layers,
+                "dtypes": list(i.dtypes),
+                "tensors": i.tensors,
+                "bytes": i.nbytes,
                 "is_base": i.is_base,
             }  # fmt: skip
             for i in report.inputs
@@ -100,8 +106,13 @@ def _tensor_json(tensor: TensorPlan) -> dict:
         "parameters": dict(tensor.parameters),
         "inputs": [
             {
-                "model": i.label, "tensor": i.tensor, "layer": i.layer, "dtype": i.dtype,
-                "shape": list(i.shape), "is_base": i.is_base, "parameters": dict(i.parameters),
+                "model": i.label,
+                "tensor": i.tensor,
+                "layer": i.layer,
+                "dtype": i.dtype,
+                "shape": list(i.shape),
+                "is_base": i.is_base,
+                "parameters": dict(i.parameters),
             }  # fmt: skip
             for i in tensor.inputs
         ],

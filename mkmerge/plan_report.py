@@ -18,12 +18,13 @@ import string
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from common.build import BuildOptions, output_layout
-from common.graph import LoadTensor, OutputTensor, ScaleTensor, Task
-from common.input_models import InputModel
 from mkmerge.memory_estimate import MemoryEstimate, estimate_peak_memory
 from mkmerge.plan import MergePlan
 from mkmerge.tasks import MergeTensor
+from mksuite.common.build import BuildOptions, output_layout
+from mksuite.common.graph import LoadTensor, OutputTensor, ScaleTensor, Task
+from mksuite.common.input_models import InputModel
+
 
 @dataclass(frozen=True)
 class InputSummary:
@@ -253,9 +254,7 @@ def _tensor_plan(
                 parameters=per_model[index],
             )
         )
-    shifts = tuple(
-        (i.label, i.layer - layer if i.layer is not None and layer is not None else 0) for i in inputs
-    )
+    shifts = tuple((i.label, i.layer - layer if i.layer is not None and layer is not None else 0) for i in inputs)
     return TensorPlan(
         name=output.name,
         section=section,

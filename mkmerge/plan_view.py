@@ -15,15 +15,15 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from common.build import BuildOptions
-from common.cli import human_bytes
-from common.writing import OutputDirectory
 from mkmerge.memory_estimate import current_rss_bytes
 from mkmerge.plan import plan_for_run
 from mkmerge.plan_json import SCHEMA, report_json
 from mkmerge.plan_report import PlanReport, TensorPlan, plan_report
 from mkmerge.run_stages import check_stages
 from mkmerge.stages import Stage
+from mksuite.common.build import BuildOptions
+from mksuite.common.cli import human_bytes
+from mksuite.common.writing import OutputDirectory
 
 
 def show_plan(
@@ -85,7 +85,9 @@ def show_stage_plans(
         return
     console = console or Console()
     for stage in stages:
-        console.print(f"[bold]{escape(stage.label)}[/bold] -> {escape(str(stage.out))}: {_status_text(stage, running, reports)}")
+        console.print(
+            f"[bold]{escape(stage.label)}[/bold] -> {escape(str(stage.out))}: {_status_text(stage, running, reports)}"
+        )
         if stage.document in reports:
             render_plan(reports[stage.document], console)
 

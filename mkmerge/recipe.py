@@ -20,7 +20,6 @@ from typing import Any, get_args, get_origin
 
 from pydantic import BaseModel, ValidationError
 
-from common.errors import RecipeError, did_you_mean
 from mkmerge.parameters import CONDITIONAL_KEYS, SettingProblem
 from mkmerge.recipe_schema import (
     TOKEN_SOURCE_KEYS,
@@ -38,6 +37,7 @@ from mkmerge.recipe_schema import (
     ZeroEmbedding,
 )
 from mkmerge.yaml_lines import LineTable, Path, YamlDocument, format_path, load_document
+from mksuite.common.errors import RecipeError, did_you_mean
 
 __all__ = [
     "DEFAULT_PARAMETER_NAMES",
@@ -102,7 +102,9 @@ def recipe_from_document(
     """Validate one already-loaded YAML document (one stage of a multi-document file)."""
     data = document.data
     if data is None:
-        raise RecipeError("the recipe is empty", file=source_name, hint="a recipe needs at least `merge_method` and `models`")
+        raise RecipeError(
+            "the recipe is empty", file=source_name, hint="a recipe needs at least `merge_method` and `models`"
+        )
     if not isinstance(data, dict):
         raise RecipeError(
             f"a recipe must be a YAML mapping of `key: value` lines, not a {type(data).__name__}",
@@ -199,7 +201,9 @@ def _unknown_parameter_keys(value: Any, path: Path, parameter_names: frozenset[s
         if isinstance(setting, list):
             entries = [(path + (name, index), item) for index, item in enumerate(setting) if isinstance(item, Mapping)]
         for entry_path, entry in entries:
-            found += [_UnknownKey(entry_path + (key,), CONDITIONAL_KEYS) for key in entry if key not in CONDITIONAL_KEYS]
+            found += [
+                _UnknownKey(entry_path + (key,), CONDITIONAL_KEYS) for key in entry if key not in CONDITIONAL_KEYS
+            ]
     return found
 
 

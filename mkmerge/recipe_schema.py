@@ -28,10 +28,10 @@ from pydantic import (
     model_validator,
 )
 
-from common.errors import RecipeError, did_you_mean
-from common.loading import ModelReference
 from mkmerge.parameters import ParameterSetting, setting_from_raw
 from mkmerge.yaml_lines import LineTable
+from mksuite.common.errors import RecipeError, did_you_mean
+from mksuite.common.loading import ModelReference
 
 
 class RecipeWarning(UserWarning):
@@ -261,8 +261,7 @@ def _exactly_one(owner: BaseModel, names: tuple[str, ...], where: str) -> None:
     if not present:
         raise FieldProblem(f"{where} must have exactly one of {listing}; it has none")
     raise FieldProblem(
-        f"{where} must have exactly one of {listing}; it has "
-        + " and ".join(f"`{path[0]}`" for path in present),
+        f"{where} must have exactly one of {listing}; it has " + " and ".join(f"`{path[0]}`" for path in present),
         alternatives=present,
     )
 
@@ -294,9 +293,7 @@ class TokenizerBlock(RecipeModel):
     """The ``tokenizer:`` block (SPEC §3.3)."""
 
     source: TokenizerSource = "union"
-    tokens: Annotated[dict[StrictStr, TokenEmbedding], BeforeValidator(_none_to_empty)] = Field(
-        default_factory=dict
-    )
+    tokens: Annotated[dict[StrictStr, TokenEmbedding], BeforeValidator(_none_to_empty)] = Field(default_factory=dict)
     pad_to_multiple_of: Annotated[StrictInt, Field(ge=1)] | None = None
 
 
@@ -378,4 +375,3 @@ class MergeRecipe(RecipeModel):
                 hint="move the source into the block: `tokenizer: {source: ...}`",
             )
         return self
-

@@ -7,15 +7,15 @@ from pathlib import Path
 
 import torch
 
-from common.build import BuildOptions, build_model
-from common.errors import RecipeError
-from common.graph import ProgressListener, RunStats
-from common.writing import write_config, write_model_card
-from common.writing.output_dir import OutputDirectory
 from mkmerge.methods import METHODS
 from mkmerge.plan import MergePlan, plan_for_run
 from mkmerge.recipe import parse_recipe
 from mkmerge.vocab import write_tokenizer
+from mksuite.common.build import BuildOptions, build_model
+from mksuite.common.errors import RecipeError
+from mksuite.common.graph import ProgressListener, RunStats
+from mksuite.common.writing import write_config, write_model_card
+from mksuite.common.writing.output_dir import OutputDirectory
 
 RECIPE_COPY = "mergekit_config.yml"
 

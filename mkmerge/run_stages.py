@@ -23,15 +23,15 @@ from pathlib import Path
 
 import torch
 
-from common.build import BuildOptions
-from common.errors import MkError
-from common.graph import ProgressListener, RunStats
-from common.input_models import open_input_models
-from common.writing.output_dir import OutputDirectory
 from mkmerge.plan import MergePlan, plan_for_run
 from mkmerge.run import RECIPE_COPY, run_merge
 from mkmerge.slices import referenced_models
 from mkmerge.stages import Stage
+from mksuite.common.build import BuildOptions
+from mksuite.common.errors import MkError
+from mksuite.common.graph import ProgressListener, RunStats
+from mksuite.common.input_models import open_input_models
+from mksuite.common.writing.output_dir import OutputDirectory
 
 WEIGHT_FILES = (
     "model.safetensors",
@@ -104,7 +104,7 @@ def run_stages(
         if stage.document not in running:
             results.append(StageResult(stage))
             continue
-        with _within(stage), (progress(stage) if progress else nullcontext()) as listener:
+        with _within(stage), progress(stage) if progress else nullcontext() as listener:
             plan, stats = run_merge(
                 stage.recipe,
                 stage.out,
@@ -146,7 +146,11 @@ def check_stages(
                 _open_outside_inputs(stage, stage_paths, allow_crimes, cache_dir, lora_merge_dtype)
             else:
                 plans[stage.document] = plan_for_run(
-                    stage.recipe, options, allow_crimes=allow_crimes, cache_dir=cache_dir, lora_merge_dtype=lora_merge_dtype
+                    stage.recipe,
+                    options,
+                    allow_crimes=allow_crimes,
+                    cache_dir=cache_dir,
+                    lora_merge_dtype=lora_merge_dtype,
                 )
     return running, plans
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from common.errors import RecipeError
-from common.input_models import InputModel
-from common.loading import ModelReference
+from mksuite.common.errors import RecipeError
+from mksuite.common.input_models import InputModel
+from mksuite.common.loading import ModelReference
 
 
 @dataclass(frozen=True)

@@ -26,13 +26,13 @@ from typing import Any
 
 import yaml
 
-from common.errors import MkError, RecipeError
-from common.loading import ModelReference
 from mkmerge.methods import METHODS
 from mkmerge.recipe import MergeRecipe, recipe_from_document
 from mkmerge.recipe_schema import TOKENIZER_SOURCE_KEYWORDS
 from mkmerge.run import read_recipe_text
 from mkmerge.yaml_lines import YamlDocument, load_documents
+from mksuite.common.errors import MkError, RecipeError
+from mksuite.common.loading import ModelReference
 
 STAGES_SUFFIX = ".stages"
 

@@ -7,9 +7,9 @@ from typing import Any
 
 import torch
 
-from common.errors import MergeError
-from common.graph import Task, tensor_seed
 from mkmerge.methods import MethodCall, get_method
+from mksuite.common.errors import MergeError
+from mksuite.common.graph import Task, tensor_seed
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from common.errors import RecipeError
+from mksuite.common.errors import RecipeError
 
 Path = tuple[Hashable, ...]
 
@@ -35,9 +35,7 @@ class _LineLoader(yaml.SafeLoader):
     """SafeLoader with YAML 1.2 exponent floats; line tracking happens in :func:`_build`."""
 
 
-_LineLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", _FLOAT_WITH_EXPONENT, list("-+0123456789")
-)
+_LineLoader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_WITH_EXPONENT, list("-+0123456789"))
 
 
 @dataclass(frozen=True)
@@ -115,8 +113,7 @@ def load_document(text: str, *, source_name: str | None = None) -> YamlDocument:
     documents = load_documents(text, source_name=source_name)
     if len(documents) > 1:
         raise RecipeError(
-            f"the file holds {len(documents)} YAML documents separated by `---`, "
-            "but a single recipe was expected",
+            f"the file holds {len(documents)} YAML documents separated by `---`, but a single recipe was expected",
             line=documents[1].start_line,
             file=source_name,
             hint="`mkmerge` runs multi-stage recipes (several documents); this tool takes one recipe",

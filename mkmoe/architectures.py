@@ -12,11 +12,11 @@ from dataclasses import dataclass
 
 import transformers
 
-from common.arch import get_config_value
-from common.errors import ArchitectureError, MkError, ShapeMismatchError
-from common.input_models import InputModel
-from common.loading import ModelReference
 from mkmoe.config import MoeConfig
+from mksuite.common.arch import get_config_value
+from mksuite.common.errors import ArchitectureError, MkError, ShapeMismatchError
+from mksuite.common.input_models import InputModel
+from mksuite.common.loading import ModelReference
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from typing import Annotated
 
 import typer
 
-from common.cli import (
+from mksuite.common.cli import (
     CacheDir,
     CopyTokenizer,
     Cuda,
@@ -73,10 +73,10 @@ def moe(
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
-    from common.errors import RecipeError, did_you_mean
     from mkmoe.config import load_moe_config
     from mkmoe.layouts import LAYOUTS
     from mkmoe.run import run_moe
+    from mksuite.common.errors import RecipeError, did_you_mean
 
     with cli_errors(debug):
         started = time.perf_counter()

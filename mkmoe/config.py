@@ -16,13 +16,24 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import torch
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, StrictInt, StrictStr, ValidationError
-from pydantic import ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
-from common.errors import RecipeError, did_you_mean
 from mkmerge.recipe import _recipe_error
 from mkmerge.recipe_schema import DType, FieldProblem, ModelRef, RecipeWarning
 from mkmerge.yaml_lines import LineTable, format_path, load_document
+from mksuite.common.errors import RecipeError, did_you_mean
 
 GATE_MODES = ("hidden", "hidden_avg", "cheap_embed", "random", "uniform_random")
 GATE_MODE_ALIASES = {"hidden_last": "hidden"}
@@ -212,9 +223,7 @@ def canonical_architecture(name: str) -> str | None:
     return next((key for key, full in ARCHITECTURE_NAMES.items() if full.lower().startswith(lowered)), None)
 
 
-def parse_moe_config(
-    text: str, *, source_name: str | None = None, allow_identical_experts: bool = False
-) -> MoeConfig:
+def parse_moe_config(text: str, *, source_name: str | None = None, allow_identical_experts: bool = False) -> MoeConfig:
     """Parse and validate one mergekit-moe config; RecipeError (field, line, file) on any problem."""
     document = load_document(text, source_name=source_name)
     data = document.data

@@ -14,12 +14,12 @@ from dataclasses import dataclass
 
 import torch
 
-from common.graph import tensor_seed
 from mkmoe.config import ExpertConfig
 from mkmoe.layouts import router_name
 from mkmoe.plan import MoePlan
 from mkmoe.prompts import encode_prompts, load_tokenizer, prompt_token_ids
 from mkmoe.streaming import layer_input_states
+from mksuite.common.graph import tensor_seed
 
 CONDITION_LIMIT = 5.0
 _EPS = 1e-8

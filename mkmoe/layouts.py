@@ -20,9 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
-from common.graph import CastTensor, LoadTensor, OutputTensor, ScaleTensor, Task
 from mkmoe.architectures import MIXTRAL, QWEN2_MOE, OutputArchitecture
 from mkmoe.tasks import GATES_SOURCE, AddNoise, ConcatRows, StackTensors
+from mksuite.common.graph import CastTensor, LoadTensor, OutputTensor, ScaleTensor, Task
 
 LAYOUTS = ("classic", "fused")
 PROJECTIONS = ("gate", "up", "down")

@@ -12,15 +12,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from common.arch import WeightInfo, load_definitions
-from common.errors import ArchitectureError, MissingTensorError, ShapeMismatchError
-from common.graph import CastTensor, LoadTensor, OutputTensor, Task
-from common.input_models import InputModel, open_input_models
-from common.loading import ModelReference
 from mkmoe.architectures import MIXTRAL, QWEN2_MOE, OutputArchitecture, check_inputs, choose_architecture, moe_config
 from mkmoe.config import MoeConfig
 from mkmoe.layouts import LAYOUTS, PROJECTIONS, ExpertMlp, block_outputs, is_block_weight, router_name, shared_gate_name
 from mkmoe.tasks import ZerosTensor
+from mksuite.common.arch import WeightInfo, load_definitions
+from mksuite.common.errors import ArchitectureError, MissingTensorError, ShapeMismatchError
+from mksuite.common.graph import CastTensor, LoadTensor, OutputTensor, Task
+from mksuite.common.input_models import InputModel, open_input_models
+from mksuite.common.loading import ModelReference
 
 _CONFIG_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _ZERO_BIASES = ("q_proj.bias", "k_proj.bias", "v_proj.bias")
@@ -217,4 +217,3 @@ class _BaseTensors:
                 hint="this output architecture has no slot for them (e.g. attention output biases); "
                 "use a base model without them",
             )
-

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from common.errors import MkError, RecipeError
+from mksuite.common.errors import MkError, RecipeError
 
 
 @dataclass(frozen=True)

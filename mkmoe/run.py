@@ -5,13 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from common.build import BuildOptions, build_model
-from common.graph import ProgressListener, RunStats
-from common.writing import OutputDirectory, copy_tokenizer_files, write_config
 from mkmoe.config import MoeConfig
 from mkmoe.gates import compute_gates
 from mkmoe.plan import MoePlan, plan_moe
 from mkmoe.tasks import GATES_SOURCE, MemorySource
+from mksuite.common.build import BuildOptions, build_model
+from mksuite.common.graph import ProgressListener, RunStats
+from mksuite.common.writing import OutputDirectory, copy_tokenizer_files, write_config
 
 RECIPE_COPY = "mergekit_moe_config.yml"
 

@@ -18,11 +18,11 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from common.errors import ArchitectureError, MissingTensorError
-from common.graph.memory import configure_allocator, trim_freed_memory
-from common.input_models import InputModel
-from common.loading import TensorSource, load_rows
 from mkmoe.prompts import PromptBatch
+from mksuite.common.errors import ArchitectureError, MissingTensorError
+from mksuite.common.graph.memory import configure_allocator, trim_freed_memory
+from mksuite.common.input_models import InputModel
+from mksuite.common.loading import TensorSource, load_rows
 
 REDUCTIONS = ("last", "mean")
 # Stored bytes read at a time into a big parameter.

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from common.graph import Task, tensor_seed
-from common.loading import TensorInfo
+from mksuite.common.graph import Task, tensor_seed
+from mksuite.common.loading import TensorInfo
 
 GATES_SOURCE = "@gates"
 

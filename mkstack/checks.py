@@ -8,11 +8,11 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 
-from common.arch import find_architecture
-from common.arch.config_values import get_config_value
-from common.errors import ArchitectureError, ShapeMismatchError
-from common.input_models import InputModel, open_input_models
-from common.loading import ModelReference
+from mksuite.common.arch import find_architecture
+from mksuite.common.arch.config_values import get_config_value
+from mksuite.common.errors import ArchitectureError, ShapeMismatchError
+from mksuite.common.input_models import InputModel, open_input_models
+from mksuite.common.loading import ModelReference
 
 # Config fields that must agree for layers of different models to be stacked, by the names
 # the architectures use (Llama-style, GPT-2, T5-style).

@@ -25,11 +25,11 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
-from common.cli import (
+from mksuite.common.cli import (
     AllowCrimes,
     CacheDir,
     CopyTokenizer,
@@ -48,12 +48,12 @@ from common.cli import (
     err_console,
     human_bytes,
 )
-from common.errors import RecipeError, did_you_mean
+from mksuite.common.errors import RecipeError, did_you_mean
 
 stack_app = typer.Typer(add_completion=False, rich_markup_mode="rich", help=__doc__)
 
 Paths = Annotated[
-    Optional[list[str]],
+    list[str] | None,
     typer.Argument(
         metavar="[RECIPE] OUT",
         help="RECIPE OUT in recipe mode; only OUT with a mode flag (none with --print-recipe).",
@@ -61,37 +61,37 @@ Paths = Annotated[
     ),
 ]
 SliceOpt = Annotated[
-    Optional[list[str]],
+    list[str] | None,
     typer.Option("--slice", metavar="MODEL:START-END", help="Append layers [START, END) of MODEL (repeatable)."),
 ]
 InterleaveOpt = Annotated[
-    Optional[tuple[str, str]],
+    tuple[str, str] | None,
     typer.Option(
         "--interleave", metavar="A B", help="Alternate overlapping windows of A and B (needs --window, --overlap)."
     ),
 ]
 UpscaleOpt = Annotated[
-    Optional[str], typer.Option("--upscale", metavar="MODEL", help="MODEL[0, L-O) then MODEL[O, L) (needs --overlap).")
+    str | None, typer.Option("--upscale", metavar="MODEL", help="MODEL[0, L-O) then MODEL[O, L) (needs --overlap).")
 ]
 ExpandOpt = Annotated[
-    Optional[str],
+    str | None,
     typer.Option("--expand", metavar="MODEL", help="Insert an identity copy after every N-th layer (needs --every)."),
 ]
-WindowOpt = Annotated[Optional[int], typer.Option("--window", help="Interleave: layers per window.")]
+WindowOpt = Annotated[int | None, typer.Option("--window", help="Interleave: layers per window.")]
 OverlapOpt = Annotated[
-    Optional[int],
+    int | None,
     typer.Option(
         "--overlap", help="Interleave: layers shared by neighbouring windows; upscale: layers dropped at the seam."
     ),
 ]
-EveryOpt = Annotated[Optional[int], typer.Option("--every", help="Expand: insert after every N-th layer.")]
+EveryOpt = Annotated[int | None, typer.Option("--every", help="Expand: insert after every N-th layer.")]
 ModelAlias = Annotated[
-    Optional[list[str]],
+    list[str] | None,
     typer.Option("--model", metavar="NAME=REF", help="Name a model for the mode flags (repeatable)."),
 ]
 PrintRecipe = Annotated[bool, typer.Option("--print-recipe", help="Print the recipe the run would execute, and exit.")]
-DTypeOpt = Annotated[Optional[str], typer.Option("--dtype", help="Mode flags: dtype tensors are computed in.")]
-OutDTypeOpt = Annotated[Optional[str], typer.Option("--out-dtype", help="Mode flags: dtype tensors are written in.")]
+DTypeOpt = Annotated[str | None, typer.Option("--dtype", help="Mode flags: dtype tensors are computed in.")]
+OutDTypeOpt = Annotated[str | None, typer.Option("--out-dtype", help="Mode flags: dtype tensors are written in.")]
 
 
 @stack_app.command(help=__doc__, no_args_is_help=True)
@@ -121,7 +121,6 @@ def stack(
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
-    from common.writing.output_dir import OutputDirectory
     from mkstack.stack import (
         ModeRequest,
         StackWarning,
@@ -131,6 +130,7 @@ def stack(
         request_recipe_text,
         run_stack,
     )
+    from mksuite.common.writing.output_dir import OutputDirectory
 
     with cli_errors(debug):
         started = time.perf_counter()
@@ -251,9 +251,7 @@ def _show_plan(checked) -> None:
     for column in ("output layers", "model", "source layers", "note"):
         table.add_column(column)
     for row in checked.rows:
-        table.add_row(
-            f"[{row.out_start}, {row.out_end})", str(row.model), f"[{row.start}, {row.end})", row.note
-        )
+        table.add_row(f"[{row.out_start}, {row.out_end})", str(row.model), f"[{row.start}, {row.end})", row.note)
     err_console.print(table)
 
 

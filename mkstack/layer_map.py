@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from common.input_models import InputModel
-from common.loading import ModelReference
 from mkmerge.parameters import ConditionalEntry
 from mkmerge.slices import output_slices
+from mksuite.common.input_models import InputModel
+from mksuite.common.loading import ModelReference
 
 
 @dataclass(frozen=True)
@@ -45,9 +45,7 @@ def plan_rows(recipe, models: Mapping[ModelReference, InputModel]) -> list[PlanR
 
 def layer_sources(recipe, models: Mapping[ModelReference, InputModel]) -> list[LayerSource]:
     """One entry per output layer, in order."""
-    return [
-        LayerSource(row.model, layer) for row in plan_rows(recipe, models) for layer in range(row.start, row.end)
-    ]
+    return [LayerSource(row.model, layer) for row in plan_rows(recipe, models) for layer in range(row.start, row.end)]
 
 
 def _scale_note(setting) -> str:

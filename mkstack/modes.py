@@ -19,8 +19,8 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from common.arch import ArchitectureDefinition
-from common.errors import ArchitectureError, RecipeError
+from mksuite.common.arch import ArchitectureDefinition
+from mksuite.common.errors import ArchitectureError, RecipeError
 
 
 @dataclass(frozen=True)
@@ -155,12 +155,12 @@ def expand_slices(model: str, *, depth: int, every: int, zero_filters: Sequence[
 # post-norm (Gemma's) is still zero.
 RESIDUAL_WRITES: tuple[tuple[str, str], ...] = (
     ("self_attn.o_proj.", "attention"),  # llama, mistral, qwen2/3, gemma2/3, phi3, mixtral, qwen MoE
-    ("attn.c_proj.", "attention"),       # gpt2
-    ("attention.dense.", "attention"),   # gpt_neox
-    ("down_proj.", "mlp"),               # dense MLPs, MoE experts and shared experts
-    ("mlp.c_proj.", "mlp"),              # gpt2
-    ("mlp.dense_4h_to_h.", "mlp"),       # gpt_neox
-    (".w2.", "mlp"),                     # mixtral experts (w1/w3 feed the activation)
+    ("attn.c_proj.", "attention"),  # gpt2
+    ("attention.dense.", "attention"),  # gpt_neox
+    ("down_proj.", "mlp"),  # dense MLPs, MoE experts and shared experts
+    ("mlp.c_proj.", "mlp"),  # gpt2
+    ("mlp.dense_4h_to_h.", "mlp"),  # gpt_neox
+    (".w2.", "mlp"),  # mixtral experts (w1/w3 feed the activation)
 )
 
 

@@ -12,12 +12,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.build import BuildOptions
-from common.errors import RecipeError
-from common.graph import ProgressListener, RunStats
-from common.input_models import InputModel
-from common.loading import ModelReference
-from common.writing.output_dir import OutputDirectory
 from mkmerge.methods import METHODS
 from mkmerge.plan import MergePlan, plan_merge
 from mkmerge.recipe import MergeRecipe, parse_recipe
@@ -36,6 +30,12 @@ from mkstack.modes import (
     upscale_slices,
 )
 from mkstack.recipe_text import recipe_text
+from mksuite.common.build import BuildOptions
+from mksuite.common.errors import RecipeError
+from mksuite.common.graph import ProgressListener, RunStats
+from mksuite.common.input_models import InputModel
+from mksuite.common.loading import ModelReference
+from mksuite.common.writing.output_dir import OutputDirectory
 
 GENERATED_RECIPE = "mkstack (generated recipe)"
 
@@ -95,8 +95,10 @@ class ModeRequest:
         given = [
             name
             for name, value in (
-                ("--slice", self.slices), ("--interleave", self.interleave),
-                ("--upscale", self.upscale), ("--expand", self.expand),
+                ("--slice", self.slices),
+                ("--interleave", self.interleave),
+                ("--upscale", self.upscale),
+                ("--expand", self.expand),
             )  # fmt: skip
             if value
         ]

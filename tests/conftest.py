@@ -67,11 +67,16 @@ def tiny_model(tmp_path_factory):
 
 # Every way the engine reaches tensor bytes: whole loads, row blocks, and byte ranges that are
 # copied file to file without being loaded.
-_DATA_ACCESS = (("SafetensorsFile", "load"), ("SafetensorsFile", "load_rows"), ("SafetensorsFile", "byte_range"), ("PickleCheckpoint", "load"))
+_DATA_ACCESS = (
+    ("SafetensorsFile", "load"),
+    ("SafetensorsFile", "load_rows"),
+    ("SafetensorsFile", "byte_range"),
+    ("PickleCheckpoint", "load"),
+)
 
 
 def _watch_tensor_data(monkeypatch, on_access) -> None:
-    import common.loading as loading
+    import mksuite.common.loading as loading
 
     for class_name, method in _DATA_ACCESS:
         cls = getattr(loading, class_name)

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import yaml
 
-from common.build import BuildOptions
 from mkmoe.config import parse_moe_config
 from mkmoe.run import run_moe
+from mksuite.common.build import BuildOptions
 
 IDS = [1, 5, 9, 20, 33, 7, 100, 14]
 

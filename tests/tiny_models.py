@@ -85,17 +85,32 @@ def tiny_config(
     elif arch == "qwen2":
         cls, kw = _llama_style(transformers.Qwen2Config, layers, hidden, vocab, tie, layer_types=full)
     elif arch == "qwen3":
-        cls, kw = _llama_style(transformers.Qwen3Config, layers, hidden, vocab, tie, head_dim=head_dim, layer_types=full)
+        cls, kw = _llama_style(
+            transformers.Qwen3Config, layers, hidden, vocab, tie, head_dim=head_dim, layer_types=full
+        )
     elif arch == "gemma2":
         sliding = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
         cls, kw = _llama_style(
-            transformers.Gemma2Config, layers, hidden, vocab, tie,
-            head_dim=head_dim, query_pre_attn_scalar=head_dim, sliding_window=SLIDING_WINDOW, layer_types=sliding,
+            transformers.Gemma2Config,
+            layers,
+            hidden,
+            vocab,
+            tie,
+            head_dim=head_dim,
+            query_pre_attn_scalar=head_dim,
+            sliding_window=SLIDING_WINDOW,
+            layer_types=sliding,
         )
     elif arch == "gemma3":
         cls, kw = _llama_style(
-            transformers.Gemma3TextConfig, layers, hidden, vocab, tie,
-            head_dim=head_dim, query_pre_attn_scalar=head_dim, sliding_window=SLIDING_WINDOW,
+            transformers.Gemma3TextConfig,
+            layers,
+            hidden,
+            vocab,
+            tie,
+            head_dim=head_dim,
+            query_pre_attn_scalar=head_dim,
+            sliding_window=SLIDING_WINDOW,
             layer_types=_gemma3_layer_types(layers),
         )
     elif arch == "phi3":
@@ -105,8 +120,15 @@ def tiny_config(
     elif arch == "gpt2":
         cls = transformers.GPT2Config
         kw = dict(
-            vocab_size=vocab, n_embd=hidden, n_inner=2 * hidden, n_layer=layers, n_head=HEADS,
-            n_positions=MAX_POSITIONS, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
+            vocab_size=vocab,
+            n_embd=hidden,
+            n_inner=2 * hidden,
+            n_layer=layers,
+            n_head=HEADS,
+            n_positions=MAX_POSITIONS,
+            bos_token_id=BOS_ID,
+            eos_token_id=EOS_ID,
+            pad_token_id=PAD_ID,
         )
         if tie is not None:
             kw["tie_word_embeddings"] = tie
@@ -195,7 +217,10 @@ def _safetensors_to_bin(out_dir: Path) -> None:
     index_path = out_dir / "model.safetensors.index.json"
     if index_path.exists():
         index = json.loads(index_path.read_text())
-        renames = {f: f.replace("model-", "pytorch_model-").replace(".safetensors", ".bin") for f in set(index["weight_map"].values())}
+        renames = {
+            f: f.replace("model-", "pytorch_model-").replace(".safetensors", ".bin")
+            for f in set(index["weight_map"].values())
+        }
         for old, new in renames.items():
             torch.save(load_file(out_dir / old), out_dir / new)
             (out_dir / old).unlink()
@@ -263,9 +288,7 @@ def build_family(arch: str, root: Path | str, n_finetunes: int = 2, **kw) -> tup
     root = Path(root)
     seed = kw.pop("seed", 0)
     base = build_model(arch, root / "base", seed=seed, **kw)
-    finetunes = [
-        build_model(arch, root / f"ft{i}", seed=seed + i, base=base, **kw) for i in range(1, n_finetunes + 1)
-    ]
+    finetunes = [build_model(arch, root / f"ft{i}", seed=seed + i, base=base, **kw) for i in range(1, n_finetunes + 1)]
     return base, finetunes
 
 

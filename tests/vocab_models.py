@@ -17,7 +17,9 @@ def with_added_tokens(src: Path | str, dst: Path | str, tokens: list[str], *, se
     """
     model = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
     tokenizer = transformers.AutoTokenizer.from_pretrained(src)
-    tokenizer.add_tokens([AddedToken(t, special=special, normalized=not special) for t in tokens], special_tokens=special)
+    tokenizer.add_tokens(
+        [AddedToken(t, special=special, normalized=not special) for t in tokens], special_tokens=special
+    )
     ids = tokenizer.convert_tokens_to_ids(tokens)
     rows = model.get_input_embeddings().weight.shape[0]
     if max(ids) >= rows:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
-from common.errors import ArchitectureError
+from mksuite.common.errors import ArchitectureError
 
 from .config_values import get_config_value
 from .templates import COUNT, EXPERT, LAYER, TemplatePattern, substitute, variables_in
@@ -161,10 +161,8 @@ class ArchitectureDefinition:
     def _bound_num_experts(self) -> int:
         if self.num_experts is None:
             raise ArchitectureError(
-                f"architecture `{self.name}` has per-expert tensors, but no expert count is "
-                "known yet.",
-                hint="bind the definition to the model's config with for_config(config) "
-                "(find_architecture does this).",
+                f"architecture `{self.name}` has per-expert tensors, but no expert count is known yet.",
+                hint="bind the definition to the model's config with for_config(config) (find_architecture does this).",
             )
         return self.num_experts
 

@@ -15,7 +15,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from common.errors import ArchitectureError
+from mksuite.common.errors import ArchitectureError
 
 from .definition import ArchitectureDefinition, WeightInfo
 
@@ -35,9 +35,7 @@ class _LayerName:
     template: str
 
 
-def infer_architecture(
-    tensor_names: Sequence[Sequence[str]], config: dict
-) -> ArchitectureDefinition:
+def infer_architecture(tensor_names: Sequence[Sequence[str]], config: dict) -> ArchitectureDefinition:
     """Infer a definition from each model's tensor names (one sequence per model).
 
     Layer templates come from the chosen prefix; every other name is a pre-weight; there
@@ -109,9 +107,7 @@ def _depth(names: set[str], stack: dict[str, _LayerName]) -> int:
 
 def _template_everywhere(template: str, present: list[set[str]], depths: list[int]) -> bool:
     for names, depth in zip(present, depths):
-        if depth == 0 or any(
-            template.replace("${layer_index}", str(i)) not in names for i in range(depth)
-        ):
+        if depth == 0 or any(template.replace("${layer_index}", str(i)) not in names for i in range(depth)):
             return False
     return True
 

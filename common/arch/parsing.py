@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from common.errors import ArchitectureError, did_you_mean
+from mksuite.common.errors import ArchitectureError, did_you_mean
 
 from .definition import ArchitectureDefinition, WeightInfo
 from .templates import COUNT, EXPERT, KNOWN_PLACEHOLDERS, LAYER, placeholders_in, variables_in
@@ -32,9 +32,18 @@ TOP_LEVEL_KEYS = (
 # Names torch and safetensors both understand; force_dtype is used for loading and writing.
 FORCE_DTYPES = frozenset(
     {
-        "float64", "float32", "float16", "bfloat16",
-        "int64", "int32", "int16", "int8", "uint8", "bool",
-        "float8_e4m3fn", "float8_e5m2",
+        "float64",
+        "float32",
+        "float16",
+        "bfloat16",
+        "int64",
+        "int32",
+        "int16",
+        "int8",
+        "uint8",
+        "bool",
+        "float8_e4m3fn",
+        "float8_e5m2",
     }
 )
 
@@ -148,8 +157,7 @@ def _check_placeholders(text: str, where: str, allowed: set[str]) -> None:
         if known is None:
             hint = did_you_mean(placeholder, KNOWN_PLACEHOLDERS)
             raise _Problem(
-                f"`{where}` uses unknown placeholder ${{{placeholder}}} in {text!r}"
-                + (f" ({hint})" if hint else "")
+                f"`{where}` uses unknown placeholder ${{{placeholder}}} in {text!r}" + (f" ({hint})" if hint else "")
             )
         if known[0] not in allowed:
             raise _Problem(f"`{where}` may not use ${{{placeholder}}} ({text!r}) here")
@@ -184,9 +192,7 @@ def _force_dtype(entry: dict, where: str) -> str | None:
     value = entry.get("force_dtype")
     if value is not None and value not in FORCE_DTYPES:
         hint = did_you_mean(str(value), FORCE_DTYPES)
-        raise _Problem(
-            f"`{where}.force_dtype` {value!r} is not a dtype name" + (f" ({hint})" if hint else "")
-        )
+        raise _Problem(f"`{where}.force_dtype` {value!r} is not a dtype name" + (f" ({hint})" if hint else ""))
     return value
 
 

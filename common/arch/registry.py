@@ -8,12 +8,12 @@ import json
 from collections.abc import Mapping
 from types import MappingProxyType
 
-from common.errors import ArchitectureError
+from mksuite.common.errors import ArchitectureError
 
 from .definition import ArchitectureDefinition
 from .parsing import parse_definition
 
-DEFINITIONS_PACKAGE = "architectures"
+DEFINITIONS_PACKAGE = "mksuite.architectures"
 
 
 def read_definitions(package: str = DEFINITIONS_PACKAGE) -> dict[str, ArchitectureDefinition]:

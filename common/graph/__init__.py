@@ -1,9 +1,9 @@
 """Tasks, the scheduler and the executor (eviction, devices, threads, progress events)."""
 
-from common.graph.events import ProgressEvent, ProgressListener
-from common.graph.executor import ExecutionContext, Executor, RunStats
-from common.graph.schedule import Schedule, build_schedule
-from common.graph.tasks import (
+from mksuite.common.graph.events import ProgressEvent, ProgressListener
+from mksuite.common.graph.executor import ExecutionContext, Executor, RunStats
+from mksuite.common.graph.schedule import Schedule, build_schedule
+from mksuite.common.graph.tasks import (
     CastTensor,
     LoadTensor,
     OutputTensor,

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from common.graph.tasks import CastTensor, LoadTensor, OutputTensor
-from common.loading.source import ByteRange, byte_range
+from mksuite.common.graph.tasks import CastTensor, LoadTensor, OutputTensor
+from mksuite.common.loading.source import ByteRange, byte_range
 
 
 def split_direct_copies(

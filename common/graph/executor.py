@@ -9,11 +9,11 @@ Three kinds of work run side by side:
   its last consumer has run;
 * one writer thread hands finished output tensors to the sink, behind a queue bounded in bytes;
 * given a ``copier``, one more thread copies the outputs that are input bytes verbatim file to
-  file (:mod:`common.graph.direct`): those never enter the task graph or process memory.
+  file (:mod:`mksuite.common.graph.direct`): those never enter the task graph or process memory.
 
 On a GPU (``ctx.device`` is CUDA) the readers read every input that only GPU-side tasks use
 straight into device memory, through pinned pieces on their own streams
-(:mod:`common.loading.device_reads`), and the writer copies finished outputs back on a stream
+(:mod:`mksuite.common.loading.device_reads`), and the writer copies finished outputs back on a stream
 of its own once the compute stream has produced them: transfers overlap compute both ways.
 
 Output bytes do not depend on the number of threads: tasks are pure, randomness comes from
@@ -31,14 +31,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from common.loading.buffers import READ_BUFFERS
-from common.loading.device_reads import claim, to_host
-from common.graph.events import ProgressEvent, ProgressListener
-from common.graph.direct import split_direct_copies
-from common.graph.memory import TRIM_EVERY_BYTES, configure_allocator, trim_freed_memory
-from common.graph.schedule import Schedule, build_schedule
-from common.graph.tasks import OutputTensor, Task
-from common.loading.source import ByteRange
+from mksuite.common.graph.direct import split_direct_copies
+from mksuite.common.graph.events import ProgressEvent, ProgressListener
+from mksuite.common.graph.memory import TRIM_EVERY_BYTES, configure_allocator, trim_freed_memory
+from mksuite.common.graph.schedule import Schedule, build_schedule
+from mksuite.common.graph.tasks import OutputTensor, Task
+from mksuite.common.loading.buffers import READ_BUFFERS
+from mksuite.common.loading.device_reads import claim, to_host
+from mksuite.common.loading.source import ByteRange
 
 DEFAULT_PREFETCH_BYTES = 320 * 1024**2
 DEFAULT_WRITE_QUEUE_BYTES = 192 * 1024**2

@@ -54,7 +54,9 @@ def configure_allocator() -> bool:
     libc = _libc()
     if libc is None:
         return False
-    return bool(libc.mallopt(_M_MMAP_THRESHOLD, HEAP_BLOCK_LIMIT)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, HEAP_TOP_KEPT))
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, HEAP_BLOCK_LIMIT)) and bool(
+        libc.mallopt(_M_TRIM_THRESHOLD, HEAP_TOP_KEPT)
+    )
 
 
 def trim_freed_memory() -> bool:

@@ -11,7 +11,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from common.graph.tasks import OutputTensor, Task
+from mksuite.common.graph.tasks import OutputTensor, Task
 
 
 @dataclass(frozen=True)

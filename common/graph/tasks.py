@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from common.loading.device_reads import read_to_device, to_device
-from common.loading.source import byte_range, load_rows
+from mksuite.common.loading.device_reads import read_to_device, to_device
+from mksuite.common.loading.source import byte_range, load_rows
 
 if TYPE_CHECKING:
-    from common.graph.executor import ExecutionContext
+    from mksuite.common.graph.executor import ExecutionContext
 
 
 class Task:

@@ -7,13 +7,13 @@ directory's config.json and weight headers into a :class:`ModelFiles` whose
 PEFT LoRA adapter is applied as each tensor loads. Nothing before `load()` reads tensor data.
 """
 
-from common.loading.hub import CONFIG_PATTERNS, hub_cache_dir, hub_offline, resolve_model_path
-from common.loading.lora import LoraSource, open_adapter, with_adapter
-from common.loading.model import ModelFiles, ShardedSource, open_model, open_tensor_file
-from common.loading.pickle_source import PickleCheckpoint
-from common.loading.reference import ModelReference
-from common.loading.safetensors_source import SAFETENSORS_DTYPES, SafetensorsFile
-from common.loading.source import ByteRange, TensorInfo, TensorSource, byte_range, load_rows
+from mksuite.common.loading.hub import CONFIG_PATTERNS, hub_cache_dir, hub_offline, resolve_model_path
+from mksuite.common.loading.lora import LoraSource, open_adapter, with_adapter
+from mksuite.common.loading.model import ModelFiles, ShardedSource, open_model, open_tensor_file
+from mksuite.common.loading.pickle_source import PickleCheckpoint
+from mksuite.common.loading.reference import ModelReference
+from mksuite.common.loading.safetensors_source import SAFETENSORS_DTYPES, SafetensorsFile
+from mksuite.common.loading.source import ByteRange, TensorInfo, TensorSource, byte_range, load_rows
 
 __all__ = [
     "ByteRange",

@@ -23,7 +23,7 @@ import threading
 
 import torch
 
-from common.loading.source import ByteRange, read_into
+from mksuite.common.loading.source import ByteRange, read_into
 
 PIECE_BYTES = 8 * 1024**2
 

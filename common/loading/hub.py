@@ -20,8 +20,8 @@ from huggingface_hub.utils import (
     RevisionNotFoundError,
 )
 
-from common.errors import ModelNotFoundError, did_you_mean
-from common.loading.reference import ModelReference
+from mksuite.common.errors import ModelNotFoundError, did_you_mean
+from mksuite.common.loading.reference import ModelReference
 
 # Config and every tokenizer file (SPEC §4.3 note: mergekit's narrower set loses
 # chat_template.jinja, merges.txt, vocab.txt); weights are added per repo.
@@ -93,9 +93,7 @@ def _download_snapshot(ref: ModelReference, cache: Path, local: Path) -> Path:
     return Path(folder)
 
 
-def _cached_snapshot(
-    ref: ModelReference, cache: Path, local: Path, *, network_error: Exception | None
-) -> Path:
+def _cached_snapshot(ref: ModelReference, cache: Path, local: Path, *, network_error: Exception | None) -> Path:
     """The cached snapshot for the reference's revision, without contacting the Hub."""
     try:
         # Only config.json is required here: huggingface_hub checks the requested patterns
@@ -160,9 +158,7 @@ def _hub_refused(ref: ModelReference, local: Path, error: Exception) -> ModelNot
     return _not_found(ref, local, f"the Hub has no repository `{ref.path}` visible to you", hint=hint)
 
 
-def _not_found(
-    ref: ModelReference, local: Path, message: str, *, hint: str | None
-) -> ModelNotFoundError:
+def _not_found(ref: ModelReference, local: Path, message: str, *, hint: str | None) -> ModelNotFoundError:
     local_hint = _local_suggestion(local)
     return ModelNotFoundError(
         f"model `{_named(ref)}`: there is no local directory {local.absolute()}, and {message}",
@@ -189,9 +185,7 @@ def _cached_repo_suggestion(repo_id: str, cache: Path) -> str | None:
     """A "did you mean" hint over the repo ids already in the cache (`models--org--name`)."""
     try:
         cached = [
-            p.name[len("models--") :].replace("--", "/")
-            for p in cache.iterdir()
-            if p.name.startswith("models--")
+            p.name[len("models--") :].replace("--", "/") for p in cache.iterdir() if p.name.startswith("models--")
         ]
     except OSError:
         return None

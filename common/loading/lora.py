@@ -26,10 +26,10 @@ from pathlib import Path
 
 import torch
 
-from common.errors import AdapterError, MissingTensorError, ModelNotFoundError, ShapeMismatchError, did_you_mean
-from common.loading.lora_format import AdapterKey, LoraConfig, parse_adapter_key, parse_lora_config
-from common.loading.model import open_tensor_file
-from common.loading.source import TensorInfo, TensorSource
+from mksuite.common.errors import AdapterError, MissingTensorError, ModelNotFoundError, ShapeMismatchError, did_you_mean
+from mksuite.common.loading.lora_format import AdapterKey, LoraConfig, parse_adapter_key, parse_lora_config
+from mksuite.common.loading.model import open_tensor_file
+from mksuite.common.loading.source import TensorInfo, TensorSource
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")

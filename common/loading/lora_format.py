@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-from common.errors import AdapterError
+from mksuite.common.errors import AdapterError
 
 PEFT_PREFIX = "base_model.model."
 _LINEAR_FACTORS = {"lora_A": "A", "lora_B": "B"}
@@ -80,9 +80,7 @@ def parse_lora_config(raw: object, *, where: str) -> LoraConfig:
         raise AdapterError(f"{where} holds a JSON {type(raw).__name__}, not an object", path=where)
     peft_type = raw.get("peft_type", "LORA")
     if str(peft_type).upper() != "LORA":
-        raise AdapterError(
-            f"{where} describes a {peft_type} adapter; only LoRA adapters can be applied", path=where
-        )
+        raise AdapterError(f"{where} describes a {peft_type} adapter; only LoRA adapters can be applied", path=where)
     for flag, feature in (("use_dora", "DoRA"), ("layer_replication", "layer replication")):
         if raw.get(flag):
             raise AdapterError(

@@ -15,11 +15,10 @@ from pathlib import Path
 
 import torch
 
-from common.errors import MissingTensorError, ModelNotFoundError, TensorFileError, did_you_mean
-from common.loading.pickle_source import PickleCheckpoint
-from common.loading.source import ByteRange, byte_range, load_rows
-from common.loading.safetensors_source import SafetensorsFile
-from common.loading.source import TensorInfo, TensorSource
+from mksuite.common.errors import MissingTensorError, ModelNotFoundError, TensorFileError, did_you_mean
+from mksuite.common.loading.pickle_source import PickleCheckpoint
+from mksuite.common.loading.safetensors_source import SafetensorsFile
+from mksuite.common.loading.source import ByteRange, TensorInfo, TensorSource, byte_range, load_rows
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
@@ -172,8 +171,7 @@ def open_model(path: str | os.PathLike) -> ModelFiles:
         raise ModelNotFoundError(
             f"{path} has no config.json, so it is not a model directory",
             model=str(path),
-            hint=_incomplete_snapshot_hint(path)
-            or "point the reference at the directory holding config.json",
+            hint=_incomplete_snapshot_hint(path) or "point the reference at the directory holding config.json",
         )
     config = _read_json(config_path, "model config")
     if not isinstance(config, dict):
@@ -216,8 +214,6 @@ def _read_json(path: Path, what: str) -> object:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except OSError as error:
-        raise TensorFileError(
-            f"cannot read {what} {path}: {error.strerror or error}", path=str(path)
-        ) from error
+        raise TensorFileError(f"cannot read {what} {path}: {error.strerror or error}", path=str(path)) from error
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise TensorFileError(f"{what} {path} is not valid JSON ({error})", path=str(path)) from None

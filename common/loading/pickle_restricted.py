@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from common.errors import MkError, TensorFileError, UnsafePickleError
+from mksuite.common.errors import MkError, TensorFileError, UnsafePickleError
 
 RESAVE_HINT = (
     "re-save it with a current torch (torch.save(torch.load(path, weights_only=True), path)) "
@@ -107,15 +107,11 @@ def _rebuild_tensor(storage, storage_offset, size, stride):
     return _record(storage, storage_offset, size, stride, None)
 
 
-def _rebuild_tensor_v2(
-    storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None
-):
+def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
     return _record(storage, storage_offset, size, stride, None)
 
 
-def _rebuild_tensor_v3(
-    storage, storage_offset, size, stride, requires_grad, backward_hooks, dtype, metadata=None
-):
+def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, backward_hooks, dtype, metadata=None):
     return _record(storage, storage_offset, size, stride, dtype)
 
 
@@ -221,9 +217,7 @@ def _unpickle(data: bytes, path: Path) -> object:
     except MkError:
         raise
     except _NotATensor as error:
-        raise TensorFileError(
-            f"{path}: data.pkl describes a tensor oddly: {error}", path=str(path)
-        ) from None
+        raise TensorFileError(f"{path}: data.pkl describes a tensor oddly: {error}", path=str(path)) from None
     except Exception as error:  # any malformed pickle: UnpicklingError, EOFError, TypeError, ...
         raise TensorFileError(
             f"{path}: data.pkl cannot be read ({type(error).__name__}: {error})",

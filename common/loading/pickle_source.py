@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from common.errors import MissingTensorError, TensorFileError, did_you_mean
-from common.loading.pickle_restricted import RESAVE_HINT, PickledTensor, read_state_dict
-from common.loading.source import TensorInfo, TensorSource, read_bytes
+from mksuite.common.errors import MissingTensorError, TensorFileError, did_you_mean
+from mksuite.common.loading.pickle_restricted import RESAVE_HINT, PickledTensor, read_state_dict
+from mksuite.common.loading.source import TensorInfo, TensorSource, read_bytes
 
 
 class PickleCheckpoint(TensorSource):
@@ -32,9 +32,7 @@ class PickleCheckpoint(TensorSource):
         try:
             self._fd: int | None = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
         except OSError as error:
-            raise TensorFileError(
-                f"cannot open {self.path}: {error.strerror or error}", path=str(self.path)
-            ) from error
+            raise TensorFileError(f"cannot open {self.path}: {error.strerror or error}", path=str(self.path)) from error
         self._zip: zipfile.ZipFile | None = None
         self._zip_lock = threading.Lock()
         self._data_offsets: dict[str, int] = {}
@@ -42,9 +40,7 @@ class PickleCheckpoint(TensorSource):
             self._open_archive()
         except OSError as error:  # e.g. a directory, or an I/O error
             self.close()
-            raise TensorFileError(
-                f"cannot read {self.path}: {error.strerror or error}", path=str(self.path)
-            ) from error
+            raise TensorFileError(f"cannot read {self.path}: {error.strerror or error}", path=str(self.path)) from error
         except BaseException:
             self.close()
             raise
@@ -55,9 +51,7 @@ class PickleCheckpoint(TensorSource):
         try:
             self._zip = zipfile.ZipFile(self.path)
         except (zipfile.BadZipFile, OSError) as error:
-            raise TensorFileError(
-                f"{self.path} is a damaged zip archive: {error}", path=str(self.path)
-            ) from error
+            raise TensorFileError(f"{self.path} is a damaged zip archive: {error}", path=str(self.path)) from error
         members = {info.filename: info for info in self._zip.infolist()}
         pickles = sorted((n for n in members if n == "data.pkl" or n.endswith("/data.pkl")), key=len)
         if not pickles:
@@ -73,8 +67,7 @@ class PickleCheckpoint(TensorSource):
             member = members.get(f"{prefix}data/{record.storage_key}")
             if member is None:
                 raise TensorFileError(
-                    f"{self.path}: tensor `{name}` refers to storage {record.storage_key!r}, "
-                    "which the archive lacks",
+                    f"{self.path}: tensor `{name}` refers to storage {record.storage_key!r}, which the archive lacks",
                     path=str(self.path),
                 )
             needed = (record.storage_offset + record.span) * record.dtype.itemsize
@@ -147,15 +140,11 @@ class PickleCheckpoint(TensorSource):
                 stream.seek(start)
                 data = stream.read(nbytes)
         if len(data) != nbytes:
-            raise TensorFileError(
-                f"truncated: storage {key!r} of {self.path} ends early", path=str(self.path)
-            )
+            raise TensorFileError(f"truncated: storage {key!r} of {self.path} ends early", path=str(self.path))
         return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
     def _closed_error(self, name: str) -> TensorFileError:
-        return TensorFileError(
-            f"{self.path} was closed before tensor `{name}` was read", path=str(self.path)
-        )
+        return TensorFileError(f"{self.path} was closed before tensor `{name}` was read", path=str(self.path))
 
     def __repr__(self) -> str:
         return f"PickleCheckpoint({str(self.path)!r}, {len(self._records)} tensors)"
@@ -193,6 +182,4 @@ def _not_a_zip_error(path: Path) -> TensorFileError:
             path=str(path),
             hint=RESAVE_HINT,
         )
-    return TensorFileError(
-        f"{path} is not a torch checkpoint (neither a zip archive nor a pickle)", path=str(path)
-    )
+    return TensorFileError(f"{path} is not a torch checkpoint (neither a zip archive nor a pickle)", path=str(path))

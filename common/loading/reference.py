@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from common.errors import RecipeError, did_you_mean
+from mksuite.common.errors import RecipeError, did_you_mean
 
 _MAPPING_KEYS = ("model", "lora", "override_architecture")
 _PATH_KEYS = ("path", "revision")
@@ -63,9 +63,7 @@ class ModelReference:
 def _parse_string(text: str, field: str) -> ModelReference:
     text = text.strip()
     if not text:
-        raise RecipeError(
-            "the model reference is empty", field=field, hint="name a local directory or a Hub repo id"
-        )
+        raise RecipeError("the model reference is empty", field=field, hint="name a local directory or a Hub repo id")
     parts = text.split("+")
     if len(parts) > 2:
         raise RecipeError(
@@ -145,7 +143,7 @@ def _parse_path_value(value: object, field: str, *, role: str) -> ModelReference
         raise RecipeError(
             f"`revision` must be a non-empty string, got {revision!r}",
             field=f"{field}.revision",
-            hint="quote revisions that YAML would read as a number, e.g. revision: \"0123abc\"",
+            hint='quote revisions that YAML would read as a number, e.g. revision: "0123abc"',
         )
     return ModelReference(path.strip(), revision.strip() if revision else None)
 

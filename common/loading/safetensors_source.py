@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from common.errors import MissingTensorError, TensorFileError, did_you_mean
-from common.loading.buffers import typed_view
-from common.loading.source import ByteRange, TensorInfo, TensorSource, read_bytes
+from mksuite.common.errors import MissingTensorError, TensorFileError, did_you_mean
+from mksuite.common.loading.buffers import typed_view
+from mksuite.common.loading.source import ByteRange, TensorInfo, TensorSource, read_bytes
 
 # Tensors of at least this many bytes are mapped rather than read (see mapped_bytes).
 MAP_MIN_BYTES = 1024**2
@@ -66,18 +66,14 @@ class SafetensorsFile(TensorSource):
         try:
             self._fd: int | None = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
         except OSError as error:
-            raise TensorFileError(
-                f"cannot open {self.path}: {error.strerror or error}", path=str(self.path)
-            ) from error
+            raise TensorFileError(f"cannot open {self.path}: {error.strerror or error}", path=str(self.path)) from error
         self._close_lock = threading.Lock()
         try:
             size = os.fstat(self._fd).st_size
             self.metadata, self._entries, self._data_start = _read_header(self._fd, size, self.path)
         except OSError as error:  # e.g. a directory, or an I/O error
             self.close()
-            raise TensorFileError(
-                f"cannot read {self.path}: {error.strerror or error}", path=str(self.path)
-            ) from error
+            raise TensorFileError(f"cannot read {self.path}: {error.strerror or error}", path=str(self.path)) from error
         except BaseException:
             self.close()
             raise
@@ -95,9 +91,7 @@ class SafetensorsFile(TensorSource):
         info, begin = self._entry(name)
         fd = self._fd
         if fd is None:
-            raise TensorFileError(
-                f"{self.path} was closed before tensor `{name}` was read", path=str(self.path)
-            )
+            raise TensorFileError(f"{self.path} was closed before tensor `{name}` was read", path=str(self.path))
         buffer = self._bytes(fd, info.nbytes, self._data_start + begin, name)
         if sys.byteorder != "little":
             buffer = _to_native(buffer, info.dtype)
@@ -108,9 +102,7 @@ class SafetensorsFile(TensorSource):
         info, offset, nbytes = self._span(name, (start, stop))
         fd = self._fd
         if fd is None:
-            raise TensorFileError(
-                f"{self.path} was closed before tensor `{name}` was read", path=str(self.path)
-            )
+            raise TensorFileError(f"{self.path} was closed before tensor `{name}` was read", path=str(self.path))
         buffer = self._bytes(fd, nbytes, offset, name)
         if sys.byteorder != "little":
             buffer = _to_native(buffer, info.dtype)
@@ -161,9 +153,7 @@ class SafetensorsFile(TensorSource):
         return f"SafetensorsFile({str(self.path)!r}, {len(self._entries)} tensors)"
 
 
-def _read_header(
-    fd: int, size: int, path: Path
-) -> tuple[dict[str, str], dict[str, tuple[TensorInfo, int]], int]:
+def _read_header(fd: int, size: int, path: Path) -> tuple[dict[str, str], dict[str, tuple[TensorInfo, int]], int]:
     """Parse and validate the header: (metadata, name -> (info, data begin), data start)."""
 
     def corrupt(what: str) -> TensorFileError:
@@ -234,8 +224,7 @@ def _parse_entry(name: str, entry: object, corrupt) -> tuple[TensorInfo, int, in
     begin, end = offsets
     if end - begin != info.nbytes:
         raise corrupt(
-            f"tensor `{name}` is {code}{list(shape)} = {info.nbytes} bytes "
-            f"but data_offsets span {end - begin}"
+            f"tensor `{name}` is {code}{list(shape)} = {info.nbytes} bytes but data_offsets span {end - begin}"
         )
     return info, begin, end
 

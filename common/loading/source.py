@@ -9,8 +9,8 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from common.errors import TensorFileError
-from common.loading.buffers import READ_BUFFERS
+from mksuite.common.errors import TensorFileError
+from mksuite.common.loading.buffers import READ_BUFFERS
 
 
 @dataclass(frozen=True)
@@ -118,8 +118,7 @@ def read_into(fd: int, buffer: torch.Tensor, offset: int, *, path: os.PathLike, 
             ) from error
         if count == 0:
             raise TensorFileError(
-                f"truncated: tensor `{name}` needs bytes up to {offset + nbytes} "
-                f"but {path} ended at {offset + done}",
+                f"truncated: tensor `{name}` needs bytes up to {offset + nbytes} but {path} ended at {offset + done}",
                 path=str(path),
                 hint="the file is damaged or an interrupted download; download it again",
             )

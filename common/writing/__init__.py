@@ -1,8 +1,8 @@
 """Sharded safetensors output, config.json, tokenizer files, model card, atomic finalize."""
 
-from common.writing.model_files import copy_tokenizer_files, write_config, write_model_card
-from common.writing.output_dir import OutputDirectory
-from common.writing.safetensors_writer import (
+from mksuite.common.writing.model_files import copy_tokenizer_files, write_config, write_model_card
+from mksuite.common.writing.output_dir import OutputDirectory
+from mksuite.common.writing.safetensors_writer import (
     INDEX_FILE,
     SINGLE_FILE,
     PlannedTensor,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from common.arch import set_config_value
+from mksuite.common.arch import set_config_value
 
 # Files that make up a tokenizer (and its generation defaults) in a model directory.
 TOKENIZER_FILES = (

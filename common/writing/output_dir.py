@@ -13,7 +13,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from common.errors import OutputError
+from mksuite.common.errors import OutputError
 
 PARTIAL_MARKER = ".partial-"
 

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from common.errors import TensorFileError
-from common.loading.source import ByteRange
+from mksuite.common.errors import TensorFileError
+from mksuite.common.loading.source import ByteRange
 
 SAFETENSORS_DTYPES = {
     torch.float64: "F64",
@@ -177,7 +177,9 @@ class ShardedWriter:
             _pwrite_all(self._fds[shard], memoryview(data), offset)
             start_writeback(self._fds[shard], offset, data.nbytes)
 
-    def copy(self, name: str, rows: tuple[int, int] | None, shape: tuple[int, ...], dtype: torch.dtype, where: ByteRange) -> None:
+    def copy(
+        self, name: str, rows: tuple[int, int] | None, shape: tuple[int, ...], dtype: torch.dtype, where: ByteRange
+    ) -> None:
         """Write a tensor (or part) whose bytes already lie, as stored, in another file.
 
         The kernel copies file to file (``copy_file_range``): no buffer in this process, so a
@@ -190,7 +192,9 @@ class ShardedWriter:
         shard, offset = self._claim(name, rows, dtype, shape)
         copy_file_bytes(where, self._fds[shard], offset, name=name)
 
-    def _claim(self, name: str, rows: tuple[int, int] | None, dtype: torch.dtype, shape: tuple[int, ...]) -> tuple[int, int]:
+    def _claim(
+        self, name: str, rows: tuple[int, int] | None, dtype: torch.dtype, shape: tuple[int, ...]
+    ) -> tuple[int, int]:
         """Check a write against the plan and record its rows: (shard index, file offset)."""
         if self.state != "open":
             raise RuntimeError(f"writer.write() called in state {self.state}")

@@ -18,9 +18,14 @@ from typing import Any
 
 import torch
 
-from common.errors import MergeError, RecipeError, did_you_mean
+from mkmerge.methods.arcee_fusion import arcee_fusion_merge
 from mkmerge.methods.chunked import ChunkedForm, elementwise
+from mkmerge.methods.karcher import karcher_merge
 from mkmerge.methods.linear import linear_merge
+from mkmerge.methods.model_stock import model_stock_merge
+from mkmerge.methods.multislerp import multislerp_merge
+from mkmerge.methods.nearswap import nearswap_merge
+from mkmerge.methods.nuslerp import nuslerp_fraction, nuslerp_merge
 from mkmerge.methods.passthrough import passthrough
 from mkmerge.methods.ram import ram_merge, ramplus_tl_merge
 from mkmerge.methods.sce import sce_merge
@@ -32,12 +37,7 @@ from mkmerge.methods.task_arithmetic import (
     task_vector_chunked,
     task_vector_merge,
 )
-from mkmerge.methods.arcee_fusion import arcee_fusion_merge
-from mkmerge.methods.karcher import karcher_merge
-from mkmerge.methods.model_stock import model_stock_merge
-from mkmerge.methods.multislerp import multislerp_merge
-from mkmerge.methods.nearswap import nearswap_merge
-from mkmerge.methods.nuslerp import nuslerp_fraction, nuslerp_merge
+from mksuite.common.errors import MergeError, RecipeError, did_you_mean
 
 REQUIRED: Any = object()
 """Default of a parameter that must be given (per-model ones: except for the base model)."""
@@ -154,9 +154,7 @@ def _task_vector_runner(variant: TaskVectorVariant) -> Callable[[MethodCall], to
     def run(call: MethodCall) -> torch.Tensor:
         base = _required_base(call)
         count = len(call.tensors)
-        generators = (
-            [call.generator(i) for i in range(count)] if variant.sparsifier in RANDOM_SPARSIFIERS else None
-        )
+        generators = [call.generator(i) for i in range(count)] if variant.sparsifier in RANDOM_SPARSIFIERS else None
         return task_vector_merge(
             base,
             call.tensors,
@@ -270,9 +268,13 @@ def _run_model_stock(call: MethodCall) -> torch.Tensor:
     merged, t = model_stock_merge(call.base, call.tensors, filter_wise=bool(call.params["filter_wise"]))
     outside = (t < 0) | (t > 1)
     if bool(outside.any()):
-        where = f"t = {float(t.reshape(-1)[0]):.4g}" if t.numel() == 1 else (
-            f"t outside [0, 1] in {int(outside.sum())} of {t.numel()} rows "
-            f"(range {float(t.min()):.4g} to {float(t.max()):.4g})"
+        where = (
+            f"t = {float(t.reshape(-1)[0]):.4g}"
+            if t.numel() == 1
+            else (
+                f"t outside [0, 1] in {int(outside.sum())} of {t.numel()} rows "
+                f"(range {float(t.min()):.4g} to {float(t.max()):.4g})"
+            )
         )
         warnings.warn(
             f"model_stock, tensor {call.tensor_name}: {where}, so the merge extrapolates beyond the "
@@ -325,12 +327,17 @@ _TASK_VECTOR_INFO = {
 _SPARSIFIER_PARAMETERS = {
     "breadcrumbs": (
         ParameterSpec(
-            "gamma", per_model=True, default=0.01, help="fraction of largest-magnitude delta entries dropped as outliers"
+            "gamma",
+            per_model=True,
+            default=0.01,
+            help="fraction of largest-magnitude delta entries dropped as outliers",
         ),
     ),
     "della": (
         ParameterSpec(
-            "epsilon", per_model=True, default=0.15,
+            "epsilon",
+            per_model=True,
+            default=0.15,
             help="half-width of the keep-probability range density ± epsilon (ranked by magnitude)",
         ),
     ),
@@ -345,11 +352,17 @@ def _task_vector_method(name: str) -> MergeMethod:
         _DENSITY,
         *_SPARSIFIER_PARAMETERS.get(variant.sparsifier, ()),
         ParameterSpec(
-            "normalize", per_model=False, default=variant.normalize_default, kind=bool,
+            "normalize",
+            per_model=False,
+            default=variant.normalize_default,
+            kind=bool,
             help="divide the merged delta by the sum of the (agreeing) weights",
         ),
         ParameterSpec(
-            "rescale", per_model=False, default=variant.rescale_default, kind=bool,
+            "rescale",
+            per_model=False,
+            default=variant.rescale_default,
+            kind=bool,
             help="restore each sparsified delta's L1 norm",
         ),
         _LAMBDA,
@@ -404,9 +417,7 @@ def _build_registry() -> dict[str, MergeMethod]:
             name="slerp",
             pretty_name="SLERP",
             reference_url="https://en.wikipedia.org/wiki/Slerp",
-            parameters=(
-                ParameterSpec("t", per_model=False, help="interpolation factor: 0 = base, 1 = other model"),
-            ),
+            parameters=(ParameterSpec("t", per_model=False, help="interpolation factor: 0 = base, 1 = other model"),),
             base_model="required",
             min_inputs=2,
             max_inputs=2,
@@ -421,11 +432,17 @@ def _build_registry() -> dict[str, MergeMethod]:
             parameters=(
                 _WEIGHT,
                 ParameterSpec(
-                    "nuslerp_flatten", per_model=False, default=True, kind=bool,
+                    "nuslerp_flatten",
+                    per_model=False,
+                    default=True,
+                    kind=bool,
                     help="treat the whole tensor as one vector (else one vector per row or column)",
                 ),
                 ParameterSpec(
-                    "nuslerp_row_wise", per_model=False, default=False, kind=bool,
+                    "nuslerp_row_wise",
+                    per_model=False,
+                    default=False,
+                    kind=bool,
                     help="without flatten: slerp the vectors along the first axis (matrix columns), "
                     "not the last (rows), as mergekit's code does",
                 ),
@@ -443,7 +460,10 @@ def _build_registry() -> dict[str, MergeMethod]:
             parameters=(
                 _WEIGHT,
                 ParameterSpec(
-                    "normalize_weights", per_model=False, default=True, kind=bool,
+                    "normalize_weights",
+                    per_model=False,
+                    default=True,
+                    kind=bool,
                     help="divide the weights by their sum",
                 ),
                 ParameterSpec("eps", per_model=False, default=1e-8, help="guards norms against division by zero"),
@@ -472,7 +492,10 @@ def _build_registry() -> dict[str, MergeMethod]:
             reference_url="https://arxiv.org/abs/2403.19522",
             parameters=(
                 ParameterSpec(
-                    "filter_wise", per_model=False, default=False, kind=bool,
+                    "filter_wise",
+                    per_model=False,
+                    default=False,
+                    kind=bool,
                     help="one ratio per row (last axis) instead of one per tensor",
                 ),
             ),
@@ -485,9 +508,7 @@ def _build_registry() -> dict[str, MergeMethod]:
             name="nearswap",
             pretty_name="NearSwap",
             reference_url=None,
-            parameters=(
-                ParameterSpec("t", per_model=False, help="differences up to t take the other model's value"),
-            ),
+            parameters=(ParameterSpec("t", per_model=False, help="differences up to t take the other model's value"),),
             base_model="required",
             min_inputs=2,
             max_inputs=2,
@@ -510,7 +531,9 @@ def _build_registry() -> dict[str, MergeMethod]:
             reference_url="https://arxiv.org/abs/2408.07990",
             parameters=(
                 ParameterSpec(
-                    "select_topk", per_model=False, default=1.0,
+                    "select_topk",
+                    per_model=False,
+                    default=1.0,
                     help="fraction of the positions with non-zero variance across models kept",
                 ),
                 _INT8_MASK,
@@ -548,9 +571,7 @@ def _build_registry() -> dict[str, MergeMethod]:
             name="passthrough",
             pretty_name="Passthrough",
             reference_url=None,
-            parameters=(
-                ParameterSpec("scale", per_model=True, default=None, help="multiply the tensor by this"),
-            ),
+            parameters=(ParameterSpec("scale", per_model=True, default=None, help="multiply the tensor by this"),),
             base_model="none",
             min_inputs=1,
             max_inputs=1,

@@ -25,7 +25,6 @@ measured slower here, their OpenMP threads competing with torch's.)
 from __future__ import annotations
 
 import importlib.util
-
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -115,7 +114,9 @@ def delta_keys(base: torch.Tensor, tensor: torch.Tensor) -> np.ndarray:
     ``order_keys((tensor − base).abs())``, without the delta or its magnitude in memory."""
     keys = np.empty(base.numel(), dtype=np.int32)
     base_bits, bits = _bits(base), _bits(tensor, base.dtype)
-    _in_parallel(lambda start, stop: _kernels()._delta_keys(base_bits, bits, start, stop, keys[start:stop]), base.numel())
+    _in_parallel(
+        lambda start, stop: _kernels()._delta_keys(base_bits, bits, start, stop, keys[start:stop]), base.numel()
+    )
     return keys
 
 
@@ -194,7 +195,10 @@ def merge(
             np.float32(divisor if normalize else 1.0), out_bits)  # fmt: skip
     ranges = _ranges(numel)
     policies = _range_policies(base_bits, input_bits, modes, keys, equal, ranges)
-    _map(lambda r: _kernels()._merge(base_bits, input_bits, modes, keys, policies[r], *rest, *ranges[r]), range(len(ranges)))
+    _map(
+        lambda r: _kernels()._merge(base_bits, input_bits, modes, keys, policies[r], *rest, *ranges[r]),
+        range(len(ranges)),
+    )
     return out
 
 
@@ -208,7 +212,10 @@ def _range_policies(base_bits, input_bits, modes, keys, equal, ranges) -> list[n
     counted = [i for i, e in enumerate(equal) if e > 0 or modes[i] == MODE_LISTED]
     if len(ranges) == 1 or not counted:
         return [equal] * len(ranges)
-    counts = {i: _map(lambda span, i=i: _kernels()._count_equal(base_bits, input_bits[i], keys[i], *span), ranges) for i in counted}
+    counts = {
+        i: _map(lambda span, i=i: _kernels()._count_equal(base_bits, input_bits[i], keys[i], *span), ranges)
+        for i in counted
+    }
     policies = [equal.copy() for _ in ranges]
     for i in counted:
         remaining = int(equal[i])

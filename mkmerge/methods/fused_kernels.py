@@ -78,6 +78,7 @@ def _round(value):
 # give the same bits for every number (the tests check both over every float16 and millions
 # of float32 values).
 
+
 def _host_has_f16c() -> bool:
     try:
         return bool(llvm_binding.get_host_cpu_features().get("f16c", False))
@@ -401,7 +402,9 @@ def _weigh(tensor, widened, om, mode, key, budget, factor, weight, mask, listed,
 
 
 @numba.njit(cache=True)
-def _combine(omega, weights, widened, m, consensus, normalize, lam, divisor, total, positive, mixed_sum, weight_sum, out):
+def _combine(
+    omega, weights, widened, m, consensus, normalize, lam, divisor, total, positive, mixed_sum, weight_sum, out
+):
     count = omega.shape[0]
     for j in range(m):
         total[j] = 0.0
@@ -435,7 +438,24 @@ def _combine(omega, weights, widened, m, consensus, normalize, lam, divisor, tot
 
 
 @numba.njit(cache=True, nogil=True)
-def _merge(base, inputs, modes, keys, equal, factors, weights, masks, listed, consensus, normalize, lam, divisor, out, start, stop):
+def _merge(
+    base,
+    inputs,
+    modes,
+    keys,
+    equal,
+    factors,
+    weights,
+    masks,
+    listed,
+    consensus,
+    normalize,
+    lam,
+    divisor,
+    out,
+    start,
+    stop,
+):
     # Blocks that stay in cache, each step its own simple loop, so LLVM vectorises them.
     n = stop
     count = len(inputs)
@@ -456,9 +476,35 @@ def _merge(base, inputs, modes, keys, equal, factors, weights, masks, listed, co
         i = 0
         for tensor in inputs:
             mask = masks[i, lo : lo + m] if modes[i] == 2 else masks[0, :0]
-            budget[i] = _weigh(tensor[lo : lo + m], widened, omega[i], modes[i], keys[i], budget[i], factors[i], weights[i], mask, listed[i], flags)
+            budget[i] = _weigh(
+                tensor[lo : lo + m],
+                widened,
+                omega[i],
+                modes[i],
+                keys[i],
+                budget[i],
+                factors[i],
+                weights[i],
+                mask,
+                listed[i],
+                flags,
+            )
             i += 1
-        _combine(omega, weights, widened, m, consensus, normalize, lam, divisor, total, positive, mixed_sum, weight_sum, out[lo : lo + m])
+        _combine(
+            omega,
+            weights,
+            widened,
+            m,
+            consensus,
+            normalize,
+            lam,
+            divisor,
+            total,
+            positive,
+            mixed_sum,
+            weight_sum,
+            out[lo : lo + m],
+        )
 
 
 @numba.njit(cache=True)

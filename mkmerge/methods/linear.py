@@ -7,9 +7,9 @@ from collections.abc import Sequence
 
 import torch
 
-from common.errors import MergeError
 from mkmerge.methods import fused
 from mkmerge.methods.reductions import blocks, fused_multiply_add, require_same_shape
+from mksuite.common.errors import MergeError
 
 
 def linear_merge(

@@ -8,9 +8,9 @@ from itertools import combinations
 
 import torch
 
-from common.errors import MergeError
 from mkmerge.methods.reductions import require_same_shape
 from mkmerge.methods.vectors import as_vectors, norms_in_dtype, sums_in_dtype
+from mksuite.common.errors import MergeError
 
 # The product of two delta norms is floored at this before dividing.
 NORM_PRODUCT_FLOOR = 1e-6
@@ -69,4 +69,3 @@ def model_stock_merge(
     mean = mean / count
     out = t * mean + (1 - t) * anchor
     return out.reshape(base.shape).to(base.dtype), t.to(torch.float64)
-

@@ -6,9 +6,9 @@ from collections.abc import Sequence
 
 import torch
 
-from common.errors import MergeError
 from mkmerge.methods.reductions import require_same_shape
 from mkmerge.methods.vectors import combine, gram_matrix, quadratic_norm
+from mksuite.common.errors import MergeError
 
 
 def multislerp_merge(

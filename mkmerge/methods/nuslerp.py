@@ -70,4 +70,3 @@ def nuslerp_merge(
     if anchor is not None:
         out = anchor + out
     return out.to((base if base is not None else first).dtype)
-

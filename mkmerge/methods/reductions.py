@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from common.errors import ShapeMismatchError
+from mksuite.common.errors import ShapeMismatchError
 
 # Elements per chunk of a whole-tensor sum. Must stay below torch's parallel grain size
 # (32768): a lone chunk (the tail) is then always summed by a single thread.

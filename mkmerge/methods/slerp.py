@@ -91,4 +91,11 @@ def slerp_chunked() -> ChunkedForm:
     def fused_kernels(dtype, count):
         return dtype == torch.bfloat16 and fused.available()
 
-    return ChunkedForm(passes=passes, apply=apply, stats=stats, combine=combine, fused=fused_kernels, fused_chunk_factor=SLERP_CHUNK_FACTOR)
+    return ChunkedForm(
+        passes=passes,
+        apply=apply,
+        stats=stats,
+        combine=combine,
+        fused=fused_kernels,
+        fused_chunk_factor=SLERP_CHUNK_FACTOR,
+    )

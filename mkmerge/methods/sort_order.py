@@ -168,7 +168,7 @@ class Spill:
     (:meth:`write_keys`). Memory stays at a few windows whatever the tensor's size."""
 
     def __init__(self, numel: int):
-        from common.writing.output_dir import scratch_directory
+        from mksuite.common.writing.output_dir import scratch_directory
 
         self.numel = numel
         self.file = tempfile.TemporaryFile(dir=scratch_directory())
@@ -232,7 +232,9 @@ def replay_spilled(spill: Spill, threshold: int, cut: int, count: int) -> np.nda
         else:
             first = middle
     for start in range(0, first, WINDOW_WORDS):  # everything left of the final segment
-        before |= kernels.tracked_before(spill.read(start, min(first, start + WINDOW_WORDS)), min(first, start + WINDOW_WORDS) - start, count)
+        before |= kernels.tracked_before(
+            spill.read(start, min(first, start + WINDOW_WORDS)), min(first, start + WINDOW_WORDS) - start, count
+        )
     return before
 
 
@@ -261,7 +263,9 @@ def _partition_spilled(spill: Spill, first: int, last: int, tracked_keys: np.nda
         left_base = right_base = first
         left = right = spill.read(first, last)
     while True:
-        status = kernels.partition_windows(left, left_base, right, right_base, pivot, tracked_keys, True, first, last, state, left_stops, right_stops)
+        status = kernels.partition_windows(
+            left, left_base, right, right_base, pivot, tracked_keys, True, first, last, state, left_stops, right_stops
+        )
         if status == 0:
             break
         next_left, next_right = int(state[kernels.NEXT_LEFT]), int(state[kernels.NEXT_RIGHT])

@@ -94,7 +94,9 @@ def _partition_pivot(words, keys, descending, first, last):
     state = np.zeros(8, dtype=np.int64)
     state[NEXT_LEFT], state[NEXT_RIGHT], state[PREVIOUS_RIGHT] = first + 1, last - 1, -1
     stops = np.empty((2, _BLOCK), dtype=np.int64)
-    partition_windows(words, 0, words, 0, pivot, keys, descending, first, last, state, stops[0], stops[1])  # one window: done
+    partition_windows(
+        words, 0, words, 0, pivot, keys, descending, first, last, state, stops[0], stops[1]
+    )  # one window: done
     return state[CUT]
 
 
@@ -254,7 +256,9 @@ NEXT_LEFT, NEXT_RIGHT, LEFT_COUNT, LEFT_USED, RIGHT_COUNT, RIGHT_USED, PREVIOUS_
 
 
 @numba.njit(cache=True, nogil=True)
-def partition_windows(left, left_base, right, right_base, pivot, keys, descending, first, last, state, left_stops, right_stops):
+def partition_windows(
+    left, left_base, right, right_base, pivot, keys, descending, first, last, state, left_stops, right_stops
+):
     """:func:`_partition_pivot`'s partition (after the median step), resumable, on two windows
     of a bigger array: ``left`` holds positions from ``left_base``, ``right`` from
     ``right_base`` (they may be one array). ``state`` (see NEXT_LEFT…CUT) and the stopper

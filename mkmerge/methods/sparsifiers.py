@@ -16,9 +16,9 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from common.errors import MergeError
 from mkmerge.methods.reductions import BLOCK
 from mkmerge.methods.sort_order import ASCENDING, DESCENDING, first_masks
+from mksuite.common.errors import MergeError
 
 # --- parameter checks (no tensor data needed)
 
@@ -167,7 +167,9 @@ def dare_mask(shape: torch.Size, density: float, generator: torch.Generator, off
     keep = np.empty(numel, dtype=bool)
     for start in range(0, numel, DRAW_BLOCK):
         stop = min(numel, start + DRAW_BLOCK)
-        np.less(bits.random_raw((stop - start + 1) // 2).view(np.uint32)[: stop - start], threshold, out=keep[start:stop])
+        np.less(
+            bits.random_raw((stop - start + 1) // 2).view(np.uint32)[: stop - start], threshold, out=keep[start:stop]
+        )
     return torch.from_numpy(keep).view(tuple(shape))
 
 
@@ -187,9 +189,7 @@ def della_sparsify(delta: torch.Tensor, density: float, epsilon: float, generato
     return delta * della_mask(delta.abs(), density, epsilon, generator).to(delta.device)
 
 
-def della_mask(
-    magnitudes: torch.Tensor, density: float, epsilon: float, generator: torch.Generator
-) -> torch.Tensor:
+def della_mask(magnitudes: torch.Tensor, density: float, epsilon: float, generator: torch.Generator) -> torch.Tensor:
     """Keep-mask of DELLA: per row, ``p = (density − ε) + 2ε·rank/(n − 1)``, Bernoulli(p).
 
     Rows run along the last axis: each ``W[r, :]`` of a matrix, each ``W[e, r, :]`` of a 3-D

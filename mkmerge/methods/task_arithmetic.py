@@ -223,7 +223,11 @@ def _fused_rules(base, tensors, weights, densities, sparsifier, rescale, generat
     # Where only some of the entries on the threshold survive, the sort's choice, replayed
     # for all such inputs at once (each on one thread).
     replayed = [i for i, (k, key, above, equal) in cuts.items() if _sort_decides(k - above, equal, key)]
-    listed = dict(zip(replayed, fused.each_on_a_thread(lambda i: _sorted_ties(base, tensors[i], cuts[i][1], cuts[i][0]), replayed)))
+    listed = dict(
+        zip(
+            replayed, fused.each_on_a_thread(lambda i: _sorted_ties(base, tensors[i], cuts[i][1], cuts[i][0]), replayed)
+        )
+    )
     dropped = [i for i in range(len(tensors)) if sparsifier == "random" and float(densities[i]) < 1]
     # DARE: each input's draws, mask and L1 rescale factor, the inputs side by side
     masked = dict(zip(dropped, fused.each_on_a_thread(
@@ -243,7 +247,9 @@ def _fused_rules(base, tensors, weights, densities, sparsifier, rescale, generat
     return rules
 
 
-def _fused_cuts(base: torch.Tensor, tensors: Sequence[torch.Tensor], ks: Sequence[int]) -> list[tuple[int, int, int, int]]:
+def _fused_cuts(
+    base: torch.Tensor, tensors: Sequence[torch.Tensor], ks: Sequence[int]
+) -> list[tuple[int, int, int, int]]:
     """Per input, (k, the k-th largest magnitude key of its delta, keys above it, keys equal
     to it), by radix select over the fused histograms: one 16-bit digit for the half
     formats, two for float32."""
@@ -256,7 +262,9 @@ def _fused_cuts(base: torch.Tensor, tensors: Sequence[torch.Tensor], ks: Sequenc
     return [(k, key, above, int(h[key & 0xFFFF].item())) for k, (key, above), h in zip(ks, found, histograms)]
 
 
-def _random_rule(base, tensor, weight: float, density: float, rescale: bool, generator: torch.Generator) -> fused.InputRule:
+def _random_rule(
+    base, tensor, weight: float, density: float, rescale: bool, generator: torch.Generator
+) -> fused.InputRule:
     """One input's DARE drop as a fused rule: its mask and, with ``rescale``, the L1 factor."""
     mask = dare_mask(base.shape, density, generator).numpy()
     factor = None
@@ -420,7 +428,12 @@ def task_vector_chunked(variant: TaskVectorVariant) -> ChunkedForm:
             parts.append(part)
             if not active(density):
                 continue
-            if variant.sparsifier == "magnitude" and index < selection and not rescale and fused.applies(base, [tensor]):
+            if (
+                variant.sparsifier == "magnitude"
+                and index < selection
+                and not rescale
+                and fused.applies(base, [tensor])
+            ):
                 if index == 0:
                     (part["hist"],) = fused.delta_histograms(base, [tensor])
                     part["level"] = "single" if selection == 1 else "high"
@@ -431,7 +444,9 @@ def task_vector_chunked(variant: TaskVectorVariant) -> ChunkedForm:
             if variant.sparsifier == "magnitude" and index == selection:  # the spill pass
                 if "spill" in state[i]:
                     chosen = state[i]
-                    chosen["spill"].write_keys(call.offset, _chunk_keys(base, tensor), chosen["key"], chosen["equal_before"][call.chunk])
+                    chosen["spill"].write_keys(
+                        call.offset, _chunk_keys(base, tensor), chosen["key"], chosen["equal_before"][call.chunk]
+                    )
                     part["spilled"] = True
                 continue
             if variant.sparsifier == "random":
@@ -475,7 +490,9 @@ def task_vector_chunked(variant: TaskVectorVariant) -> ChunkedForm:
                 continue
             if "hist" in parts[0]:
                 _combine_selection(model_state, parts, numel, float(call.per_model[i]["density"]))
-                if "key" in model_state and _sort_decides(model_state["missing"], sum(model_state["equal_counts"]), model_state["key"]):
+                if "key" in model_state and _sort_decides(
+                    model_state["missing"], sum(model_state["equal_counts"]), model_state["key"]
+                ):
                     model_state["spill"] = sort_order.Spill(numel)  # some of the ties: the sort decides
             if "l1_before" in parts[0]:
                 model_state["l1_before"] = exact_sum([x for p in parts for x in p["l1_before"]])
@@ -502,7 +519,9 @@ def task_vector_chunked(variant: TaskVectorVariant) -> ChunkedForm:
                 kept = kept * mask
                 if rescale and state[i].get("factor") is not None:
                     kept = kept * state[i]["factor"]
-            weighted.append(kept.mul_(torch.tensor(float(call.per_model[i]["weight"]), dtype=dtype, device=kept.device)))
+            weighted.append(
+                kept.mul_(torch.tensor(float(call.per_model[i]["weight"]), dtype=dtype, device=kept.device))
+            )
         return combine_weighted(
             base,
             weighted,
@@ -514,7 +533,7 @@ def task_vector_chunked(variant: TaskVectorVariant) -> ChunkedForm:
 
     def _fused_chunk(call, state):
         rules = []
-        for i, tensor in enumerate(call.tensors):
+        for i in range(len(call.tensors)):
             density, weight = float(call.per_model[i]["density"]), float(call.per_model[i]["weight"])
             if not active(density):
                 rules.append(fused.InputRule(weight))
@@ -526,11 +545,15 @@ def task_vector_chunked(variant: TaskVectorVariant) -> ChunkedForm:
                 selection = state[i]
                 key, start = selection["key"], selection["equal_before"][call.chunk]
                 if "listed" in selection:
-                    rules.append(fused.InputRule(weight, fused.MODE_LISTED, key=key, equal=start, listed=selection["listed"]))
+                    rules.append(
+                        fused.InputRule(weight, fused.MODE_LISTED, key=key, equal=start, listed=selection["listed"])
+                    )
                     continue
                 equal_here = selection["equal_counts"][call.chunk]
                 need = max(0, min(equal_here, selection["missing"] - start))
-                rules.append(fused.InputRule(weight, fused.MODE_MAGNITUDE, key=key, equal=_equal_policy(need, equal_here)))
+                rules.append(
+                    fused.InputRule(weight, fused.MODE_MAGNITUDE, key=key, equal=_equal_policy(need, equal_here))
+                )
         return fused.merge(
             call.base,
             call.tensors,
@@ -541,7 +564,12 @@ def task_vector_chunked(variant: TaskVectorVariant) -> ChunkedForm:
         )
 
     def fused_kernels(dtype, count):
-        return dtype in fused.DTYPES and 1 <= count <= 4 and fused.available() and variant.sparsifier in ("none", "magnitude", "random")
+        return (
+            dtype in fused.DTYPES
+            and 1 <= count <= 4
+            and fused.available()
+            and variant.sparsifier in ("none", "magnitude", "random")
+        )
 
     return ChunkedForm(passes=passes, apply=apply, stats=stats, combine=combine, fused=fused_kernels)
 

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from common.graph import Task
 from mkmerge.vocab.rows import PADDING, DefaultRow, RowSources
+from mksuite.common.graph import Task
 
 
 def mean_row(tensors: Sequence[torch.Tensor], sources: DefaultRow, like: torch.Tensor) -> torch.Tensor:

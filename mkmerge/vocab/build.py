@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from common.errors import MergeError
 from mkmerge.vocab.strip import strip_tokenizer
+from mksuite.common.errors import MergeError
 
 if TYPE_CHECKING:  # transformers and tokenizers take ~1.3 s to import: only runs that build tokenizers pay
     from tokenizers import AddedToken
@@ -92,7 +92,9 @@ def union_tokenizer(base, base_limit: int | None, inputs: Sequence[TokenizerInpu
         if entry.tokenizer is None:
             continue  # assumed to share the base vocabulary
         added = entry.tokenizer.added_tokens_decoder
-        for token, index in sorted(vocabulary_below(entry.tokenizer.get_vocab(), entry.limit).items(), key=lambda kv: kv[1]):
+        for token, index in sorted(
+            vocabulary_below(entry.tokenizer.get_vocab(), entry.limit).items(), key=lambda kv: kv[1]
+        ):
             definition = added.get(index)
             if token in known:
                 if definition is not None and token in defined:

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 
 import jinja2
 
-from common.errors import RecipeError
+from mksuite.common.errors import RecipeError
 
 # Special tokens may be unset on a tokenizer; `x or ''` keeps "None" out of the prompt.
 _BOS = "{{- bos_token or '' -}}"

@@ -7,10 +7,10 @@ import shutil
 import warnings
 from pathlib import Path
 
-from common.errors import MergeError
-from common.writing import copy_tokenizer_files
-from common.writing.model_files import TAGALONG_FILES
 from mkmerge.vocab.build import load_tokenizer
+from mksuite.common.errors import MergeError
+from mksuite.common.writing import copy_tokenizer_files
+from mksuite.common.writing.model_files import TAGALONG_FILES
 
 # Files that belong next to a tokenizer but are not written by its save_pretrained.
 COMPANION_FILES = ("generation_config.json", *TAGALONG_FILES)

@@ -14,11 +14,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from common.arch import ArchitectureDefinition, WeightInfo, get_config_value
-from common.errors import MergeError, MissingTensorError, RecipeError, ShapeMismatchError
-from common.graph import CastTensor, LoadTensor, Task
-from common.input_models import InputModel, open_input_models
-from common.loading import ModelReference, resolve_model_path
 from mkmerge.recipe_schema import ModelTokenEmbedding, TokenEmbedding, ZeroEmbedding
 from mkmerge.vocab.align import AlignVocabulary
 from mkmerge.vocab.build import (
@@ -31,6 +26,11 @@ from mkmerge.vocab.build import (
 from mkmerge.vocab.chat_templates import BUILTIN_TEMPLATES, check_jinja, most_common_template
 from mkmerge.vocab.rows import Member, RowSources, TokenRule, row_sources
 from mkmerge.vocab.strip import strip_tokenizer
+from mksuite.common.arch import ArchitectureDefinition, WeightInfo, get_config_value
+from mksuite.common.errors import MergeError, MissingTensorError, RecipeError, ShapeMismatchError
+from mksuite.common.graph import CastTensor, LoadTensor, Task
+from mksuite.common.input_models import InputModel, open_input_models
+from mksuite.common.loading import ModelReference, resolve_model_path
 
 _LISTED = 5  # tokens named in a warning before "and N more"
 
@@ -258,7 +258,9 @@ def _output_tokenizer(source, base_ref: ModelReference, models, cache: Tokenizer
     if source == "base":
         return strip_tokenizer(cache.copy(base.path, model=str(base_ref)), _model_limit(base), model=str(base_ref))
     if source == "union":
-        inputs = [TokenizerInput(str(ref), cache.get(m.path, model=str(ref)), _model_limit(m)) for ref, m in models.items()]
+        inputs = [
+            TokenizerInput(str(ref), cache.get(m.path, model=str(ref)), _model_limit(m)) for ref, m in models.items()
+        ]
         base_copy = cache.copy(base.path, model=str(base_ref))
         return union_tokenizer(base_copy, _model_limit(base), inputs, base_model=str(base_ref))
     path = models[source].path if source in models else resolve_model_path(source, cache_dir=cache_dir)

@@ -67,7 +67,9 @@ class RowSources:
         return self.size == rows and not self.defaults and self.own == array("q", range(rows)).tobytes()
 
 
-def automatic_default(token: str, members: Sequence[Member], participants: Sequence[int], base: int | None) -> DefaultRow:
+def automatic_default(
+    token: str, members: Sequence[Member], participants: Sequence[int], base: int | None
+) -> DefaultRow:
     """SPEC §3.4's automatic default embedding of ``token``.
 
     The only holder's row; zeros when no one has it; the base's row when the base has it;

@@ -13,8 +13,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-
-from common.errors import MergeError
+from mksuite.common.errors import MergeError
 
 # tokenizer_config.json keys naming one special token each.
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
@@ -51,7 +50,9 @@ def strip_tokenizer(tokenizer, limit: int | None, *, model: str):
         stripped = AutoTokenizer.from_pretrained(scratch)
     if unset:
         listing = ", ".join(f"{key} {token!r}" for key, token in unset.items())
-        warnings.warn(f"the tokenizer of {model} names special tokens beyond its vocab_size; unset: {listing}", stacklevel=2)
+        warnings.warn(
+            f"the tokenizer of {model} names special tokens beyond its vocab_size; unset: {listing}", stacklevel=2
+        )
     left = [token for token, index in stripped.get_vocab().items() if index >= limit]
     if left:
         raise MergeError(
