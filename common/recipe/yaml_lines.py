@@ -42,7 +42,25 @@ _FLOAT_WITH_EXPONENT = re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]
 
 
 class _LineLoader(yaml.SafeLoader):
-    """SafeLoader with YAML 1.2 exponent floats; line tracking happens in :func:`_build`."""
+    """SafeLoader with YAML 1.2 exponent floats and a nesting bound; lines are recorded in :class:`_Builder`."""
+
+    source_name: str | None = None
+    _depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        # The composer recurses per nesting level: bound it before Python's stack gives out.
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise RecipeError(
+                    f"the recipe nests lists or mappings more than {MAX_DEPTH} levels deep",
+                    line=self.peek_event().start_mark.line + 1,
+                    file=self.source_name,
+                    hint=_LIMIT_HINT,
+                )
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
 
 _LineLoader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_WITH_EXPONENT, list("-+0123456789"))
@@ -105,6 +123,7 @@ def load_documents(text: str, *, source_name: str | None = None) -> list[YamlDoc
     """Parse every document in ``text``; malformed YAML raises RecipeError with its line."""
     check_recipe_size(text, source_name=source_name)
     loader = _LineLoader(text)
+    loader.source_name = source_name
     budget = _NodeBudget(source_name)
     try:
         documents = []
