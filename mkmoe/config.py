@@ -14,7 +14,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any
 
-import torch
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -52,7 +51,7 @@ RANDOM_GATE_MODES = frozenset({"random", "uniform_random"})
 # mergekit matches `architecture` as a case-insensitive prefix of these names, in this order.
 ARCHITECTURE_NAMES = {"mixtral": "Mixtral", "deepseek": "DeepSeek MoE", "qwen": "Qwen MoE", "qwen3": "Qwen3 MoE"}
 ARCHITECTURE_ALIASES = {"qwen2": "qwen", "qwen2_moe": "qwen", "qwen3_moe": "qwen3"}
-OUTPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+OUTPUT_DTYPE_NAMES = ("float32", "float16", "bfloat16")
 ACKNOWLEDGE_FLAG = "--i-understand-this-is-not-useful-without-training"
 
 
@@ -151,8 +150,8 @@ class MoeConfig(BaseModel):
 
     @field_validator("dtype")
     @classmethod
-    def _float_dtype(cls, value: torch.dtype | None) -> torch.dtype | None:
-        if value is not None and value not in OUTPUT_DTYPES:
+    def _float_dtype(cls, value: Any) -> Any:
+        if value is not None and str(value).removeprefix("torch.") not in OUTPUT_DTYPE_NAMES:
             raise FieldProblem(f"{value} is not a floating-point dtype", hint="use float32, float16 or bfloat16")
         return value
 

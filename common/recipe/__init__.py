@@ -31,7 +31,7 @@ from mksuite.common.recipe.parameters import (
 )
 from mksuite.common.recipe.suggest import closest, is_slip_of, suggestion
 from mksuite.common.recipe.text import read_recipe_file
-from mksuite.common.recipe.values import DTYPES, DType, ModelRef, dtype_from_name, model_reference
+from mksuite.common.recipe.values import DTYPE_NAMES, DType, ModelRef, dtype_from_name, dtypes, model_reference
 from mksuite.common.recipe.yaml_lines import (
     MAX_DEPTH,
     MAX_NODES,
@@ -46,6 +46,7 @@ from mksuite.common.recipe.yaml_lines import (
 __all__ = [
     "CONDITIONAL_KEYS",
     "DTYPES",
+    "DTYPE_NAMES",
     "MAX_DEPTH",
     "MAX_NODES",
     "MAX_RECIPE_BYTES",
@@ -62,6 +63,7 @@ __all__ = [
     "closest",
     "document_mapping",
     "dtype_from_name",
+    "dtypes",
     "duplicate_key_warnings",
     "emit",
     "format_path",
@@ -76,3 +78,9 @@ __all__ = [
     "unknown_keys",
     "validation_error",
 ]
+
+
+def __getattr__(name: str):
+    if name == "DTYPES":  # built on first use: importing the recipe layer needs no torch
+        return dtypes()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -2,27 +2,40 @@
 
 Each is an ``Annotated`` type whose validator raises :class:`FieldProblem`, so a schema of any
 tool can use it as a field type and get errors anchored at the field's path and line.
+
+torch is imported only when a dtype name is resolved, so reading a recipe (and reporting its
+errors) does not pay torch's start-up cost through this module.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import torch
 from pydantic import PlainValidator
 
 from mksuite.common.errors import RecipeError
-from mksuite.common.loading import ModelReference
+from mksuite.common.loading.reference import ModelReference
 from mksuite.common.recipe.fields import FieldProblem
 from mksuite.common.recipe.suggest import suggestion
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "int64": torch.int64,
-}
+if TYPE_CHECKING:
+    import torch
+
+DTYPE_NAMES = ("float32", "float16", "bfloat16", "int64")
 """Dtype names a recipe may write (optionally prefixed ``torch.``)."""
+
+
+def dtypes() -> dict[str, torch.dtype]:
+    """:data:`DTYPE_NAMES` -> torch dtypes (imports torch)."""
+    import torch
+
+    return {name: getattr(torch, name) for name in DTYPE_NAMES}
+
+
+def __getattr__(name: str) -> Any:
+    if name == "DTYPES":  # the table, built on first use so that importing this module needs no torch
+        return dtypes()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def model_reference(value: Any) -> ModelReference:
@@ -42,13 +55,14 @@ def dtype_from_name(value: Any) -> torch.dtype:
     """``"bfloat16"`` or ``"torch.bfloat16"`` -> ``torch.bfloat16``; FieldProblem otherwise."""
     if isinstance(value, str):
         name = value.removeprefix("torch.")
-        if name in DTYPES:
-            return DTYPES[name]
+        if name in DTYPE_NAMES:
+            return dtypes()[name]
     raise FieldProblem(
-        f"unknown dtype {value!r}; accepted: {', '.join(DTYPES)} (optionally prefixed `torch.`)",
-        hint=suggestion(str(value).removeprefix("torch."), DTYPES),
+        f"unknown dtype {value!r}; accepted: {', '.join(DTYPE_NAMES)} (optionally prefixed `torch.`)",
+        hint=suggestion(str(value).removeprefix("torch."), DTYPE_NAMES),
     )
 
 
 ModelRef = Annotated[ModelReference, PlainValidator(model_reference)]
-DType = Annotated[torch.dtype, PlainValidator(dtype_from_name)]
+DType = Annotated[Any, PlainValidator(dtype_from_name)]
+"""A ``torch.dtype`` field, given by name in the recipe."""
