@@ -13,17 +13,14 @@ itself (and silence the standard channel) or rely on the default display.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass
-from typing import Any, get_args, get_origin
+from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from mkmerge.parameters import CONDITIONAL_KEYS, SettingProblem
+from mkmerge.recipe_legacy import modernize
 from mkmerge.recipe_schema import (
     TOKEN_SOURCE_KEYS,
-    FieldProblem,
     InputModel,
     InputSlice,
     LayerRange,
@@ -36,8 +33,22 @@ from mkmerge.recipe_schema import (
     TokenizerBlock,
     ZeroEmbedding,
 )
-from mkmerge.yaml_lines import LineTable, Path, YamlDocument, format_path, load_document
-from mksuite.common.errors import RecipeError, did_you_mean
+from mksuite.common.errors import RecipeError
+from mksuite.common.recipe import (
+    CONDITIONAL_KEYS,
+    UnknownKey,
+    YamlDocument,
+    document_mapping,
+    duplicate_key_warnings,
+    emit,
+    format_path,
+    is_slip_of,
+    load_document,
+    unknown_key_warning,
+    unknown_keys,
+    validation_error,
+)
+from mksuite.common.recipe.yaml_lines import LineTable, Path
 
 __all__ = [
     "DEFAULT_PARAMETER_NAMES",
@@ -56,8 +67,8 @@ __all__ = [
     "recipe_from_document",
 ]
 
-# Every parameter name some method reads (SPEC §1.7 and §2). Used to flag typos such as
-# `wieght` when the caller does not pass the chosen method's own names.
+# Parameter names methods read, beyond those the method registry declares today: recipes carry
+# them and they must not be warned about (kept until every method declares its own).
 DEFAULT_PARAMETER_NAMES = frozenset(
     {
         "weight", "density", "gamma", "epsilon", "normalize", "rescale", "lambda", "int8_mask",
@@ -65,8 +76,6 @@ DEFAULT_PARAMETER_NAMES = frozenset(
         "max_iter", "tol", "select_topk", "filter_wise", "r", "alpha",
     }
 )  # fmt: skip
-
-_MAX_LISTED_PROBLEMS = 5
 
 
 def parse_recipe(
@@ -79,7 +88,9 @@ def parse_recipe(
     """Parse and validate one recipe; RecipeError (field, line, file) on any problem.
 
     ``known_parameters``: parameter names that are not warned about as unknown; defaults to
-    :data:`DEFAULT_PARAMETER_NAMES` (pass the chosen method's names for sharper warnings).
+    every name some registered method reads. Independently of it, a parameter name no method
+    reads that is one slip away from a name the chosen method takes (``densty``) is an error:
+    running with the default instead would silently give another model.
     """
     document = load_document(text, source_name=source_name)
     return recipe_from_document(
@@ -100,35 +111,21 @@ def recipe_from_document(
     known_parameters: Collection[str] | None = None,
 ) -> MergeRecipe:
     """Validate one already-loaded YAML document (one stage of a multi-document file)."""
-    data = document.data
-    if data is None:
-        raise RecipeError(
-            "the recipe is empty", file=source_name, hint="a recipe needs at least `merge_method` and `models`"
-        )
-    if not isinstance(data, dict):
-        raise RecipeError(
-            f"a recipe must be a YAML mapping of `key: value` lines, not a {type(data).__name__}",
-            line=document.start_line,
-            file=source_name,
-        )
-    names = DEFAULT_PARAMETER_NAMES if known_parameters is None else frozenset(known_parameters)
-    unknown = _unknown_keys(data, MergeRecipe, (), names)
-    found = [_unknown_key_warning(key, document.lines) for key in unknown]
-    found += [
-        RecipeWarning(
-            f"`{format_path(dup.path)}` is given twice (lines {dup.first_line} and {dup.second_line}); "
-            "the later value is used",
-            field=format_path(dup.path),
-            line=dup.second_line,
-        )
-        for dup in document.duplicates
-    ]
-    for warning in found:
-        warnings.warn(warning, stacklevel=3)
+    data = document_mapping(
+        document, what="recipe", source_name=source_name, hint="a recipe needs at least `merge_method` and `models`"
+    )
+    data, found = modernize(data, document.lines)
+    taken = _method_parameters(data.get("merge_method"))
+    names = _all_parameter_names() if known_parameters is None else frozenset(known_parameters)
+    unknown = unknown_keys(data, MergeRecipe, rule=_schema_rule(names, taken))
+    _refuse_parameter_slips(unknown, data.get("merge_method"), taken, document.lines, source_name)
+    found += [unknown_key_warning(key, document.lines) for key in unknown]
+    found += duplicate_key_warnings(document)
+    emit(found, stacklevel=3)
     try:
         recipe = MergeRecipe.model_validate(data, context={"known_methods": frozenset(known_methods)})
     except ValidationError as exc:
-        raise _recipe_error(exc, document.lines, source_name, unknown) from None
+        raise validation_error(exc, document.lines, source_name, unknown) from None
     recipe._text = text
     recipe._source_name = source_name
     recipe._lines = document.lines
@@ -136,190 +133,82 @@ def recipe_from_document(
     return recipe
 
 
-# --- unknown keys -------------------------------------------------------------------------
+# --- parameter names ----------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _UnknownKey:
-    path: Path
-    known: tuple[str, ...]
+def _method_parameters(method: Any) -> tuple[str, ...]:
+    """Names the chosen method takes, from the method registry; () for an unknown method."""
+    from mkmerge.methods import METHODS  # the registry imports the math; only needed here
 
-    @property
-    def hint(self) -> str | None:
-        return did_you_mean(str(self.path[-1]), self.known)
+    entry = METHODS.get(method) if isinstance(method, str) else None
+    return tuple(spec.name for spec in entry.parameters) if entry is not None else ()
 
 
-def _unknown_keys(data: Any, model: type[BaseModel], path: Path, parameter_names: frozenset[str]) -> list[_UnknownKey]:
-    """Keys the schema ignores, found by walking the raw data alongside the model classes."""
-    if not isinstance(data, Mapping):
-        return []  # wrong shapes are validation errors, reported separately
-    found: list[_UnknownKey] = []
-    known = tuple(model.model_fields)
-    for key, value in data.items():
-        child = path + (key,)
-        if key not in model.model_fields:
-            found.append(_UnknownKey(child, known))
-        elif key == "parameters":
-            found += _unknown_parameter_keys(value, child, parameter_names)
-        elif model is TokenEmbedding and key == "source":
-            found += _unknown_token_source_keys(value, child)
-        else:
-            found += _unknown_nested(value, model.model_fields[key].annotation, child, parameter_names)
-    return found
+def _all_parameter_names() -> frozenset[str]:
+    from mkmerge.methods import METHODS
+
+    return DEFAULT_PARAMETER_NAMES | {spec.name for entry in METHODS.values() for spec in entry.parameters}
 
 
-def _unknown_nested(value: Any, annotation: Any, path: Path, parameter_names: frozenset[str]) -> list[_UnknownKey]:
-    """Descend into a field whose annotation holds schema models (directly, in tuples or dicts)."""
-    origin, args = get_origin(annotation), get_args(annotation)
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return _unknown_keys(value, annotation, path, parameter_names)
-    if origin is tuple and isinstance(value, list):
-        return [
-            key
-            for index, item in enumerate(value)
-            for key in _unknown_nested(item, args[0], path + (index,), parameter_names)
-        ]
-    if origin is dict and isinstance(value, Mapping):
-        return [
-            key
-            for name, item in value.items()
-            for key in _unknown_nested(item, args[1], path + (name,), parameter_names)
-        ]
-    if args and origin not in (tuple, dict):  # Optional[...] and other unions
-        return [key for arg in args for key in _unknown_nested(value, arg, path, parameter_names)]
-    return []
+def _refuse_parameter_slips(
+    unknown: list[UnknownKey], method: Any, taken: tuple[str, ...], lines: LineTable, source_name: str | None
+) -> None:
+    """A parameter no method reads, one slip from a name ``method`` takes: stop, do not default."""
+    readers = _all_parameter_names()
+    for key in unknown:
+        if not _is_parameter_name(key.path) or key.name in readers:
+            continue
+        match = next((name for name in key.known if name in taken and is_slip_of(key.name, name)), None)
+        if match is None:
+            continue
+        raise RecipeError(
+            f"parameter `{key.name}` is not read by any merge method, but `{method}` takes `{match}`; "
+            f"the merge would ignore this value and run with `{match}` unset or at its default",
+            field=format_path(key.path),
+            line=lines.exact(key.path),
+            file=source_name,
+            hint=f"did you mean `{match}`?",
+        )
 
 
-def _unknown_parameter_keys(value: Any, path: Path, parameter_names: frozenset[str]) -> list[_UnknownKey]:
+def _is_parameter_name(path: Path) -> bool:
+    return len(path) >= 2 and path[-2] == "parameters"
+
+
+def _schema_rule(names: frozenset[str], taken: tuple[str, ...]):
+    """Free-form parts of the schema: parameter names and token-embedding sources."""
+    # The chosen method's own names first: a hint should name what this recipe can use.
+    candidates = tuple(taken) + tuple(sorted(names - set(taken)))
+
+    def rule(model: type[BaseModel], key: str, value: Any, path: Path) -> list[UnknownKey] | None:
+        if key == "parameters":
+            return _unknown_parameter_keys(value, path, names, candidates)
+        if model is TokenEmbedding and key == "source":
+            return _unknown_token_source_keys(value, path)
+        return None
+
+    return rule
+
+
+def _unknown_parameter_keys(
+    value: Any, path: Path, names: frozenset[str], candidates: tuple[str, ...]
+) -> list[UnknownKey]:
     if not isinstance(value, Mapping):
         return []
     found = []
     for name, setting in value.items():
-        if name not in parameter_names:
-            found.append(_UnknownKey(path + (name,), tuple(sorted(parameter_names))))
+        if name not in names:
+            found.append(UnknownKey(path + (name,), candidates))
         entries = [(path + (name,), setting)] if isinstance(setting, Mapping) else []
         if isinstance(setting, list):
             entries = [(path + (name, index), item) for index, item in enumerate(setting) if isinstance(item, Mapping)]
         for entry_path, entry in entries:
-            found += [
-                _UnknownKey(entry_path + (key,), CONDITIONAL_KEYS) for key in entry if key not in CONDITIONAL_KEYS
-            ]
+            found += [UnknownKey(entry_path + (key,), CONDITIONAL_KEYS) for key in entry if key not in CONDITIONAL_KEYS]
     return found
 
 
-def _unknown_token_source_keys(value: Any, path: Path) -> list[_UnknownKey]:
+def _unknown_token_source_keys(value: Any, path: Path) -> list[UnknownKey]:
     if not (isinstance(value, Mapping) and value.get("kind") in TOKEN_SOURCE_KEYS):
         return []  # model references check their own keys
     known = TOKEN_SOURCE_KEYS[value["kind"]]
-    return [_UnknownKey(path + (key,), known) for key in value if key not in known]
-
-
-def _unknown_key_warning(unknown: _UnknownKey, lines: LineTable) -> RecipeWarning:
-    key, parent = unknown.path[-1], unknown.path[:-1]
-    where = f" in `{format_path(parent)}`" if parent else ""
-    hint = unknown.hint
-    message = f"unknown key `{key}`{where} is ignored" + (f"; {hint}" if hint else "")
-    return RecipeWarning(message, field=format_path(unknown.path), line=lines.exact(unknown.path), hint=hint)
-
-
-# --- validation errors --------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Problem:
-    path: Path
-    line: int | None
-    reason: str
-    hint: str | None
-
-
-def _recipe_error(
-    exc: ValidationError, lines: LineTable, source_name: str | None, unknown: list[_UnknownKey]
-) -> RecipeError:
-    problems = sorted(
-        (_problem(error, lines) for error in exc.errors() if not _spurious(error)),
-        key=lambda problem: (problem.line is None, problem.line or 0),
-    )
-    first = problems[0]
-    message = first.reason
-    if len(problems) > 1:
-        others = [f"`{format_path(p.path) or '(top level)'}` (line {p.line}): {p.reason}" for p in problems[1:]]
-        shown = others[:_MAX_LISTED_PROBLEMS]
-        more = f"; and {len(others) - len(shown)} more" if len(others) > len(shown) else ""
-        message += f". Also: {'; '.join(shown)}{more}"
-    hints = [first.hint] if first.hint else []
-    hints += _misspelling_hints(first.path, unknown, lines)
-    return RecipeError(
-        message,
-        field=format_path(first.path) or None,
-        line=first.line,
-        file=source_name,
-        hint="; ".join(hints) or None,
-    )
-
-
-def _spurious(error: Mapping[str, Any]) -> bool:
-    """pydantic adds `too_short` to a non-empty list whose items all failed; those are reported already."""
-    if error["type"] != "too_short":
-        return False
-    minimum = (error.get("ctx") or {}).get("min_length", 1)
-    return isinstance(error["input"], list | dict) and len(error["input"]) >= minimum
-
-
-def _problem(error: Mapping[str, Any], lines: LineTable) -> _Problem:
-    loc = tuple(error["loc"])
-    cause = (error.get("ctx") or {}).get("error")
-    if isinstance(cause, FieldProblem):
-        candidates = [loc + alt for alt in cause.alternatives] or [loc + cause.subpath]
-        path = max(candidates, key=lambda p: lines.nearest(p) or 0)
-        return _Problem(path, lines.nearest(path), cause.reason, cause.hint)
-    if isinstance(cause, SettingProblem):
-        path = loc + cause.subpath
-        return _Problem(path, lines.nearest(path), cause.reason, cause.hint)
-    if loc and loc[-1] == "[key]":
-        # pydantic reports the key as an int position; use the key itself.
-        path = loc[:-2] + (error["input"],)
-        return _Problem(
-            path,
-            lines.nearest(path),
-            f"key {error['input']!r} must be a string",
-            "quote it: YAML reads unquoted numbers, yes/no, on/off and null as other types",
-        )
-    hint = None
-    if error["type"] in ("model_type", "model_attributes_type") and isinstance(error["input"], str):
-        hint = f"list entries are mappings: write `- model: {error['input']}`"
-    return _Problem(loc, lines.nearest(loc), _reason(error), hint)
-
-
-_REASONS = {
-    "missing": "is required but missing",
-    "string_type": "must be a string",
-    "int_type": "must be a whole number",
-    "bool_type": "must be true or false",
-    "tuple_type": "must be a list (`- item` lines or `[a, b]`)",
-    "list_type": "must be a list (`- item` lines or `[a, b]`)",
-    "dict_type": "must be a mapping (`key: value` lines)",
-    "model_type": "must be a mapping (`key: value` lines)",
-    "model_attributes_type": "must be a mapping (`key: value` lines)",
-    "too_short": "must not be empty",
-}
-
-
-def _reason(error: Mapping[str, Any]) -> str:
-    reason = _REASONS.get(error["type"])
-    if reason is None:
-        return error["msg"]
-    value = error["input"]
-    if error["type"] != "missing" and not isinstance(value, list | dict):
-        reason += f", got {value!r}"
-    return reason
-
-
-def _misspelling_hints(path: Path, unknown: list[_UnknownKey], lines: LineTable) -> list[str]:
-    """Unknown keys next to the failing field, e.g. `modle` when `model` is missing."""
-    near = (path, path[:-1])
-    return [
-        f"`{key.path[-1]}` (line {lines.exact(key.path)}) is not a known key; {key.hint}"
-        for key in unknown
-        if key.path[:-1] in near and key.hint
-    ]
+    return [UnknownKey(path + (key,), known) for key in value if key not in known]

@@ -1,18 +1,17 @@
-"""The typed, frozen shape of a mergekit-yaml recipe (SPEC §1.1–§1.4, §3.3).
+"""The typed, frozen shape of a mergekit-yaml recipe.
 
 Validators here raise :class:`FieldProblem` (a ValueError carrying a sub-path and a hint);
-:mod:`mkmerge.recipe` turns pydantic's errors into one RecipeError with field path and line.
+:mod:`mksuite.common.recipe.fields` turns pydantic's errors into one RecipeError with field path and line.
 Unknown keys are ignored by the models (``extra="ignore"``) and reported as warnings by the
 parser, as mergekit ignores them too.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, NamedTuple, TypeAlias
 
-import torch
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -28,69 +27,21 @@ from pydantic import (
     model_validator,
 )
 
-from mkmerge.parameters import ParameterSetting, setting_from_raw
-from mkmerge.yaml_lines import LineTable
-from mksuite.common.errors import RecipeError, did_you_mean
+from mksuite.common.errors import did_you_mean
 from mksuite.common.loading import ModelReference
+from mksuite.common.recipe import (
+    DType,
+    FieldProblem,
+    LineTable,
+    ModelRef,
+    ParameterSetting,
+    RecipeWarning,
+    model_reference,
+    setting_from_raw,
+)
 
-
-class RecipeWarning(UserWarning):
-    """Something in the recipe is suspicious but not fatal (an unknown key, a duplicate key).
-
-    Carries the recipe ``field`` path, its ``line``, and for unknown keys the ``hint``
-    naming the nearest known key ("did you mean `parameters`?") when there is one.
-    """
-
-    def __init__(self, message: str, *, field: str, line: int | None, hint: str | None = None):
-        super().__init__(message)
-        self.message = message
-        self.field = field
-        self.line = line
-        self.hint = hint
-
-
-class FieldProblem(ValueError):
-    """A validation failure at ``subpath`` below the value being validated.
-
-    With several ``alternatives`` (sub-paths of keys that conflict), the error is reported
-    at whichever of them comes last in the file.
-    """
-
-    def __init__(
-        self,
-        reason: str,
-        *,
-        subpath: tuple[Hashable, ...] = (),
-        alternatives: tuple[tuple[Hashable, ...], ...] = (),
-        hint: str | None = None,
-    ):
-        super().__init__(reason)
-        self.reason = reason
-        self.subpath = subpath
-        self.alternatives = alternatives
-        self.hint = hint
-
-
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "int64": torch.int64,
-}
 TOKENIZER_SOURCE_KEYWORDS = ("union", "base")
 BUILTIN_CHAT_TEMPLATES = ("auto", "alpaca", "chatml", "llama3", "mistral", "exaone")
-
-
-def _model_reference(value: Any) -> ModelReference:
-    marker = "@ref"
-    try:
-        return ModelReference.parse(value, field=marker)
-    except RecipeError as error:
-        # Re-anchor the reference's own sub-field (e.g. `.lora.path`) under the recipe path.
-        sub = (error.field or marker).removeprefix(marker).lstrip(".")
-        reason = error.message.removeprefix(f"field `{error.field}`: ")
-        subpath = tuple(sub.split(".")) if sub else ()
-        raise FieldProblem(reason, subpath=subpath, hint=error.hint) from None
 
 
 def _setting(value: Any) -> ParameterSetting:
@@ -99,17 +50,6 @@ def _setting(value: Any) -> ParameterSetting:
 
 def _none_to_empty(value: Any) -> Any:
     return {} if value is None else value
-
-
-def _dtype(value: Any) -> torch.dtype:
-    if isinstance(value, str):
-        name = value.removeprefix("torch.")
-        if name in DTYPES:
-            return DTYPES[name]
-    raise FieldProblem(
-        f"unknown dtype {value!r}; accepted: {', '.join(DTYPES)} (optionally prefixed `torch.`)",
-        hint=did_you_mean(str(value).removeprefix("torch."), DTYPES),
-    )
 
 
 class LayerRange(NamedTuple):
@@ -146,7 +86,7 @@ def _layer_range(value: Any) -> LayerRange:
 def _tokenizer_source(value: Any) -> str | ModelReference:
     if isinstance(value, str) and value in TOKENIZER_SOURCE_KEYWORDS:
         return value
-    return _model_reference(value)
+    return model_reference(value)
 
 
 @dataclass(frozen=True)
@@ -169,7 +109,7 @@ TOKEN_SOURCE_KEYS = {"zero": ("kind",), "model_token": ("kind", "model", "token"
 
 def _token_embedding_source(value: Any) -> TokenEmbeddingSource:
     if not (isinstance(value, Mapping) and "kind" in value):
-        return _model_reference(value)
+        return model_reference(value)
     kind = value["kind"]
     if kind == "zero":
         return ZeroEmbedding()
@@ -182,7 +122,7 @@ def _token_embedding_source(value: Any) -> TokenEmbeddingSource:
     if "model" not in value:
         raise FieldProblem("a `model_token` source needs a `model`", subpath=("model",))
     try:
-        model = _model_reference(value["model"])
+        model = model_reference(value["model"])
     except FieldProblem as problem:
         raise FieldProblem(problem.reason, subpath=("model",) + problem.subpath, hint=problem.hint) from None
     token, token_id = value.get("token"), value.get("token_id")
@@ -195,10 +135,8 @@ def _token_embedding_source(value: Any) -> TokenEmbeddingSource:
     return ModelTokenEmbedding(model, token, token_id)
 
 
-ModelRef = Annotated[ModelReference, PlainValidator(_model_reference)]
 Setting = Annotated[ParameterSetting, PlainValidator(_setting)]
 Parameters = Annotated[dict[StrictStr, Setting], BeforeValidator(_none_to_empty)]
-DType = Annotated[torch.dtype, PlainValidator(_dtype)]
 LayerRangeField = Annotated[LayerRange, PlainValidator(_layer_range)]
 TokenizerSource = Annotated[str | ModelReference, PlainValidator(_tokenizer_source)]
 TokenSourceField = Annotated[TokenEmbeddingSource, PlainValidator(_token_embedding_source)]
@@ -282,7 +220,7 @@ class ModuleRecipe(RecipeModel):
 class TokenEmbedding(RecipeModel):
     """An entry of ``tokenizer.tokens``: where the token's default embedding comes from.
 
-    ``source`` None means the automatic rule (SPEC §3.3 note: ``force`` alone is allowed).
+    ``source`` None means the automatic rule (``force`` alone is allowed).
     """
 
     source: TokenSourceField | None = None
@@ -290,7 +228,7 @@ class TokenEmbedding(RecipeModel):
 
 
 class TokenizerBlock(RecipeModel):
-    """The ``tokenizer:`` block (SPEC §3.3)."""
+    """The ``tokenizer:`` block."""
 
     source: TokenizerSource = "union"
     tokens: Annotated[dict[StrictStr, TokenEmbedding], BeforeValidator(_none_to_empty)] = Field(default_factory=dict)

@@ -12,8 +12,8 @@ from mkmerge.plan import MergePlan, plan_for_run
 from mkmerge.recipe import parse_recipe
 from mkmerge.vocab import write_tokenizer
 from mksuite.common.build import BuildOptions, build_model
-from mksuite.common.errors import RecipeError
 from mksuite.common.graph import ProgressListener, RunStats
+from mksuite.common.recipe import read_recipe_file
 from mksuite.common.writing import write_config, write_model_card
 from mksuite.common.writing.output_dir import OutputDirectory
 
@@ -21,12 +21,7 @@ RECIPE_COPY = "mergekit_config.yml"
 
 
 def read_recipe_text(path: Path) -> str:
-    try:
-        return Path(path).read_text()
-    except FileNotFoundError:
-        raise RecipeError(f"recipe file {path} does not exist") from None
-    except (IsADirectoryError, UnicodeDecodeError) as error:
-        raise RecipeError(f"cannot read recipe {path}: {error}") from None
+    return read_recipe_file(path)
 
 
 def load_recipe(path: Path):

@@ -42,6 +42,8 @@ class PlannedSlice:
 
 def referenced_models(recipe) -> list[ModelReference]:
     """Every model the recipe names, in document order, base first (the config donor rule)."""
+    if recipe.modules:
+        raise _modules_refusal(recipe)  # before any model is looked up
     refs: list[ModelReference] = []
     if recipe.base_model is not None:
         refs.append(recipe.base_model)
@@ -54,18 +56,24 @@ def referenced_models(recipe) -> list[ModelReference]:
     return list(dict.fromkeys(refs))
 
 
+def _modules_refusal(recipe) -> RecipeError:
+    names = ", ".join(f"`{name}`" for name in recipe.modules)
+    return RecipeError(
+        f"`modules:` recipes merge each module of a multi-module model ({names}) by its own recipe; "
+        "the planner does not carry them out yet",
+        field="modules",
+        line=recipe.line_of(("modules",)),
+        file=recipe.source_name,
+        hint="write the recipe with `models:` or `slices:`, which merge every module of the model by one recipe",
+    )
+
+
 def output_slices(recipe, models: Mapping[ModelReference, InputModel]) -> list[PlannedSlice]:
     """Normalise the recipe into output slices, checking layer ranges against model depths."""
     if recipe.models:
         return [_models_slice(recipe, models)]
     if not recipe.slices:
-        raise RecipeError(
-            "`modules:` recipes are for multi-module architectures (vision-language models), "
-            "which this version does not merge",
-            field="modules",
-            line=recipe.line_of(("modules",)),
-            hint="write the recipe with `models:` or `slices:` for single-module language models",
-        )
+        raise _modules_refusal(recipe)
     slices = []
     for i, raw in enumerate(recipe.slices):
         sources = []

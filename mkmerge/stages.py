@@ -1,4 +1,4 @@
-"""Multi-stage recipes (SPEC §1.8): several YAML documents in one file, each a recipe.
+"""Multi-stage recipes: several YAML documents in one file, each a recipe.
 
 A document's ``name`` makes it a stage whose output other documents can use as a model: every
 model reference whose path equals a stage name is rewritten to ``<intermediate dir>/<name>``
@@ -29,10 +29,9 @@ import yaml
 from mkmerge.methods import METHODS
 from mkmerge.recipe import MergeRecipe, recipe_from_document
 from mkmerge.recipe_schema import TOKENIZER_SOURCE_KEYWORDS
-from mkmerge.run import read_recipe_text
-from mkmerge.yaml_lines import YamlDocument, load_documents
 from mksuite.common.errors import MkError, RecipeError
 from mksuite.common.loading import ModelReference
+from mksuite.common.recipe import YamlDocument, load_documents, read_recipe_file
 
 STAGES_SUFFIX = ".stages"
 
@@ -60,7 +59,7 @@ def stage_label(document: int, name: str | None) -> str:
 def load_stages(path: Path, *, out: Path, intermediate_dir: Path | None = None) -> list[Stage]:
     """Read a recipe file (one document or several) into stages; see :func:`parse_stages`."""
     return parse_stages(
-        read_recipe_text(path),
+        read_recipe_file(path),
         out=out,
         known_methods=METHODS.keys(),
         source_name=str(path),

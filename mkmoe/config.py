@@ -1,4 +1,4 @@
-"""The mergekit-moe config: typed schema, validation with field paths and lines (SPEC §5.1).
+"""The mergekit-moe config: typed schema, validation with field paths and lines .
 
 ``parse_moe_config`` is the edge where config text is trusted to nothing. Everything that can
 be decided from the text alone is checked here, before any model is opened: gate mode,
@@ -11,11 +11,9 @@ need the models' configs (depth, hidden size, input architectures) are checked i
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Annotated, Any
 
-import torch
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -30,10 +28,22 @@ from pydantic import (
     model_validator,
 )
 
-from mkmerge.recipe import _recipe_error
-from mkmerge.recipe_schema import DType, FieldProblem, ModelRef, RecipeWarning
-from mkmerge.yaml_lines import LineTable, format_path, load_document
 from mksuite.common.errors import RecipeError, did_you_mean
+from mksuite.common.recipe import (
+    DType,
+    FieldProblem,
+    LineTable,
+    ModelRef,
+    UnknownKey,
+    document_mapping,
+    emit,
+    format_path,
+    load_document,
+    read_recipe_file,
+    unknown_key_warning,
+    unknown_keys,
+    validation_error,
+)
 
 GATE_MODES = ("hidden", "hidden_avg", "cheap_embed", "random", "uniform_random")
 GATE_MODE_ALIASES = {"hidden_last": "hidden"}
@@ -41,7 +51,7 @@ RANDOM_GATE_MODES = frozenset({"random", "uniform_random"})
 # mergekit matches `architecture` as a case-insensitive prefix of these names, in this order.
 ARCHITECTURE_NAMES = {"mixtral": "Mixtral", "deepseek": "DeepSeek MoE", "qwen": "Qwen MoE", "qwen3": "Qwen3 MoE"}
 ARCHITECTURE_ALIASES = {"qwen2": "qwen", "qwen2_moe": "qwen", "qwen3_moe": "qwen3"}
-OUTPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+OUTPUT_DTYPE_NAMES = ("float32", "float16", "bfloat16")
 ACKNOWLEDGE_FLAG = "--i-understand-this-is-not-useful-without-training"
 
 
@@ -140,8 +150,8 @@ class MoeConfig(BaseModel):
 
     @field_validator("dtype")
     @classmethod
-    def _float_dtype(cls, value: torch.dtype | None) -> torch.dtype | None:
-        if value is not None and value not in OUTPUT_DTYPES:
+    def _float_dtype(cls, value: Any) -> Any:
+        if value is not None and str(value).removeprefix("torch.") not in OUTPUT_DTYPE_NAMES:
             raise FieldProblem(f"{value} is not a floating-point dtype", hint="use float32, float16 or bfloat16")
         return value
 
@@ -226,21 +236,18 @@ def canonical_architecture(name: str) -> str | None:
 def parse_moe_config(text: str, *, source_name: str | None = None, allow_identical_experts: bool = False) -> MoeConfig:
     """Parse and validate one mergekit-moe config; RecipeError (field, line, file) on any problem."""
     document = load_document(text, source_name=source_name)
-    data = document.data
-    if data is None:
-        raise RecipeError("the config is empty", file=source_name, hint="it needs at least `base_model` and `experts`")
-    if not isinstance(data, dict):
-        raise RecipeError(
-            f"a mergekit-moe config must be a YAML mapping of `key: value` lines, not a {type(data).__name__}",
-            line=document.start_line,
-            file=source_name,
-        )
-    for warning in _unknown_keys(data, document.lines):
-        warnings.warn(warning, stacklevel=2)
+    data = document_mapping(
+        document,
+        what="config",
+        kind="mergekit-moe config",
+        source_name=source_name,
+        hint="it needs at least `base_model` and `experts`",
+    )
+    emit([unknown_key_warning(key, document.lines) for key in _unknown_keys(data)], stacklevel=2)
     try:
         config = MoeConfig.model_validate(data, context={"allow_identical_experts": allow_identical_experts})
     except ValidationError as exc:
-        raise _recipe_error(exc, document.lines, source_name, []) from None
+        raise validation_error(exc, document.lines, source_name) from None
     config._text = text
     config._source_name = source_name
     config._lines = document.lines
@@ -249,35 +256,13 @@ def parse_moe_config(text: str, *, source_name: str | None = None, allow_identic
 
 def load_moe_config(path: Path | str, *, allow_identical_experts: bool = False) -> MoeConfig:
     """Read and parse a config file."""
-    try:
-        text = Path(path).read_text()
-    except FileNotFoundError:
-        raise RecipeError(f"config file {path} does not exist") from None
-    except (IsADirectoryError, UnicodeDecodeError) as error:
-        raise RecipeError(f"cannot read config {path}: {error}") from None
+    text = read_recipe_file(path, what="config")
     return parse_moe_config(text, source_name=str(path), allow_identical_experts=allow_identical_experts)
 
 
-def _unknown_keys(data: dict, lines: LineTable) -> list[RecipeWarning]:
+def _unknown_keys(data: dict) -> list[UnknownKey]:
     """mergekit ignores unknown keys; we warn, naming the key, its line and the nearest known one."""
-    found = []
-    groups = [((), data, MoeConfig)]
-    for group in ("experts", "shared_experts"):
-        entries = data.get(group)
-        if isinstance(entries, list):
-            groups += [((group, i), entry, ExpertConfig) for i, entry in enumerate(entries)]
-    for path, mapping, model in groups:
-        if not isinstance(mapping, dict):
-            continue
-        for key in mapping:
-            if key in model.model_fields:
-                continue
-            hint = did_you_mean(str(key), model.model_fields)
-            where = f" in `{format_path(path)}`" if path else ""
-            message = f"unknown key `{key}`{where} is ignored" + (f"; {hint}" if hint else "")
-            field = format_path(path + (key,))
-            found.append(RecipeWarning(message, field=field, line=lines.exact(path + (key,)), hint=hint))
-    return found
+    return unknown_keys(data, MoeConfig)
 
 
 __all__ = [

@@ -234,7 +234,7 @@ def _aliases(entries: list[str]) -> dict[str, str]:
 
 
 def _dtype(name: str | None, option: str) -> str | None:
-    from mkmerge.recipe_schema import DTYPES
+    from mksuite.common.recipe import DTYPES
 
     if name is None:
         return None

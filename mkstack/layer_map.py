@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from mkmerge.parameters import ConditionalEntry
 from mkmerge.slices import output_slices
 from mksuite.common.input_models import InputModel
 from mksuite.common.loading import ModelReference
+from mksuite.common.recipe import ConditionalEntry
 
 
 @dataclass(frozen=True)

@@ -6,14 +6,14 @@ from fractions import Fraction
 
 import pytest
 
-from mkmerge.parameters import (
+from mksuite.common.errors import RecipeError
+from mksuite.common.recipe.parameters import (
     ConditionalEntry,
     evaluate_setting,
     layer_position,
     parse_setting,
     resolve_parameter,
 )
-from mksuite.common.errors import RecipeError
 
 
 def parse(raw):

@@ -448,11 +448,16 @@ def test_misspelled_top_level_key_warns_with_nearest_key_and_line():
     assert recipe.parameters == {}  # ignored, as mergekit does
 
 
-def test_misspelled_parameter_name_warns_with_nearest_name():
-    recipe = parse("merge_method: linear\nmodels:\n  - model: a\n    parameters:\n      wieght: 1\n")
+def test_misspelled_parameter_name_of_the_chosen_method_is_an_error():
+    error = parse_error("merge_method: linear\nmodels:\n  - model: a\n    parameters:\n      wieght: 1\n")
+    assert_points_at(error, "models[0].parameters.wieght", 5)
+    assert error.exit_code == 2 and error.hint == "did you mean `weight`?"
+
+
+def test_parameter_name_far_from_every_name_only_warns():
+    recipe = parse("merge_method: linear\nmodels:\n  - model: a\n    parameters:\n      weight: 1\n      colour: 3\n")
     (warning,) = recipe.warnings
-    assert warning.field == "models[0].parameters.wieght" and warning.line == 5
-    assert warning.hint == "did you mean `weight`?"
+    assert warning.field == "models[0].parameters.colour" and warning.line == 6
 
 
 def test_known_parameters_can_be_narrowed_to_the_method():

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from mkmerge.methods import METHODS
-from mkmerge.parameters import ConditionalEntry
 from mkmerge.recipe import parse_recipe
 from mkstack.config_fixups import SourceLayout, implied_layer_types, rebuild_layer_config
 from mkstack.layer_map import LayerSource
@@ -21,6 +20,7 @@ from mkstack.modes import (
 from mkstack.recipe_text import recipe_text
 from mksuite.common.arch import load_definitions
 from mksuite.common.errors import ArchitectureError, RecipeError
+from mksuite.common.recipe import ConditionalEntry
 
 
 def ranges(slices):

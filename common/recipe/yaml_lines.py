@@ -11,6 +11,11 @@ Two deliberate departures from ``yaml.safe_load``:
   reads it as a string, and parameter values that are strings are rejected; recipes write
   ``epsilon: 1e-5`` often enough that this must simply work. Quoted ``"1e-5"`` stays a string.
 * Duplicate keys in one mapping are reported (the later value still wins, as with safe_load).
+
+Recipes are untrusted text, so loading is bounded: the text's size (:data:`MAX_RECIPE_BYTES`),
+the number of values after aliases and ``<<:`` merge keys are expanded (:data:`MAX_NODES`, which
+stops "billion laughs" alias bombs after a few milliseconds and a few MB) and the nesting depth
+(:data:`MAX_DEPTH`). Real recipes stay orders of magnitude below each bound.
 """
 
 from __future__ import annotations
@@ -26,13 +31,36 @@ from mksuite.common.errors import RecipeError
 
 Path = tuple[Hashable, ...]
 
+MAX_RECIPE_BYTES = 2 * 1024 * 1024
+MAX_NODES = 100_000
+MAX_DEPTH = 64
+_LIMIT_HINT = "recipes are small, hand-written files; check that this is the file you meant"
+
 # YAML 1.2 float syntax, so that `1e-5`, `1E+3` and `-2e4` are numbers. Resolvers are
 # consulted per first character, hence the explicit list.
 _FLOAT_WITH_EXPONENT = re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
 
 
 class _LineLoader(yaml.SafeLoader):
-    """SafeLoader with YAML 1.2 exponent floats; line tracking happens in :func:`_build`."""
+    """SafeLoader with YAML 1.2 exponent floats and a nesting bound; lines are recorded in :class:`_Builder`."""
+
+    source_name: str | None = None
+    _depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        # The composer recurses per nesting level: bound it before Python's stack gives out.
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise RecipeError(
+                    f"the recipe nests lists or mappings more than {MAX_DEPTH} levels deep",
+                    line=self.peek_event().start_mark.line + 1,
+                    file=self.source_name,
+                    hint=_LIMIT_HINT,
+                )
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
 
 _LineLoader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_WITH_EXPONENT, list("-+0123456789"))
@@ -93,13 +121,20 @@ def format_path(path: Path) -> str:
 
 def load_documents(text: str, *, source_name: str | None = None) -> list[YamlDocument]:
     """Parse every document in ``text``; malformed YAML raises RecipeError with its line."""
+    check_recipe_size(text, source_name=source_name)
     loader = _LineLoader(text)
+    loader.source_name = source_name
+    budget = _NodeBudget(source_name)
     try:
         documents = []
         while loader.check_node():
             node = loader.get_node()
-            documents.append(_document_from_node(loader, node, source_name))
+            documents.append(_document_from_node(loader, node, source_name, budget))
         return documents
+    except RecursionError:
+        raise RecipeError(
+            "the recipe nests lists or mappings too deeply to be read", file=source_name, hint=_LIMIT_HINT
+        ) from None
     except yaml.MarkedYAMLError as exc:
         raise _syntax_error(exc, source_name) from None
     except yaml.YAMLError as exc:  # unmarked errors (rare: e.g. bad encoding)
@@ -123,6 +158,36 @@ def load_document(text: str, *, source_name: str | None = None) -> YamlDocument:
     return documents[0]
 
 
+def check_recipe_size(text: str, *, source_name: str | None = None) -> None:
+    """Refuse recipe text over :data:`MAX_RECIPE_BYTES` before any of it is parsed."""
+    if len(text) > MAX_RECIPE_BYTES or len(text.encode("utf-8", "surrogatepass")) > MAX_RECIPE_BYTES:
+        raise RecipeError(
+            f"the recipe is larger than {MAX_RECIPE_BYTES // (1024 * 1024)} MiB, the most a recipe may be",
+            file=source_name,
+            hint=_LIMIT_HINT,
+        )
+
+
+class _NodeBudget:
+    """Counts values built across a file's documents, so expanded aliases cannot grow without bound."""
+
+    def __init__(self, source_name: str | None):
+        self.source_name = source_name
+        self.used = 0
+
+    def spend(self, count: int, node: yaml.Node) -> None:
+        self.used += count
+        if self.used > MAX_NODES:
+            raise RecipeError(
+                f"the recipe expands to more than {MAX_NODES:,} values (YAML aliases `*name` and merge keys "
+                "`<<:` repeat what they point at); refusing to expand it further",
+                line=node.start_mark.line + 1,
+                file=self.source_name,
+                hint='an alias that nests other aliases grows exponentially (a "billion laughs" file); '
+                "write the values out or use fewer nested aliases",
+            )
+
+
 def _syntax_error(exc: yaml.MarkedYAMLError, source_name: str | None) -> RecipeError:
     mark = exc.problem_mark or exc.context_mark
     line = mark.line + 1 if mark is not None else None
@@ -137,8 +202,10 @@ def _syntax_error(exc: yaml.MarkedYAMLError, source_name: str | None) -> RecipeE
     )
 
 
-def _document_from_node(loader: _LineLoader, node: yaml.Node, source_name: str | None) -> YamlDocument:
-    builder = _Builder(loader, source_name)
+def _document_from_node(
+    loader: _LineLoader, node: yaml.Node, source_name: str | None, budget: _NodeBudget
+) -> YamlDocument:
+    builder = _Builder(loader, source_name, budget)
     builder.lines[()] = node.start_mark.line + 1  # problems with the whole document point here
     data = builder.build(node, (), frozenset())
     return YamlDocument(
@@ -152,13 +219,17 @@ def _document_from_node(loader: _LineLoader, node: yaml.Node, source_name: str |
 class _Builder:
     """Turns a composed node graph into dicts/lists, recording lines as it goes."""
 
-    def __init__(self, loader: _LineLoader, source_name: str | None):
+    def __init__(self, loader: _LineLoader, source_name: str | None, budget: _NodeBudget):
         self.loader = loader
         self.source_name = source_name
+        self.budget = budget
         self.lines: dict[Path, int] = {}
         self.duplicates: list[DuplicateKey] = []
 
     def build(self, node: yaml.Node, path: Path, active: frozenset[int]) -> Any:
+        self.budget.spend(1, node)
+        if len(path) > MAX_DEPTH:
+            raise self._error(f"the recipe nests lists or mappings more than {MAX_DEPTH} levels deep", node)
         if isinstance(node, yaml.ScalarNode):
             return self.loader.construct_object(node, deep=True)
         if id(node) in active:
@@ -176,6 +247,8 @@ class _Builder:
         raise self._error(f"unsupported YAML node {node.tag}", node)
 
     def _build_mapping(self, node: yaml.MappingNode, path: Path, active: frozenset[int]) -> dict:
+        # PyYAML's flattening copies merged pairs eagerly, so a merge-key bomb must be sized first.
+        self.budget.spend(_merged_size(node, {}, self.budget, frozenset()), node)
         self.loader.flatten_mapping(node)  # resolves `<<:` merge keys in place, like safe_load
         mapping: dict[Any, Any] = {}
         for key_node, value_node in node.value:
@@ -192,3 +265,25 @@ class _Builder:
 
     def _error(self, message: str, node: yaml.Node) -> RecipeError:
         return RecipeError(message, line=node.start_mark.line + 1, file=self.source_name)
+
+
+def _merged_size(node: yaml.MappingNode, sizes: dict[int, int], budget: _NodeBudget, active: frozenset[int]) -> int:
+    """How many key/value pairs ``<<:`` merge keys bring into ``node`` once flattened."""
+    if id(node) in sizes:
+        return sizes[id(node)]
+    if id(node) in active:
+        raise RecipeError(
+            "the recipe contains a recursive YAML merge key", line=node.start_mark.line + 1, file=budget.source_name
+        )
+    total = 0
+    for key_node, value_node in node.value:
+        if key_node.tag != "tag:yaml.org,2002:merge":
+            continue
+        merged = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
+        for item in merged:
+            if isinstance(item, yaml.MappingNode):
+                total += len(item.value) + _merged_size(item, sizes, budget, active | {id(node)})
+        if total > MAX_NODES:
+            budget.spend(total, node)  # raises with the standard message
+    sizes[id(node)] = total
+    return total
