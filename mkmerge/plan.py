@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 
-from mkmerge.methods import REQUIRED, MergeMethod, get_method
+from mkmerge.methods import METHODS, REQUIRED, MergeMethod, PlannedInputs, get_method
 from mkmerge.methods.chunked import row_chunks
-from mkmerge.methods.sparsifiers import check_sparsifier_parameters
-from mkmerge.methods.task_arithmetic import TASK_VECTOR_VARIANTS
 from mkmerge.parameters import layer_position, resolve_parameter
 from mkmerge.slices import PlannedSlice, SliceSource, output_slices, referenced_models
 from mkmerge.tasks import ChunkStats, CombineStats, MergeTensor
@@ -32,21 +30,10 @@ from mkmerge.vocab import (
 )
 from mksuite.common.arch import ArchitectureDefinition, WeightInfo
 from mksuite.common.build import DEFAULT_CHUNK_BYTES
-from mksuite.common.errors import MergeError, MissingTensorError, RecipeError, ShapeMismatchError
-from mksuite.common.graph import CastTensor, LoadTensor, OutputTensor, ScaleTensor, SliceRows, Task
+from mksuite.common.errors import MissingTensorError, RecipeError, ShapeMismatchError
+from mksuite.common.graph import CastTensor, LoadTensor, OutputTensor, SliceRows, Task
 from mksuite.common.input_models import InputModel, open_input_models
 from mksuite.common.loading import ModelReference
-
-# How a method copes with embedding matrices of different sizes (SPEC §2.0).
-COMMON_SUBMATRIX = {"linear", "slerp", "nuslerp", "model_stock", "arcee_fusion", "karcher"}
-CUT_TO_BASE = {
-    "task_arithmetic", "ties", "dare_linear", "dare_ties",
-    "breadcrumbs", "breadcrumbs_ties", "della", "della_linear",
-}  # fmt: skip
-RANDOM_METHODS = {"dare_linear", "dare_ties", "della", "della_linear", "arcee_fusion"}
-# Methods that need their minimum number of inputs for every tensor: an optional tensor that
-# fewer inputs have is left out of the output (with a warning) instead of merged (SPEC §2.8).
-OMIT_WHEN_FEW_INPUTS = {"model_stock"}
 
 
 @dataclass
@@ -300,7 +287,7 @@ class _TensorPlanner:
         self, output_slice: PlannedSlice, out_weight: WeightInfo, weight_for, t: float
     ) -> list[OutputTensor]:
         """The output tensor (or its row-block parts); empty when it is left out."""
-        base_ref = self.base_of(output_slice) if self.method.base_model != "none" else None
+        base_ref = self.base_of(output_slice) if self.method.uses_base else None
         inputs, missing = [], []
         base_taken = False
         for source in output_slice.sources:
@@ -342,7 +329,7 @@ class _TensorPlanner:
         Only the base having it is not "too few": the method returns the base then.
         """
         method = self.method
-        if method.name not in OMIT_WHEN_FEW_INPUTS or len(inputs) >= method.min_inputs:
+        if not method.needs_min_inputs_per_tensor or len(inputs) >= method.min_inputs:
             return False
         if len(inputs) == 1 and inputs[0].is_base:
             return False
@@ -360,10 +347,10 @@ class _TensorPlanner:
             return inputs
         name = self.method.name
         only_rows_differ = len({shape[1:] for shape in shapes}) == 1
-        aligned = self.vocabulary is not None or name in COMMON_SUBMATRIX or name in CUT_TO_BASE
+        aligned = self.vocabulary is not None or self.method.embeddings != "same"
         if weight.is_embed and only_rows_differ and aligned:
             return inputs  # vocabulary sizes differ: rows are aligned (or cut) in _build
-        if name in CUT_TO_BASE:
+        if self.method.embeddings == "base rows":
             base = next((i for i in inputs if i.is_base), None)
             if base is not None:
                 base_shape = base.model.info(base.name).shape
@@ -384,7 +371,7 @@ class _TensorPlanner:
                 f"tensor {weight.name} has different vocabulary sizes in the inputs ({listing}), and merge "
                 f"method `{name}` cannot cut embeddings to a common size",
                 hint="merge models with the same vocabulary size, or use a method that cuts embeddings: "
-                + ", ".join(sorted(COMMON_SUBMATRIX | CUT_TO_BASE)),
+                + ", ".join(sorted(m.name for m in METHODS.values() if m.embeddings != "same")),
             )
         raise ShapeMismatchError(
             f"tensor {weight.name} has different shapes in the inputs ({listing})",
@@ -400,7 +387,7 @@ class _TensorPlanner:
             value = resolve_parameter(spec.name, levels, inp.name, t)
             if value is None:
                 if spec.default is REQUIRED:
-                    if inp.is_base and self.method.base_model != "none":
+                    if inp.is_base and self.method.uses_base:
                         continue
                     role = "base model" if inp.source.model == self.recipe.base_model else "model"
                     raise RecipeError(
@@ -456,9 +443,17 @@ class _TensorPlanner:
         out_dtype = _dtype_name(weight.force_dtype) or self.recipe.out_dtype or compute
         per_model = [self._params_for(inp, output_slice, t) for inp in inputs]
         params = self._globals(output_slice, weight.name, t)
-        if self.method.name != "passthrough" or len(inputs) != 1:
-            self._check_weights(weight.name, inputs, per_model, params)
-            self._check_sparsifier(weight.name, inputs, per_model, shape)
+        if self.method.check is not None:
+            self.method.check(
+                PlannedInputs(
+                    tensor_name=weight.name,
+                    models=tuple(str(i.source.model) for i in inputs),
+                    is_base=tuple(i.is_base for i in inputs),
+                    per_model=tuple(per_model),
+                    params=params,
+                    shape=tuple(shape),
+                )
+            )
         chunks, passes = self._chunking(shape, compute, inputs, per_model, params, cut=aligned or rows is not None)
         if chunks is None:
             if not aligned:
@@ -501,9 +496,7 @@ class _TensorPlanner:
         passes = form.passes(params, per_model, compute)
         if passes is None:
             return None, 0
-        others = len(inputs) - (
-            0 if self.method.base_model == "none" else 1
-        )  # roughly: a chunking choice, not a result
+        others = len(inputs) - self.method.uses_base  # roughly: a chunking choice, not a result
         if passes and form.fused is not None and form.fused(compute, others):
             chunks = row_chunks(shape, itemsize, self.chunk_bytes * form.fused_chunk_factor)
             if chunks is None:
@@ -516,7 +509,7 @@ class _TensorPlanner:
         """The row-block parts of one output: statistics passes, then one merge per chunk."""
         row_elements = math.prod(shape[1:])
         method = self.method
-        if method.name == "passthrough" and len(inputs) == 1:  # no merge task: load, maybe scale
+        if method.lone_input is not None and len(inputs) == 1:  # no merge task
             outputs = []
             for rows in chunks:
                 task = self._merge_task(
@@ -561,7 +554,7 @@ class _TensorPlanner:
         if len(set(shapes)) == 1 or not weight.is_embed:
             return None, None
         cols = None  # only row counts (vocabulary sizes) may differ here
-        if self.method.name in CUT_TO_BASE:
+        if self.method.embeddings == "base rows":
             base = next(i for i in inputs if i.is_base)
             rows = base.model.info(base.name).shape[0]
         else:
@@ -577,13 +570,12 @@ class _TensorPlanner:
     def _merge_task(
         self, name: str, inputs: list[_Input], tasks: list[Task], per_model: list[dict], params: dict
     ) -> Task:
-        if self.method.name == "passthrough" and len(tasks) == 1:
-            scale = per_model[0].get("scale")
-            return tasks[0] if scale is None or scale == 1.0 else ScaleTensor(tasks[0], float(scale))
+        if self.method.lone_input is not None and len(tasks) == 1:
+            return self.method.lone_input(tasks[0], per_model[0])
         return MergeTensor(inputs=tuple(tasks), **self._merge_fields(name, inputs, per_model, params))
 
     def _merge_fields(self, name: str, inputs: list[_Input], per_model: list[dict], params: dict) -> dict:
-        random = self.method.name in RANDOM_METHODS
+        random = self.method.random
         return dict(
             method=self.method.name,
             base_index=next((k for k, i in enumerate(inputs) if i.is_base), None),
@@ -593,41 +585,6 @@ class _TensorPlanner:
             seed=self.seed if random else 0,
             label=name,
         )
-
-    def _check_weights(self, name: str, inputs: Sequence[_Input], per_model: list[dict], params: dict) -> None:
-        if self.method.name == "linear" and params.get("normalize", True):
-            total = sum(p.get("weight", 0.0) for p in per_model)
-            if total == 0:
-                listing = ", ".join(f"{i.source.model}: {p.get('weight')}" for i, p in zip(inputs, per_model))
-                raise MergeError(
-                    f"the `weight` values of tensor {name} sum to zero, so normalising divides by zero ({listing})",
-                    hint="change the weights, or set `normalize: false`",
-                )
-        if self.method.name == "multislerp" and params.get("normalize_weights", True):
-            others = [(i, p) for i, p in zip(inputs, per_model) if not i.is_base]
-            if len(others) > 1 and sum(p["weight"] for _, p in others) == 0:
-                listing = ", ".join(f"{i.source.model}: {p['weight']}" for i, p in others)
-                raise MergeError(
-                    f"the `weight` values of tensor {name} sum to zero, so normalising them divides by zero "
-                    f"({listing})",
-                    hint="change the weights, or set `normalize_weights: false`",
-                )
-
-    def _check_sparsifier(
-        self, name: str, inputs: Sequence[_Input], per_model: list[dict], shape: tuple[int, ...]
-    ) -> None:
-        """Refuse the densities, gammas and epsilons a task-vector sparsifier would refuse at run time."""
-        variant = TASK_VECTOR_VARIANTS.get(self.method.name)
-        if variant is None:
-            return
-        numel = math.prod(shape)
-        for inp, p in zip(inputs, per_model):
-            if inp.is_base:
-                continue
-            try:
-                check_sparsifier_parameters(variant.sparsifier, p["density"], numel, p)
-            except MergeError as error:
-                raise MergeError(f"{inp.source.model}, tensor {name}: {error.message}", hint=error.hint) from None
 
 
 def _convert(kind: type, value):

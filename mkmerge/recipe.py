@@ -20,6 +20,7 @@ from typing import Any, get_args, get_origin
 
 from pydantic import BaseModel, ValidationError
 
+from mkmerge.methods import parameter_names
 from mkmerge.parameters import CONDITIONAL_KEYS, SettingProblem
 from mkmerge.recipe_schema import (
     TOKEN_SOURCE_KEYS,
@@ -40,7 +41,6 @@ from mkmerge.yaml_lines import LineTable, Path, YamlDocument, format_path, load_
 from mksuite.common.errors import RecipeError, did_you_mean
 
 __all__ = [
-    "DEFAULT_PARAMETER_NAMES",
     "InputModel",
     "InputSlice",
     "LayerRange",
@@ -56,16 +56,6 @@ __all__ = [
     "recipe_from_document",
 ]
 
-# Every parameter name some method reads (SPEC §1.7 and §2). Used to flag typos such as
-# `wieght` when the caller does not pass the chosen method's own names.
-DEFAULT_PARAMETER_NAMES = frozenset(
-    {
-        "weight", "density", "gamma", "epsilon", "normalize", "rescale", "lambda", "int8_mask",
-        "t", "scale", "nuslerp_flatten", "nuslerp_row_wise", "normalize_weights", "eps",
-        "max_iter", "tol", "select_topk", "filter_wise", "r", "alpha",
-    }
-)  # fmt: skip
-
 _MAX_LISTED_PROBLEMS = 5
 
 
@@ -79,7 +69,7 @@ def parse_recipe(
     """Parse and validate one recipe; RecipeError (field, line, file) on any problem.
 
     ``known_parameters``: parameter names that are not warned about as unknown; defaults to
-    :data:`DEFAULT_PARAMETER_NAMES` (pass the chosen method's names for sharper warnings).
+    every name a registered method reads (pass the chosen method's names for sharper warnings).
     """
     document = load_document(text, source_name=source_name)
     return recipe_from_document(
@@ -111,7 +101,7 @@ def recipe_from_document(
             line=document.start_line,
             file=source_name,
         )
-    names = DEFAULT_PARAMETER_NAMES if known_parameters is None else frozenset(known_parameters)
+    names = parameter_names() if known_parameters is None else frozenset(known_parameters)
     unknown = _unknown_keys(data, MergeRecipe, (), names)
     found = [_unknown_key_warning(key, document.lines) for key in unknown]
     found += [

@@ -94,5 +94,5 @@ def _card(plan: MergePlan, directory: Path, title: str, tool: str) -> None:
         base_model=base,
         models=models,
         recipe_text=plan.recipe.text,
-        base_listed_with_models=plan.method.name == "slerp",
+        base_listed_with_models=plan.method.card_lists_base,
     )

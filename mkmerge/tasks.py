@@ -8,7 +8,6 @@ from typing import Any
 import torch
 
 from mkmerge.methods import MethodCall, get_method
-from mksuite.common.errors import MergeError
 from mksuite.common.graph import Task, tensor_seed
 
 
@@ -61,12 +60,6 @@ class _MethodTask(Task):
             full_shape=self.full_shape,
         )
 
-    def _named(self, error: MergeError) -> MergeError:
-        name = self.tensor_name or self.label
-        if not name or error.message.startswith(f"tensor `{name}`"):
-            return error
-        return MergeError(f"tensor `{name}`: {error.message}", hint=error.hint)
-
 
 @dataclass(frozen=True)
 class MergeTensor(_MethodTask):
@@ -88,10 +81,7 @@ class MergeTensor(_MethodTask):
             return method.run(self._call(inputs, ctx))
         tensors = inputs[: len(self.inputs)]
         state = inputs[len(self.inputs)] if self.state is not None else None
-        try:
-            return method.chunked.apply(self._call(tensors, ctx), state)
-        except MergeError as error:
-            raise self._named(error) from error
+        return method.merge_chunk(self._call(tensors, ctx), state)
 
     def describe(self) -> str:
         return f"{self.method}({len(self.inputs)} inputs)"
@@ -123,10 +113,7 @@ class ChunkStats(_MethodTask):
     def execute(self, inputs, ctx):
         tensors = inputs[: len(self.inputs)]
         state = inputs[len(self.inputs)] if self.state is not None else None
-        try:
-            return get_method(self.method).chunked.stats(self.pass_index, self._call(tensors, ctx), state)
-        except MergeError as error:
-            raise self._named(error) from error
+        return get_method(self.method).chunk_stats(self.pass_index, self._call(tensors, ctx), state)
 
 
 @dataclass(frozen=True)
@@ -146,12 +133,8 @@ class CombineStats(Task):
     def execute(self, inputs, ctx):
         partials = inputs[: len(self.parts)]
         state = inputs[len(self.parts)] if self.state is not None else None
-        first = self.parts[0]
-        call = _parameters_only(first)
-        try:
-            return get_method(self.method).chunked.combine(self.pass_index, list(partials), state, call)
-        except MergeError as error:
-            raise first._named(error) from error
+        call = _parameters_only(self.parts[0])
+        return get_method(self.method).combine_stats(self.pass_index, list(partials), state, call)
 
 
 def _parameters_only(task: _MethodTask) -> MethodCall:
