@@ -30,6 +30,7 @@ from pydantic import (
 
 from mkmerge.parameters import ParameterSetting, setting_from_raw
 from mkmerge.yaml_lines import LineTable
+from mksuite.common.dtypes import RECIPE_DTYPES
 from mksuite.common.errors import RecipeError, did_you_mean
 from mksuite.common.loading import ModelReference
 
@@ -71,12 +72,7 @@ class FieldProblem(ValueError):
         self.hint = hint
 
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "int64": torch.int64,
-}
+DTYPES = RECIPE_DTYPES
 TOKENIZER_SOURCE_KEYWORDS = ("union", "base")
 BUILTIN_CHAT_TEMPLATES = ("auto", "alpaca", "chatml", "llama3", "mistral", "exaone")
 

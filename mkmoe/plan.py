@@ -17,12 +17,12 @@ from mkmoe.config import MoeConfig
 from mkmoe.layouts import LAYOUTS, PROJECTIONS, ExpertMlp, block_outputs, is_block_weight, router_name, shared_gate_name
 from mkmoe.tasks import ZerosTensor
 from mksuite.common.arch import WeightInfo, load_definitions
+from mksuite.common.dtypes import FLOAT_DTYPES
 from mksuite.common.errors import ArchitectureError, MissingTensorError, ShapeMismatchError
 from mksuite.common.graph import CastTensor, LoadTensor, OutputTensor, Task
 from mksuite.common.input_models import InputModel, open_input_models
 from mksuite.common.loading import ModelReference
 
-_CONFIG_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _ZERO_BIASES = ("q_proj.bias", "k_proj.bias", "v_proj.bias")
 
 
@@ -110,11 +110,11 @@ def open_models(config: MoeConfig, *, cache_dir: str | None = None) -> dict[Mode
 
 def _config_dtype(base: InputModel) -> torch.dtype:
     name = base.config.get("torch_dtype") or base.config.get("dtype")
-    if isinstance(name, str) and name.removeprefix("torch.") in _CONFIG_DTYPES:
-        return _CONFIG_DTYPES[name.removeprefix("torch.")]
+    if isinstance(name, str) and name.removeprefix("torch.") in FLOAT_DTYPES:
+        return FLOAT_DTYPES[name.removeprefix("torch.")]
     embed = base.locate(base.arch.pre_weights(base.num_layers)[0])
     found = base.info(embed).dtype if embed is not None else torch.float32
-    return found if found in _CONFIG_DTYPES.values() else torch.float32
+    return found if found in FLOAT_DTYPES.values() else torch.float32
 
 
 def _expert_mlp(config: MoeConfig, models, index: int, layer: int, *, shared: bool = False) -> ExpertMlp:

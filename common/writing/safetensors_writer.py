@@ -26,24 +26,9 @@ from pathlib import Path
 
 import torch
 
+from mksuite.common.dtypes import SAFETENSORS_CODES
 from mksuite.common.errors import TensorFileError
 from mksuite.common.loading.source import ByteRange
-
-SAFETENSORS_DTYPES = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
-for _name, _code in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2")):
-    if hasattr(torch, _name):
-        SAFETENSORS_DTYPES[getattr(torch, _name)] = _code
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -100,10 +85,10 @@ def _header(tensors: Sequence[PlannedTensor], metadata: dict[str, str]) -> tuple
     offsets = []
     position = 0
     for tensor in tensors:
-        if tensor.dtype not in SAFETENSORS_DTYPES:
+        if tensor.dtype not in SAFETENSORS_CODES:
             raise ValueError(f"safetensors cannot store dtype {tensor.dtype} ({tensor.name})")
         entries[tensor.name] = {
-            "dtype": SAFETENSORS_DTYPES[tensor.dtype],
+            "dtype": SAFETENSORS_CODES[tensor.dtype],
             "shape": list(tensor.shape),
             "data_offsets": [position, position + tensor.nbytes],
         }
