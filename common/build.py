@@ -10,6 +10,7 @@ import torch
 
 from mksuite.common.graph import ExecutionContext, Executor, OutputTensor, ProgressListener, RunStats
 from mksuite.common.writing import OutputDirectory, PlannedTensor, ShardedWriter, plan_shards
+from mksuite.common.writing.output_dir import output_directory
 
 DEFAULT_SHARD_SIZE = 5_000_000_000
 # Tensors above this many bytes (in the compute dtype) are merged in row blocks where the
@@ -42,7 +43,7 @@ def output_layout(outputs: Sequence[OutputTensor], shard_size: int):
 def build_model(
     outputs: Sequence[OutputTensor],
     sources: Mapping[str, object],
-    out: Path,
+    out: Path | OutputDirectory,
     options: BuildOptions,
     *,
     finalize: Callable[[Path], None],
@@ -53,7 +54,7 @@ def build_model(
     ``finalize(staging_dir)`` writes config, tokenizer and card files next to the weights.
     Nothing appears at ``out`` unless everything succeeded.
     """
-    with OutputDirectory(out, overwrite=options.overwrite) as staging:
+    with output_directory(out, overwrite=options.overwrite) as staging:
         writer = ShardedWriter(staging.path, output_layout(outputs, options.shard_size))
         writer.open()
         try:

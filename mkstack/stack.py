@@ -35,7 +35,7 @@ from mksuite.common.errors import RecipeError
 from mksuite.common.graph import ProgressListener, RunStats
 from mksuite.common.input_models import InputModel
 from mksuite.common.loading import ModelReference
-from mksuite.common.writing.output_dir import OutputDirectory
+from mksuite.common.writing.output_dir import OutputDirectory, output_directory
 
 GENERATED_RECIPE = "mkstack (generated recipe)"
 
@@ -241,7 +241,7 @@ def plan_stack(
 
 def run_stack(
     recipe: MergeRecipe,
-    out: Path,
+    out: Path | OutputDirectory,
     options: BuildOptions,
     *,
     allow_crimes: bool = False,
@@ -256,14 +256,14 @@ def run_stack(
     ``checked``: the result of :func:`plan_stack` for this recipe, when the caller already
     has it (its config warnings are then not repeated).
     """
-    OutputDirectory(out, overwrite=options.overwrite).check()
+    output = output_directory(out, overwrite=options.overwrite).check()
     if checked is None:
         checked = plan_stack(recipe, allow_crimes=allow_crimes, seed=options.seed, cache_dir=cache_dir)
         for note in checked.config_warnings:
             warnings.warn(StackWarning(note), stacklevel=2)
     return run_merge(
         recipe,
-        out,
+        output,
         options,
         plan=checked.plan,
         tool="mkstack",

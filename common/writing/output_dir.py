@@ -34,9 +34,16 @@ class OutputDirectory:
         self.overwrite = overwrite
         self.path: Path | None = None
         self.committed = False
+        self.checked = False
 
-    def check(self) -> None:
-        """Fail early (before planning work) if OUT cannot be produced."""
+    def check(self) -> OutputDirectory:
+        """Fail early (before planning work) if OUT cannot be produced.
+
+        Checked once per object: entry points check the directory they are given before any
+        work and hand the object down (``commit`` refuses what appeared since).
+        """
+        if self.checked:
+            return self
         if self.final.exists():
             if not self.final.is_dir():
                 raise OutputError(f"{self.final} exists and is not a directory")
@@ -48,6 +55,8 @@ class OutputDirectory:
         parent = self.final.parent
         if parent.exists() and not os.access(parent, os.W_OK):
             raise OutputError(f"cannot write into {parent}")
+        self.checked = True
+        return self
 
     def __enter__(self) -> OutputDirectory:
         self.check()
@@ -78,3 +87,8 @@ class OutputDirectory:
             _staging.remove(self.path)
         if not self.committed and self.path is not None:
             shutil.rmtree(self.path, ignore_errors=True)
+
+
+def output_directory(out: Path | str | OutputDirectory, *, overwrite: bool) -> OutputDirectory:
+    """``out`` itself when the caller already made (and checked) it, else a new one for that path."""
+    return out if isinstance(out, OutputDirectory) else OutputDirectory(out, overwrite=overwrite)

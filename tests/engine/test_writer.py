@@ -136,6 +136,38 @@ def test_existing_output_needs_overwrite(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
+def test_an_output_directory_is_checked_once_and_a_directory_filled_since_is_refused_at_commit(tmp_path):
+    out = tmp_path / "out"
+    output = OutputDirectory(out).check()
+    out.mkdir()
+    (out / "old").write_text("x")
+    with output as staging:  # no second check: the early one stands ...
+        (staging.path / "new").write_text("y")
+        with pytest.raises(OutputError, match="appeared while merging"):
+            staging.commit()  # ... and commit refuses to replace what appeared since
+    assert sorted(p.name for p in out.iterdir()) == ["old"]
+
+
+def test_a_merge_checks_its_output_directory_once(tiny_family, tmp_path, monkeypatch):
+    from mkmerge.methods import METHODS
+    from mkmerge.recipe import parse_recipe
+    from mkmerge.run import run_merge
+    from mksuite.common.build import BuildOptions
+
+    checks = []
+    real = OutputDirectory.check
+
+    def counted(self):
+        checks.append(self.checked)
+        return real(self)
+
+    monkeypatch.setattr(OutputDirectory, "check", counted)
+    _, (a, b) = tiny_family("llama")
+    text = f"merge_method: linear\nmodels:\n  - model: {a}\n    parameters: {{weight: 1}}\n  - model: {b}\n    parameters: {{weight: 1}}\n"
+    run_merge(parse_recipe(text, known_methods=METHODS.keys()), tmp_path / "out", BuildOptions(), write_card=False)
+    assert checks.count(False) == 1 and (tmp_path / "out" / "config.json").exists()
+
+
 # -- verbatim copies: bytes that already lie in an input file ----------------------------------------
 
 
