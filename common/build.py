@@ -58,7 +58,7 @@ def build_model(
         writer = ShardedWriter(staging.path, output_layout(outputs, options.shard_size))
         writer.open()
         try:
-            ctx = ExecutionContext(sources=sources, device=options.device, seed=options.seed)
+            ctx = ExecutionContext(sources=sources, device=options.device, seed=options.seed, scratch_dir=staging.path)
             kwargs = {}
             if options.prefetch_bytes is not None:
                 kwargs["prefetch_bytes"] = options.prefetch_bytes

@@ -58,6 +58,7 @@ class _MethodTask(Task):
             offset=self.offset,
             chunk=self.chunk,
             full_shape=self.full_shape,
+            scratch_dir=ctx.scratch_dir,
         )
 
 
@@ -133,11 +134,11 @@ class CombineStats(Task):
     def execute(self, inputs, ctx):
         partials = inputs[: len(self.parts)]
         state = inputs[len(self.parts)] if self.state is not None else None
-        call = _parameters_only(self.parts[0])
+        call = _parameters_only(self.parts[0], ctx)
         return get_method(self.method).combine_stats(self.pass_index, list(partials), state, call)
 
 
-def _parameters_only(task: _MethodTask) -> MethodCall:
+def _parameters_only(task: _MethodTask, ctx) -> MethodCall:
     """A call with the parameters of ``task`` and no tensors (what ``combine`` needs)."""
     ordinary = [i for i in range(len(task.per_model)) if i != task.base_index]
     return MethodCall(
@@ -149,4 +150,5 @@ def _parameters_only(task: _MethodTask) -> MethodCall:
         generator=lambda i: torch.Generator(),
         tensor_name=task.tensor_name or task.label,
         full_shape=task.full_shape,
+        scratch_dir=ctx.scratch_dir,
     )

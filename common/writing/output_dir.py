@@ -17,14 +17,6 @@ from mksuite.common.errors import OutputError
 
 PARTIAL_MARKER = ".partial-"
 
-_staging: list[Path] = []  # partial directories open in this process, innermost last
-
-
-def scratch_directory() -> Path | None:
-    """Where to put unnamed scratch files: the partial directory of the output being written
-    (the disk that must hold the model anyway), or None (the system's temp dir) outside a run."""
-    return _staging[-1] if _staging else None
-
 
 class OutputDirectory:
     """Context manager: ``with OutputDirectory(out) as staging: ...; staging.commit()``."""
@@ -62,14 +54,11 @@ class OutputDirectory:
         self.check()
         self.final.parent.mkdir(parents=True, exist_ok=True)
         self.path = Path(tempfile.mkdtemp(prefix=f".{self.final.name}{PARTIAL_MARKER}", dir=self.final.parent))
-        _staging.append(self.path)
         return self
 
     def commit(self) -> Path:
         """Move the finished directory into place (replacing OUT when overwriting)."""
         assert self.path is not None
-        if self.path in _staging:
-            _staging.remove(self.path)
         trash = None
         if self.final.exists():
             if any(self.final.iterdir()) and not self.overwrite:
@@ -83,8 +72,6 @@ class OutputDirectory:
         return self.final
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if self.path in _staging:
-            _staging.remove(self.path)
         if not self.committed and self.path is not None:
             shutil.rmtree(self.path, ignore_errors=True)
 

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -64,6 +65,9 @@ class MethodCall:
     offset: int = 0  # the chunk's first element in the flattened whole tensor
     chunk: int = 0  # the chunk's position among the tensor's chunks
     full_shape: tuple[int, ...] | None = None  # the whole tensor's shape
+    # Where scratch files go: the output's partial directory during a run (the disk that must
+    # hold the model anyway); None: the system's temporary directory.
+    scratch_dir: Path | None = None
 
 
 @dataclass(frozen=True)
