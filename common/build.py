@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 
 from mksuite.common.graph import ExecutionContext, Executor, OutputTensor, ProgressListener, RunStats
-from mksuite.common.writing import OutputDirectory, PlannedTensor, ShardedWriter, plan_shards
+from mksuite.common.loading import TensorInfo
+from mksuite.common.writing import OutputDirectory, ShardedWriter, plan_shards
 from mksuite.common.writing.output_dir import output_directory
 
 DEFAULT_SHARD_SIZE = 5_000_000_000
@@ -36,7 +37,7 @@ class BuildOptions:
 
 def output_layout(outputs: Sequence[OutputTensor], shard_size: int):
     """The shard files, headers and offsets the outputs will be written to."""
-    whole = {o.name: PlannedTensor(o.name, o.dtype, o.shape) for o in outputs}  # parts share a name
+    whole = {o.name: TensorInfo(o.name, o.dtype, o.shape) for o in outputs}  # parts share a name
     return plan_shards(list(whole.values()), shard_size)
 
 
