@@ -40,7 +40,7 @@ from mksuite.common.arch import ArchitectureDefinition, WeightInfo
 from mksuite.common.build import DEFAULT_CHUNK_BYTES
 from mksuite.common.errors import MissingTensorError, RecipeError, ShapeMismatchError
 from mksuite.common.graph import CastTensor, LoadTensor, OutputTensor, SliceRows, Task
-from mksuite.common.input_models import InputModel, open_input_models
+from mksuite.common.input_models import OpenedModel, open_input_models
 from mksuite.common.loading import ModelReference
 
 
@@ -48,8 +48,8 @@ from mksuite.common.loading import ModelReference
 class MergePlan:
     recipe: object
     method: MergeMethod
-    models: dict[ModelReference, InputModel]
-    donor: InputModel
+    models: dict[ModelReference, OpenedModel]
+    donor: OpenedModel
     arch: ArchitectureDefinition
     num_layers: int
     outputs: list[OutputTensor]
@@ -208,7 +208,7 @@ class _TensorPlanner:
         self,
         recipe,
         method: MergeMethod,
-        models: Mapping[ModelReference, InputModel],
+        models: Mapping[ModelReference, OpenedModel],
         seed: int,
         vocabulary: OutputVocabulary | None = None,
         chunk_bytes: int | None = DEFAULT_CHUNK_BYTES,

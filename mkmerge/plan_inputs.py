@@ -15,7 +15,7 @@ from mkmerge.slices import PlannedSlice, SliceSource
 from mkmerge.vocab import OutputVocabulary
 from mksuite.common.arch import WeightInfo
 from mksuite.common.errors import RecipeError, ShapeMismatchError
-from mksuite.common.input_models import InputModel
+from mksuite.common.input_models import OpenedModel
 from mksuite.common.loading import ModelReference
 
 
@@ -24,7 +24,7 @@ class TensorInput:
     """One source's contribution to one output tensor."""
 
     source: SliceSource
-    model: InputModel
+    model: OpenedModel
     name: str  # stored tensor name in that model
     is_base: bool
 

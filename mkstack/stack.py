@@ -33,7 +33,7 @@ from mkstack.recipe_text import recipe_text
 from mksuite.common.build import BuildOptions
 from mksuite.common.errors import RecipeError
 from mksuite.common.graph import ProgressListener, RunStats
-from mksuite.common.input_models import InputModel
+from mksuite.common.input_models import OpenedModel
 from mksuite.common.loading import ModelReference
 from mksuite.common.writing.output_dir import OutputDirectory, output_directory
 
@@ -145,14 +145,14 @@ _EXAMPLES = {
 
 def open_request_models(
     request: ModeRequest, *, allow_crimes: bool = False, cache_dir: str | None = None
-) -> dict[str, InputModel]:
+) -> dict[str, OpenedModel]:
     """The request's models opened (headers only), keyed by the reference string used in the recipe."""
     refs = {text: ModelReference.parse(text, field=request.mode or "model") for text in request.model_refs()}
     opened = open_stack_inputs(refs.values(), allow_crimes=allow_crimes, cache_dir=cache_dir)
     return {text: opened[ref] for text, ref in refs.items()}
 
 
-def request_slices(request: ModeRequest, models: Mapping[str, InputModel]) -> list[StackSlice]:
+def request_slices(request: ModeRequest, models: Mapping[str, OpenedModel]) -> list[StackSlice]:
     """The slices a mode request stands for, given its opened models."""
     mode = request.mode
     if mode == "--slice":
