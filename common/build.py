@@ -9,7 +9,9 @@ from pathlib import Path
 import torch
 
 from mksuite.common.graph import ExecutionContext, Executor, OutputTensor, ProgressListener, RunStats
-from mksuite.common.writing import OutputDirectory, PlannedTensor, ShardedWriter, plan_shards
+from mksuite.common.loading import TensorInfo
+from mksuite.common.writing import OutputDirectory, ShardedWriter, plan_shards
+from mksuite.common.writing.output_dir import output_directory
 
 DEFAULT_SHARD_SIZE = 5_000_000_000
 # Tensors above this many bytes (in the compute dtype) are merged in row blocks where the
@@ -35,14 +37,14 @@ class BuildOptions:
 
 def output_layout(outputs: Sequence[OutputTensor], shard_size: int):
     """The shard files, headers and offsets the outputs will be written to."""
-    whole = {o.name: PlannedTensor(o.name, o.dtype, o.shape) for o in outputs}  # parts share a name
+    whole = {o.name: TensorInfo(o.name, o.dtype, o.shape) for o in outputs}  # parts share a name
     return plan_shards(list(whole.values()), shard_size)
 
 
 def build_model(
     outputs: Sequence[OutputTensor],
     sources: Mapping[str, object],
-    out: Path,
+    out: Path | OutputDirectory,
     options: BuildOptions,
     *,
     finalize: Callable[[Path], None],
@@ -53,11 +55,11 @@ def build_model(
     ``finalize(staging_dir)`` writes config, tokenizer and card files next to the weights.
     Nothing appears at ``out`` unless everything succeeded.
     """
-    with OutputDirectory(out, overwrite=options.overwrite) as staging:
+    with output_directory(out, overwrite=options.overwrite) as staging:
         writer = ShardedWriter(staging.path, output_layout(outputs, options.shard_size))
         writer.open()
         try:
-            ctx = ExecutionContext(sources=sources, device=options.device, seed=options.seed)
+            ctx = ExecutionContext(sources=sources, device=options.device, seed=options.seed, scratch_dir=staging.path)
             kwargs = {}
             if options.prefetch_bytes is not None:
                 kwargs["prefetch_bytes"] = options.prefetch_bytes

@@ -30,6 +30,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
+from mksuite.common.dtypes import FLOAT_DTYPES
 from mksuite.common.errors import MkError, RecipeError, did_you_mean
 from mksuite.common.graph import ProgressEvent
 
@@ -102,19 +103,16 @@ def parse_size(text: str, *, option: str = "--shard-size") -> int:
     return value
 
 
-_FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
 def parse_float_dtype(name: str | None, *, option: str) -> torch.dtype | None:
     """'bfloat16' or 'torch.bfloat16' -> torch.bfloat16; None stays None."""
     if name is None:
         return None
-    dtype = _FLOAT_DTYPES.get(name.removeprefix("torch."))
+    dtype = FLOAT_DTYPES.get(name.removeprefix("torch."))
     if dtype is None:
         raise RecipeError(
-            f"unknown dtype {name!r}; accepted: {', '.join(_FLOAT_DTYPES)}",
+            f"unknown dtype {name!r}; accepted: {', '.join(FLOAT_DTYPES)}",
             field=option,
-            hint=did_you_mean(name.removeprefix("torch."), _FLOAT_DTYPES),
+            hint=did_you_mean(name.removeprefix("torch."), FLOAT_DTYPES),
         )
     return dtype
 

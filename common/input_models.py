@@ -20,7 +20,7 @@ from mksuite.common.loading.lora import with_adapter
 
 
 @dataclass(frozen=True, eq=False)
-class InputModel:
+class OpenedModel:
     """One resolved input: where it lives, what it holds, how its tensors are laid out."""
 
     ref: ModelReference
@@ -60,13 +60,13 @@ def open_input_models(
     allow_crimes: bool = False,
     cache_dir: str | None = None,
     lora_merge_dtype: torch.dtype | None = None,
-) -> dict[ModelReference, InputModel]:
+) -> dict[ModelReference, OpenedModel]:
     """Resolve and open each distinct reference (document order kept); check architectures agree.
 
     A `model+lora` reference reads its model through the adapter (common.loading.lora);
     ``lora_merge_dtype`` is the dtype such a model's tensors come out in (default: as stored).
     """
-    opened: dict[ModelReference, InputModel] = {}
+    opened: dict[ModelReference, OpenedModel] = {}
     for ref in refs:
         if ref in opened:
             continue
@@ -78,7 +78,7 @@ def open_input_models(
         if ref.override_architecture:
             config["architectures"] = [ref.override_architecture]
             files.config = config
-        opened[ref] = InputModel(ref=ref, path=path, files=files, arch=None, num_layers=0)  # type: ignore[arg-type]
+        opened[ref] = OpenedModel(ref=ref, path=path, files=files, arch=None, num_layers=0)  # type: ignore[arg-type]
     _assign_architectures(list(opened.values()), allow_crimes)
     return opened
 
@@ -96,7 +96,7 @@ def _with_lora(files: ModelFiles, ref: ModelReference, cache_dir: str | None, dt
         raise
 
 
-def _assign_architectures(models: list[InputModel], allow_crimes: bool) -> None:
+def _assign_architectures(models: list[OpenedModel], allow_crimes: bool) -> None:
     known = {id(m): find_architecture(m.config) for m in models}
     if any(arch is None for arch in known.values()):
         names = [sorted(m.files.tensors.names()) for m in models]
@@ -121,7 +121,7 @@ def _assign_architectures(models: list[InputModel], allow_crimes: bool) -> None:
         object.__setattr__(model, "num_layers", _layers(model, chosen))
 
 
-def _layers(model: InputModel, arch: ArchitectureDefinition) -> int:
+def _layers(model: OpenedModel, arch: ArchitectureDefinition) -> int:
     try:
         return arch.num_layers(model.config)
     except ArchitectureError as error:

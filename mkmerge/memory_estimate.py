@@ -17,7 +17,7 @@ prediction is the largest such sum:
 * **working(C)** — temporaries of the computation: the method's :class:`WorkingSet` (whole
   tensors in the compute dtype, the result included; fixed-width temporaries per element
   such as float32 copies, int32 sort keys and bool masks; a few bounded float32 buffers),
-  declared per method in :data:`WORKING_SETS` from reading the method's code. Passthrough
+  declared by each method (``MergeMethod.working_set``) from reading its code. Passthrough
   chains cost one copy per cast, scale or cut; a different ``out_dtype`` costs one more
   output-sized tensor.
 * **write(C)** — the previous output tensor, handed to the writer thread while C is
@@ -50,15 +50,14 @@ from dataclasses import dataclass
 
 import torch
 
-from mkmerge.methods.reductions import BLOCK, CHUNK, CHUNKS_PER_BLOCK, STREAMED_TERMS_MAX
+from mkmerge.methods import get_method
+from mkmerge.methods.working_set import DEFAULT_WORKING_SET, WorkingSet
 from mkmerge.tasks import ChunkStats, MergeTensor
 from mksuite.common.build import BuildOptions
 from mksuite.common.graph import CastTensor, LoadTensor, OutputTensor, ScaleTensor, SliceRows, Task, build_schedule
 from mksuite.common.graph.executor import DEFAULT_PREFETCH_BYTES, DEFAULT_WRITE_QUEUE_BYTES
 from mksuite.common.loading import TensorInfo
 
-# The largest float32 work buffer the methods allocate (a chunked L1 norm or dot product).
-SCRATCH_ELEMENTS = max(BLOCK, CHUNK * CHUNKS_PER_BLOCK)
 # glibc serves blocks below its largest mmap threshold (32 MiB on 64-bit) from its heaps and
 # keeps them after they are freed; larger blocks are mapped and unmapped on their own.
 HEAP_BLOCK_LIMIT = 32 * 1024**2
@@ -67,100 +66,10 @@ HEAP_BLOCK_LIMIT = 32 * 1024**2
 RETAINED_PER_THREAD = 2 * HEAP_BLOCK_LIMIT
 
 
-@dataclass(frozen=True)
-class WorkingSet:
-    """Memory a merge method needs beyond its inputs, for one output tensor of n elements.
-
-    ``copies`` and ``copies_per_summand`` count whole tensors in the compute dtype alive at
-    the method's worst moment (the result included); summands are the inputs other than the
-    base (a delta is kept per fine-tune). ``bytes_per_element`` covers temporaries whose
-    width does not follow the dtype (float32 copies, int32 keys, bool masks);
-    ``scratch_buffers`` are float32 buffers of at most :data:`SCRATCH_ELEMENTS` elements.
-    ``stacked`` replaces this set above ``STREAMED_TERMS_MAX`` summands, where the method
-    materialises every term and stacks them; ``fused`` replaces it for results of one of
-    ``fused_dtypes`` when the fused numba kernels are installed (mkmerge/methods/fused.py).
-    """
-
-    copies: float
-    copies_per_summand: float = 0.0
-    bytes_per_element: float = 0.0
-    bytes_per_summand_element: float = 0.0
-    scratch_buffers: int = 1
-    stacked: WorkingSet | None = None
-    fused: WorkingSet | None = None
-    fused_dtypes: tuple[torch.dtype, ...] = ()
-
-    def nbytes(self, numel: int, itemsize: int, summands: int, dtype: torch.dtype | None = None) -> int:
-        """Bytes for ``summands`` terms of ``numel`` elements of ``itemsize`` bytes (of ``dtype``)."""
-        chosen = self.stacked if self.stacked is not None and summands > STREAMED_TERMS_MAX else self
-        if self.fused is not None and dtype in self.fused_dtypes and _fused_kernels():
-            chosen = self.fused
-        per_element = (
-            (chosen.copies + chosen.copies_per_summand * summands) * itemsize
-            + chosen.bytes_per_element
-            + chosen.bytes_per_summand_element * summands
-        )
-        scratch = chosen.scratch_buffers * min(numel, SCRATCH_ELEMENTS) * 4
-        return int(numel * per_element) + scratch
-
-
-# Per method, counted from its code (mkmerge/methods/*) and checked against measured peaks
-# (bfloat16 tensors of 33-100 MB, 2 to 7 inputs: within 10% of the measured working set).
-_TIES_STACKED = WorkingSet(copies=1, copies_per_summand=4, bytes_per_element=6, scratch_buffers=2)
-WORKING_SETS: dict[str, WorkingSet] = {
-    # the result, and per 1M-element block the float64 temporaries of the emulated fused
-    # multiply-add (measured: ~83 MB beside a 50 MB result, any number of inputs); fused: the result
-    "linear": WorkingSet(
-        copies=1,
-        scratch_buffers=6,
-        fused=WorkingSet(copies=1, scratch_buffers=0),
-        fused_dtypes=(torch.bfloat16, torch.float16, torch.float32),
-    ),
-    # float32 copies of both endpoints and one scaled product
-    "slerp": WorkingSet(copies=0, bytes_per_element=12, scratch_buffers=3),
-    # a weighted delta per summand and the result
-    "task_arithmetic": WorkingSet(
-        copies=1, copies_per_summand=1, scratch_buffers=2, stacked=WorkingSet(copies=1, copies_per_summand=2)
-    ),
-    # deltas so far, the current delta and its magnitudes, the result; int32 keys, two bool
-    # masks, and the uint32 words of a replayed sort (mkmerge/methods/sort_order.py). Fused:
-    # the result and, per input, the uint32 words of its replay (the inputs are replayed
-    # side by side).
-    "ties": WorkingSet(
-        copies=1,
-        copies_per_summand=1,
-        bytes_per_element=10,
-        scratch_buffers=2,
-        stacked=_TIES_STACKED,
-        fused=WorkingSet(copies=1, bytes_per_summand_element=4, scratch_buffers=0),
-        fused_dtypes=(torch.bfloat16, torch.float16, torch.float32),
-    ),
-    # deltas so far, the current delta, its masked and its rescaled copy; uint32 draws, a bool mask
-    "dare_linear": WorkingSet(
-        copies=2,
-        copies_per_summand=1,
-        bytes_per_element=5,
-        scratch_buffers=2,
-        stacked=WorkingSet(copies=1, copies_per_summand=2, bytes_per_element=5, scratch_buffers=2),
-    ),
-    "dare_ties": WorkingSet(
-        copies=2, copies_per_summand=1, bytes_per_element=5, scratch_buffers=2, stacked=_TIES_STACKED
-    ),
-    "passthrough": WorkingSet(copies=1, scratch_buffers=0),
-}
-# Methods without an entry: as much as the hungriest declared streaming method (with the
-# words of a replayed sort: breadcrumbs, sce).
-DEFAULT_WORKING_SET = WorkingSet(copies=2, copies_per_summand=1, bytes_per_element=10, scratch_buffers=3)
-
-
-def _fused_kernels() -> bool:
-    from mkmerge.methods import fused
-
-    return fused.available()
-
-
 def working_set_of(method: str) -> WorkingSet:
-    return WORKING_SETS.get(method, DEFAULT_WORKING_SET)
+    """The working set ``method`` declares; the cautious default where it declares none."""
+    declared = get_method(method).working_set
+    return declared if declared is not None else DEFAULT_WORKING_SET
 
 
 @dataclass(frozen=True)

@@ -8,18 +8,24 @@ raised here, before any tensor data is read.
 from __future__ import annotations
 
 import math
-import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 
-from mkmerge.methods import REQUIRED, MergeMethod, get_method
+from mkmerge.methods import MergeMethod, PlannedInputs, get_method
 from mkmerge.methods.chunked import row_chunks
-from mkmerge.methods.sparsifiers import check_sparsifier_parameters
-from mkmerge.methods.task_arithmetic import TASK_VECTOR_VARIANTS
-from mkmerge.parameters import layer_position, resolve_parameter
-from mkmerge.slices import PlannedSlice, SliceSource, output_slices, referenced_models
+from mkmerge.parameters import layer_position
+from mkmerge.plan_inputs import (
+    TensorInput,
+    base_of,
+    check_slice,
+    reconcile_shapes,
+    target_shape,
+    too_few_for_method,
+)
+from mkmerge.plan_parameters import global_parameters, per_model_parameters
+from mkmerge.slices import PlannedSlice, output_slices, referenced_models
 from mkmerge.tasks import ChunkStats, CombineStats, MergeTensor
 from mkmerge.vocab import (
     EmbeddingInput,
@@ -32,29 +38,18 @@ from mkmerge.vocab import (
 )
 from mksuite.common.arch import ArchitectureDefinition, WeightInfo
 from mksuite.common.build import DEFAULT_CHUNK_BYTES
-from mksuite.common.errors import MergeError, MissingTensorError, RecipeError, ShapeMismatchError
-from mksuite.common.graph import CastTensor, LoadTensor, OutputTensor, ScaleTensor, SliceRows, Task
-from mksuite.common.input_models import InputModel, open_input_models
+from mksuite.common.errors import MissingTensorError, RecipeError, ShapeMismatchError
+from mksuite.common.graph import CastTensor, LoadTensor, OutputTensor, SliceRows, Task
+from mksuite.common.input_models import OpenedModel, open_input_models
 from mksuite.common.loading import ModelReference
-
-# How a method copes with embedding matrices of different sizes (SPEC §2.0).
-COMMON_SUBMATRIX = {"linear", "slerp", "nuslerp", "model_stock", "arcee_fusion", "karcher"}
-CUT_TO_BASE = {
-    "task_arithmetic", "ties", "dare_linear", "dare_ties",
-    "breadcrumbs", "breadcrumbs_ties", "della", "della_linear",
-}  # fmt: skip
-RANDOM_METHODS = {"dare_linear", "dare_ties", "della", "della_linear", "arcee_fusion"}
-# Methods that need their minimum number of inputs for every tensor: an optional tensor that
-# fewer inputs have is left out of the output (with a warning) instead of merged (SPEC §2.8).
-OMIT_WHEN_FEW_INPUTS = {"model_stock"}
 
 
 @dataclass
 class MergePlan:
     recipe: object
     method: MergeMethod
-    models: dict[ModelReference, InputModel]
-    donor: InputModel
+    models: dict[ModelReference, OpenedModel]
+    donor: OpenedModel
     arch: ArchitectureDefinition
     num_layers: int
     outputs: list[OutputTensor]
@@ -76,16 +71,6 @@ class MergePlan:
         if self.vocab_size is not None:
             updates[vocab_size_key(self.arch)] = self.vocab_size
         return updates
-
-
-@dataclass(frozen=True)
-class _Input:
-    """One source's contribution to one output tensor."""
-
-    source: SliceSource
-    model: InputModel
-    name: str  # stored tensor name in that model
-    is_base: bool
 
 
 def plan_merge(
@@ -158,7 +143,7 @@ def _plan_merge(
         models = {**models, **vocabulary.donor_models}
     planner = _TensorPlanner(recipe, method, models, seed, vocabulary, chunk_bytes)
     for output_slice in slices:
-        planner.check_slice(output_slice)
+        check_slice(recipe, method, output_slice)
     outputs: list[OutputTensor] = []
     total_layers = sum(s.length for s in slices)
 
@@ -223,7 +208,7 @@ class _TensorPlanner:
         self,
         recipe,
         method: MergeMethod,
-        models: Mapping[ModelReference, InputModel],
+        models: Mapping[ModelReference, OpenedModel],
         seed: int,
         vocabulary: OutputVocabulary | None = None,
         chunk_bytes: int | None = DEFAULT_CHUNK_BYTES,
@@ -237,70 +222,12 @@ class _TensorPlanner:
         self.chunk_bytes = chunk_bytes
         self.uses: dict[tuple[str, str], int] = {}  # (model, tensor) -> index of its latest use
 
-    # -- slice-level checks ------------------------------------------------------------------
-    def base_of(self, output_slice: PlannedSlice) -> ModelReference | None:
-        return output_slice.base_model or self.recipe.base_model
-
-    def check_slice(self, output_slice: PlannedSlice) -> None:
-        method, base = self.method, self.base_of(output_slice)
-        where = {"field": output_slice.field, "line": output_slice.line}
-        if method.base_model == "required" and base is None:
-            raise RecipeError(
-                f"merge method `{method.name}` needs a base model",
-                field="base_model",
-                line=self.recipe.line_of(("merge_method",)),
-                hint="add `base_model: <the model the others were fine-tuned from>`",
-            )
-        if method.base_model != "none" and base is not None:
-            if base not in {s.model for s in output_slice.sources}:
-                raise RecipeError(
-                    f"base model {base} is not one of this slice's sources",
-                    hint="with `slices:` list the base model as a source of every slice",
-                    **where,
-                )
-        count = len(output_slice.sources)
-        if count < method.min_inputs or (method.max_inputs is not None and count > method.max_inputs):
-            expected = (
-                f"exactly {method.min_inputs}"
-                if method.min_inputs == method.max_inputs
-                else f"at least {method.min_inputs}"
-                + (f" and at most {method.max_inputs}" if method.max_inputs is not None else "")
-            )
-            counted = " (the base model counts as one)" if method.base_model != "none" and base else ""
-            raise RecipeError(
-                f"merge method `{method.name}` takes {expected} input models{counted}, "
-                f"but {count} are given: {', '.join(str(s.model) for s in output_slice.sources)}",
-                **where,
-            )
-        if method.other_inputs is not None:
-            self.check_other_inputs(output_slice, base)
-
-    def check_other_inputs(self, output_slice: PlannedSlice, base: ModelReference | None) -> None:
-        """Methods that fix how many models besides the base they take (nuslerp: two)."""
-        method, wanted = self.method, self.method.other_inputs
-        others = [s.model for s in output_slice.sources if s.model != base]
-        if len(others) == wanted:
-            return
-        base_is_one = base is not None and len(others) == wanted - 1
-        raise RecipeError(
-            f"merge method `{method.name}` takes exactly {wanted} models besides the base model, "
-            f"but {len(others)} are given ({', '.join(map(str, others)) or 'none'})"
-            + (f"; the base model {base} cannot be one of the {wanted}" if base_is_one else ""),
-            field=output_slice.field,
-            line=output_slice.line,
-            hint=(
-                f"make the base model a third model, or leave out `base_model` to {method.name} the two directly"
-                if base_is_one
-                else f"list exactly {wanted} models (and optionally a different `base_model`)"
-            ),
-        )
-
     # -- one output tensor -------------------------------------------------------------------
     def plan_tensor(
         self, output_slice: PlannedSlice, out_weight: WeightInfo, weight_for, t: float
     ) -> list[OutputTensor]:
         """The output tensor (or its row-block parts); empty when it is left out."""
-        base_ref = self.base_of(output_slice) if self.method.base_model != "none" else None
+        base_ref = base_of(self.recipe, output_slice) if self.method.uses_base else None
         inputs, missing = [], []
         base_taken = False
         for source in output_slice.sources:
@@ -312,7 +239,7 @@ class _TensorPlanner:
             if name is None:
                 missing.append((source, weight))
                 continue
-            inputs.append(_Input(source, model, name, is_base))
+            inputs.append(TensorInput(source, model, name, is_base))
         if missing and not out_weight.optional:
             source, weight = missing[0]
             raise MissingTensorError(
@@ -331,109 +258,13 @@ class _TensorPlanner:
         if base_ref is not None and not any(i.is_base for i in inputs):
             if any(s.model == base_ref for s, _ in missing):
                 raise MissingTensorError(f"the base model {base_ref} has no tensor {out_weight.name}")
-        if self._too_few_for_method(out_weight, inputs):
+        if too_few_for_method(self.method, out_weight, inputs):
             return []
-        inputs = self._reconcile_shapes(out_weight, inputs)
+        inputs = reconcile_shapes(self.method, self.vocabulary, out_weight, inputs)
         return self._build(output_slice, out_weight, inputs, t)
 
-    def _too_few_for_method(self, weight: WeightInfo, inputs: list[_Input]) -> bool:
-        """An optional tensor that too few inputs have, for a method that cannot merge fewer.
-
-        Only the base having it is not "too few": the method returns the base then.
-        """
-        method = self.method
-        if method.name not in OMIT_WHEN_FEW_INPUTS or len(inputs) >= method.min_inputs:
-            return False
-        if len(inputs) == 1 and inputs[0].is_base:
-            return False
-        warnings.warn(
-            f"{weight.name}: only {len(inputs)} input model(s) have this optional tensor "
-            f"({', '.join(str(i.source.model) for i in inputs)}) and `{method.name}` needs "
-            f"{method.min_inputs}, so the output leaves it out",
-            stacklevel=3,
-        )
-        return True
-
-    def _reconcile_shapes(self, weight: WeightInfo, inputs: list[_Input]) -> list[_Input]:
-        shapes = {i.model.info(i.name).shape for i in inputs}
-        if len(shapes) == 1:
-            return inputs
-        name = self.method.name
-        only_rows_differ = len({shape[1:] for shape in shapes}) == 1
-        aligned = self.vocabulary is not None or name in COMMON_SUBMATRIX or name in CUT_TO_BASE
-        if weight.is_embed and only_rows_differ and aligned:
-            return inputs  # vocabulary sizes differ: rows are aligned (or cut) in _build
-        if name in CUT_TO_BASE:
-            base = next((i for i in inputs if i.is_base), None)
-            if base is not None:
-                base_shape = base.model.info(base.name).shape
-                kept = []
-                for i in inputs:
-                    if i.model.info(i.name).shape == base_shape:
-                        kept.append(i)
-                    else:
-                        warnings.warn(
-                            f"{i.model.ref}: {i.name} has shape {list(i.model.info(i.name).shape)}, "
-                            f"the base has {list(base_shape)}; leaving this model out of that tensor",
-                            stacklevel=2,
-                        )
-                return kept
-        listing = "; ".join(f"{i.model.ref}: {list(i.model.info(i.name).shape)}" for i in inputs)
-        if weight.is_embed and only_rows_differ:
-            raise ShapeMismatchError(
-                f"tensor {weight.name} has different vocabulary sizes in the inputs ({listing}), and merge "
-                f"method `{name}` cannot cut embeddings to a common size",
-                hint="merge models with the same vocabulary size, or use a method that cuts embeddings: "
-                + ", ".join(sorted(COMMON_SUBMATRIX | CUT_TO_BASE)),
-            )
-        raise ShapeMismatchError(
-            f"tensor {weight.name} has different shapes in the inputs ({listing})",
-            hint="merged models must share an architecture and size (same hidden size, heads, layers)",
-        )
-
-    def _params_for(self, inp: _Input, output_slice: PlannedSlice, t: float) -> dict:
-        levels = [inp.source.parameters, output_slice.parameters, self.recipe.parameters]
-        values = {}
-        for spec in self.method.parameters:
-            if not spec.per_model:
-                continue
-            value = resolve_parameter(spec.name, levels, inp.name, t)
-            if value is None:
-                if spec.default is REQUIRED:
-                    if inp.is_base and self.method.base_model != "none":
-                        continue
-                    role = "base model" if inp.source.model == self.recipe.base_model else "model"
-                    raise RecipeError(
-                        f"merge method `{self.method.name}` needs parameter `{spec.name}` for {role} "
-                        f"{inp.source.model} (tensor {inp.name})",
-                        field=f"{inp.source.field}.parameters.{spec.name}",
-                        line=inp.source.line,
-                        hint=f"set `{spec.name}` for that model, or once under the recipe's `parameters:`",
-                    )
-                value = spec.default
-            values[spec.name] = _convert(spec.kind, value)
-        return values
-
-    def _globals(self, output_slice: PlannedSlice, name: str, t: float) -> dict:
-        levels = [output_slice.parameters, self.recipe.parameters]
-        values = {}
-        for spec in self.method.parameters:
-            if spec.per_model:
-                continue
-            value = resolve_parameter(spec.name, levels, name, t)
-            if value is None:
-                if spec.default is REQUIRED:
-                    raise RecipeError(
-                        f"merge method `{self.method.name}` needs parameter `{spec.name}` (tensor {name})",
-                        field=f"parameters.{spec.name}",
-                        line=self.recipe.line_of(("parameters",)) or self.recipe.line_of(("merge_method",)),
-                    )
-                value = spec.default
-            values[spec.name] = _convert(spec.kind, value)
-        return values
-
     def _build(
-        self, output_slice: PlannedSlice, weight: WeightInfo, inputs: list[_Input], t: float
+        self, output_slice: PlannedSlice, weight: WeightInfo, inputs: list[TensorInput], t: float
     ) -> list[OutputTensor]:
         compute = _dtype_name(weight.force_dtype) or self.recipe.dtype
         if compute is None:
@@ -445,20 +276,30 @@ class _TensorPlanner:
         rows = cols = None
         if aligned:
             loaded = [EmbeddingInput(i.model, i.name, self._load(i, compute, None, None)) for i in inputs]
-            tasks, shape = self.vocabulary.align(weight, loaded, self.base_of(output_slice), compute, self.models)
+            tasks, shape = self.vocabulary.align(
+                weight, loaded, base_of(self.recipe, output_slice), compute, self.models
+            )
         else:
-            rows, cols = self._target_shape(weight, inputs)
+            rows, cols = target_shape(self.method, weight, inputs)
             shape = tuple(inputs[0].model.info(inputs[0].name).shape)
             if rows is not None:
                 shape = (rows,) + ((cols,) if cols is not None else tuple(shape[1:]))
         if weight.is_embed:
             self.embed_rows[weight.name] = shape[0]
         out_dtype = _dtype_name(weight.force_dtype) or self.recipe.out_dtype or compute
-        per_model = [self._params_for(inp, output_slice, t) for inp in inputs]
-        params = self._globals(output_slice, weight.name, t)
-        if self.method.name != "passthrough" or len(inputs) != 1:
-            self._check_weights(weight.name, inputs, per_model, params)
-            self._check_sparsifier(weight.name, inputs, per_model, shape)
+        per_model = [per_model_parameters(self.recipe, self.method, inp, output_slice, t) for inp in inputs]
+        params = global_parameters(self.recipe, self.method, output_slice, weight.name, t)
+        if self.method.check is not None:
+            self.method.check(
+                PlannedInputs(
+                    tensor_name=weight.name,
+                    models=tuple(str(i.source.model) for i in inputs),
+                    is_base=tuple(i.is_base for i in inputs),
+                    per_model=tuple(per_model),
+                    params=params,
+                    shape=tuple(shape),
+                )
+            )
         chunks, passes = self._chunking(shape, compute, inputs, per_model, params, cut=aligned or rows is not None)
         if chunks is None:
             if not aligned:
@@ -467,7 +308,7 @@ class _TensorPlanner:
             return [OutputTensor(weight.name, out_dtype, shape, root)]
         return self._chunked(weight.name, shape, out_dtype, compute, inputs, per_model, params, chunks, passes)
 
-    def _load(self, inp: _Input, compute: torch.dtype, cut_rows: int | None, cut_cols: int | None, **part) -> Task:
+    def _load(self, inp: TensorInput, compute: torch.dtype, cut_rows: int | None, cut_cols: int | None, **part) -> Task:
         """Load (a row block of) one input in the compute dtype, cut to the common rows if needed."""
         info = inp.model.info(inp.name)
         nbytes = info.nbytes
@@ -501,9 +342,7 @@ class _TensorPlanner:
         passes = form.passes(params, per_model, compute)
         if passes is None:
             return None, 0
-        others = len(inputs) - (
-            0 if self.method.base_model == "none" else 1
-        )  # roughly: a chunking choice, not a result
+        others = len(inputs) - self.method.uses_base  # roughly: a chunking choice, not a result
         if passes and form.fused is not None and form.fused(compute, others):
             chunks = row_chunks(shape, itemsize, self.chunk_bytes * form.fused_chunk_factor)
             if chunks is None:
@@ -516,7 +355,7 @@ class _TensorPlanner:
         """The row-block parts of one output: statistics passes, then one merge per chunk."""
         row_elements = math.prod(shape[1:])
         method = self.method
-        if method.name == "passthrough" and len(inputs) == 1:  # no merge task: load, maybe scale
+        if method.lone_input is not None and len(inputs) == 1:  # no merge task
             outputs = []
             for rows in chunks:
                 task = self._merge_task(
@@ -556,34 +395,15 @@ class _TensorPlanner:
             outputs.append(OutputTensor(name, out_dtype, shape, task, rows=rows))
         return outputs
 
-    def _target_shape(self, weight: WeightInfo, inputs: list[_Input]) -> tuple[int | None, int | None]:
-        shapes = [i.model.info(i.name).shape for i in inputs]
-        if len(set(shapes)) == 1 or not weight.is_embed:
-            return None, None
-        cols = None  # only row counts (vocabulary sizes) may differ here
-        if self.method.name in CUT_TO_BASE:
-            base = next(i for i in inputs if i.is_base)
-            rows = base.model.info(base.name).shape[0]
-        else:
-            rows = min(s[0] for s in shapes)
-        warnings.warn(
-            f"{weight.name}: inputs have different vocabulary sizes ({sorted({s[0] for s in shapes})} rows); "
-            f"cutting to {rows} rows (tokens past them lose their embedding). "
-            "A `tokenizer:` block aligns vocabularies instead",
-            stacklevel=2,
-        )
-        return rows, cols
-
     def _merge_task(
-        self, name: str, inputs: list[_Input], tasks: list[Task], per_model: list[dict], params: dict
+        self, name: str, inputs: list[TensorInput], tasks: list[Task], per_model: list[dict], params: dict
     ) -> Task:
-        if self.method.name == "passthrough" and len(tasks) == 1:
-            scale = per_model[0].get("scale")
-            return tasks[0] if scale is None or scale == 1.0 else ScaleTensor(tasks[0], float(scale))
+        if self.method.lone_input is not None and len(tasks) == 1:
+            return self.method.lone_input(tasks[0], per_model[0])
         return MergeTensor(inputs=tuple(tasks), **self._merge_fields(name, inputs, per_model, params))
 
-    def _merge_fields(self, name: str, inputs: list[_Input], per_model: list[dict], params: dict) -> dict:
-        random = self.method.name in RANDOM_METHODS
+    def _merge_fields(self, name: str, inputs: list[TensorInput], per_model: list[dict], params: dict) -> dict:
+        random = self.method.random
         return dict(
             method=self.method.name,
             base_index=next((k for k, i in enumerate(inputs) if i.is_base), None),
@@ -593,51 +413,6 @@ class _TensorPlanner:
             seed=self.seed if random else 0,
             label=name,
         )
-
-    def _check_weights(self, name: str, inputs: Sequence[_Input], per_model: list[dict], params: dict) -> None:
-        if self.method.name == "linear" and params.get("normalize", True):
-            total = sum(p.get("weight", 0.0) for p in per_model)
-            if total == 0:
-                listing = ", ".join(f"{i.source.model}: {p.get('weight')}" for i, p in zip(inputs, per_model))
-                raise MergeError(
-                    f"the `weight` values of tensor {name} sum to zero, so normalising divides by zero ({listing})",
-                    hint="change the weights, or set `normalize: false`",
-                )
-        if self.method.name == "multislerp" and params.get("normalize_weights", True):
-            others = [(i, p) for i, p in zip(inputs, per_model) if not i.is_base]
-            if len(others) > 1 and sum(p["weight"] for _, p in others) == 0:
-                listing = ", ".join(f"{i.source.model}: {p['weight']}" for i, p in others)
-                raise MergeError(
-                    f"the `weight` values of tensor {name} sum to zero, so normalising them divides by zero "
-                    f"({listing})",
-                    hint="change the weights, or set `normalize_weights: false`",
-                )
-
-    def _check_sparsifier(
-        self, name: str, inputs: Sequence[_Input], per_model: list[dict], shape: tuple[int, ...]
-    ) -> None:
-        """Refuse the densities, gammas and epsilons a task-vector sparsifier would refuse at run time."""
-        variant = TASK_VECTOR_VARIANTS.get(self.method.name)
-        if variant is None:
-            return
-        numel = math.prod(shape)
-        for inp, p in zip(inputs, per_model):
-            if inp.is_base:
-                continue
-            try:
-                check_sparsifier_parameters(variant.sparsifier, p["density"], numel, p)
-            except MergeError as error:
-                raise MergeError(f"{inp.source.model}, tensor {name}: {error.message}", hint=error.hint) from None
-
-
-def _convert(kind: type, value):
-    if value is None:
-        return None
-    if kind is bool:
-        return bool(value)
-    if kind is int:
-        return int(value)
-    return float(value)
 
 
 def _dtype_name(name: str | None) -> torch.dtype | None:

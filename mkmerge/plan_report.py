@@ -23,7 +23,7 @@ from mkmerge.plan import MergePlan
 from mkmerge.tasks import MergeTensor
 from mksuite.common.build import BuildOptions, output_layout
 from mksuite.common.graph import LoadTensor, OutputTensor, ScaleTensor, Task
-from mksuite.common.input_models import InputModel
+from mksuite.common.input_models import OpenedModel
 
 
 @dataclass(frozen=True)
@@ -180,12 +180,12 @@ def _letters():
         n += 1
 
 
-def _architecture_name(model: InputModel) -> str:
+def _architecture_name(model: OpenedModel) -> str:
     names = model.config.get("architectures") or [model.arch.name]
     return str(names[0])
 
 
-def _input_summary(model: InputModel, label: str, plan: MergePlan) -> InputSummary:
+def _input_summary(model: OpenedModel, label: str, plan: MergePlan) -> InputSummary:
     infos = [model.files.tensors.info(name) for name in model.files.tensors.names()]
     return InputSummary(
         label=label,
@@ -224,7 +224,7 @@ def _tensor_plan(
     section: str,
     layer: int | None,
     labels: Mapping[str, str],
-    models: Mapping[str, InputModel],
+    models: Mapping[str, OpenedModel],
     shard: str,
 ) -> TensorPlan:
     root, scale = _merge_root(output.task)

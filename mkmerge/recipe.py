@@ -51,7 +51,6 @@ from mksuite.common.recipe import (
 from mksuite.common.recipe.yaml_lines import LineTable, Path
 
 __all__ = [
-    "DEFAULT_PARAMETER_NAMES",
     "InputModel",
     "InputSlice",
     "LayerRange",
@@ -66,16 +65,6 @@ __all__ = [
     "parse_recipe",
     "recipe_from_document",
 ]
-
-# Parameter names methods read, beyond those the method registry declares today: recipes carry
-# them and they must not be warned about (kept until every method declares its own).
-DEFAULT_PARAMETER_NAMES = frozenset(
-    {
-        "weight", "density", "gamma", "epsilon", "normalize", "rescale", "lambda", "int8_mask",
-        "t", "scale", "nuslerp_flatten", "nuslerp_row_wise", "normalize_weights", "eps",
-        "max_iter", "tol", "select_topk", "filter_wise", "r", "alpha",
-    }
-)  # fmt: skip
 
 
 def parse_recipe(
@@ -145,9 +134,9 @@ def _method_parameters(method: Any) -> tuple[str, ...]:
 
 
 def _all_parameter_names() -> frozenset[str]:
-    from mkmerge.methods import METHODS
+    from mkmerge.methods import parameter_names
 
-    return DEFAULT_PARAMETER_NAMES | {spec.name for entry in METHODS.values() for spec in entry.parameters}
+    return parameter_names()
 
 
 def _refuse_parameter_slips(

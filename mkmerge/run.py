@@ -15,7 +15,7 @@ from mksuite.common.build import BuildOptions, build_model
 from mksuite.common.graph import ProgressListener, RunStats
 from mksuite.common.recipe import read_recipe_file
 from mksuite.common.writing import write_config, write_model_card
-from mksuite.common.writing.output_dir import OutputDirectory
+from mksuite.common.writing.output_dir import OutputDirectory, output_directory
 
 RECIPE_COPY = "mergekit_config.yml"
 
@@ -30,7 +30,7 @@ def load_recipe(path: Path):
 
 def run_merge(
     recipe,
-    out: Path,
+    out: Path | OutputDirectory,
     options: BuildOptions,
     *,
     allow_crimes: bool = False,
@@ -50,7 +50,7 @@ def run_merge(
     recipe the caller already made (it is not made again). ``tool`` names the tool in the card.
     ``lora_merge_dtype``: the dtype `model+lora` inputs are read in (default: as stored).
     """
-    OutputDirectory(out, overwrite=options.overwrite).check()
+    output = output_directory(out, overwrite=options.overwrite).check()
     if plan is None:
         plan = plan_for_run(
             recipe, options, allow_crimes=allow_crimes, cache_dir=cache_dir, lora_merge_dtype=lora_merge_dtype
@@ -71,9 +71,9 @@ def run_merge(
         )
         if write_card:
             (directory / RECIPE_COPY).write_text(recipe.text)
-            _card(plan, directory, Path(out).name, tool)
+            _card(plan, directory, output.final.name, tool)
 
-    stats = build_model(plan.outputs, sources, Path(out), options, finalize=finalize, listener=listener)
+    stats = build_model(plan.outputs, sources, output, options, finalize=finalize, listener=listener)
     return plan, stats
 
 
@@ -89,5 +89,5 @@ def _card(plan: MergePlan, directory: Path, title: str, tool: str) -> None:
         base_model=base,
         models=models,
         recipe_text=plan.recipe.text,
-        base_listed_with_models=plan.method.name == "slerp",
+        base_listed_with_models=plan.method.card_lists_base,
     )

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from mksuite.common.errors import RecipeError
-from mksuite.common.input_models import InputModel
+from mksuite.common.input_models import OpenedModel
 from mksuite.common.loading import ModelReference
 
 
@@ -68,7 +68,7 @@ def _modules_refusal(recipe) -> RecipeError:
     )
 
 
-def output_slices(recipe, models: Mapping[ModelReference, InputModel]) -> list[PlannedSlice]:
+def output_slices(recipe, models: Mapping[ModelReference, OpenedModel]) -> list[PlannedSlice]:
     """Normalise the recipe into output slices, checking layer ranges against model depths."""
     if recipe.models:
         return [_models_slice(recipe, models)]
@@ -105,7 +105,7 @@ def output_slices(recipe, models: Mapping[ModelReference, InputModel]) -> list[P
     return slices
 
 
-def _models_slice(recipe, models: Mapping[ModelReference, InputModel]) -> PlannedSlice:
+def _models_slice(recipe, models: Mapping[ModelReference, OpenedModel]) -> PlannedSlice:
     sources = []
     for i, entry in enumerate(recipe.models):
         layers = models[entry.model].num_layers
@@ -151,7 +151,7 @@ def _models_slice(recipe, models: Mapping[ModelReference, InputModel]) -> Planne
     )
 
 
-def _check_range(source: SliceSource, model: InputModel) -> None:
+def _check_range(source: SliceSource, model: OpenedModel) -> None:
     if source.end > model.num_layers or source.start < 0 or source.start >= source.end:
         raise RecipeError(
             f"layer_range [{source.start}, {source.end}] is out of bounds for {source.model}, "

@@ -8,7 +8,6 @@ from typing import Any
 import torch
 
 from mkmerge.methods import MethodCall, get_method
-from mksuite.common.errors import MergeError
 from mksuite.common.graph import Task, tensor_seed
 
 
@@ -59,13 +58,8 @@ class _MethodTask(Task):
             offset=self.offset,
             chunk=self.chunk,
             full_shape=self.full_shape,
+            scratch_dir=ctx.scratch_dir,
         )
-
-    def _named(self, error: MergeError) -> MergeError:
-        name = self.tensor_name or self.label
-        if not name or error.message.startswith(f"tensor `{name}`"):
-            return error
-        return MergeError(f"tensor `{name}`: {error.message}", hint=error.hint)
 
 
 @dataclass(frozen=True)
@@ -88,10 +82,7 @@ class MergeTensor(_MethodTask):
             return method.run(self._call(inputs, ctx))
         tensors = inputs[: len(self.inputs)]
         state = inputs[len(self.inputs)] if self.state is not None else None
-        try:
-            return method.chunked.apply(self._call(tensors, ctx), state)
-        except MergeError as error:
-            raise self._named(error) from error
+        return method.merge_chunk(self._call(tensors, ctx), state)
 
     def describe(self) -> str:
         return f"{self.method}({len(self.inputs)} inputs)"
@@ -123,10 +114,7 @@ class ChunkStats(_MethodTask):
     def execute(self, inputs, ctx):
         tensors = inputs[: len(self.inputs)]
         state = inputs[len(self.inputs)] if self.state is not None else None
-        try:
-            return get_method(self.method).chunked.stats(self.pass_index, self._call(tensors, ctx), state)
-        except MergeError as error:
-            raise self._named(error) from error
+        return get_method(self.method).chunk_stats(self.pass_index, self._call(tensors, ctx), state)
 
 
 @dataclass(frozen=True)
@@ -146,15 +134,11 @@ class CombineStats(Task):
     def execute(self, inputs, ctx):
         partials = inputs[: len(self.parts)]
         state = inputs[len(self.parts)] if self.state is not None else None
-        first = self.parts[0]
-        call = _parameters_only(first)
-        try:
-            return get_method(self.method).chunked.combine(self.pass_index, list(partials), state, call)
-        except MergeError as error:
-            raise first._named(error) from error
+        call = _parameters_only(self.parts[0], ctx)
+        return get_method(self.method).combine_stats(self.pass_index, list(partials), state, call)
 
 
-def _parameters_only(task: _MethodTask) -> MethodCall:
+def _parameters_only(task: _MethodTask, ctx) -> MethodCall:
     """A call with the parameters of ``task`` and no tensors (what ``combine`` needs)."""
     ordinary = [i for i in range(len(task.per_model)) if i != task.base_index]
     return MethodCall(
@@ -166,4 +150,5 @@ def _parameters_only(task: _MethodTask) -> MethodCall:
         generator=lambda i: torch.Generator(),
         tensor_name=task.tensor_name or task.label,
         full_shape=task.full_shape,
+        scratch_dir=ctx.scratch_dir,
     )

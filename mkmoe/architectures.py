@@ -15,7 +15,7 @@ import transformers
 from mkmoe.config import MoeConfig
 from mksuite.common.arch import get_config_value
 from mksuite.common.errors import ArchitectureError, MkError, ShapeMismatchError
-from mksuite.common.input_models import InputModel
+from mksuite.common.input_models import OpenedModel
 from mksuite.common.loading import ModelReference
 
 
@@ -46,7 +46,7 @@ QWEN3_MOE = OutputArchitecture(
 OUTPUT_ARCHITECTURES = {arch.key: arch for arch in (MIXTRAL, QWEN2_MOE, QWEN3_MOE)}
 
 
-def check_inputs(config: MoeConfig, models: Mapping[ModelReference, InputModel]) -> str:
+def check_inputs(config: MoeConfig, models: Mapping[ModelReference, OpenedModel]) -> str:
     """All inputs share the base's architecture, depth and hidden size; returns that architecture's name."""
     base = models[config.base_model]
     base_hidden = _hidden_size(base)
@@ -143,7 +143,7 @@ def _architecture_hint(input_arch: str) -> str:
     return "mkmoe builds MoEs from llama, mistral, qwen2 or qwen3 models"
 
 
-def _hidden_size(model: InputModel) -> int | None:
+def _hidden_size(model: OpenedModel) -> int | None:
     return get_config_value(model.config, "hidden_size", default=None)
 
 

@@ -17,20 +17,20 @@ from mkmoe.config import MoeConfig
 from mkmoe.layouts import LAYOUTS, PROJECTIONS, ExpertMlp, block_outputs, is_block_weight, router_name, shared_gate_name
 from mkmoe.tasks import ZerosTensor
 from mksuite.common.arch import WeightInfo, load_definitions
+from mksuite.common.dtypes import FLOAT_DTYPES
 from mksuite.common.errors import ArchitectureError, MissingTensorError, ShapeMismatchError
 from mksuite.common.graph import CastTensor, LoadTensor, OutputTensor, Task
-from mksuite.common.input_models import InputModel, open_input_models
+from mksuite.common.input_models import OpenedModel, open_input_models
 from mksuite.common.loading import ModelReference
 
-_CONFIG_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _ZERO_BIASES = ("q_proj.bias", "k_proj.bias", "v_proj.bias")
 
 
 @dataclass
 class MoePlan:
     config: MoeConfig
-    models: dict[ModelReference, InputModel]
-    base: InputModel
+    models: dict[ModelReference, OpenedModel]
+    base: OpenedModel
     arch: OutputArchitecture
     layout: str
     num_layers: int
@@ -98,23 +98,23 @@ def plan_moe(config: MoeConfig, *, layout: str = "classic", cache_dir: str | Non
     )
 
 
-def open_models(config: MoeConfig, *, cache_dir: str | None = None) -> dict[ModelReference, InputModel]:
+def open_models(config: MoeConfig, *, cache_dir: str | None = None) -> dict[ModelReference, OpenedModel]:
     """Each distinct input opened on its own, so each keeps its own architecture (checked later)."""
     refs = [config.base_model] + [e.source_model for e in config.experts + config.shared_experts]
-    models: dict[ModelReference, InputModel] = {}
+    models: dict[ModelReference, OpenedModel] = {}
     for ref in refs:
         if ref not in models:
             models[ref] = open_input_models([ref], cache_dir=cache_dir)[ref]
     return models
 
 
-def _config_dtype(base: InputModel) -> torch.dtype:
+def _config_dtype(base: OpenedModel) -> torch.dtype:
     name = base.config.get("torch_dtype") or base.config.get("dtype")
-    if isinstance(name, str) and name.removeprefix("torch.") in _CONFIG_DTYPES:
-        return _CONFIG_DTYPES[name.removeprefix("torch.")]
+    if isinstance(name, str) and name.removeprefix("torch.") in FLOAT_DTYPES:
+        return FLOAT_DTYPES[name.removeprefix("torch.")]
     embed = base.locate(base.arch.pre_weights(base.num_layers)[0])
     found = base.info(embed).dtype if embed is not None else torch.float32
-    return found if found in _CONFIG_DTYPES.values() else torch.float32
+    return found if found in FLOAT_DTYPES.values() else torch.float32
 
 
 def _expert_mlp(config: MoeConfig, models, index: int, layer: int, *, shared: bool = False) -> ExpertMlp:
@@ -163,7 +163,7 @@ def _common_intermediate_size(config: MoeConfig, experts: list[list[ExpertMlp]])
 class _BaseTensors:
     """Plans every output tensor; non-MLP tensors come from the base model, cast to the output dtype."""
 
-    def __init__(self, base: InputModel, arch: OutputArchitecture, dtype: torch.dtype):
+    def __init__(self, base: OpenedModel, arch: OutputArchitecture, dtype: torch.dtype):
         self.base, self.arch, self.dtype = base, arch, dtype
         self.used: set[str] = set()
 

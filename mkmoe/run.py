@@ -11,7 +11,8 @@ from mkmoe.plan import MoePlan, plan_moe
 from mkmoe.tasks import GATES_SOURCE, MemorySource
 from mksuite.common.build import BuildOptions, build_model
 from mksuite.common.graph import ProgressListener, RunStats
-from mksuite.common.writing import OutputDirectory, copy_tokenizer_files, write_config
+from mksuite.common.writing import copy_tokenizer_files, write_config
+from mksuite.common.writing.output_dir import output_directory
 
 RECIPE_COPY = "mergekit_moe_config.yml"
 
@@ -34,7 +35,7 @@ def run_moe(
     which is the first time tensor data is read. ``on_stage`` hears a one-line description
     of each slow stage.
     """
-    OutputDirectory(out, overwrite=options.overwrite).check()
+    output = output_directory(out, overwrite=options.overwrite).check()
     plan = plan_moe(config, layout=layout, cache_dir=cache_dir)
     if on_stage is not None:
         on_stage(f"computing {config.gate_mode} gates for {plan.num_layers} layers")
@@ -48,5 +49,5 @@ def run_moe(
         if write_card:
             (directory / RECIPE_COPY).write_text(config.text)
 
-    stats = build_model(plan.outputs, sources, Path(out), options, finalize=finalize, listener=listener)
+    stats = build_model(plan.outputs, sources, output, options, finalize=finalize, listener=listener)
     return plan, stats

@@ -21,7 +21,7 @@ from torch import nn
 from mkmoe.prompts import PromptBatch
 from mksuite.common.errors import ArchitectureError, MissingTensorError
 from mksuite.common.graph.memory import configure_allocator, trim_freed_memory
-from mksuite.common.input_models import InputModel
+from mksuite.common.input_models import OpenedModel
 from mksuite.common.loading import TensorSource, load_rows
 
 REDUCTIONS = ("last", "mean")
@@ -34,7 +34,7 @@ class _Enough(Exception):
 
 
 def layer_input_states(
-    base: InputModel, batch: PromptBatch, *, reduce: str, device: torch.device | None = None
+    base: OpenedModel, batch: PromptBatch, *, reduce: str, device: torch.device | None = None
 ) -> torch.Tensor:
     """``[layers, prompts, hidden]`` float32 on the CPU: each prompt's state entering each layer.
 
@@ -89,7 +89,7 @@ def layer_input_states(
     return torch.stack(recorded) if recorded else torch.empty(0, len(batch), 0)
 
 
-def _skeleton(base: InputModel) -> nn.Module:
+def _skeleton(base: OpenedModel) -> nn.Module:
     """The base model's decoder (no LM head) on the meta device, float32, eager attention."""
     import transformers
 

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from mksuite.common.arch import find_architecture
 from mksuite.common.arch.config_values import get_config_value
 from mksuite.common.errors import ArchitectureError, ShapeMismatchError
-from mksuite.common.input_models import InputModel, open_input_models
+from mksuite.common.input_models import OpenedModel, open_input_models
 from mksuite.common.loading import ModelReference
 
 # Config fields that must agree for layers of different models to be stacked, by the names
@@ -28,7 +28,7 @@ _ABSENT = object()
 
 def open_stack_inputs(
     refs: Iterable[ModelReference], *, allow_crimes: bool = False, cache_dir: str | None = None
-) -> dict[ModelReference, InputModel]:
+) -> dict[ModelReference, OpenedModel]:
     """Open the models (headers only) and refuse any without an architecture definition.
 
     Mixed architectures are refused by the engine unless ``allow_crimes``.
@@ -51,7 +51,7 @@ def open_stack_inputs(
     return models
 
 
-def check_same_shapes(models: Mapping[ModelReference, InputModel]) -> None:
+def check_same_shapes(models: Mapping[ModelReference, OpenedModel]) -> None:
     """Hidden size, heads and MLP width agree across all models; so do layer 0's tensor shapes."""
     listed = list(models.values())
     first = listed[0]
@@ -67,7 +67,7 @@ def check_same_shapes(models: Mapping[ModelReference, InputModel]) -> None:
         _compare_layer_tensors(first, other)
 
 
-def check_vocabularies(first: InputModel, last: InputModel) -> None:
+def check_vocabularies(first: OpenedModel, last: OpenedModel) -> None:
     """The embeddings (first slice's model) and the LM head (last slice's) share a vocabulary."""
     if first is last:
         return
@@ -87,7 +87,7 @@ def _field(config: dict, names: Sequence[str]) -> tuple[str, object]:
     return names[0], _ABSENT
 
 
-def _layer_section(model: InputModel) -> dict:
+def _layer_section(model: OpenedModel) -> dict:
     """The part of config.json that holds the layer-count key (``text_config`` for some models)."""
     key = model.arch.num_layers_config_key or ""
     if "." not in key:
@@ -96,12 +96,12 @@ def _layer_section(model: InputModel) -> dict:
     return section if isinstance(section, dict) else model.config
 
 
-def _vocab(model: InputModel) -> int | None:
+def _vocab(model: OpenedModel) -> int | None:
     value = _layer_section(model).get("vocab_size", model.config.get("vocab_size"))
     return value if isinstance(value, int) else None
 
 
-def _compare_layer_tensors(first: InputModel, other: InputModel) -> None:
+def _compare_layer_tensors(first: OpenedModel, other: OpenedModel) -> None:
     """A backstop for configs that name their sizes unusually: compare layer 0's headers."""
     if first.num_layers == 0 or other.num_layers == 0:
         return

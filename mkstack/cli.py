@@ -149,8 +149,9 @@ def stack(
         options = build_options(
             device=device, cuda=cuda, threads=threads, shard_size=shard_size, seed=seed, overwrite=overwrite
         )
+        output = None
         if out is not None and not print_recipe:
-            OutputDirectory(out, overwrite=overwrite).check()
+            output = OutputDirectory(out, overwrite=overwrite).check()
         if mode is None:
             if dtype or out_dtype:
                 raise RecipeError(
@@ -179,7 +180,7 @@ def stack(
         with ProgressView("stack", quiet) as view:
             plan, stats = run_stack(
                 recipe,
-                Path(out),
+                output,
                 options,
                 allow_crimes=allow_crimes,
                 copy_tokenizer=copy_tokenizer,

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from mkmerge.slices import output_slices
-from mksuite.common.input_models import InputModel
+from mksuite.common.input_models import OpenedModel
 from mksuite.common.loading import ModelReference
 from mksuite.common.recipe import ConditionalEntry
 
@@ -31,7 +31,7 @@ class PlanRow:
     note: str = ""
 
 
-def plan_rows(recipe, models: Mapping[ModelReference, InputModel]) -> list[PlanRow]:
+def plan_rows(recipe, models: Mapping[ModelReference, OpenedModel]) -> list[PlanRow]:
     """The recipe's slices as rows of a layer map, in output order (``models:`` form: one row)."""
     rows, out = [], 0
     for planned in output_slices(recipe, models):
@@ -43,7 +43,7 @@ def plan_rows(recipe, models: Mapping[ModelReference, InputModel]) -> list[PlanR
     return rows
 
 
-def layer_sources(recipe, models: Mapping[ModelReference, InputModel]) -> list[LayerSource]:
+def layer_sources(recipe, models: Mapping[ModelReference, OpenedModel]) -> list[LayerSource]:
     """One entry per output layer, in order."""
     return [LayerSource(row.model, layer) for row in plan_rows(recipe, models) for layer in range(row.start, row.end)]
 

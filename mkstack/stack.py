@@ -33,9 +33,9 @@ from mkstack.recipe_text import recipe_text
 from mksuite.common.build import BuildOptions
 from mksuite.common.errors import RecipeError
 from mksuite.common.graph import ProgressListener, RunStats
-from mksuite.common.input_models import InputModel
+from mksuite.common.input_models import OpenedModel
 from mksuite.common.loading import ModelReference
-from mksuite.common.writing.output_dir import OutputDirectory
+from mksuite.common.writing.output_dir import OutputDirectory, output_directory
 
 GENERATED_RECIPE = "mkstack (generated recipe)"
 
@@ -145,14 +145,14 @@ _EXAMPLES = {
 
 def open_request_models(
     request: ModeRequest, *, allow_crimes: bool = False, cache_dir: str | None = None
-) -> dict[str, InputModel]:
+) -> dict[str, OpenedModel]:
     """The request's models opened (headers only), keyed by the reference string used in the recipe."""
     refs = {text: ModelReference.parse(text, field=request.mode or "model") for text in request.model_refs()}
     opened = open_stack_inputs(refs.values(), allow_crimes=allow_crimes, cache_dir=cache_dir)
     return {text: opened[ref] for text, ref in refs.items()}
 
 
-def request_slices(request: ModeRequest, models: Mapping[str, InputModel]) -> list[StackSlice]:
+def request_slices(request: ModeRequest, models: Mapping[str, OpenedModel]) -> list[StackSlice]:
     """The slices a mode request stands for, given its opened models."""
     mode = request.mode
     if mode == "--slice":
@@ -241,7 +241,7 @@ def plan_stack(
 
 def run_stack(
     recipe: MergeRecipe,
-    out: Path,
+    out: Path | OutputDirectory,
     options: BuildOptions,
     *,
     allow_crimes: bool = False,
@@ -256,14 +256,14 @@ def run_stack(
     ``checked``: the result of :func:`plan_stack` for this recipe, when the caller already
     has it (its config warnings are then not repeated).
     """
-    OutputDirectory(out, overwrite=options.overwrite).check()
+    output = output_directory(out, overwrite=options.overwrite).check()
     if checked is None:
         checked = plan_stack(recipe, allow_crimes=allow_crimes, seed=options.seed, cache_dir=cache_dir)
         for note in checked.config_warnings:
             warnings.warn(StackWarning(note), stacklevel=2)
     return run_merge(
         recipe,
-        out,
+        output,
         options,
         plan=checked.plan,
         tool="mkstack",

@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -46,11 +47,13 @@ DEFAULT_WRITE_QUEUE_BYTES = 192 * 1024**2
 
 @dataclass
 class ExecutionContext:
-    """What tasks may consult while running: open tensor sources, the device, the run seed."""
+    """What tasks may consult while running: open tensor sources, the device, the run seed,
+    and where scratch files go (the output's partial directory; None: the system's temp dir)."""
 
     sources: Mapping[str, object]
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     seed: int = 0
+    scratch_dir: Path | None = None
 
 
 @dataclass

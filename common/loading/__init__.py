@@ -12,7 +12,7 @@ from mksuite.common.loading.lora import LoraSource, open_adapter, with_adapter
 from mksuite.common.loading.model import ModelFiles, ShardedSource, open_model, open_tensor_file
 from mksuite.common.loading.pickle_source import PickleCheckpoint
 from mksuite.common.loading.reference import ModelReference
-from mksuite.common.loading.safetensors_source import SAFETENSORS_DTYPES, SafetensorsFile
+from mksuite.common.loading.safetensors_source import SafetensorsFile
 from mksuite.common.loading.source import ByteRange, TensorInfo, TensorSource, byte_range, load_rows
 
 __all__ = [
@@ -22,7 +22,6 @@ __all__ = [
     "ModelFiles",
     "ModelReference",
     "PickleCheckpoint",
-    "SAFETENSORS_DTYPES",
     "SafetensorsFile",
     "ShardedSource",
     "TensorInfo",

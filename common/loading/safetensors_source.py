@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from mksuite.common.dtypes import SAFETENSORS_DTYPES
 from mksuite.common.errors import MissingTensorError, TensorFileError, did_you_mean
 from mksuite.common.loading.buffers import typed_view
 from mksuite.common.loading.source import ByteRange, TensorInfo, TensorSource, read_bytes
@@ -31,31 +32,6 @@ MAP_MIN_BYTES = 1024**2
 # The reference implementation refuses headers above 100 MB; a larger length field means
 # the file is not safetensors (or its first bytes are damaged).
 MAX_HEADER_BYTES = 100_000_000
-
-_DTYPE_NAMES = {
-    "F64": "float64",
-    "F32": "float32",
-    "F16": "float16",
-    "BF16": "bfloat16",
-    "I64": "int64",
-    "I32": "int32",
-    "I16": "int16",
-    "I8": "int8",
-    "U8": "uint8",
-    "BOOL": "bool",
-    "U16": "uint16",
-    "U32": "uint32",
-    "U64": "uint64",
-    "F8_E4M3": "float8_e4m3fn",
-    "F8_E5M2": "float8_e5m2",
-    "F8_E8M0": "float8_e8m0fnu",
-}
-# Only the dtypes this torch build has; the rest are reported as unsupported at open.
-SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    code: getattr(torch, name)
-    for code, name in _DTYPE_NAMES.items()
-    if isinstance(getattr(torch, name, None), torch.dtype)
-}
 
 
 class SafetensorsFile(TensorSource):

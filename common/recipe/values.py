@@ -26,10 +26,10 @@ DTYPE_NAMES = ("float32", "float16", "bfloat16", "int64")
 
 
 def dtypes() -> dict[str, torch.dtype]:
-    """:data:`DTYPE_NAMES` -> torch dtypes (imports torch)."""
-    import torch
+    """:data:`DTYPE_NAMES` -> torch dtypes: the shared table (imports torch)."""
+    from mksuite.common.dtypes import RECIPE_DTYPES
 
-    return {name: getattr(torch, name) for name in DTYPE_NAMES}
+    return RECIPE_DTYPES
 
 
 def __getattr__(name: str) -> Any:

@@ -5,7 +5,6 @@ from mksuite.common.writing.output_dir import OutputDirectory
 from mksuite.common.writing.safetensors_writer import (
     INDEX_FILE,
     SINGLE_FILE,
-    PlannedTensor,
     ShardedWriter,
     ShardPlan,
     plan_shards,
@@ -15,7 +14,6 @@ __all__ = [
     "INDEX_FILE",
     "SINGLE_FILE",
     "OutputDirectory",
-    "PlannedTensor",
     "ShardPlan",
     "ShardedWriter",
     "copy_tokenizer_files",

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from mksuite.common.arch import set_config_value
+from mksuite.common.dtypes import dtype_name
 
 # Files that make up a tokenizer (and its generation defaults) in a model directory.
 TOKENIZER_FILES = (
@@ -27,14 +28,6 @@ TOKENIZER_FILES = (
 )
 # Architecture "tagalong" files some multimodal models need next to their weights.
 TAGALONG_FILES = ("preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json")
-
-DTYPE_NAMES = {
-    torch.float32: "float32",
-    torch.float16: "float16",
-    torch.bfloat16: "bfloat16",
-    torch.float64: "float64",
-    torch.int64: "int64",
-}
 
 
 def write_config(
@@ -54,7 +47,7 @@ def write_config(
     """
     config = json.loads(json.dumps(config))  # deep copy; never mutate the donor's dict
     if dtype is not None:
-        name = DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+        name = dtype_name(dtype)
         keys = [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]
         for key in keys:
             config[key] = name

@@ -17,14 +17,6 @@ from mksuite.common.errors import OutputError
 
 PARTIAL_MARKER = ".partial-"
 
-_staging: list[Path] = []  # partial directories open in this process, innermost last
-
-
-def scratch_directory() -> Path | None:
-    """Where to put unnamed scratch files: the partial directory of the output being written
-    (the disk that must hold the model anyway), or None (the system's temp dir) outside a run."""
-    return _staging[-1] if _staging else None
-
 
 class OutputDirectory:
     """Context manager: ``with OutputDirectory(out) as staging: ...; staging.commit()``."""
@@ -34,9 +26,16 @@ class OutputDirectory:
         self.overwrite = overwrite
         self.path: Path | None = None
         self.committed = False
+        self.checked = False
 
-    def check(self) -> None:
-        """Fail early (before planning work) if OUT cannot be produced."""
+    def check(self) -> OutputDirectory:
+        """Fail early (before planning work) if OUT cannot be produced.
+
+        Checked once per object: entry points check the directory they are given before any
+        work and hand the object down (``commit`` refuses what appeared since).
+        """
+        if self.checked:
+            return self
         if self.final.exists():
             if not self.final.is_dir():
                 raise OutputError(f"{self.final} exists and is not a directory")
@@ -48,19 +47,18 @@ class OutputDirectory:
         parent = self.final.parent
         if parent.exists() and not os.access(parent, os.W_OK):
             raise OutputError(f"cannot write into {parent}")
+        self.checked = True
+        return self
 
     def __enter__(self) -> OutputDirectory:
         self.check()
         self.final.parent.mkdir(parents=True, exist_ok=True)
         self.path = Path(tempfile.mkdtemp(prefix=f".{self.final.name}{PARTIAL_MARKER}", dir=self.final.parent))
-        _staging.append(self.path)
         return self
 
     def commit(self) -> Path:
         """Move the finished directory into place (replacing OUT when overwriting)."""
         assert self.path is not None
-        if self.path in _staging:
-            _staging.remove(self.path)
         trash = None
         if self.final.exists():
             if any(self.final.iterdir()) and not self.overwrite:
@@ -74,7 +72,10 @@ class OutputDirectory:
         return self.final
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if self.path in _staging:
-            _staging.remove(self.path)
         if not self.committed and self.path is not None:
             shutil.rmtree(self.path, ignore_errors=True)
+
+
+def output_directory(out: Path | str | OutputDirectory, *, overwrite: bool) -> OutputDirectory:
+    """``out`` itself when the caller already made (and checked) it, else a new one for that path."""
+    return out if isinstance(out, OutputDirectory) else OutputDirectory(out, overwrite=overwrite)

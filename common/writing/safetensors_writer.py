@@ -26,47 +26,18 @@ from pathlib import Path
 
 import torch
 
+from mksuite.common.dtypes import SAFETENSORS_CODES
 from mksuite.common.errors import TensorFileError
-from mksuite.common.loading.source import ByteRange
-
-SAFETENSORS_DTYPES = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
-for _name, _code in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2")):
-    if hasattr(torch, _name):
-        SAFETENSORS_DTYPES[getattr(torch, _name)] = _code
+from mksuite.common.loading.source import ByteRange, TensorInfo
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
 
 @dataclass(frozen=True)
-class PlannedTensor:
-    name: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-
-    @property
-    def nbytes(self) -> int:
-        count = 1
-        for dim in self.shape:
-            count *= dim
-        return count * torch.empty((), dtype=self.dtype).element_size()
-
-
-@dataclass(frozen=True)
 class ShardPlan:
     filename: str
-    tensors: tuple[PlannedTensor, ...]
+    tensors: tuple[TensorInfo, ...]
     offsets: tuple[int, ...]  # data offset of each tensor, relative to the data section
     header: bytes  # 8-byte length prefix + padded JSON
 
@@ -79,10 +50,10 @@ class ShardPlan:
         return len(self.header) + self.data_bytes
 
 
-def split_into_shards(tensors: Sequence[PlannedTensor], max_shard_bytes: int) -> list[list[PlannedTensor]]:
+def split_into_shards(tensors: Sequence[TensorInfo], max_shard_bytes: int) -> list[list[TensorInfo]]:
     """Greedy split in order: a shard closes when the next tensor would overflow it."""
-    shards: list[list[PlannedTensor]] = []
-    current: list[PlannedTensor] = []
+    shards: list[list[TensorInfo]] = []
+    current: list[TensorInfo] = []
     size = 0
     for tensor in tensors:
         if current and size + tensor.nbytes > max_shard_bytes:
@@ -95,15 +66,15 @@ def split_into_shards(tensors: Sequence[PlannedTensor], max_shard_bytes: int) ->
     return shards
 
 
-def _header(tensors: Sequence[PlannedTensor], metadata: dict[str, str]) -> tuple[bytes, tuple[int, ...]]:
+def _header(tensors: Sequence[TensorInfo], metadata: dict[str, str]) -> tuple[bytes, tuple[int, ...]]:
     entries: dict[str, object] = {"__metadata__": dict(metadata)}
     offsets = []
     position = 0
     for tensor in tensors:
-        if tensor.dtype not in SAFETENSORS_DTYPES:
+        if tensor.dtype not in SAFETENSORS_CODES:
             raise ValueError(f"safetensors cannot store dtype {tensor.dtype} ({tensor.name})")
         entries[tensor.name] = {
-            "dtype": SAFETENSORS_DTYPES[tensor.dtype],
+            "dtype": SAFETENSORS_CODES[tensor.dtype],
             "shape": list(tensor.shape),
             "data_offsets": [position, position + tensor.nbytes],
         }
@@ -115,7 +86,7 @@ def _header(tensors: Sequence[PlannedTensor], metadata: dict[str, str]) -> tuple
 
 
 def plan_shards(
-    tensors: Sequence[PlannedTensor],
+    tensors: Sequence[TensorInfo],
     max_shard_bytes: int,
     metadata: dict[str, str] | None = None,
 ) -> list[ShardPlan]:
@@ -144,7 +115,7 @@ class ShardedWriter:
     def __init__(self, directory: Path, plans: Sequence[ShardPlan]):
         self.directory = Path(directory)
         self.plans = list(plans)
-        self._where: dict[str, tuple[int, int, PlannedTensor]] = {}
+        self._where: dict[str, tuple[int, int, TensorInfo]] = {}
         for shard, plan in enumerate(self.plans):
             for tensor, offset in zip(plan.tensors, plan.offsets):
                 self._where[tensor.name] = (shard, len(plan.header) + offset, tensor)

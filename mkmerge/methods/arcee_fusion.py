@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from mkmerge.methods.declaration import MergeMethod, MethodCall, base_and_one_other
 from mkmerge.methods.reductions import require_same_shape
 from mkmerge.methods.vectors import as_vectors, vector_dots
 
@@ -57,3 +58,27 @@ def arcee_fusion_merge(base: torch.Tensor, other: torch.Tensor, generator: torch
     importance = fusion_importance(base, other)
     chosen = importance >= fusion_threshold(importance, generator)
     return torch.where(chosen, other.to(base.dtype), base)
+
+
+# --- declaration
+
+
+def _run_arcee_fusion(call: MethodCall) -> torch.Tensor:
+    alone = base_and_one_other(call, "arcee_fusion")
+    return alone if alone is not None else arcee_fusion_merge(call.base, call.tensors[0], call.generator(0))
+
+
+MERGE_METHODS = (
+    MergeMethod(
+        name="arcee_fusion",
+        pretty_name="Arcee Fusion",
+        reference_url=None,
+        parameters=(),
+        base_model="required",
+        min_inputs=2,
+        max_inputs=2,
+        merge=_run_arcee_fusion,
+        embeddings="common rows",
+        random=True,
+    ),
+)

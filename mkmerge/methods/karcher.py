@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
+from mkmerge.methods.declaration import MergeMethod, MethodCall, ParameterSpec
 from mkmerge.methods.reductions import require_same_shape
 from mkmerge.methods.vectors import combine, gram_matrix, quadratic_norm
 
@@ -72,3 +73,29 @@ def karcher_coefficients(directions: torch.Tensor, *, max_iter: int, tol: float)
         beta = math.cos(step) * beta + (math.sin(step) / step) * tangent
         beta = beta / quadratic_norm(directions, beta)
     return beta
+
+
+# --- declaration
+
+
+def _run_karcher(call: MethodCall) -> torch.Tensor:
+    tensors = list(call.tensors) + ([call.base] if call.base is not None else [])
+    return karcher_merge(tensors, max_iter=int(call.params["max_iter"]), tol=float(call.params["tol"]))
+
+
+MERGE_METHODS = (
+    MergeMethod(
+        name="karcher",
+        pretty_name="Karcher Mean",
+        reference_url="https://en.wikipedia.org/wiki/Karcher_mean",
+        parameters=(
+            ParameterSpec("max_iter", per_model=False, default=10, kind=int, help="most gradient steps"),
+            ParameterSpec("tol", per_model=False, default=1e-5, help="convergence and zero-norm tolerance"),
+        ),
+        base_model="none",
+        min_inputs=1,
+        max_inputs=None,
+        merge=_run_karcher,
+        embeddings="common rows",
+    ),
+)

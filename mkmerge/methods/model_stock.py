@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Sequence
 from itertools import combinations
 
 import torch
 
+from mkmerge.methods.declaration import MergeMethod, MethodCall, ParameterSpec
 from mkmerge.methods.reductions import require_same_shape
 from mkmerge.methods.vectors import as_vectors, norms_in_dtype, sums_in_dtype
 from mksuite.common.errors import MergeError
@@ -69,3 +71,54 @@ def model_stock_merge(
     mean = mean / count
     out = t * mean + (1 - t) * anchor
     return out.reshape(base.shape).to(base.dtype), t.to(torch.float64)
+
+
+# --- declaration
+
+
+def _run_model_stock(call: MethodCall) -> torch.Tensor:
+    if call.base is None:
+        raise MergeError("model_stock moves from the base model, but no base tensor was given", hint="set `base_model`")
+    if not call.tensors:
+        return call.base
+    merged, t = model_stock_merge(call.base, call.tensors, filter_wise=bool(call.params["filter_wise"]))
+    outside = (t < 0) | (t > 1)
+    if bool(outside.any()):
+        where = (
+            f"t = {float(t.reshape(-1)[0]):.4g}"
+            if t.numel() == 1
+            else (
+                f"t outside [0, 1] in {int(outside.sum())} of {t.numel()} rows "
+                f"(range {float(t.min()):.4g} to {float(t.max()):.4g})"
+            )
+        )
+        warnings.warn(
+            f"model_stock, tensor {call.tensor_name}: {where}, so the merge extrapolates beyond the "
+            "base and the models' average (their deltas disagree in direction)",
+            stacklevel=2,
+        )
+    return merged
+
+
+MERGE_METHODS = (
+    MergeMethod(
+        name="model_stock",
+        pretty_name="Model Stock",
+        reference_url="https://arxiv.org/abs/2403.19522",
+        parameters=(
+            ParameterSpec(
+                "filter_wise",
+                per_model=False,
+                default=False,
+                kind=bool,
+                help="one ratio per row (last axis) instead of one per tensor",
+            ),
+        ),
+        base_model="required",
+        min_inputs=3,
+        max_inputs=None,
+        merge=_run_model_stock,
+        embeddings="common rows",
+        needs_min_inputs_per_tensor=True,
+    ),
+)

@@ -6,6 +6,8 @@ from collections.abc import Sequence
 
 import torch
 
+from mkmerge.methods.declaration import MergeMethod, MethodCall, ParameterSpec, PlannedInputs
+from mkmerge.methods.linear import WEIGHT
 from mkmerge.methods.reductions import require_same_shape
 from mkmerge.methods.vectors import combine, gram_matrix, quadratic_norm
 from mksuite.common.errors import MergeError
@@ -66,3 +68,52 @@ def multislerp_merge(
     else:
         coefficients = unit_weights * (float(w @ norms) / mean_norm)
     return combine(vectors, coefficients.tolist(), dtype=dtype, base=anchor)
+
+
+# --- declaration
+
+
+def _run_multislerp(call: MethodCall) -> torch.Tensor:
+    if not call.tensors:
+        return call.base
+    return multislerp_merge(
+        call.tensors,
+        [p["weight"] for p in call.per_model],
+        base=call.base,
+        normalize_weights=bool(call.params["normalize_weights"]),
+        eps=float(call.params["eps"]),
+    )
+
+
+def _check_weight_sum(planned: PlannedInputs) -> None:
+    others = planned.others()
+    if not planned.params.get("normalize_weights", True) or len(others) < 2:
+        return
+    if sum(p["weight"] for _, p in others) == 0:
+        listing = ", ".join(f"{m}: {p['weight']}" for m, p in others)
+        raise MergeError(
+            f"the `weight` values of tensor {planned.tensor_name} sum to zero, so normalising them divides by "
+            f"zero ({listing})",
+            hint="change the weights, or set `normalize_weights: false`",
+        )
+
+
+MERGE_METHODS = (
+    MergeMethod(
+        name="multislerp",
+        pretty_name="Multi-SLERP",
+        reference_url=None,
+        parameters=(
+            WEIGHT,
+            ParameterSpec(
+                "normalize_weights", per_model=False, default=True, kind=bool, help="divide the weights by their sum"
+            ),
+            ParameterSpec("eps", per_model=False, default=1e-8, help="guards norms against division by zero"),
+        ),
+        base_model="optional",
+        min_inputs=1,
+        max_inputs=None,
+        merge=_run_multislerp,
+        check=_check_weight_sum,
+    ),
+)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from mkmerge.methods.declaration import MergeMethod, MethodCall, ParameterSpec, base_and_one_other
 from mkmerge.methods.reductions import require_same_shape
 
 # Differences are floored at this before dividing.
@@ -25,3 +26,25 @@ def nearswap_merge(t: float, base: torch.Tensor, other: torch.Tensor) -> torch.T
     out = weight * o
     out += (1.0 - weight).mul_(b)
     return out.to(base.dtype)
+
+
+# --- declaration
+
+
+def _run_nearswap(call: MethodCall) -> torch.Tensor:
+    alone = base_and_one_other(call, "nearswap")
+    return alone if alone is not None else nearswap_merge(float(call.params["t"]), call.base, call.tensors[0])
+
+
+MERGE_METHODS = (
+    MergeMethod(
+        name="nearswap",
+        pretty_name="NearSwap",
+        reference_url=None,
+        parameters=(ParameterSpec("t", per_model=False, help="differences up to t take the other model's value"),),
+        base_model="required",
+        min_inputs=2,
+        max_inputs=2,
+        merge=_run_nearswap,
+    ),
+)

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import torch
 
+from mkmerge.methods.declaration import MergeMethod, MethodCall, ParameterSpec
+from mkmerge.methods.linear import WEIGHT
 from mkmerge.methods.reductions import require_same_shape
 from mkmerge.methods.vectors import norms_in_dtype, sums_in_dtype
+from mksuite.common.errors import MergeError
 
 # Weight sums below this give t = 0.5 instead of a division by ~0.
 WEIGHT_SUM_EPS = 1e-6
@@ -70,3 +73,57 @@ def nuslerp_merge(
     if anchor is not None:
         out = anchor + out
     return out.to((base if base is not None else first).dtype)
+
+
+# --- declaration
+
+
+def _run_nuslerp(call: MethodCall) -> torch.Tensor:
+    if len(call.tensors) > 2:
+        raise MergeError(
+            f"nuslerp interpolates between exactly two models, but this tensor has {len(call.tensors)}",
+            hint="list two models (plus, optionally, a third as `base_model`)",
+        )
+    if len(call.tensors) < 2:  # one of the two lacks this (optional) tensor: keep what is there
+        return call.tensors[0] if call.tensors else call.base
+    t = nuslerp_fraction(call.per_model[0]["weight"], call.per_model[1]["weight"])
+    return nuslerp_merge(
+        t,
+        *call.tensors,
+        base=call.base,
+        flatten=bool(call.params["nuslerp_flatten"]),
+        row_wise=bool(call.params["nuslerp_row_wise"]),
+    )
+
+
+MERGE_METHODS = (
+    MergeMethod(
+        name="nuslerp",
+        pretty_name="NuSLERP",
+        reference_url=None,
+        parameters=(
+            WEIGHT,
+            ParameterSpec(
+                "nuslerp_flatten",
+                per_model=False,
+                default=True,
+                kind=bool,
+                help="treat the whole tensor as one vector (else one vector per row or column)",
+            ),
+            ParameterSpec(
+                "nuslerp_row_wise",
+                per_model=False,
+                default=False,
+                kind=bool,
+                help="without flatten: slerp the vectors along the first axis (matrix columns), "
+                "not the last (rows), as mergekit's code does",
+            ),
+        ),
+        base_model="optional",
+        min_inputs=2,
+        max_inputs=3,
+        other_inputs=2,
+        merge=_run_nuslerp,
+        embeddings="common rows",
+    ),
+)

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
+from mkmerge.methods.declaration import MergeMethod, MethodCall, ParameterSpec, required_base
 from mkmerge.methods.reductions import require_same_shape, stacked_sum
 
 
@@ -86,3 +87,52 @@ def _boost_unique(
         ratio = shared_count / max(unique_count, epsilon)
         factor.masked_fill_(alone, 1 + r * min(max(ratio, 0.0), alpha))
     return (mean * factor).to(mean.dtype)
+
+
+# --- declaration
+
+
+def _run_ram(call: MethodCall) -> torch.Tensor:
+    return ram_merge(required_base(call), call.tensors, epsilon=float(call.params["epsilon"]))
+
+
+def _run_ramplus_tl(call: MethodCall) -> torch.Tensor:
+    return ramplus_tl_merge(
+        required_base(call),
+        call.tensors,
+        epsilon=float(call.params["epsilon"]),
+        r=float(call.params["r"]),
+        alpha=float(call.params["alpha"]),
+    )
+
+
+_EPSILON = ParameterSpec(
+    "epsilon", per_model=False, default=1e-5, help="a delta entry counts as a change when its magnitude exceeds this"
+)
+
+MERGE_METHODS = (
+    MergeMethod(
+        name="ram",
+        pretty_name="RAM",
+        reference_url=None,
+        parameters=(_EPSILON,),
+        base_model="required",
+        min_inputs=1,
+        max_inputs=None,
+        merge=_run_ram,
+    ),
+    MergeMethod(
+        name="ramplus_tl",
+        pretty_name="RAM+",
+        reference_url=None,
+        parameters=(
+            _EPSILON,
+            ParameterSpec("r", per_model=False, default=0.1, help="strength of the boost of unique changes"),
+            ParameterSpec("alpha", per_model=False, default=0.2, help="cap of the shared/unique ratio"),
+        ),
+        base_model="required",
+        min_inputs=1,
+        max_inputs=None,
+        merge=_run_ramplus_tl,
+    ),
+)

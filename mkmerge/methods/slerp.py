@@ -8,7 +8,10 @@ import torch
 
 from mkmerge.methods import fused
 from mkmerge.methods.chunked import ChunkedForm
+from mkmerge.methods.declaration import MergeMethod, MethodCall, ParameterSpec
 from mkmerge.methods.reductions import exact_sum, gram_partials, gram_sums, require_same_shape
+from mkmerge.methods.working_set import WorkingSet
+from mksuite.common.errors import MergeError
 
 # A fused slerp's row blocks, in default blocks. Its statistics pass is one cheap Gram sum, so
 # reading a tensor twice costs little; with 4 its peak RSS grew from 0.5B to 3B models
@@ -99,3 +102,38 @@ def slerp_chunked() -> ChunkedForm:
         fused=fused_kernels,
         fused_chunk_factor=SLERP_CHUNK_FACTOR,
     )
+
+
+# --- declaration
+
+
+def _run_slerp(call: MethodCall) -> torch.Tensor:
+    present = ([call.base] if call.base is not None else []) + list(call.tensors)
+    if len(present) == 1:
+        return present[0]
+    if call.base is None or len(call.tensors) != 1:
+        raise MergeError(
+            f"slerp merges the base model with exactly one other model; this tensor has "
+            f"{len(call.tensors)} other input(s) and {'a' if call.base is not None else 'no'} base",
+            hint="list exactly two models, one of them the `base_model`",
+        )
+    return slerp_merge(float(call.params["t"]), call.base, call.tensors[0])
+
+
+MERGE_METHODS = (
+    MergeMethod(
+        name="slerp",
+        pretty_name="SLERP",
+        reference_url="https://en.wikipedia.org/wiki/Slerp",
+        parameters=(ParameterSpec("t", per_model=False, help="interpolation factor: 0 = base, 1 = other model"),),
+        base_model="required",
+        min_inputs=2,
+        max_inputs=2,
+        merge=_run_slerp,
+        chunked=slerp_chunked(),
+        embeddings="common rows",
+        # float32 copies of both endpoints and one scaled product
+        working_set=WorkingSet(copies=0, bytes_per_element=12, scratch_buffers=3),
+        card_lists_base=True,
+    ),
+)

@@ -26,6 +26,7 @@ import importlib.util
 import os
 import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -165,13 +166,12 @@ WINDOW_WORDS = 1 << 20  # each of the two windows a partition on disk works thro
 class Spill:
     """The words of one whole tensor (see :func:`encode`), in an unnamed scratch file, for
     :func:`replay_spilled`: a chunked tensor's are written chunk by chunk, from any thread
-    (:meth:`write_keys`). Memory stays at a few windows whatever the tensor's size."""
+    (:meth:`write_keys`). Memory stays at a few windows whatever the tensor's size.
+    ``directory``: where the file goes (None: the system's temporary directory)."""
 
-    def __init__(self, numel: int):
-        from mksuite.common.writing.output_dir import scratch_directory
-
+    def __init__(self, numel: int, directory: Path | None = None):
         self.numel = numel
-        self.file = tempfile.TemporaryFile(dir=scratch_directory())
+        self.file = tempfile.TemporaryFile(dir=directory)
         self.fd = self.file.fileno()
 
     def write(self, offset: int, keys: np.ndarray) -> None:

@@ -493,7 +493,7 @@ def task_vector_chunked(variant: TaskVectorVariant) -> ChunkedForm:
                 if "key" in model_state and _sort_decides(
                     model_state["missing"], sum(model_state["equal_counts"]), model_state["key"]
                 ):
-                    model_state["spill"] = sort_order.Spill(numel)  # some of the ties: the sort decides
+                    model_state["spill"] = sort_order.Spill(numel, call.scratch_dir)  # the sort decides some ties
             if "l1_before" in parts[0]:
                 model_state["l1_before"] = exact_sum([x for p in parts for x in p["l1_before"]])
             if "l1_after" in parts[0]:

@@ -29,7 +29,7 @@ from mkmerge.vocab.strip import strip_tokenizer
 from mksuite.common.arch import ArchitectureDefinition, WeightInfo, get_config_value
 from mksuite.common.errors import MergeError, MissingTensorError, RecipeError, ShapeMismatchError
 from mksuite.common.graph import CastTensor, LoadTensor, Task
-from mksuite.common.input_models import InputModel, open_input_models
+from mksuite.common.input_models import OpenedModel, open_input_models
 from mksuite.common.loading import ModelReference, resolve_model_path
 
 _LISTED = 5  # tokens named in a warning before "and N more"
@@ -41,18 +41,18 @@ def vocab_size_key(arch: ArchitectureDefinition) -> str:
     return layers.rsplit(".", 1)[0] + ".vocab_size" if "." in layers else "vocab_size"
 
 
-def config_vocab_size(model: InputModel) -> int | None:
+def config_vocab_size(model: OpenedModel) -> int | None:
     value = get_config_value(model.config, vocab_size_key(model.arch), default=None)
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def _limit(model: InputModel, rows: int) -> int:
+def _limit(model: OpenedModel, rows: int) -> int:
     """Ids below this are the model's in a matrix of ``rows`` rows: under its config vocab_size too."""
     configured = config_vocab_size(model)
     return rows if configured is None else min(rows, configured)
 
 
-def _model_limit(model: InputModel) -> int | None:
+def _model_limit(model: OpenedModel) -> int | None:
     """Ids below this are the model's: under its config vocab_size and its input embedding's rows."""
     for weight in model.arch.pre_weights(model.num_layers):
         name = model.locate(weight) if weight.is_embed else None
@@ -65,7 +65,7 @@ def _model_limit(model: InputModel) -> int | None:
 class EmbeddingInput:
     """One merged model's copy of a vocabulary-indexed tensor, as the planner loads it."""
 
-    model: InputModel
+    model: OpenedModel
     name: str  # stored tensor name
     task: Task  # loads and casts it
 
@@ -80,7 +80,7 @@ class OutputVocabulary:
     model_vocabs: dict[ModelReference, dict[str, int]]  # each model's token -> id, unfiltered
     rules: Mapping[str, TokenEmbedding]
     recipe: object
-    donor_models: dict[ModelReference, InputModel] = field(default_factory=dict)  # `tokens:` sources outside the merge
+    donor_models: dict[ModelReference, OpenedModel] = field(default_factory=dict)  # `tokens:` sources outside the merge
 
     def align(
         self,
@@ -88,7 +88,7 @@ class OutputVocabulary:
         inputs: Sequence[EmbeddingInput],
         base: ModelReference | None,
         compute: torch.dtype,
-        models: Mapping[ModelReference, InputModel],
+        models: Mapping[ModelReference, OpenedModel],
     ) -> tuple[list[Task], tuple[int, ...]]:
         """Tasks giving each input's matrix rebuilt to the output vocabulary, and the output shape.
 
@@ -219,7 +219,7 @@ def _dotted(path: tuple) -> str:
 
 def plan_vocabulary(
     recipe,
-    models: Mapping[ModelReference, InputModel],
+    models: Mapping[ModelReference, OpenedModel],
     cache: TokenizerCache,
     *,
     allow_crimes: bool,
@@ -267,12 +267,12 @@ def _output_tokenizer(source, base_ref: ModelReference, models, cache: Tokenizer
     return cache.copy(path, model=str(source))
 
 
-def _open_donors(rules, models, *, allow_crimes: bool, cache_dir: str | None) -> dict[ModelReference, InputModel]:
+def _open_donors(rules, models, *, allow_crimes: bool, cache_dir: str | None) -> dict[ModelReference, OpenedModel]:
     refs = [ref for ref in dict.fromkeys(map(_source_model, rules.values())) if ref is not None and ref not in models]
     return open_input_models(refs, allow_crimes=allow_crimes, cache_dir=cache_dir) if refs else {}
 
 
-def resolve_chat_template(recipe, models: Mapping[ModelReference, InputModel], cache: TokenizerCache) -> str | None:
+def resolve_chat_template(recipe, models: Mapping[ModelReference, OpenedModel], cache: TokenizerCache) -> str | None:
     """The template to set on the output tokenizer: built-in, `auto`'s choice, or the literal text."""
     name = recipe.chat_template
     if name is None:
@@ -284,7 +284,7 @@ def resolve_chat_template(recipe, models: Mapping[ModelReference, InputModel], c
     return check_jinja(name, line=recipe.line_of(("chat_template",)))
 
 
-def written_vocab_size(embed_rows: Mapping[str, int], donor: InputModel, cache: TokenizerCache) -> int | None:
+def written_vocab_size(embed_rows: Mapping[str, int], donor: OpenedModel, cache: TokenizerCache) -> int | None:
     """Without a built tokenizer: the vocab_size config.json must get, when not the donor's.
 
     Embeddings of different vocabulary sizes are cut (SPEC §2.0) or, with slices, may come

@@ -9,7 +9,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from mksuite.common.errors import OutputError
-from mksuite.common.writing import INDEX_FILE, OutputDirectory, PlannedTensor, ShardedWriter, plan_shards
+from mksuite.common.loading import TensorInfo
+from mksuite.common.writing import INDEX_FILE, OutputDirectory, ShardedWriter, plan_shards
 
 
 def _tensors():
@@ -25,7 +26,7 @@ def _tensors():
 
 
 def _write(directory, tensors, shard_bytes, order=None):
-    planned = [PlannedTensor(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
+    planned = [TensorInfo(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
     plans = plan_shards(planned, shard_bytes)
     writer = ShardedWriter(directory, plans)
     writer.open()
@@ -65,16 +66,16 @@ def test_shards_close_before_overflow_and_index_is_authoritative(tmp_path):
 
 def test_tensor_larger_than_shard_limit_gets_a_shard_alone():
     planned = [
-        PlannedTensor("small", torch.float32, (2,)),
-        PlannedTensor("big", torch.float32, (100,)),
-        PlannedTensor("small2", torch.float32, (2,)),
+        TensorInfo("small", torch.float32, (2,)),
+        TensorInfo("big", torch.float32, (100,)),
+        TensorInfo("small2", torch.float32, (2,)),
     ]
     plans = plan_shards(planned, 50)
     assert [[t.name for t in p.tensors] for p in plans] == [["small"], ["big"], ["small2"]]
 
 
 def test_writer_refuses_calls_out_of_order_and_off_plan(tmp_path):
-    plans = plan_shards([PlannedTensor("x", torch.float32, (2,))], 100)
+    plans = plan_shards([TensorInfo("x", torch.float32, (2,))], 100)
     writer = ShardedWriter(tmp_path, plans)
     with pytest.raises(RuntimeError):
         writer.write("x", torch.zeros(2))
@@ -136,6 +137,38 @@ def test_existing_output_needs_overwrite(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
+def test_an_output_directory_is_checked_once_and_a_directory_filled_since_is_refused_at_commit(tmp_path):
+    out = tmp_path / "out"
+    output = OutputDirectory(out).check()
+    out.mkdir()
+    (out / "old").write_text("x")
+    with output as staging:  # no second check: the early one stands ...
+        (staging.path / "new").write_text("y")
+        with pytest.raises(OutputError, match="appeared while merging"):
+            staging.commit()  # ... and commit refuses to replace what appeared since
+    assert sorted(p.name for p in out.iterdir()) == ["old"]
+
+
+def test_a_merge_checks_its_output_directory_once(tiny_family, tmp_path, monkeypatch):
+    from mkmerge.methods import METHODS
+    from mkmerge.recipe import parse_recipe
+    from mkmerge.run import run_merge
+    from mksuite.common.build import BuildOptions
+
+    checks = []
+    real = OutputDirectory.check
+
+    def counted(self):
+        checks.append(self.checked)
+        return real(self)
+
+    monkeypatch.setattr(OutputDirectory, "check", counted)
+    _, (a, b) = tiny_family("llama")
+    text = f"merge_method: linear\nmodels:\n  - model: {a}\n    parameters: {{weight: 1}}\n  - model: {b}\n    parameters: {{weight: 1}}\n"
+    run_merge(parse_recipe(text, known_methods=METHODS.keys()), tmp_path / "out", BuildOptions(), write_card=False)
+    assert checks.count(False) == 1 and (tmp_path / "out" / "config.json").exists()
+
+
 # -- verbatim copies: bytes that already lie in an input file ----------------------------------------
 
 
@@ -150,7 +183,7 @@ def _stored(tmp_path, tensors):
 
 def _copy_all(directory, source, tensors, blocks=None):
     """Plan ``tensors`` and copy each from ``source``; ``blocks`` splits named tensors into row blocks."""
-    planned = [PlannedTensor(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
+    planned = [TensorInfo(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
     writer = ShardedWriter(directory, plan_shards(planned, 10**9))
     writer.open()
     for name, tensor in tensors.items():
@@ -196,7 +229,7 @@ def test_a_copy_from_a_file_truncated_after_it_was_opened_names_the_file(tmp_pat
     source = _stored(tmp_path, tensors)
     where = source.byte_range("big")
     os.truncate(tmp_path / "in.safetensors", where.offset + 100)
-    writer = ShardedWriter(tmp_path, plan_shards([PlannedTensor("big", torch.float32, (4096,))], 10**9))
+    writer = ShardedWriter(tmp_path, plan_shards([TensorInfo("big", torch.float32, (4096,))], 10**9))
     writer.open()
     with pytest.raises(TensorFileError, match="truncated.*in.safetensors"):
         writer.copy("big", None, (4096,), torch.float32, where)
@@ -206,7 +239,7 @@ def test_a_copy_from_a_file_truncated_after_it_was_opened_names_the_file(tmp_pat
 def test_a_copy_is_checked_against_the_plan_like_a_write(tmp_path):
     tensors = {"a": torch.zeros(4, 2, dtype=torch.bfloat16)}
     source = _stored(tmp_path, tensors)
-    writer = ShardedWriter(tmp_path, plan_shards([PlannedTensor("a", torch.bfloat16, (4, 2))], 10**9))
+    writer = ShardedWriter(tmp_path, plan_shards([TensorInfo("a", torch.bfloat16, (4, 2))], 10**9))
     writer.open()
     with pytest.raises(ValueError, match="planned"):
         writer.copy("a", None, (4, 2), torch.float16, source.byte_range("a"))  # another dtype

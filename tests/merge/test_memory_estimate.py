@@ -9,14 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-import mkmerge.memory_estimate as memory_estimate
-from mkmerge.memory_estimate import (
-    HEAP_BLOCK_LIMIT,
-    SCRATCH_ELEMENTS,
-    WORKING_SETS,
-    current_rss_bytes,
-    estimate_peak_memory,
-)
+import mkmerge.methods.working_set as working_set
+from mkmerge.memory_estimate import HEAP_BLOCK_LIMIT, current_rss_bytes, estimate_peak_memory
+from mkmerge.methods import METHODS
+from mkmerge.methods.working_set import SCRATCH_ELEMENTS
 from mkmerge.tasks import MergeTensor
 from mksuite.common.build import BuildOptions
 from mksuite.common.graph import CastTensor, LoadTensor, OutputTensor
@@ -27,7 +23,7 @@ from mksuite.common.loading import TensorInfo
 def torch_form_working_sets(monkeypatch):
     """The estimator's arithmetic is checked on the torch forms' working sets (the fused
     kernels' smaller ones are their own test)."""
-    monkeypatch.setattr(memory_estimate, "_fused_kernels", lambda: False)
+    monkeypatch.setattr(working_set, "_fused_kernels", lambda: False)
 
 
 F32 = torch.float32
@@ -59,7 +55,7 @@ def test_peak_is_baseline_plus_inputs_prefetched_loads_and_working_set():
         outputs, info_of([a, b, c]), BuildOptions(prefetch_bytes=10_000), baseline_bytes=100
     )
     working = 1000 * 4 + 6 * 1000 * 4  # the result, six float32 scratch buffers
-    assert WORKING_SETS["linear"].copies == 1 and WORKING_SETS["linear"].scratch_buffers == 6
+    assert METHODS["linear"].working_set.copies == 1 and METHODS["linear"].working_set.scratch_buffers == 6
     assert estimate.peak_tensor == outputs[0].name
     assert (estimate.read_bytes, estimate.working_bytes, estimate.write_bytes) == (8000 + 2000, working, 0)
     assert estimate.peak_bytes == 100 + 10_000 + working
@@ -101,19 +97,19 @@ def test_current_rss_is_the_size_of_a_process_with_torch_loaded():
 
 
 def test_a_fused_linear_needs_only_its_result(monkeypatch):
-    linear_set = WORKING_SETS["linear"]
-    monkeypatch.setattr(memory_estimate, "_fused_kernels", lambda: True)
+    linear_set = METHODS["linear"].working_set
+    monkeypatch.setattr(working_set, "_fused_kernels", lambda: True)
     assert linear_set.nbytes(1000, 8, 3, torch.float64) == 1000 * 8 + 6 * 1000 * 4  # no fused float64 kernel
     assert linear_set.nbytes(1000, 2, 3, torch.float16) == 1000 * 2
     assert linear_set.nbytes(1000, 2, 3, torch.bfloat16) == 1000 * 2
     assert linear_set.nbytes(1000, 4, 3, torch.float32) == 1000 * 4
-    monkeypatch.setattr(memory_estimate, "_fused_kernels", lambda: False)  # numba not installed
+    monkeypatch.setattr(working_set, "_fused_kernels", lambda: False)  # numba not installed
     assert linear_set.nbytes(1000, 4, 3, torch.float32) == 1000 * 4 + 6 * 1000 * 4
 
 
 def test_a_fused_ties_needs_its_result_and_the_words_of_each_inputs_replay(monkeypatch):
-    ties = WORKING_SETS["ties"]
-    monkeypatch.setattr(memory_estimate, "_fused_kernels", lambda: True)
+    ties = METHODS["ties"].working_set
+    monkeypatch.setattr(working_set, "_fused_kernels", lambda: True)
     for dtype, itemsize in ((torch.bfloat16, 2), (torch.float16, 2), (torch.float32, 4)):
         assert (
             ties.nbytes(1000, itemsize, 3, dtype) == 1000 * itemsize + 3 * 1000 * 4
