@@ -32,6 +32,7 @@ from mksuite.common.cli import (
     cli_errors,
     command_app,
     entry,
+    explain_flags,
     human_bytes,
     parse_float_dtype,
     print_err,
@@ -115,7 +116,7 @@ def merge(
             raise RecipeError("--json prints a plan, so it needs --dry-run", field="--json")
         stages = load_stages(recipe, out=out, intermediate_dir=intermediate_dir)
         options = opts.build()
-        _explain(opts)
+        explain_flags(opts)
         merge_dtype = parse_float_dtype(opts.lora_merge_dtype, option="--lora-merge-dtype")
         common = dict(allow_crimes=opts.allow_crimes, cache_dir=opts.cache_dir, lora_merge_dtype=merge_dtype)
         if opts.dry_run:
@@ -142,17 +143,6 @@ def merge(
             f"{stats.tensors} tensors, {human_bytes(stats.bytes_written)}, {plan.num_layers} layers "
             f"-> {out} in {time.perf_counter() - started:.1f} s"
         )
-
-
-def _explain(opts: SharedOptions) -> None:
-    """With -v: one line for each mergekit flag given that changes nothing here."""
-    if opts.verbose and not opts.quiet:
-        for line in opts.explanations():
-            print_err(f"note: {line}")
-    if not opts.safe_serialization:
-        import warnings
-
-        warnings.warn("--no-safe-serialization: the output is written as safetensors all the same", stacklevel=2)
 
 
 def _stages_summary(results, elapsed: float, quiet: bool) -> None:
@@ -198,7 +188,7 @@ def plan(recipe: RecipePath, *, opts: SharedOptions) -> None:
                 hint=f"plan it with `mkmerge {recipe} OUT --dry-run`",
             )
         options = opts.build(overwrite=False)
-        _explain(opts)
+        explain_flags(opts)
         show_plan(
             stages[0].recipe, options, allow_crimes=opts.allow_crimes, cache_dir=opts.cache_dir,
             lora_merge_dtype=parse_float_dtype(opts.lora_merge_dtype, option="--lora-merge-dtype"),

@@ -15,7 +15,7 @@ from mksuite.common.cli.options import (
     shared_options,
 )
 from mksuite.common.cli.progress import ProgressView, human_bytes
-from mksuite.common.cli.running import cli_errors, err_console, print_err
+from mksuite.common.cli.running import cli_errors, err_console, explain_flags, print_err
 
 __all__ = [
     "CONTEXT",
@@ -28,6 +28,7 @@ __all__ = [
     "command_app",
     "entry",
     "err_console",
+    "explain_flags",
     "human_bytes",
     "package_version",
     "parse_device",

@@ -88,6 +88,22 @@ class WarningDigest:
                 print_err(f"[yellow]warning:[/yellow] the warning above was given {count} times in all{tail}")
 
 
+def explain_flags(opts, unused: dict[str, str] | None = None) -> None:
+    """With -v, one line per mergekit flag given that changes nothing here; ``unused``: this tool's own.
+
+    ``unused`` maps a SharedOptions field to why this tool has no use for it.
+    """
+    lines = opts.explanations()
+    for name, why in (unused or {}).items():
+        if getattr(opts, name) != getattr(type(opts), name):
+            lines.append(f"--{name.replace('_', '-')}: {why}")
+    if opts.verbose and not opts.quiet:
+        for line in lines:
+            print_err(f"note: {line}", style="dim")
+    if not opts.safe_serialization:
+        warnings.warn("--no-safe-serialization: the output is written as safetensors all the same", stacklevel=2)
+
+
 def quiet_third_party() -> None:
     """Keep transformers' and huggingface_hub's own progress bars out of our output."""
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
