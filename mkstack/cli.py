@@ -7,9 +7,9 @@ recipe, when the only positional argument is OUT:
 Examples:
   mkstack RECIPE OUT
   mkstack OUT --slice A:0-16 --slice B:8-24 --slice A:16-32
-  mkstack OUT --interleave A B --window 16 --overlap 8   (Goliath-style)
-  mkstack OUT --upscale A --overlap 8                    (SOLAR-style)
-  mkstack OUT --expand A --every 4                       (LLaMA Pro block expansion)
+  mkstack OUT --interleave A B --window 16 --overlap 8   # Goliath-style
+  mkstack OUT --upscale A --overlap 8                    # SOLAR-style
+  mkstack OUT --expand A --every 4                       # LLaMA Pro
   mkstack --print-recipe --upscale A --overlap 8 > solar.yml
   mkstack RECIPE OUT --dry-run
 

@@ -42,12 +42,18 @@ class ToolCommand(TyperCommand):
     def format_options(self, ctx, formatter) -> None:
         sections: dict[str, list] = {}
         for param in self.get_params(ctx):
+            if param.param_type_name == "argument":
+                if getattr(param, "help", None):
+                    name = _usage(param.get_usage_pieces(ctx)).removesuffix("...")
+                    sections.setdefault("Arguments", []).append((name, param.help))
+                continue
             record = param.get_help_record(ctx)
-            if record is None or param.param_type_name == "argument":
+            if record is None:
                 continue
             panel = getattr(param, "rich_help_panel", None) or DISPLAY  # -h, --help
             sections.setdefault(panel, []).append(record)
-        for panel in sorted(sections, key=lambda p: SECTIONS.index(p) if p in SECTIONS else -1):
+        order = ("Arguments", *SECTIONS)
+        for panel in sorted(sections, key=lambda p: order.index(p) if p in order else len(order)):
             with formatter.section(panel):
                 formatter.write_dl(sections[panel])
 

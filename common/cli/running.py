@@ -111,6 +111,10 @@ def quiet_third_party() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     import sys
 
+    # huggingface_hub logs through its own handler and to the root logger ours prints from,
+    # so each of its lines (Hub retries) came out twice.
+    logging.getLogger("huggingface_hub").propagate = False
+
     # Already imported (in a test, a notebook): switch their bars off through their own API.
     if "transformers" in sys.modules:
         try:

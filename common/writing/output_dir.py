@@ -53,6 +53,7 @@ class OutputDirectory:
         self.check()
         self.final.parent.mkdir(parents=True, exist_ok=True)
         self.path = Path(tempfile.mkdtemp(prefix=f".{self.final.name}{PARTIAL_MARKER}", dir=self.final.parent))
+        self.path.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700; OUT follows the umask like any mkdir
         _staging.append(self.path)
         return self
 
@@ -78,3 +79,9 @@ class OutputDirectory:
             _staging.remove(self.path)
         if not self.committed and self.path is not None:
             shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
