@@ -28,6 +28,11 @@ def human_bytes(count: float) -> str:
     return f"{count} B"
 
 
+def _tenth(fraction: float) -> int:
+    # the small epsilon keeps 0.3 in the third step, where 0.3 / 0.1 alone gives 2.999...
+    return int(fraction / PLAIN_EVERY_FRACTION + 1e-9)
+
+
 def _clock(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
@@ -49,7 +54,7 @@ class ProgressView:
         self.task_id = None
         self.current = "planning"
         self.totals = (0, 0)  # tensors, bytes
-        self.last_line = (0.0, -1.0)  # time, fraction of the last plain line
+        self.last_line = (self.started, 0.0)  # time, fraction of the last plain line
 
     def __enter__(self) -> ProgressView:
         if not self.quiet and self.terminal:
@@ -81,6 +86,7 @@ class ProgressView:
         elif event.kind == "start":
             self.totals = (event.tensors_total, event.bytes_total)
             self.started_computing = time.perf_counter()
+            self.last_line = (self.started_computing, 0.0)  # the phase line just said 0%
             self.phase(self.label)
             self._update(event)
         elif event.kind in ("tensor_written", "finish"):
@@ -115,7 +121,7 @@ class ProgressView:
         fraction = event.bytes_done / event.bytes_total if event.bytes_total else 1.0
         now = time.perf_counter()
         last_time, last_fraction = self.last_line
-        step = int(fraction / PLAIN_EVERY_FRACTION) > int(last_fraction / PLAIN_EVERY_FRACTION)
+        step = _tenth(fraction) > _tenth(last_fraction)
         if step or now - last_time >= PLAIN_EVERY_SECONDS or (fraction >= 1.0 > last_fraction):
             remaining = elapsed * (1 - fraction) / fraction if fraction > 0 else None
             left = _clock(remaining) if remaining is not None else "?"
