@@ -20,7 +20,7 @@ from mksuite.common.graph.events import ProgressEvent
 def stderr(monkeypatch):
     """What the tools print to stderr, as plain text."""
     buffer = io.StringIO()
-    monkeypatch.setattr(err_console(), "file", buffer)
+    monkeypatch.setattr(err_console(), "_file", buffer)  # restored to None: sys.stderr again
     return buffer
 
 
