@@ -143,6 +143,13 @@ class OutputError(MkError):
     title = "output error"
 
 
+class DeviceUnavailableError(MkError):
+    """The requested compute device does not exist here (--cuda without a CUDA device)."""
+
+    exit_code = 10
+    title = "device unavailable"
+
+
 def did_you_mean(name: str, known: Iterable[str]) -> str | None:
     """A "did you mean X?" hint for a misspelled name, or None when nothing is close."""
     matches = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)

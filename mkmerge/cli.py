@@ -1,13 +1,13 @@
 """`mkmerge`: merge models from a mergekit-style YAML recipe.
 
+\b
 Examples:
-
-    mkmerge recipe.yml ./merged
-    mkmerge recipe.yml ./merged --device cuda --shard-size 2G
-    mkmerge stages.yml ./final --intermediate-dir ./work --no-lazy
-    mkmerge recipe.yml ./merged --dry-run
-    mkmerge plan recipe.yml --json
-    mkmerge methods
+  mkmerge recipe.yml ./merged
+  mkmerge recipe.yml ./merged --device cuda --shard-size 2G
+  mkmerge stages.yml ./final --intermediate-dir ./work --no-lazy
+  mkmerge recipe.yml ./merged --dry-run
+  mkmerge plan recipe.yml --json
+  mkmerge methods
 
 A recipe file with several `---`-separated documents is a multi-stage recipe: named stages are
 written to the intermediate directory (default: OUT.stages next to OUT) and used by later
@@ -17,7 +17,6 @@ is named, each is written to OUT/<name>.
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 from typing import Annotated
@@ -25,128 +24,124 @@ from typing import Annotated
 import typer
 
 from mksuite.common.cli import (
-    AllowCrimes,
-    CacheDir,
-    CopyTokenizer,
-    Cuda,
-    Debug,
-    Device,
-    LoraMergeCache,
-    LoraMergeDtype,
-    ModelCard,
     OutPath,
-    Overwrite,
     ProgressView,
-    Quiet,
-    Seed,
-    ShardSize,
-    Threads,
-    build_options,
+    RecipePath,
+    SharedOptions,
+    ToolCommand,
     cli_errors,
-    err_console,
+    command_app,
+    entry,
+    explain_flags,
     human_bytes,
     parse_float_dtype,
+    print_err,
+    shared_options,
+    tool_app,
 )
+from mksuite.common.cli.options import RUN
 from mksuite.common.errors import RecipeError
 
 Lazy = Annotated[
     bool,
-    typer.Option("--lazy/--no-lazy", help="Multi-stage: reuse a stage's output when it is complete and up to date."),
+    typer.Option(
+        "--lazy/--no-lazy",
+        help="Multi-stage: reuse a stage's output when it is complete and up to date (default on).",
+        rich_help_panel=RUN,
+        show_default=False,
+    ),
 ]
 IntermediateDir = Annotated[
     Path | None,
-    typer.Option("--intermediate-dir", help="Multi-stage: where named stages are written (default: OUT.stages)."),
-]
-
-DryRun = Annotated[
-    bool,
     typer.Option(
-        "--dry-run", help="Print the plan (as `mkmerge plan`) and stop: no tensor is read, OUT is not created."
+        "--intermediate-dir",
+        metavar="DIR",
+        help="Multi-stage: where named stages are written (default: OUT.stages).",
+        rich_help_panel=RUN,
     ),
 ]
-AsJson = Annotated[bool, typer.Option("--json", help="Print the plan as JSON (schema mkmerge-plan/1).")]
 
-merge_app = typer.Typer(add_completion=False, rich_markup_mode="rich", help=__doc__)
-methods_app = typer.Typer(add_completion=False, help="List merge methods and their parameters.")
-plan_app = typer.Typer(add_completion=False, help="Show what a recipe will do, reading only headers.")
+MERGE_HELP = """Merge models from a recipe into OUT (what `mkmerge RECIPE OUT` runs).
+
+\b
+Examples:
+  mkmerge recipe.yml ./merged
+  mkmerge recipe.yml ./merged --device cuda --shard-size 2G -j 4
+  mkmerge stages.yml ./final --intermediate-dir ./work --no-lazy
+  mkmerge recipe.yml ./merged --dry-run --json
+"""
+
+PLAN_HELP = """Print what `mkmerge RECIPE OUT` would do: inputs, output tensors, files, peak memory.
+
+Reads config.json files and weight headers only. Takes the options of a run that shape the
+plan; a recipe error is reported exactly as the run would report it. A multi-stage recipe
+needs its output directory: plan it with `mkmerge RECIPE OUT --dry-run`.
+
+\b
+Examples:
+  mkmerge plan recipe.yml
+  mkmerge plan recipe.yml --json --shard-size 2G
+"""
+
+METHODS_HELP = """List every merge method with its parameters and whether it needs a base model.
+
+\b
+Examples:
+  mkmerge methods
+"""
+
+merge_app = tool_app("mkmerge", __doc__, default="merge")
+# Each sub-command on its own, for callers (tests, scripts) that run one directly.
+plan_app = command_app(PLAN_HELP)
+methods_app = command_app(METHODS_HELP)
 
 
-@merge_app.command(help=__doc__, no_args_is_help=True)
+@shared_options(exclude=())
 def merge(
-    recipe: Annotated[Path, typer.Argument(help="Recipe YAML (mergekit format).")],
+    recipe: RecipePath,
     out: OutPath,
-    device: Device = "cpu",
-    cuda: Cuda = False,
-    threads: Threads = None,
-    shard_size: ShardSize = "5G",
-    seed: Seed = 0,
-    allow_crimes: AllowCrimes = False,
-    overwrite: Overwrite = False,
-    copy_tokenizer: CopyTokenizer = True,
-    write_model_card: ModelCard = True,
-    cache_dir: CacheDir = None,
-    lora_merge_dtype: LoraMergeDtype = None,
-    lora_merge_cache: LoraMergeCache = None,
     lazy: Lazy = True,
     intermediate_dir: IntermediateDir = None,
-    dry_run: DryRun = False,
-    as_json: AsJson = False,
-    quiet: Quiet = False,
-    debug: Debug = False,
+    *,
+    opts: SharedOptions,
 ) -> None:
     from mkmerge.run import run_merge
     from mkmerge.run_stages import run_stages
     from mkmerge.stages import load_stages
 
-    with cli_errors(debug):
+    with cli_errors(opts.debug, opts.verbose):
         started = time.perf_counter()
-        options = build_options(
-            device=device, cuda=cuda, threads=threads, shard_size=shard_size, seed=seed, overwrite=overwrite
-        )
-        merge_dtype = parse_float_dtype(lora_merge_dtype, option="--lora-merge-dtype")
-        if as_json and not dry_run:
+        opts.validate()
+        if opts.as_json and not opts.dry_run:
             raise RecipeError("--json prints a plan, so it needs --dry-run", field="--json")
         stages = load_stages(recipe, out=out, intermediate_dir=intermediate_dir)
-        if dry_run:
+        options = opts.build()
+        explain_flags(opts)
+        merge_dtype = parse_float_dtype(opts.lora_merge_dtype, option="--lora-merge-dtype")
+        common = dict(allow_crimes=opts.allow_crimes, cache_dir=opts.cache_dir, lora_merge_dtype=merge_dtype)
+        if opts.dry_run:
             from mkmerge.plan_view import show_stage_plans
 
-            show_stage_plans(
-                stages, options, lazy=lazy, allow_crimes=allow_crimes, cache_dir=cache_dir,
-                lora_merge_dtype=merge_dtype, as_json=as_json,
-            )  # fmt: skip
+            show_stage_plans(stages, options, lazy=lazy, as_json=opts.as_json, **common)
             return
+        output = dict(copy_tokenizer=opts.copy_tokenizer, write_card=opts.write_model_card)
         if len(stages) > 1:
             results = run_stages(
                 stages,
                 options,
                 lazy=lazy,
-                allow_crimes=allow_crimes,
-                copy_tokenizer=copy_tokenizer,
-                write_card=write_model_card,
-                cache_dir=cache_dir,
-                lora_merge_dtype=merge_dtype,
-                progress=lambda stage: ProgressView(f"{stage.label}: {stage.recipe.merge_method}", quiet),
+                progress=lambda stage: ProgressView(f"{stage.label}: merging", opts.quiet),
+                **common,
+                **output,
             )
-            _stages_summary(results, time.perf_counter() - started, quiet)
+            _stages_summary(results, time.perf_counter() - started, opts.quiet)
             return
-        parsed = stages[0].recipe
-        with ProgressView(f"{parsed.merge_method}", quiet) as view:
-            plan, stats = run_merge(
-                parsed,
-                out,
-                options,
-                allow_crimes=allow_crimes,
-                copy_tokenizer=copy_tokenizer,
-                write_card=write_model_card,
-                cache_dir=cache_dir,
-                lora_merge_dtype=merge_dtype,
-                listener=view,
-            )
-        elapsed = time.perf_counter() - started
+        with ProgressView("merging", opts.quiet) as view:
+            plan, stats = run_merge(stages[0].recipe, out, options, listener=view, **common, **output)
         view.summary(
             f"[green]merged[/green] {len(plan.models)} models with {plan.method.name}: "
             f"{stats.tensors} tensors, {human_bytes(stats.bytes_written)}, {plan.num_layers} layers "
-            f"-> {out} in {elapsed:.1f} s"
+            f"-> {out} in {time.perf_counter() - started:.1f} s"
         )
 
 
@@ -155,13 +150,11 @@ def _stages_summary(results, elapsed: float, quiet: bool) -> None:
         return
     for result in results:
         done = "reused (up to date)" if result.reused else f"merged {result.stats.tensors} tensors"
-        err_console.print(f"{result.stage.label}: {done} -> {result.stage.out}", highlight=False)
-    err_console.print(f"[green]{len(results)} stages[/green] in {elapsed:.1f} s", highlight=False)
+        print_err(f"{result.stage.label}: {done} -> {result.stage.out}")
+    print_err(f"[green]{len(results)} stages[/green] in {elapsed:.1f} s")
 
 
-@methods_app.command()
 def methods() -> None:
-    """List every merge method with its parameters and whether it needs a base model."""
     from rich.console import Console
     from rich.table import Table
 
@@ -180,54 +173,37 @@ def methods() -> None:
     Console().print(table)
 
 
-@plan_app.command(no_args_is_help=True)
-def plan(
-    recipe: Annotated[Path, typer.Argument(help="Recipe YAML (mergekit format).")],
-    as_json: AsJson = False,
-    device: Device = "cpu",
-    cuda: Cuda = False,
-    threads: Threads = None,
-    shard_size: ShardSize = "5G",
-    seed: Seed = 0,
-    allow_crimes: AllowCrimes = False,
-    cache_dir: CacheDir = None,
-    lora_merge_dtype: LoraMergeDtype = None,
-    debug: Debug = False,
-) -> None:
-    """Print what `mkmerge RECIPE OUT` would do: inputs, output tensors, files, peak memory.
-
-    Reads config.json files and weight headers only. Takes the options of a run that shape
-    the plan; a recipe error is reported exactly as the run would report it. A multi-stage
-    recipe needs its output directory: plan it with `mkmerge RECIPE OUT --dry-run`.
-    """
+# A plan writes nothing, so the output options have no say in it.
+@shared_options(exclude=("overwrite", "copy_tokenizer", "write_model_card", "dry_run"))
+def plan(recipe: RecipePath, *, opts: SharedOptions) -> None:
     from mkmerge.plan_view import show_plan
     from mkmerge.stages import load_stages
 
-    with cli_errors(debug):
-        options = build_options(
-            device=device, cuda=cuda, threads=threads, shard_size=shard_size, seed=seed, overwrite=False
-        )
-        merge_dtype = parse_float_dtype(lora_merge_dtype, option="--lora-merge-dtype")
+    with cli_errors(opts.debug, opts.verbose):
+        opts.validate()
         stages = load_stages(recipe, out=Path("OUT"))
         if len(stages) > 1:
             raise RecipeError(
                 f"{recipe} holds {len(stages)} stages, whose inputs are found relative to the output directory",
                 hint=f"plan it with `mkmerge {recipe} OUT --dry-run`",
             )
+        options = opts.build(overwrite=False)
+        explain_flags(opts)
         show_plan(
-            stages[0].recipe, options, allow_crimes=allow_crimes, cache_dir=cache_dir,
-            lora_merge_dtype=merge_dtype, as_json=as_json,
+            stages[0].recipe, options, allow_crimes=opts.allow_crimes, cache_dir=opts.cache_dir,
+            lora_merge_dtype=parse_float_dtype(opts.lora_merge_dtype, option="--lora-merge-dtype"),
+            as_json=opts.as_json,
         )  # fmt: skip
 
 
-SUBCOMMANDS = {"methods": methods_app, "plan": plan_app}
+def _register(app: typer.Typer, name: str | None, function, help: str, **kw) -> None:
+    app.command(name, cls=ToolCommand, help=help, short_help=help.splitlines()[0], **kw)(function)
 
 
-def main() -> None:
-    """Console entry: `mkmerge RECIPE OUT [options]`, `mkmerge plan RECIPE` or `mkmerge methods`."""
-    if len(sys.argv) > 1 and sys.argv[1] in SUBCOMMANDS:
-        app = SUBCOMMANDS[sys.argv[1]]
-        sys.argv = [f"mkmerge {sys.argv[1]}"] + sys.argv[2:]
-        app(prog_name=sys.argv[0])
-    else:
-        merge_app(prog_name="mkmerge")
+_register(merge_app, "merge", merge, MERGE_HELP, no_args_is_help=True)
+_register(merge_app, "plan", plan, PLAN_HELP, no_args_is_help=True)
+_register(merge_app, "methods", methods, METHODS_HELP)
+_register(plan_app, None, plan, PLAN_HELP, no_args_is_help=True)
+_register(methods_app, None, methods, METHODS_HELP)
+
+main = entry(merge_app, "mkmerge")

@@ -1,16 +1,17 @@
 """`mkstack`: stack layers of models (frankenmerges, depth up-scaling, block expansion).
 
-Two forms. With a recipe file (any mergekit `passthrough` recipe):
+Two forms. With a recipe file (any mergekit `passthrough` recipe), or with a mode flag instead of a
+recipe, when the only positional argument is OUT:
 
-    mkstack RECIPE OUT
-
-With a mode flag instead of a recipe, the only positional argument is OUT:
-
-    mkstack OUT --slice A:0-16 --slice B:8-24 --slice A:16-32
-    mkstack OUT --interleave A B --window 16 --overlap 8      (Goliath-style)
-    mkstack OUT --upscale A --overlap 8                       (SOLAR-style)
-    mkstack OUT --expand A --every 4                          (LLaMA Pro block expansion)
-    mkstack --print-recipe --upscale A --overlap 8 > solar.yml
+\b
+Examples:
+  mkstack RECIPE OUT
+  mkstack OUT --slice A:0-16 --slice B:8-24 --slice A:16-32
+  mkstack OUT --interleave A B --window 16 --overlap 8   # Goliath-style
+  mkstack OUT --upscale A --overlap 8                    # SOLAR-style
+  mkstack OUT --expand A --every 4                       # LLaMA Pro
+  mkstack --print-recipe --upscale A --overlap 8 > solar.yml
+  mkstack RECIPE OUT --dry-run
 
 Ranges are half-open and 0-based (A:0-16 is layers 0..15). Models are local directories
 or Hub ids; `--model a=/long/path/to/model` lets later flags say `a`. Every mode is
@@ -30,27 +31,33 @@ from typing import Annotated
 import typer
 
 from mksuite.common.cli import (
-    AllowCrimes,
-    CacheDir,
-    CopyTokenizer,
-    Cuda,
-    Debug,
-    Device,
-    ModelCard,
-    Overwrite,
     ProgressView,
-    Quiet,
-    Seed,
-    ShardSize,
-    Threads,
-    build_options,
+    SharedOptions,
+    ToolCommand,
     cli_errors,
+    entry,
     err_console,
+    explain_flags,
     human_bytes,
+    shared_options,
+    tool_app,
 )
+from mksuite.common.cli.options import OUTPUT, RUN
 from mksuite.common.errors import RecipeError, did_you_mean
 
-stack_app = typer.Typer(add_completion=False, rich_markup_mode="rich", help=__doc__)
+stack_app = tool_app("mkstack", __doc__, default="stack")
+
+STACK_HELP = """Stack layers into OUT, from a recipe or from mode flags (what `mkstack ...` runs).
+
+\b
+Examples:
+  mkstack RECIPE OUT
+  mkstack OUT --upscale A --overlap 8 --model A=org/model
+  mkstack --print-recipe --expand A --every 4
+"""
+
+# Options mergekit takes that stacking has no use for, and why.
+UNUSED = {"lora_merge_dtype": "no effect: mkstack copies layers in their stored dtype"}
 
 Paths = Annotated[
     list[str] | None,
@@ -77,24 +84,39 @@ ExpandOpt = Annotated[
     str | None,
     typer.Option("--expand", metavar="MODEL", help="Insert an identity copy after every N-th layer (needs --every)."),
 ]
-WindowOpt = Annotated[int | None, typer.Option("--window", help="Interleave: layers per window.")]
+WindowOpt = Annotated[int | None, typer.Option("--window", metavar="N", help="Interleave: layers per window.")]
 OverlapOpt = Annotated[
     int | None,
     typer.Option(
-        "--overlap", help="Interleave: layers shared by neighbouring windows; upscale: layers dropped at the seam."
+        "--overlap",
+        metavar="N",
+        help="Interleave: layers shared by neighbouring windows; upscale: layers dropped at the seam.",
     ),
 ]
-EveryOpt = Annotated[int | None, typer.Option("--every", help="Expand: insert after every N-th layer.")]
+EveryOpt = Annotated[int | None, typer.Option("--every", metavar="N", help="Expand: insert after every N-th layer.")]
 ModelAlias = Annotated[
     list[str] | None,
     typer.Option("--model", metavar="NAME=REF", help="Name a model for the mode flags (repeatable)."),
 ]
-PrintRecipe = Annotated[bool, typer.Option("--print-recipe", help="Print the recipe the run would execute, and exit.")]
-DTypeOpt = Annotated[str | None, typer.Option("--dtype", help="Mode flags: dtype tensors are computed in.")]
-OutDTypeOpt = Annotated[str | None, typer.Option("--out-dtype", help="Mode flags: dtype tensors are written in.")]
+PrintRecipe = Annotated[
+    bool,
+    typer.Option("--print-recipe", help="Print the recipe the run would execute, and exit.", rich_help_panel=OUTPUT),
+]
+DTypeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--dtype", metavar="DTYPE", help="Mode flags: the dtype tensors are computed in.", rich_help_panel=RUN
+    ),
+]
+OutDTypeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--out-dtype", metavar="DTYPE", help="Mode flags: the dtype tensors are written in.", rich_help_panel=RUN
+    ),
+]
 
 
-@stack_app.command(help=__doc__, no_args_is_help=True)
+@shared_options(exclude=("as_json", "lora_merge_cache"))
 def stack(
     paths: Paths = None,
     slices: SliceOpt = None,
@@ -108,18 +130,8 @@ def stack(
     print_recipe: PrintRecipe = False,
     dtype: DTypeOpt = None,
     out_dtype: OutDTypeOpt = None,
-    device: Device = "cpu",
-    cuda: Cuda = False,
-    threads: Threads = None,
-    shard_size: ShardSize = "5G",
-    seed: Seed = 0,
-    allow_crimes: AllowCrimes = False,
-    overwrite: Overwrite = False,
-    copy_tokenizer: CopyTokenizer = True,
-    write_model_card: ModelCard = True,
-    cache_dir: CacheDir = None,
-    quiet: Quiet = False,
-    debug: Debug = False,
+    *,
+    opts: SharedOptions,
 ) -> None:
     from mkstack.stack import (
         ModeRequest,
@@ -132,8 +144,9 @@ def stack(
     )
     from mksuite.common.writing.output_dir import OutputDirectory
 
-    with cli_errors(debug):
+    with cli_errors(opts.debug, opts.verbose):
         started = time.perf_counter()
+        opts.validate()
         request = ModeRequest(
             slices=tuple(slices or ()),
             interleave=interleave,
@@ -146,12 +159,9 @@ def stack(
         )
         mode = request.mode
         recipe_path, out = _positionals(list(paths or []), mode, print_recipe)
-        options = build_options(
-            device=device, cuda=cuda, threads=threads, shard_size=shard_size, seed=seed, overwrite=overwrite
-        )
         output = None
         if out is not None and not print_recipe:
-            output = OutputDirectory(out, overwrite=overwrite).check()
+            output = OutputDirectory(out, overwrite=opts.overwrite).check()
         if mode is None:
             if dtype or out_dtype:
                 raise RecipeError(
@@ -165,27 +175,34 @@ def stack(
                 request,
                 dtype=_dtype(dtype, "--dtype"),
                 out_dtype=_dtype(out_dtype, "--out-dtype"),
-                allow_crimes=allow_crimes,
-                cache_dir=cache_dir,
+                allow_crimes=opts.allow_crimes,
+                cache_dir=opts.cache_dir,
             )
             recipe = parse_stack_recipe(text)
-        checked = plan_stack(recipe, allow_crimes=allow_crimes, seed=seed, cache_dir=cache_dir)
+        checked = plan_stack(recipe, allow_crimes=opts.allow_crimes, seed=opts.seed, cache_dir=opts.cache_dir)
         for note in checked.config_warnings:
             warnings.warn(StackWarning(note), stacklevel=1)
         if print_recipe:
             sys.stdout.write(recipe.text)
             return
-        if not quiet:
+        options = opts.build()
+        explain_flags(opts, UNUSED)
+        if opts.dry_run:  # the layer map is the plan: every check above read headers only
+            from rich.console import Console
+
+            _show_plan(checked, Console())  # the plan is what was asked for: stdout
+            return
+        if not opts.quiet:
             _show_plan(checked)
-        with ProgressView("stack", quiet) as view:
+        with ProgressView("stacking", opts.quiet) as view:
             plan, stats = run_stack(
                 recipe,
                 output,
                 options,
-                allow_crimes=allow_crimes,
-                copy_tokenizer=copy_tokenizer,
-                write_card=write_model_card,
-                cache_dir=cache_dir,
+                allow_crimes=opts.allow_crimes,
+                copy_tokenizer=opts.copy_tokenizer,
+                write_card=opts.write_model_card,
+                cache_dir=opts.cache_dir,
                 listener=view,
                 checked=checked,
             )
@@ -224,11 +241,11 @@ def _positionals(paths: list[str], mode: str | None, print_recipe: bool) -> tupl
 
 def _aliases(entries: list[str]) -> dict[str, str]:
     aliases = {}
-    for entry in entries:
-        name, sep, ref = entry.partition("=")
+    for item in entries:
+        name, sep, ref = item.partition("=")
         if not sep or not name or not ref or ":" in name:
             raise RecipeError(
-                f"cannot read `--model {entry}`", field="--model", hint="write NAME=REF, e.g. --model a=org/model-a"
+                f"cannot read `--model {item}`", field="--model", hint="write NAME=REF, e.g. --model a=org/model-a"
             )
         aliases[name] = ref
     return aliases
@@ -245,7 +262,7 @@ def _dtype(name: str | None, option: str) -> str | None:
     return name.removeprefix("torch.")
 
 
-def _show_plan(checked) -> None:
+def _show_plan(checked, console=None) -> None:
     from rich.table import Table
 
     table = Table(title=f"layer map: {checked.plan.num_layers} output layers", title_justify="left")
@@ -253,9 +270,9 @@ def _show_plan(checked) -> None:
         table.add_column(column)
     for row in checked.rows:
         table.add_row(f"[{row.out_start}, {row.out_end})", str(row.model), f"[{row.start}, {row.end})", row.note)
-    err_console.print(table)
+    (console or err_console()).print(table)
 
 
-def main() -> None:
-    """Console entry: `mkstack RECIPE OUT` or `mkstack OUT --slice/--interleave/--upscale/--expand ...`."""
-    stack_app(prog_name="mkstack")
+stack_app.command("stack", cls=ToolCommand, help=STACK_HELP, short_help=STACK_HELP.splitlines()[0])(stack)
+
+main = entry(stack_app, "mkstack")

@@ -8,7 +8,10 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class ProgressEvent:
-    kind: str  # "start" | "tensor_written" | "finish"
+    # "start" | "tensor_written" | "finish", or "phase": the tool moves on to the phase ``name``
+    # ("computing gates", "verifying", ...). Tensors are the output's tensors, as the plan
+    # counts them (a tensor written in row blocks counts once).
+    kind: str
     name: str | None = None
     tensors_done: int = 0
     tensors_total: int = 0

@@ -25,6 +25,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -159,7 +160,10 @@ class _Run:
         self.sink = sink
         self.copies = list(copies)
         self.copier = copier
-        self.tensors_total = len(schedule.outputs) + len(self.copies)
+        # Progress counts output tensors, as the plan and the file do: a tensor computed in
+        # row blocks is done when its last block is written.
+        self.parts_left = Counter(o.name for o in schedule.outputs) + Counter(o.name for o, _ in self.copies)
+        self.tensors_total = len(self.parts_left)
         self.bytes_total = schedule.output_bytes + sum(output.nbytes for output, _ in self.copies)
         self.stats_lock = threading.Lock()
         self.remaining = dict(schedule.consumers)
@@ -239,7 +243,8 @@ class _Run:
 
     def _written(self, output: OutputTensor, nbytes: int) -> None:
         with self.stats_lock:
-            self.stats.tensors += 1
+            self.parts_left[output.name] -= 1
+            self.stats.tensors += self.parts_left[output.name] == 0
             self.stats.bytes_written += nbytes
             event = ProgressEvent(
                 kind="tensor_written",

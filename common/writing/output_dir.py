@@ -54,6 +54,7 @@ class OutputDirectory:
         self.check()
         self.final.parent.mkdir(parents=True, exist_ok=True)
         self.path = Path(tempfile.mkdtemp(prefix=f".{self.final.name}{PARTIAL_MARKER}", dir=self.final.parent))
+        self.path.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700; OUT follows the umask like any mkdir
         return self
 
     def commit(self) -> Path:
@@ -79,3 +80,9 @@ class OutputDirectory:
 def output_directory(out: Path | str | OutputDirectory, *, overwrite: bool) -> OutputDirectory:
     """``out`` itself when the caller already made (and checked) it, else a new one for that path."""
     return out if isinstance(out, OutputDirectory) else OutputDirectory(out, overwrite=overwrite)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
