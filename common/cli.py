@@ -30,7 +30,8 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from mksuite.common.errors import MkError, RecipeError, did_you_mean
+from mksuite.common.errors import MkError, OutputError, RecipeError, did_you_mean
+from mksuite.common.faults import OUTPUT_ERRNOS, Terminated, signals_as_interrupts
 from mksuite.common.graph import ProgressEvent
 
 err_console = Console(stderr=True)
@@ -52,7 +53,15 @@ Seed = Annotated[int, typer.Option("--seed", "--random-seed", help="Seed for ran
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress display or summary.")]
 Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")]
 AllowCrimes = Annotated[bool, typer.Option("--allow-crimes", help="Allow inputs of different architectures.")]
-Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it already exists.")]
+Overwrite = Annotated[
+    bool, typer.Option("--overwrite", help="Replace OUT if it already exists (only a model directory is replaced).")
+]
+Verify = Annotated[
+    bool,
+    typer.Option(
+        "--verify", help="Re-read the output before moving it into place: headers, checksums, config, tokenizer, card."
+    ),
+]
 CopyTokenizer = Annotated[
     bool, typer.Option("--copy-tokenizer/--no-copy-tokenizer", help="Copy the donor's tokenizer files.")
 ]
@@ -133,7 +142,9 @@ def parse_device(device: str, cuda: bool = False) -> torch.device:
     return parsed
 
 
-def build_options(*, device: str, cuda: bool, threads: int | None, shard_size: str, seed: int, overwrite: bool):
+def build_options(
+    *, device: str, cuda: bool, threads: int | None, shard_size: str, seed: int, overwrite: bool, verify: bool = False
+):
     """The engine's BuildOptions from the shared command-line options (validated here)."""
     from mksuite.common.build import BuildOptions
 
@@ -143,7 +154,13 @@ def build_options(*, device: str, cuda: bool, threads: int | None, shard_size: s
         shard_size=parse_size(shard_size),
         seed=seed,
         overwrite=overwrite,
+        verify=verify,
+        notify=lambda line: err_console.print(escape(line), highlight=False, soft_wrap=True),
     )
+
+
+# 9 is --verify's mismatch (common/errors.py VerifyError).
+OUT_OF_MEMORY_EXIT = 10
 
 
 # -- running a command ---------------------------------------------------------------------
@@ -161,11 +178,15 @@ def cli_errors(debug: bool):
     warnings.showwarning = _show_warning
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(message)s")
     try:
-        yield
+        with signals_as_interrupts():
+            yield
     except MkError as error:
         if debug:
             err_console.print_exception()
         err_console.print(f"[bold red]{escape(error.render())}[/bold red]", highlight=False, soft_wrap=True)
+        raise typer.Exit(error.exit_code) from None
+    except Terminated as error:
+        err_console.print(f"[bold red]terminated[/bold red] by {error.signal_name}: nothing was written to the output")
         raise typer.Exit(error.exit_code) from None
     except KeyboardInterrupt:
         err_console.print("[bold red]interrupted[/bold red]: nothing was written to the output directory")
@@ -174,7 +195,14 @@ def cli_errors(debug: bool):
         raise
     except MemoryError:
         err_console.print("[bold red]out of memory[/bold red]: try --threads 1 or a smaller --prefetch")
-        raise typer.Exit(9) from None
+        raise typer.Exit(OUT_OF_MEMORY_EXIT) from None
+    except OSError as error:
+        if debug:
+            raise
+        text = f"{error.strerror or error}" + (f": {error.filename}" if error.filename else "")
+        code = OutputError.exit_code if error.errno in OUTPUT_ERRNOS else 1
+        err_console.print(f"[bold red]system error[/bold red]: {escape(text)}", highlight=False, soft_wrap=True)
+        raise typer.Exit(code) from None
     except Exception:
         if debug:
             raise

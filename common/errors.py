@@ -143,6 +143,13 @@ class OutputError(MkError):
     title = "output error"
 
 
+class VerifyError(MkError):
+    """``--verify`` re-read the output and found it differs from what was written."""
+
+    exit_code = 9
+    title = "verification failed"
+
+
 def did_you_mean(name: str, known: Iterable[str]) -> str | None:
     """A "did you mean X?" hint for a misspelled name, or None when nothing is close."""
     matches = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)

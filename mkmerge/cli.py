@@ -41,6 +41,7 @@ from mksuite.common.cli import (
     Seed,
     ShardSize,
     Threads,
+    Verify,
     build_options,
     cli_errors,
     err_console,
@@ -82,6 +83,7 @@ def merge(
     seed: Seed = 0,
     allow_crimes: AllowCrimes = False,
     overwrite: Overwrite = False,
+    verify: Verify = False,
     copy_tokenizer: CopyTokenizer = True,
     write_model_card: ModelCard = True,
     cache_dir: CacheDir = None,
@@ -101,7 +103,13 @@ def merge(
     with cli_errors(debug):
         started = time.perf_counter()
         options = build_options(
-            device=device, cuda=cuda, threads=threads, shard_size=shard_size, seed=seed, overwrite=overwrite
+            device=device,
+            cuda=cuda,
+            threads=threads,
+            shard_size=shard_size,
+            seed=seed,
+            overwrite=overwrite,
+            verify=verify,
         )
         merge_dtype = parse_float_dtype(lora_merge_dtype, option="--lora-merge-dtype")
         if as_json and not dry_run:

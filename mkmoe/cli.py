@@ -29,6 +29,7 @@ from mksuite.common.cli import (
     Seed,
     ShardSize,
     Threads,
+    Verify,
     build_options,
     cli_errors,
     entry,
@@ -67,6 +68,7 @@ def moe(
     shard_size: ShardSize = "5G",
     seed: Seed = 0,
     overwrite: Overwrite = False,
+    verify: Verify = False,
     copy_tokenizer: CopyTokenizer = True,
     write_model_card: ModelCard = True,
     cache_dir: CacheDir = None,
@@ -85,7 +87,13 @@ def moe(
                 f"unknown layout {layout!r}", field="--layout", hint=did_you_mean(layout, LAYOUTS) or "classic or fused"
             )
         options = build_options(
-            device=device, cuda=cuda, threads=threads, shard_size=shard_size, seed=seed, overwrite=overwrite
+            device=device,
+            cuda=cuda,
+            threads=threads,
+            shard_size=shard_size,
+            seed=seed,
+            overwrite=overwrite,
+            verify=verify,
         )
         config = load_moe_config(config_path, allow_identical_experts=acknowledge)
         with ProgressView("mkmoe", quiet) as view:

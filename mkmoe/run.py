@@ -12,6 +12,7 @@ from mkmoe.tasks import GATES_SOURCE, MemorySource
 from mksuite.common.build import BuildOptions, build_model
 from mksuite.common.graph import ProgressListener, RunStats
 from mksuite.common.writing import OutputDirectory, copy_tokenizer_files, write_config
+from mksuite.common.writing.output_guard import file_input, model_inputs
 
 RECIPE_COPY = "mergekit_moe_config.yml"
 
@@ -36,6 +37,8 @@ def run_moe(
     """
     OutputDirectory(out, overwrite=options.overwrite).check()
     plan = plan_moe(config, layout=layout, cache_dir=cache_dir)
+    inputs = model_inputs(plan.models.values(), cache_dir=cache_dir) + file_input("the config", config.source_name)
+    OutputDirectory(out, overwrite=options.overwrite, inputs=inputs).check()  # before the gates read tensors
     if on_stage is not None:
         on_stage(f"computing {config.gate_mode} gates for {plan.num_layers} layers")
     gates = compute_gates(plan, seed=options.seed, device=options.device)
@@ -48,5 +51,5 @@ def run_moe(
         if write_card:
             (directory / RECIPE_COPY).write_text(config.text)
 
-    stats = build_model(plan.outputs, sources, Path(out), options, finalize=finalize, listener=listener)
+    stats = build_model(plan.outputs, sources, Path(out), options, finalize=finalize, listener=listener, inputs=inputs)
     return plan, stats

@@ -43,6 +43,7 @@ from mksuite.common.cli import (
     Seed,
     ShardSize,
     Threads,
+    Verify,
     build_options,
     cli_errors,
     err_console,
@@ -115,6 +116,7 @@ def stack(
     seed: Seed = 0,
     allow_crimes: AllowCrimes = False,
     overwrite: Overwrite = False,
+    verify: Verify = False,
     copy_tokenizer: CopyTokenizer = True,
     write_model_card: ModelCard = True,
     cache_dir: CacheDir = None,
@@ -147,7 +149,13 @@ def stack(
         mode = request.mode
         recipe_path, out = _positionals(list(paths or []), mode, print_recipe)
         options = build_options(
-            device=device, cuda=cuda, threads=threads, shard_size=shard_size, seed=seed, overwrite=overwrite
+            device=device,
+            cuda=cuda,
+            threads=threads,
+            shard_size=shard_size,
+            seed=seed,
+            overwrite=overwrite,
+            verify=verify,
         )
         if out is not None and not print_recipe:
             OutputDirectory(out, overwrite=overwrite).check()
