@@ -13,10 +13,10 @@ import torch
 from mksuite.common.faults import check_free_space, writing_to
 from mksuite.common.graph import ExecutionContext, Executor, OutputTensor, ProgressListener, RunStats
 from mksuite.common.writing import OutputDirectory, PlannedTensor, ShardedWriter, plan_shards, test_hooks
-from mksuite.common.writing.journal import Journal, run_fingerprint
+from mksuite.common.writing.journal import Journal, partial_matches_plan, run_fingerprint
 from mksuite.common.writing.output_dir import OutputNotice
 from mksuite.common.writing.output_guard import RunInput
-from mksuite.common.writing.safetensors_writer import index_json, partial_matches_plan
+from mksuite.common.writing.safetensors_writer import index_json
 from mksuite.common.writing.verify import verify_output
 
 DEFAULT_SHARD_SIZE = 5_000_000_000

@@ -81,6 +81,21 @@ def source_files(source) -> list[Path]:
     return found
 
 
+def partial_matches_plan(directory: Path, plans: Sequence) -> bool:
+    """Whether a partial directory's shard files have the planned sizes and headers."""
+    for plan in plans:
+        path = Path(directory) / plan.filename
+        try:
+            if path.stat().st_size != plan.file_bytes:
+                return False
+            with open(path, "rb") as handle:
+                if handle.read(len(plan.header)) != plan.header:
+                    return False
+        except OSError:
+            return False
+    return True
+
+
 class Journal:
     """Appends finished tensors to the partial directory's journal, durably."""
 

@@ -320,21 +320,6 @@ class ShardedWriter:
             self.journal.close()
 
 
-def partial_matches_plan(directory: Path, plans: Sequence[ShardPlan]) -> bool:
-    """Whether a partial directory's shard files have the planned sizes and headers."""
-    for plan in plans:
-        path = Path(directory) / plan.filename
-        try:
-            if path.stat().st_size != plan.file_bytes:
-                return False
-            with open(path, "rb") as handle:
-                if handle.read(len(plan.header)) != plan.header:
-                    return False
-        except OSError:
-            return False
-    return True
-
-
 def file_crc32(fd: int, offset: int, nbytes: int) -> int:
     """crc32 of ``nbytes`` of an open file from ``offset``, read in pieces."""
     crc = 0
