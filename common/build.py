@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import json
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from mksuite.common.faults import check_free_space, writing_to
 from mksuite.common.graph import ExecutionContext, Executor, OutputTensor, ProgressListener, RunStats
 from mksuite.common.loading import TensorInfo
-from mksuite.common.writing import OutputDirectory, ShardedWriter, plan_shards
-from mksuite.common.writing.output_dir import output_directory
+from mksuite.common.writing import OutputDirectory, ShardedWriter, plan_shards, test_hooks
+from mksuite.common.writing.journal import Journal, partial_matches_plan, run_fingerprint
+from mksuite.common.writing.output_dir import OutputNotice, output_directory
+from mksuite.common.writing.output_guard import RunInput
+from mksuite.common.writing.safetensors_writer import index_json
+from mksuite.common.writing.verify import verify_output
 
 DEFAULT_SHARD_SIZE = 5_000_000_000
 # Tensors above this many bytes (in the compute dtype) are merged in row blocks where the
@@ -33,6 +40,10 @@ class BuildOptions:
     chunk_bytes: int | None = DEFAULT_CHUNK_BYTES  # None: never split a tensor
     # Read GPU-bound inputs straight to the device through pinned pieces (None: on CUDA).
     device_reads: bool | None = None
+    # Re-read the output before it is moved into place (common/writing/verify.py); the
+    # one-line result goes to ``notify``.
+    verify: bool = False
+    notify: Callable[[str], None] | None = None
 
 
 def output_layout(outputs: Sequence[OutputTensor], shard_size: int):
@@ -49,15 +60,39 @@ def build_model(
     *,
     finalize: Callable[[Path], None],
     listener: ProgressListener | None = None,
+    inputs: Sequence[RunInput] = (),
 ) -> RunStats:
     """Compute every output tensor, write weights and side files, then move OUT into place.
 
     ``finalize(staging_dir)`` writes config, tokenizer and card files next to the weights.
-    Nothing appears at ``out`` unless everything succeeded.
+    Nothing appears at ``out`` unless everything succeeded. ``inputs``: every path the run
+    reads; OUT may not be, contain or lie inside any of them. A partial output left by a
+    killed run of the same plan is resumed: its journaled tensors are not computed again.
     """
-    with output_directory(out, overwrite=options.overwrite) as staging:
-        writer = ShardedWriter(staging.path, output_layout(outputs, options.shard_size))
-        writer.open()
+    layout = output_layout(outputs, options.shard_size)
+    fingerprint = run_fingerprint(layout, outputs, sources, seed=options.seed, device=options.device)
+    with output_directory(out, overwrite=options.overwrite, inputs=inputs, fingerprint=fingerprint) as staging:
+        out = staging.final
+        journal = Journal(staging.path)
+        done = journal.read() if staging.resumed else {}
+        if staging.resumed and not (partial_matches_plan(staging.path, layout) and set(done) <= _names(layout)):
+            staging.discard_progress("its weight files do not match the plan")
+            done = {}
+        if options.verify and any(not crc for crc in done.values()):
+            staging.discard_progress("it was written without the checksums --verify needs")
+            done = {}
+        with writing_to(out):
+            check_free_space(staging.path, _bytes_to_write(staging.path, layout, bool(done)), out)
+        if done:
+            warnings.warn(
+                OutputNotice(
+                    f"resuming an interrupted run: {len(done)} of {len(_names(layout))} tensors already written"
+                ),
+                stacklevel=2,
+            )
+        writer = ShardedWriter(staging.path, layout, journal=journal, checksums=options.verify)
+        with writing_to(out):
+            writer.open(done)
         try:
             ctx = ExecutionContext(sources=sources, device=options.device, seed=options.seed, scratch_dir=staging.path)
             kwargs = {}
@@ -71,14 +106,48 @@ def build_model(
                 device_reads=options.device_reads,
                 **kwargs,
             )
-            stats = executor.run(
-                outputs,
-                lambda output, tensor: writer.write(output.name, tensor, output.rows),
-                lambda output, where: writer.copy(output.name, output.rows, output.part_shape, output.dtype, where),
-            )
-            writer.finish()
+
+            def sink(output, tensor):
+                with writing_to(out):
+                    writer.write(output.name, tensor, output.rows)
+
+            def copier(output, where):
+                with writing_to(out):
+                    writer.copy(output.name, output.rows, output.part_shape, output.dtype, where)
+
+            stats = executor.run([o for o in outputs if o.name not in done], sink, copier)
+            with writing_to(out):
+                writer.finish()
         finally:
             writer.close()
-        finalize(staging.path)
+        with writing_to(out):
+            finalize(staging.path)
+        if options.verify:
+            test_hooks.before_verify(staging.path)
+            line = verify_output(staging.path, layout, writer.checksums or {}, [i.name for i in inputs if i.name])
+            if options.notify is not None:
+                options.notify(line)
         staging.commit()
     return stats
+
+
+def _names(layout) -> set[str]:
+    return {tensor.name for plan in layout for tensor in plan.tensors}
+
+
+def _bytes_to_write(directory: Path, layout, resumed: bool) -> int:
+    """Bytes the weights and index still need on disk (a resumed partial already holds some).
+
+    Side files (config, tokenizer, card) are not counted: they are small, and should they not
+    fit, the write fails with the same clear error.
+    """
+    needed = sum(plan.file_bytes for plan in layout)
+    if len(layout) > 1:
+        needed += len(json.dumps(index_json(layout), indent=2)) + 1
+    if resumed:
+        for plan in layout:
+            try:
+                needed -= (directory / plan.filename).stat().st_blocks * 512
+            except OSError:
+                pass
+    return max(needed, 0)

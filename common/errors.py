@@ -143,6 +143,13 @@ class OutputError(MkError):
     title = "output error"
 
 
+class VerifyError(MkError):
+    """``--verify`` re-read the output and found it differs from what was written."""
+
+    exit_code = 9
+    title = "verification failed"
+
+
 class DeviceUnavailableError(MkError):
     """The requested compute device does not exist here (--cuda without a CUDA device)."""
 

@@ -16,6 +16,7 @@ from mksuite.common.graph import ProgressListener, RunStats
 from mksuite.common.recipe import read_recipe_file
 from mksuite.common.writing import write_config, write_model_card
 from mksuite.common.writing.output_dir import OutputDirectory, output_directory
+from mksuite.common.writing.output_guard import file_input, model_inputs
 
 RECIPE_COPY = "mergekit_config.yml"
 
@@ -56,6 +57,7 @@ def run_merge(
             recipe, options, allow_crimes=allow_crimes, cache_dir=cache_dir, lora_merge_dtype=lora_merge_dtype
         )
     sources = {model.key: model.files.tensors for model in plan.models.values()}
+    inputs = model_inputs(plan.models.values(), cache_dir=cache_dir) + file_input("the recipe", recipe.source_name)
 
     def finalize(directory: Path) -> None:
         transform = (lambda config: config_transform(plan, config)) if config_transform else None
@@ -73,7 +75,7 @@ def run_merge(
             (directory / RECIPE_COPY).write_text(recipe.text)
             _card(plan, directory, output.final.name, tool)
 
-    stats = build_model(plan.outputs, sources, output, options, finalize=finalize, listener=listener)
+    stats = build_model(plan.outputs, sources, output, options, finalize=finalize, listener=listener, inputs=inputs)
     return plan, stats
 
 

@@ -32,6 +32,7 @@ from mksuite.common.errors import MkError
 from mksuite.common.graph import ProgressListener, RunStats
 from mksuite.common.input_models import open_input_models
 from mksuite.common.writing.output_dir import OutputDirectory
+from mksuite.common.writing.output_guard import RunInput, file_input, model_inputs
 
 WEIGHT_FILES = (
     "model.safetensors",
@@ -143,7 +144,7 @@ def check_stages(
         with _within(stage):
             OutputDirectory(stage.out, overwrite=_options(stage, options).overwrite).check()
             if recomputed.intersection(stage.depends_on):
-                _open_outside_inputs(stage, stage_paths, allow_crimes, cache_dir, lora_merge_dtype)
+                inputs = _open_outside_inputs(stage, stage_paths, allow_crimes, cache_dir, lora_merge_dtype)
             else:
                 plans[stage.document] = plan_for_run(
                     stage.recipe,
@@ -152,7 +153,18 @@ def check_stages(
                     cache_dir=cache_dir,
                     lora_merge_dtype=lora_merge_dtype,
                 )
+                inputs = model_inputs(plans[stage.document].models.values(), cache_dir=cache_dir)
+            inputs += _other_stages(stage, stages) + file_input("the recipe", stage.recipe.source_name)
+            OutputDirectory(stage.out, overwrite=_options(stage, options).overwrite, inputs=inputs).check()
     return running, plans
+
+
+def _other_stages(stage: Stage, stages: list[Stage]) -> list[RunInput]:
+    """The run's other stage outputs, and for the final output also the intermediate directory."""
+    found = [RunInput(f"the intermediate stage `{s.name}`", s.out) for s in stages if s.name and s is not stage]
+    if stage.name is None:
+        found += [RunInput("the intermediate directory", d) for d in {s.out.parent for s in stages if s.name}]
+    return found
 
 
 def _options(stage: Stage, options: BuildOptions) -> BuildOptions:
@@ -162,14 +174,15 @@ def _options(stage: Stage, options: BuildOptions) -> BuildOptions:
 
 def _open_outside_inputs(
     stage: Stage, stage_paths: set[str], allow_crimes: bool, cache_dir: str | None, dtype: torch.dtype | None
-) -> None:
+) -> list[RunInput]:
     """Resolve and open (headers only) the inputs of ``stage`` that are not other stages."""
     refs = [ref for ref in referenced_models(stage.recipe) if ref.path not in stage_paths]
     if not refs:
-        return
+        return []
     opened = open_input_models(refs, allow_crimes=allow_crimes, cache_dir=cache_dir, lora_merge_dtype=dtype)
     for model in opened.values():
         model.files.close()
+    return model_inputs(opened.values(), cache_dir=cache_dir)
 
 
 @contextmanager

@@ -13,6 +13,7 @@ from mksuite.common.build import BuildOptions, build_model
 from mksuite.common.graph import ProgressListener, RunStats
 from mksuite.common.writing import copy_tokenizer_files, write_config
 from mksuite.common.writing.output_dir import output_directory
+from mksuite.common.writing.output_guard import file_input, model_inputs
 
 RECIPE_COPY = "mergekit_moe_config.yml"
 
@@ -37,6 +38,9 @@ def run_moe(
     """
     output = output_directory(out, overwrite=options.overwrite).check()
     plan = plan_moe(config, layout=layout, cache_dir=cache_dir)
+    inputs = model_inputs(plan.models.values(), cache_dir=cache_dir) + file_input("the config", config.source_name)
+    output.inputs = inputs
+    output.check()  # the inputs are known now: checked before the gates read tensors
     if on_stage is not None:
         on_stage(f"computing {config.gate_mode} gates for {plan.num_layers} layers")
     gates = compute_gates(plan, seed=options.seed, device=options.device)
@@ -49,5 +53,5 @@ def run_moe(
         if write_card:
             (directory / RECIPE_COPY).write_text(config.text)
 
-    stats = build_model(plan.outputs, sources, output, options, finalize=finalize, listener=listener)
+    stats = build_model(plan.outputs, sources, output, options, finalize=finalize, listener=listener, inputs=inputs)
     return plan, stats

@@ -88,7 +88,13 @@ class SharedOptions:
             panel=MODELS,
         ),
     ] = None
-    overwrite: Annotated[bool, _flag("--overwrite", "Replace OUT if it already exists.", OUTPUT)] = False
+    overwrite: Annotated[
+        bool, _flag("--overwrite", "Replace OUT if it already exists (only a model directory is replaced).", OUTPUT)
+    ] = False
+    verify: Annotated[
+        bool,
+        _flag("--verify", "Re-read the output before moving it into place: headers, checksums, config, card.", OUTPUT),
+    ] = False
     copy_tokenizer: Annotated[
         bool, _flag("--copy-tokenizer/--no-copy-tokenizer", "Copy the donor's tokenizer files (default on).", OUTPUT)
     ] = True
@@ -153,6 +159,8 @@ class SharedOptions:
             seed=self.seed,
             overwrite=self.overwrite if overwrite is None else overwrite,
             device_reads=None if reads is None else (reads and device.type == "cuda"),
+            verify=self.verify,
+            notify=_notify,
         )
 
     def explanations(self) -> list[str]:
@@ -165,6 +173,15 @@ class SharedOptions:
         if self.read_to_gpu and not (self.cuda or self.gpu_rich or self.device.startswith(("cuda", "auto"))):
             lines.append("--read-to-gpu: no effect with --device cpu (inputs are read to the device the math runs on)")
         return lines
+
+
+def _notify(line: str) -> None:
+    """How the engine's one-line reports (``--verify``, a removed stale partial) reach the user."""
+    from rich.markup import escape
+
+    from mksuite.common.cli.running import print_err
+
+    print_err(escape(line))
 
 
 _NO_EFFECT = {

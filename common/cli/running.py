@@ -15,10 +15,13 @@ from contextlib import contextmanager
 
 import typer
 
-from mksuite.common.errors import MkError
+from mksuite.common.errors import MkError, OutputError
+from mksuite.common.faults import OUTPUT_ERRNOS, Terminated, signals_as_interrupts
 
-# Exit codes that are not an MkError's (those are listed in common/errors.py).
-EXIT_OUT_OF_MEMORY = 9
+# Exit codes that are not an MkError's (those are listed in common/errors.py; 9 is --verify's
+# mismatch, 10 a device that is not there).
+EXIT_OUT_OF_MEMORY = 11
+EXIT_OS_ERROR = 1
 EXIT_BUG = 70
 EXIT_INTERRUPTED = 130
 
@@ -68,7 +71,9 @@ class WarningDigest:
         if getattr(message, "line", None) and f"line {message.line}" not in str(message):
             where = f"line {message.line}: "
         text = where + str(message)
-        kind = (category, filename, lineno)
+        # A warning that is about one distinct thing each time (a notice about the output
+        # location) is shown every time; the rest are grouped by where in the code they come from.
+        kind = (category, filename, lineno) if not getattr(message, "ungrouped", False) else (text,)
         severity = _severity(message)
         with self.lock:
             seen = self.kinds.get(kind)
@@ -139,11 +144,15 @@ def cli_errors(debug: bool, verbose: int = 0):
     logging.basicConfig(level=level, format="%(message)s")
     quiet_third_party()
     try:
-        yield
+        with signals_as_interrupts():
+            yield
     except MkError as error:
         if debug:
             err_console().print_exception()
         print_err(f"[bold red]{_escape(error.render())}[/bold red]")
+        raise typer.Exit(error.exit_code) from None
+    except Terminated as error:
+        print_err(f"[bold red]terminated[/bold red] by {error.signal_name}: nothing was written to the output")
         raise typer.Exit(error.exit_code) from None
     except KeyboardInterrupt:
         print_err("[bold red]interrupted[/bold red]: nothing was written to the output directory")
@@ -153,6 +162,13 @@ def cli_errors(debug: bool, verbose: int = 0):
     except MemoryError:
         print_err("[bold red]out of memory[/bold red]: try --threads 1 or a smaller --shard-size")
         raise typer.Exit(EXIT_OUT_OF_MEMORY) from None
+    except OSError as error:
+        if debug:
+            raise
+        text = f"{error.strerror or error}" + (f": {error.filename}" if error.filename else "")
+        code = OutputError.exit_code if error.errno in OUTPUT_ERRNOS else EXIT_OS_ERROR
+        print_err(f"[bold red]system error[/bold red]: {_escape(text)}")
+        raise typer.Exit(code) from None
     except Exception:
         if debug:
             raise

@@ -19,7 +19,9 @@ import os
 import struct
 import sys
 import threading
-from collections.abc import Sequence
+import time
+import zlib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -29,6 +31,8 @@ import torch
 from mksuite.common.dtypes import SAFETENSORS_CODES
 from mksuite.common.errors import TensorFileError
 from mksuite.common.loading.source import ByteRange, TensorInfo
+from mksuite.common.writing import test_hooks
+from mksuite.common.writing.journal import CHECKPOINT_BYTES, CHECKPOINT_SECONDS, Checksums, Journal
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -110,9 +114,16 @@ def index_json(plans: Sequence[ShardPlan], extra_metadata: dict[str, object] | N
 
 
 class ShardedWriter:
-    """Writes planned tensors straight to their offsets; refuses anything off-plan."""
+    """Writes planned tensors straight to their offsets; refuses anything off-plan.
 
-    def __init__(self, directory: Path, plans: Sequence[ShardPlan]):
+    With a ``journal``, finished tensors are recorded once their bytes are durable, so a
+    killed run can resume (common/writing/journal.py). With ``checksums``, a crc32 of every
+    tensor's bytes as written is kept for ``--verify``.
+    """
+
+    def __init__(
+        self, directory: Path, plans: Sequence[ShardPlan], *, journal: Journal | None = None, checksums: bool = False
+    ):
         self.directory = Path(directory)
         self.plans = list(plans)
         self._where: dict[str, tuple[int, int, TensorInfo]] = {}
@@ -121,19 +132,39 @@ class ShardedWriter:
                 self._where[tensor.name] = (shard, len(plan.header) + offset, tensor)
         self._fds: list[int] = []
         self._written: set[str] = set()  # tensors with every row written
-        self._rows_done: dict[str, list[tuple[int, int]]] = {}
+        self._rows_claimed: dict[str, list[tuple[int, int]]] = {}
+        self._rows_finished: dict[str, int] = {}
+        self.checksums: dict[str, Checksums] | None = {} if checksums else None
+        self.journal = journal
+        self._pending: list[str] = []  # finished, not yet journaled
+        self._pending_bytes = 0
+        self._journaled = 0
         self._lock = threading.Lock()
+        self._journal_lock = threading.Lock()
         self.state = "planned"
 
-    def open(self) -> None:
+    def open(self, done: Mapping[str, Checksums] | None = None) -> None:
+        """Create the shard files, or reopen them to complete the tensors not in ``done``.
+
+        ``done``: tensors a previous run journaled (their files were checked against the
+        plan by :func:`partial_matches_plan`).
+        """
         if self.state != "planned":
             raise RuntimeError(f"writer.open() called in state {self.state}")
+        flags = os.O_RDWR | os.O_CREAT | (0 if done else os.O_TRUNC)
         for plan in self.plans:
-            path = self.directory / plan.filename
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            fd = os.open(self.directory / plan.filename, flags, 0o644)
             self._fds.append(fd)
-            os.ftruncate(fd, plan.file_bytes)
-            _pwrite_all(fd, plan.header, 0)
+            if not done:
+                os.ftruncate(fd, plan.file_bytes)
+                _pwrite_all(fd, plan.header, 0)
+        for name, crc in (done or {}).items():
+            planned = self._where[name][2]
+            self._written.add(name)
+            self._rows_claimed[name] = [(0, planned.shape[0] if planned.shape else 1)]
+            if self.checksums is not None:
+                self.checksums[name] = list(crc)
+        self._journaled = len(done or {})
         self.state = "open"
 
     def write(self, name: str, tensor: torch.Tensor, rows: tuple[int, int] | None = None) -> None:
@@ -142,11 +173,15 @@ class ShardedWriter:
         Parts of one tensor may come in any order and from any thread; each row is written
         once, and the tensor counts as written when all its rows are.
         """
-        shard, offset = self._claim(name, rows, tensor.dtype, tuple(tensor.shape))
+        shard, offset, span = self._claim(name, rows, tensor.dtype, tuple(tensor.shape))
+        crc = None
         if tensor.numel():
             data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
             _pwrite_all(self._fds[shard], memoryview(data), offset)
             start_writeback(self._fds[shard], offset, data.nbytes)
+            if self.checksums is not None:
+                crc = zlib.crc32(memoryview(data))
+        self._finished(name, span, crc or 0)
 
     def copy(
         self, name: str, rows: tuple[int, int] | None, shape: tuple[int, ...], dtype: torch.dtype, where: ByteRange
@@ -160,13 +195,17 @@ class ShardedWriter:
         expected = math.prod(shape) * dtype.itemsize
         if where.nbytes != expected:
             raise ValueError(f"{name}: {dtype} {list(shape)} is {expected} bytes, the source range {where.nbytes}")
-        shard, offset = self._claim(name, rows, dtype, shape)
+        shard, offset, span = self._claim(name, rows, dtype, shape)
         copy_file_bytes(where, self._fds[shard], offset, name=name)
+        crc = 0
+        if self.checksums is not None:  # of the bytes as they now lie in the output
+            crc = file_crc32(self._fds[shard], offset, where.nbytes)
+        self._finished(name, span, crc)
 
     def _claim(
         self, name: str, rows: tuple[int, int] | None, dtype: torch.dtype, shape: tuple[int, ...]
-    ) -> tuple[int, int]:
-        """Check a write against the plan and record its rows: (shard index, file offset)."""
+    ) -> tuple[int, int, tuple[int, int]]:
+        """Check a write against the plan and reserve its rows: (shard index, file offset, rows)."""
         if self.state != "open":
             raise RuntimeError(f"writer.write() called in state {self.state}")
         if name not in self._where:
@@ -181,14 +220,52 @@ class ShardedWriter:
                 f"{list(expected)} of {list(planned.shape)}, got {dtype} {list(shape)}"
             )
         with self._lock:
-            done = self._rows_done.setdefault(name, [])
-            if any(start < b and a < stop for a, b in done) or (start == stop and (start, stop) in done):
+            claimed = self._rows_claimed.setdefault(name, [])
+            if any(start < b and a < stop for a, b in claimed) or (start == stop and (start, stop) in claimed):
                 raise ValueError(f"tensor {name} (rows [{start}, {stop})) written twice")
-            done.append((start, stop))
-            if sum(b - a for a, b in done) == total_rows:
-                self._written.add(name)
+            claimed.append((start, stop))
         row_bytes = planned.nbytes // total_rows if total_rows else 0
-        return shard, offset + start * row_bytes
+        return shard, offset + start * row_bytes, (start, stop)
+
+    def _finished(self, name: str, rows: tuple[int, int], crc: int) -> None:
+        """Record rows whose bytes are written; journal the tensor once all its rows are."""
+        planned = self._where[name][2]
+        total_rows = planned.shape[0] if planned.shape else 1
+        with self._lock:
+            if self.checksums is not None:
+                self.checksums.setdefault(name, []).append((rows[0], rows[1], crc))
+            self._rows_finished[name] = self._rows_finished.get(name, 0) + rows[1] - rows[0]
+            if self._rows_finished[name] != total_rows:
+                return
+            self._written.add(name)
+            if self.journal is None:
+                return
+            self._pending.append(name)
+            self._pending_bytes += planned.nbytes
+            due = (
+                self._pending_bytes >= CHECKPOINT_BYTES
+                or time.monotonic() - self.journal.last_checkpoint >= CHECKPOINT_SECONDS
+                or test_hooks.checkpoint_every_tensor()
+            )
+        if due:
+            self.checkpoint()
+
+    def checkpoint(self) -> None:
+        """Make the finished tensors durable, then journal them (in that order)."""
+        if self.journal is None:
+            return
+        with self._journal_lock:
+            with self._lock:
+                names, self._pending, self._pending_bytes = self._pending, [], 0
+            if not names:
+                return
+            for fd in self._fds:
+                os.fdatasync(fd)
+            sums = self.checksums or {}
+            self.journal.append((name, sorted(sums[name]) if name in sums else None) for name in names)
+            for _ in names:
+                self._journaled += 1
+                test_hooks.after_journaled(self._journaled)
 
     def finish(self) -> None:
         """Check completeness, flush to disk and write the index (when sharded)."""
@@ -210,6 +287,21 @@ class ShardedWriter:
         for fd in self._fds:
             os.close(fd)
         self._fds = []
+        if self.journal is not None:
+            self.journal.close()
+
+
+def file_crc32(fd: int, offset: int, nbytes: int) -> int:
+    """crc32 of ``nbytes`` of an open file from ``offset``, read in pieces."""
+    crc = 0
+    done = 0
+    while done < nbytes:
+        chunk = os.pread(fd, min(nbytes - done, COPY_CHUNK_BYTES), offset + done)
+        if not chunk:
+            break
+        crc = zlib.crc32(chunk, crc)
+        done += len(chunk)
+    return crc
 
 
 # Bytes per copy_file_range call, and per fallback read/write through a buffer.

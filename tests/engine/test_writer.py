@@ -126,7 +126,8 @@ def test_failed_run_leaves_nothing_behind(tmp_path):
 def test_existing_output_needs_overwrite(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "old").write_text("x")
+    (out / "config.json").write_text("{}")
+    (out / "model.safetensors").write_text("x")
     with pytest.raises(OutputError, match="not empty") as caught:
         OutputDirectory(out).check()
     assert "--overwrite" in caught.value.render()
