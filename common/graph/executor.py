@@ -5,8 +5,10 @@ Three kinds of work run side by side:
 * reader threads execute ``LoadTensor`` tasks ahead of compute, in schedule order, while the
   bytes they hold stay under a prefetch budget (the load the compute loop is waiting for is
   always admitted, so a long-lived tensor can never starve it);
-* the calling thread runs every other task in schedule order and frees each result as soon as
-  its last consumer has run;
+* compute workers run every other task, one output's tasks (a segment,
+  :mod:`mksuite.common.graph.segments`) at a time each, several outputs at once on the CPU
+  with ``threads`` > 1, and free each result as soon as its last consumer has run; finished
+  outputs are taken back in schedule order;
 * one writer thread hands finished output tensors to the sink, behind a queue bounded in bytes;
 * given a ``copier``, one more thread copies the outputs that are input bytes verbatim file to
   file (:mod:`mksuite.common.graph.direct`): those never enter the task graph or process memory.
@@ -17,7 +19,13 @@ straight into device memory, through pinned pieces on their own streams
 of its own once the compute stream has produced them: transfers overlap compute both ways.
 
 Output bytes do not depend on the number of threads: tasks are pure, randomness comes from
-per-tensor generators, and compute happens in a fixed order on one thread.
+per-tensor generators, every output goes to the sink in schedule order, and every reduction's
+order is fixed whatever the thread count (see :mod:`mkmerge.methods.reductions`).
+
+On the CPU, ``threads`` workers each compute one output with one thread of their own: a merge
+has hundreds of outputs, and each output's serial phases (statistics, thresholds, replays,
+Python between kernels) then overlap with other outputs' kernels instead of idling the other
+cores. On a GPU one worker feeds the device in order.
 """
 
 from __future__ import annotations
@@ -33,10 +41,12 @@ from pathlib import Path
 
 import torch
 
+from mksuite.common.graph.budget import ByteBudget
 from mksuite.common.graph.direct import split_direct_copies
 from mksuite.common.graph.events import ProgressEvent, ProgressListener
 from mksuite.common.graph.memory import TRIM_EVERY_BYTES, configure_allocator, trim_freed_memory
 from mksuite.common.graph.schedule import Schedule, build_schedule
+from mksuite.common.graph.segments import DEFAULT_COMPUTE_WINDOW_BYTES, Segment, run_in_window, split_segments
 from mksuite.common.graph.tasks import OutputTensor, Task
 from mksuite.common.loading.buffers import READ_BUFFERS
 from mksuite.common.loading.device_reads import claim, to_host
@@ -65,44 +75,6 @@ class RunStats:
     seconds: float = 0.0
 
 
-class _ByteBudget:
-    """A counting gate in bytes: acquire blocks while the budget is spent, unless forced."""
-
-    def __init__(self, limit: int):
-        self.limit = limit
-        self.used = 0
-        self._cond = threading.Condition()
-        self.wanted_index = -1  # schedule position of the load the compute loop waits for
-        self.cancelled = False
-
-    def acquire(self, nbytes: int, index: int | None = None) -> bool:
-        """Take ``nbytes``; a load at schedule position ``index`` the compute loop awaits never waits."""
-        with self._cond:
-            while not self.cancelled:
-                forced = index is not None and index <= self.wanted_index
-                if self.used == 0 or self.used + nbytes <= self.limit or forced:
-                    self.used += nbytes
-                    return True
-                self._cond.wait()
-            return False
-
-    def release(self, nbytes: int) -> None:
-        with self._cond:
-            self.used -= nbytes
-            self._cond.notify_all()
-
-    def want(self, index: int) -> None:
-        with self._cond:
-            if index > self.wanted_index:
-                self.wanted_index = index
-                self._cond.notify_all()
-
-    def cancel(self) -> None:
-        with self._cond:
-            self.cancelled = True
-            self._cond.notify_all()
-
-
 class Executor:
     """Runs output tensors' task graphs and streams results to a sink."""
 
@@ -116,6 +88,7 @@ class Executor:
         write_queue_bytes: int = DEFAULT_WRITE_QUEUE_BYTES,
         listener: ProgressListener | None = None,
         device_reads: bool | None = None,
+        compute_window_bytes: int = DEFAULT_COMPUTE_WINDOW_BYTES,
     ):
         self.ctx = ctx
         self.threads = threads
@@ -123,6 +96,7 @@ class Executor:
         self.prefetch_bytes = prefetch_bytes
         self.write_queue_bytes = write_queue_bytes
         self.listener = listener
+        self.compute_window_bytes = compute_window_bytes
         # Read GPU-bound inputs straight to ctx.device; None: exactly when it is a CUDA device
         # (True elsewhere runs the same path with host pieces: how it is tested without a GPU).
         self.device_reads = ctx.device.type == "cuda" if device_reads is None else device_reads
@@ -143,19 +117,29 @@ class Executor:
         schedule = build_schedule(outputs)
         configure_allocator()
         previous_threads = torch.get_num_threads()
-        if self.threads:
+        workers = self.compute_workers()
+        if workers > 1:
+            torch.set_num_threads(1)  # each worker computes on its own thread (see the module doc)
+        elif self.threads:
             torch.set_num_threads(self.threads)
         try:
-            return _Run(self, schedule, sink, copies, copier).go()
+            return _Run(self, schedule, sink, copies, copier, workers).go()
         finally:
             torch.set_num_threads(previous_threads)
+
+    def compute_workers(self) -> int:
+        """How many outputs compute at once: ``threads`` (default: torch's) on the CPU, one on a GPU."""
+        if self.ctx.device.type != "cpu":
+            return 1
+        return max(1, self.threads or torch.get_num_threads())
 
 
 class _Run:
     """State of one execution (kept apart so an Executor can be reused)."""
 
-    def __init__(self, executor: Executor, schedule: Schedule, sink, copies=(), copier=None):
+    def __init__(self, executor: Executor, schedule: Schedule, sink, copies=(), copier=None, workers: int = 1):
         self.ex = executor
+        self.workers = workers
         self.schedule = schedule
         self.sink = sink
         self.copies = list(copies)
@@ -168,9 +152,11 @@ class _Run:
         self.stats_lock = threading.Lock()
         self.remaining = dict(schedule.consumers)
         self.values: dict[Task, torch.Tensor] = {}
+        self.values_ready = threading.Condition()  # guards values and remaining
+        self.since_trim = 0
         self.futures: dict[Task, Future] = {}
         self.futures_ready = threading.Condition()
-        self.budget = _ByteBudget(executor.prefetch_bytes)
+        self.budget = ByteBudget(executor.prefetch_bytes)
         self.held_bytes: dict[Task, int] = {}
         self.stats = RunStats()
         self.failure: BaseException | None = None
@@ -208,7 +194,7 @@ class _Run:
         return claim(tensor)
 
     # -- writing ---------------------------------------------------------------------------
-    def _writer(self, items: queue.Queue, budget: _ByteBudget) -> None:
+    def _writer(self, items: queue.Queue, budget: ByteBudget) -> None:
         while True:
             item = items.get()
             if item is None:
@@ -259,15 +245,18 @@ class _Run:
 
     # -- compute ---------------------------------------------------------------------------
     def _release(self, task: Task) -> None:
-        self.remaining[task] -= 1
-        if self.remaining[task] == 0:
+        with self.values_ready:
+            self.remaining[task] -= 1
+            if self.remaining[task] != 0:
+                return
             value = self.values.pop(task, None)
-            if task.is_io and isinstance(value, torch.Tensor):
-                READ_BUFFERS.give(value)  # kept for the next read of its size if nothing else sees it
-            del value
+        if task.is_io and isinstance(value, torch.Tensor):
+            READ_BUFFERS.give(value)  # kept for the next read of its size if nothing else sees it
+        del value
+        with self.futures_ready:
             nbytes = self.held_bytes.pop(task, 0)
-            if nbytes:
-                self.budget.release(nbytes)
+        if nbytes:
+            self.budget.release(nbytes)
 
     def _finish_output(self, output: OutputTensor, tensor: torch.Tensor, writes, write_budget) -> None:
         if tensor.dtype != output.dtype:
@@ -301,7 +290,7 @@ class _Run:
                     bytes_total=self.bytes_total,
                 )
             )
-        write_budget = _ByteBudget(self.ex.write_queue_bytes)
+        write_budget = ByteBudget(self.ex.write_queue_bytes)
         writes: queue.Queue = queue.Queue()
         writer = threading.Thread(target=self._writer, args=(writes, write_budget), daemon=True)
         writer.start()
@@ -341,26 +330,60 @@ class _Run:
         return self.stats
 
     def _compute(self, writes, write_budget) -> None:
+        def finish(segment: Segment, _) -> None:
+            root = self.schedule.order[segment.stop - 1]
+            for output in self.schedule.outputs_at[segment.stop - 1]:
+                self._finish_output(output, self._value(root), writes, write_budget)
+                self._release(root)
+                self.since_trim += output.nbytes
+            if self.since_trim >= TRIM_EVERY_BYTES:
+                trim_freed_memory()
+                self.since_trim = 0
+
+        run_in_window(
+            split_segments(self.schedule),
+            self._run_segment,
+            finish,
+            workers=self.workers,
+            # Segments' reads come out of the prefetch budget: a wider window would only force
+            # reads past it.
+            window_bytes=min(self.ex.compute_window_bytes, self.ex.prefetch_bytes),
+            abort=self._abort,
+        )
+
+    def _run_segment(self, segment: Segment) -> None:
         ctx = self.ex.ctx
-        since_trim = 0
-        for index, task in enumerate(self.schedule.order):
+        for index in range(segment.start, segment.stop):
             if self.failure is not None:
                 raise self.failure
+            task = self.schedule.order[index]
             if task.is_io:
-                self.values[task] = self._await_load(index, task)
+                value = self._await_load(index, task)
             else:
                 deps = task.dependencies()
-                value = task.execute([self.values[d] for d in deps], ctx)
+                value = task.execute([self._value(d) for d in deps], ctx)
+            with self.values_ready:
                 self.values[task] = value
+                self.values_ready.notify_all()
+            del value
+            if not task.is_io:
                 for dep in deps:
                     self._release(dep)
-            for output in self.schedule.outputs_at.get(index, ()):
-                self._finish_output(output, self.values[task], writes, write_budget)
-                self._release(task)
-                since_trim += output.nbytes
-            if since_trim >= TRIM_EVERY_BYTES:
-                trim_freed_memory()
-                since_trim = 0
+
+    def _value(self, task: Task) -> torch.Tensor:
+        """A computed task's value; one an earlier segment computes on another worker is waited for."""
+        with self.values_ready:
+            while task not in self.values:
+                if self.failure is not None:
+                    raise self.failure
+                self.values_ready.wait(timeout=0.5)
+            return self.values[task]
+
+    def _abort(self, error: BaseException) -> None:
+        self.failure = self.failure or error
+        self.budget.cancel()
+        with self.values_ready:
+            self.values_ready.notify_all()
 
 
 def device_loads(schedule: Schedule) -> frozenset[Task]:

@@ -49,6 +49,10 @@ def linear_merge(
         return fused.linear(tensors, w.tolist(), divisor if normalize else None)
 
     device = tensors[0].device
+    # A tensor on the accumulator's device, not a Python number: CUDA divides by a host scalar
+    # as a multiplication by its reciprocal (one more rounding); by a device tensor it divides
+    # correctly rounded, as the CPU and the fused kernel do.
+    by = torch.tensor(divisor, dtype=wide, device=device)
     out = torch.empty(tensors[0].shape, dtype=dtype, device=device)
     flat_out = out.view(-1)
     flats = [t.reshape(-1) for t in tensors]
@@ -57,7 +61,7 @@ def linear_merge(
         for flat, weight in zip(flats, w.tolist()):
             acc = fused_multiply_add(flat[block], weight, acc)
         if normalize:
-            acc.div_(divisor)
+            acc.div_(by)
         flat_out[block] = acc
     return out
 
