@@ -31,6 +31,8 @@ class BuildOptions:
     chunk_bytes: int | None = DEFAULT_CHUNK_BYTES  # None: never split a tensor
     # Read GPU-bound inputs straight to the device through pinned pieces (None: on CUDA).
     device_reads: bool | None = None
+    # mkmerge: cut embeddings of different vocabulary sizes to the smallest instead of refusing.
+    unsafe_truncate_embeddings: bool = False
 
 
 def output_layout(outputs: Sequence[OutputTensor], shard_size: int):

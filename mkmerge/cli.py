@@ -64,6 +64,14 @@ DryRun = Annotated[
         "--dry-run", help="Print the plan (as `mkmerge plan`) and stop: no tensor is read, OUT is not created."
     ),
 ]
+UnsafeTruncateEmbeddings = Annotated[
+    bool,
+    typer.Option(
+        "--unsafe-truncate-embeddings",
+        help="Models of different vocabulary sizes and no tokenizer settings: cut every embedding to the "
+        "smallest vocabulary instead of refusing (assumes shared token ids).",
+    ),
+]
 AsJson = Annotated[bool, typer.Option("--json", help="Print the plan as JSON (schema mkmerge-plan/1).")]
 
 merge_app = typer.Typer(add_completion=False, rich_markup_mode="rich", help=__doc__)
@@ -81,6 +89,7 @@ def merge(
     shard_size: ShardSize = "5G",
     seed: Seed = 0,
     allow_crimes: AllowCrimes = False,
+    unsafe_truncate_embeddings: UnsafeTruncateEmbeddings = False,
     overwrite: Overwrite = False,
     copy_tokenizer: CopyTokenizer = True,
     write_model_card: ModelCard = True,
@@ -103,6 +112,7 @@ def merge(
         options = build_options(
             device=device, cuda=cuda, threads=threads, shard_size=shard_size, seed=seed, overwrite=overwrite
         )
+        options.unsafe_truncate_embeddings = unsafe_truncate_embeddings
         merge_dtype = parse_float_dtype(lora_merge_dtype, option="--lora-merge-dtype")
         if as_json and not dry_run:
             raise RecipeError("--json prints a plan, so it needs --dry-run", field="--json")
@@ -190,6 +200,7 @@ def plan(
     shard_size: ShardSize = "5G",
     seed: Seed = 0,
     allow_crimes: AllowCrimes = False,
+    unsafe_truncate_embeddings: UnsafeTruncateEmbeddings = False,
     cache_dir: CacheDir = None,
     lora_merge_dtype: LoraMergeDtype = None,
     debug: Debug = False,
@@ -207,6 +218,7 @@ def plan(
         options = build_options(
             device=device, cuda=cuda, threads=threads, shard_size=shard_size, seed=seed, overwrite=False
         )
+        options.unsafe_truncate_embeddings = unsafe_truncate_embeddings
         merge_dtype = parse_float_dtype(lora_merge_dtype, option="--lora-merge-dtype")
         stages = load_stages(recipe, out=Path("OUT"))
         if len(stages) > 1:

@@ -37,8 +37,7 @@ from mksuite.common.graph import CastTensor, LoadTensor, OutputTensor, ScaleTens
 from mksuite.common.input_models import InputModel, open_input_models
 from mksuite.common.loading import ModelReference
 
-# How a method copes with embedding matrices of different sizes (SPEC §2.0).
-COMMON_SUBMATRIX = {"linear", "slerp", "nuslerp", "model_stock", "arcee_fusion", "karcher"}
+# Methods that leave a model out of a tensor whose shape differs from the base's (SPEC §2.0).
 CUT_TO_BASE = {
     "task_arithmetic", "ties", "dare_linear", "dare_ties",
     "breadcrumbs", "breadcrumbs_ties", "della", "della_linear",
@@ -96,12 +95,15 @@ def plan_merge(
     cache_dir: str | None = None,
     chunk_bytes: int | None = DEFAULT_CHUNK_BYTES,
     lora_merge_dtype: torch.dtype | None = None,
+    unsafe_truncate_embeddings: bool = False,
 ) -> MergePlan:
     """Plan every output tensor of ``recipe``; recipe errors found here name the recipe file.
 
     Tensors bigger than ``chunk_bytes`` (in the compute dtype) are merged in row blocks when
     the method can do that exactly (see mkmerge/methods/chunked.py); None: never.
     ``lora_merge_dtype``: the dtype `model+lora` inputs are read in (default: as stored).
+    ``unsafe_truncate_embeddings``: without a tokenizer configuration, embeddings of different
+    vocabulary sizes are cut to the smallest instead of refused (mergekit 0.1.5's flag).
     """
     try:
         return _plan_merge(
@@ -111,6 +113,7 @@ def plan_merge(
             cache_dir=cache_dir,
             chunk_bytes=chunk_bytes,
             lora_merge_dtype=lora_merge_dtype,
+            unsafe_truncate_embeddings=unsafe_truncate_embeddings,
         )
     except RecipeError as error:
         raise error.in_file(getattr(recipe, "source_name", None)) from None
@@ -132,6 +135,7 @@ def plan_for_run(
         cache_dir=cache_dir,
         chunk_bytes=options.chunk_bytes,
         lora_merge_dtype=lora_merge_dtype,
+        unsafe_truncate_embeddings=options.unsafe_truncate_embeddings,
     )
 
 
@@ -143,6 +147,7 @@ def _plan_merge(
     cache_dir: str | None,
     chunk_bytes: int | None,
     lora_merge_dtype: torch.dtype | None,
+    unsafe_truncate_embeddings: bool = False,
 ) -> MergePlan:
     method = get_method(recipe.merge_method)
     models = open_input_models(
@@ -157,6 +162,7 @@ def _plan_merge(
     if vocabulary is not None:
         models = {**models, **vocabulary.donor_models}
     planner = _TensorPlanner(recipe, method, models, seed, vocabulary, chunk_bytes)
+    planner.truncate_embeddings = unsafe_truncate_embeddings
     for output_slice in slices:
         planner.check_slice(output_slice)
     outputs: list[OutputTensor] = []
@@ -236,6 +242,7 @@ class _TensorPlanner:
         self.embed_rows: dict[str, int] = {}  # output name -> rows, for vocabulary-indexed tensors
         self.chunk_bytes = chunk_bytes
         self.uses: dict[tuple[str, str], int] = {}  # (model, tensor) -> index of its latest use
+        self.truncate_embeddings = False  # --unsafe-truncate-embeddings
 
     # -- slice-level checks ------------------------------------------------------------------
     def base_of(self, output_slice: PlannedSlice) -> ModelReference | None:
@@ -360,8 +367,9 @@ class _TensorPlanner:
             return inputs
         name = self.method.name
         only_rows_differ = len({shape[1:] for shape in shapes}) == 1
-        aligned = self.vocabulary is not None or name in COMMON_SUBMATRIX or name in CUT_TO_BASE
-        if weight.is_embed and only_rows_differ and aligned:
+        if weight.is_embed and only_rows_differ:
+            if self.vocabulary is None and not self.truncate_embeddings:
+                raise _vocabulary_sizes_differ(weight, inputs)
             return inputs  # vocabulary sizes differ: rows are aligned (or cut) in _build
         if name in CUT_TO_BASE:
             base = next((i for i in inputs if i.is_base), None)
@@ -379,13 +387,6 @@ class _TensorPlanner:
                         )
                 return kept
         listing = "; ".join(f"{i.model.ref}: {list(i.model.info(i.name).shape)}" for i in inputs)
-        if weight.is_embed and only_rows_differ:
-            raise ShapeMismatchError(
-                f"tensor {weight.name} has different vocabulary sizes in the inputs ({listing}), and merge "
-                f"method `{name}` cannot cut embeddings to a common size",
-                hint="merge models with the same vocabulary size, or use a method that cuts embeddings: "
-                + ", ".join(sorted(COMMON_SUBMATRIX | CUT_TO_BASE)),
-            )
         raise ShapeMismatchError(
             f"tensor {weight.name} has different shapes in the inputs ({listing})",
             hint="merged models must share an architecture and size (same hidden size, heads, layers)",
@@ -560,19 +561,16 @@ class _TensorPlanner:
         shapes = [i.model.info(i.name).shape for i in inputs]
         if len(set(shapes)) == 1 or not weight.is_embed:
             return None, None
-        cols = None  # only row counts (vocabulary sizes) may differ here
-        if self.method.name in CUT_TO_BASE:
-            base = next(i for i in inputs if i.is_base)
-            rows = base.model.info(base.name).shape[0]
-        else:
-            rows = min(s[0] for s in shapes)
+        # --unsafe-truncate-embeddings: every method, the task-vector family included, keeps the
+        # smallest vocabulary's rows (mergekit 0.1.5 does, whichever model is the base).
+        rows = min(s[0] for s in shapes)
         warnings.warn(
             f"{weight.name}: inputs have different vocabulary sizes ({sorted({s[0] for s in shapes})} rows); "
-            f"cutting to {rows} rows (tokens past them lose their embedding). "
+            f"UNSAFE: cutting to {rows} rows (tokens past them lose their embedding). "
             "A `tokenizer:` block aligns vocabularies instead",
             stacklevel=2,
         )
-        return rows, cols
+        return rows, None
 
     def _merge_task(
         self, name: str, inputs: list[_Input], tasks: list[Task], per_model: list[dict], params: dict
@@ -644,3 +642,19 @@ def _dtype_name(name: str | None) -> torch.dtype | None:
     if not name:
         return None
     return getattr(torch, name.removeprefix("torch."))
+
+
+def _vocabulary_sizes_differ(weight: WeightInfo, inputs: list) -> ShapeMismatchError:
+    """Embeddings of different vocabulary sizes and no tokenizer settings (mergekit 0.1.5 refuses them)."""
+    sizes = {}
+    for i in inputs:
+        sizes.setdefault(i.model.info(i.name).shape[0], []).append(f"{i.model.ref}: {list(i.model.info(i.name).shape)}")
+    listing = "; ".join(entry for rows in sorted(sizes) for entry in sizes[rows])
+    smallest = min(sizes)
+    return ShapeMismatchError(
+        f"the input models have different vocabulary sizes ({', '.join(map(str, sorted(sizes)))} rows) and the "
+        f"recipe has no tokenizer settings: tensor {weight.name} is {listing}",
+        hint="add `tokenizer_source: base` (or a `tokenizer:` block) to align the vocabularies, or pass "
+        f"--unsafe-truncate-embeddings to cut every embedding to the smallest vocabulary ({smallest} rows; "
+        "only right when the models share token ids up to there)",
+    )
