@@ -44,6 +44,8 @@ class BuildOptions:
     # one-line result goes to ``notify``.
     verify: bool = False
     notify: Callable[[str], None] | None = None
+    # mkmerge: cut embeddings of different vocabulary sizes to the smallest instead of refusing.
+    unsafe_truncate_embeddings: bool = False
 
 
 def output_layout(outputs: Sequence[OutputTensor], shard_size: int):

@@ -81,12 +81,15 @@ def plan_merge(
     cache_dir: str | None = None,
     chunk_bytes: int | None = DEFAULT_CHUNK_BYTES,
     lora_merge_dtype: torch.dtype | None = None,
+    unsafe_truncate_embeddings: bool = False,
 ) -> MergePlan:
     """Plan every output tensor of ``recipe``; recipe errors found here name the recipe file.
 
     Tensors bigger than ``chunk_bytes`` (in the compute dtype) are merged in row blocks when
     the method can do that exactly (see mkmerge/methods/chunked.py); None: never.
     ``lora_merge_dtype``: the dtype `model+lora` inputs are read in (default: as stored).
+    ``unsafe_truncate_embeddings``: without a tokenizer configuration, embeddings of different
+    vocabulary sizes are cut to the smallest instead of refused (mergekit 0.1.5's flag).
     """
     try:
         return _plan_merge(
@@ -96,6 +99,7 @@ def plan_merge(
             cache_dir=cache_dir,
             chunk_bytes=chunk_bytes,
             lora_merge_dtype=lora_merge_dtype,
+            unsafe_truncate_embeddings=unsafe_truncate_embeddings,
         )
     except RecipeError as error:
         raise error.in_file(getattr(recipe, "source_name", None)) from None
@@ -117,6 +121,7 @@ def plan_for_run(
         cache_dir=cache_dir,
         chunk_bytes=options.chunk_bytes,
         lora_merge_dtype=lora_merge_dtype,
+        unsafe_truncate_embeddings=options.unsafe_truncate_embeddings,
     )
 
 
@@ -128,6 +133,7 @@ def _plan_merge(
     cache_dir: str | None,
     chunk_bytes: int | None,
     lora_merge_dtype: torch.dtype | None,
+    unsafe_truncate_embeddings: bool = False,
 ) -> MergePlan:
     method = get_method(recipe.merge_method)
     models = open_input_models(
@@ -142,6 +148,7 @@ def _plan_merge(
     if vocabulary is not None:
         models = {**models, **vocabulary.donor_models}
     planner = _TensorPlanner(recipe, method, models, seed, vocabulary, chunk_bytes)
+    planner.truncate_embeddings = unsafe_truncate_embeddings
     for output_slice in slices:
         check_slice(recipe, method, output_slice)
     outputs: list[OutputTensor] = []
@@ -221,6 +228,7 @@ class _TensorPlanner:
         self.embed_rows: dict[str, int] = {}  # output name -> rows, for vocabulary-indexed tensors
         self.chunk_bytes = chunk_bytes
         self.uses: dict[tuple[str, str], int] = {}  # (model, tensor) -> index of its latest use
+        self.truncate_embeddings = False  # --unsafe-truncate-embeddings: cut vocabularies to the smallest
 
     # -- one output tensor -------------------------------------------------------------------
     def plan_tensor(
@@ -260,7 +268,9 @@ class _TensorPlanner:
                 raise MissingTensorError(f"the base model {base_ref} has no tensor {out_weight.name}")
         if too_few_for_method(self.method, out_weight, inputs):
             return []
-        inputs = reconcile_shapes(self.method, self.vocabulary, out_weight, inputs)
+        inputs = reconcile_shapes(
+            self.method, self.vocabulary, out_weight, inputs, truncate_embeddings=self.truncate_embeddings
+        )
         return self._build(output_slice, out_weight, inputs, t)
 
     def _build(

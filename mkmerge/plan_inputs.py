@@ -10,7 +10,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 
-from mkmerge.methods import METHODS, MergeMethod
+from mkmerge.methods import MergeMethod
 from mkmerge.slices import PlannedSlice, SliceSource
 from mkmerge.vocab import OutputVocabulary
 from mksuite.common.arch import WeightInfo
@@ -110,17 +110,27 @@ def too_few_for_method(method: MergeMethod, weight: WeightInfo, inputs: list[Ten
 
 
 def reconcile_shapes(
-    method: MergeMethod, vocabulary: OutputVocabulary | None, weight: WeightInfo, inputs: list[TensorInput]
+    method: MergeMethod,
+    vocabulary: OutputVocabulary | None,
+    weight: WeightInfo,
+    inputs: list[TensorInput],
+    *,
+    truncate_embeddings: bool = False,
 ) -> list[TensorInput]:
-    """The inputs whose shapes the method can merge; a ShapeMismatchError when they cannot be."""
+    """The inputs whose shapes the method can merge; a ShapeMismatchError when they cannot be.
+
+    Vocabulary-indexed tensors whose row counts differ are aligned by the recipe's tokenizer
+    settings; without them they are refused, as mergekit 0.1.5 does, unless
+    ``truncate_embeddings`` (``--unsafe-truncate-embeddings``) cuts them to the fewest rows.
+    """
     shapes = {i.model.info(i.name).shape for i in inputs}
     if len(shapes) == 1:
         return inputs
-    name = method.name
     only_rows_differ = len({shape[1:] for shape in shapes}) == 1
-    aligned = vocabulary is not None or method.embeddings != "same"
-    if weight.is_embed and only_rows_differ and aligned:
-        return inputs  # vocabulary sizes differ: rows are aligned (or cut) in _build
+    if weight.is_embed and only_rows_differ:
+        if vocabulary is None and not truncate_embeddings:
+            raise vocabulary_sizes_differ(weight, inputs)
+        return inputs  # vocabulary sizes differ: rows are aligned (or cut) when the tasks are built
     if method.embeddings == "base rows":
         base = next((i for i in inputs if i.is_base), None)
         if base is not None:
@@ -137,16 +147,25 @@ def reconcile_shapes(
                     )
             return kept
     listing = "; ".join(f"{i.model.ref}: {list(i.model.info(i.name).shape)}" for i in inputs)
-    if weight.is_embed and only_rows_differ:
-        raise ShapeMismatchError(
-            f"tensor {weight.name} has different vocabulary sizes in the inputs ({listing}), and merge "
-            f"method `{name}` cannot cut embeddings to a common size",
-            hint="merge models with the same vocabulary size, or use a method that cuts embeddings: "
-            + ", ".join(sorted(m.name for m in METHODS.values() if m.embeddings != "same")),
-        )
     raise ShapeMismatchError(
         f"tensor {weight.name} has different shapes in the inputs ({listing})",
         hint="merged models must share an architecture and size (same hidden size, heads, layers)",
+    )
+
+
+def vocabulary_sizes_differ(weight: WeightInfo, inputs: list[TensorInput]) -> ShapeMismatchError:
+    """Embeddings of different vocabulary sizes and no tokenizer settings (mergekit 0.1.5 refuses them)."""
+    sizes: dict[int, list[str]] = {}
+    for i in inputs:
+        shape = i.model.info(i.name).shape
+        sizes.setdefault(shape[0], []).append(f"{i.model.ref}: {list(shape)}")
+    listing = "; ".join(entry for rows in sorted(sizes) for entry in sizes[rows])
+    return ShapeMismatchError(
+        f"the input models have different vocabulary sizes ({', '.join(map(str, sorted(sizes)))} rows) and the "
+        f"recipe has no tokenizer settings: tensor {weight.name} is {listing}",
+        hint="add `tokenizer_source: base` (or a `tokenizer:` block) to align the vocabularies, or pass "
+        f"--unsafe-truncate-embeddings to cut every embedding to the smallest vocabulary ({min(sizes)} rows; "
+        "only right when the models share token ids up to there)",
     )
 
 
@@ -155,16 +174,13 @@ def target_shape(method: MergeMethod, weight: WeightInfo, inputs: list[TensorInp
     shapes = [i.model.info(i.name).shape for i in inputs]
     if len(set(shapes)) == 1 or not weight.is_embed:
         return None, None
-    cols = None  # only row counts (vocabulary sizes) may differ here
-    if method.embeddings == "base rows":
-        base = next(i for i in inputs if i.is_base)
-        rows = base.model.info(base.name).shape[0]
-    else:
-        rows = min(s[0] for s in shapes)
+    # --unsafe-truncate-embeddings: every method, the task-vector family included, keeps the
+    # smallest vocabulary's rows (mergekit 0.1.5 does, whichever model is the base).
+    rows = min(s[0] for s in shapes)
     warnings.warn(
         f"{weight.name}: inputs have different vocabulary sizes ({sorted({s[0] for s in shapes})} rows); "
-        f"cutting to {rows} rows (tokens past them lose their embedding). "
+        f"UNSAFE: cutting to {rows} rows (tokens past them lose their embedding). "
         "A `tokenizer:` block aligns vocabularies instead",
         stacklevel=2,
     )
-    return rows, cols
+    return rows, None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
@@ -43,6 +44,7 @@ def run_merge(
     plan: MergePlan | None = None,
     tool: str = "mkmerge",
     lora_merge_dtype: torch.dtype | None = None,
+    unsafe_truncate_embeddings: bool | None = None,
 ) -> tuple[MergePlan, RunStats]:
     """Plan ``recipe`` (headers only), then compute and write the model into ``out``.
 
@@ -50,7 +52,12 @@ def run_merge(
     standard updates (mkstack rebuilds per-layer lists with it). ``plan``: a plan of this
     recipe the caller already made (it is not made again). ``tool`` names the tool in the card.
     ``lora_merge_dtype``: the dtype `model+lora` inputs are read in (default: as stored).
+    ``unsafe_truncate_embeddings``: overrides ``options.unsafe_truncate_embeddings``: cut
+    embeddings of different vocabulary sizes to the smallest when the recipe has no tokenizer
+    settings, instead of refusing them.
     """
+    if unsafe_truncate_embeddings is not None:
+        options = dataclasses.replace(options, unsafe_truncate_embeddings=unsafe_truncate_embeddings)
     output = output_directory(out, overwrite=options.overwrite).check()
     if plan is None:
         plan = plan_for_run(

@@ -70,7 +70,7 @@ UNUSED = {
 app = tool_app("mkmoe", __doc__, default="build")
 
 
-@shared_options(exclude=("as_json",))
+@shared_options(exclude=("as_json", "unsafe_truncate_embeddings"))
 def build(
     config_path: Annotated[Path, typer.Argument(metavar="CONFIG", help="mergekit-moe config YAML.")],
     out: OutPath,

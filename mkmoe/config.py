@@ -186,7 +186,10 @@ class MoeConfig(BaseModel):
         if self.uses_prompts:
             self._check_prompts()
         acknowledged = (info.context or {}).get("allow_identical_experts", False)
-        if len({expert.source_model for expert in self.experts}) == 1 and not acknowledged:
+        # mergekit-moe 0.1.5 lets `random` gates through (random routing already tells the
+        # copies apart), but not `uniform_random`, `hidden` or `cheap_embed`.
+        exempt = self.gate_mode == "random"
+        if len({expert.source_model for expert in self.experts}) == 1 and not acknowledged and not exempt:
             raise FieldProblem(
                 f"every expert is the same model ({self.experts[0].source_model}), so the experts start "
                 "identical and only differ after training",

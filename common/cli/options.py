@@ -88,6 +88,15 @@ class SharedOptions:
             panel=MODELS,
         ),
     ] = None
+    unsafe_truncate_embeddings: Annotated[
+        bool,
+        _flag(
+            "--unsafe-truncate-embeddings",
+            "Models of different vocabulary sizes and no tokenizer settings: cut every embedding to the "
+            "smallest vocabulary instead of refusing (assumes shared token ids).",
+            MODELS,
+        ),
+    ] = False
     overwrite: Annotated[
         bool, _flag("--overwrite", "Replace OUT if it already exists (only a model directory is replaced).", OUTPUT)
     ] = False
@@ -161,6 +170,7 @@ class SharedOptions:
             device_reads=None if reads is None else (reads and device.type == "cuda"),
             verify=self.verify,
             notify=_notify,
+            unsafe_truncate_embeddings=self.unsafe_truncate_embeddings,
         )
 
     def explanations(self) -> list[str]:

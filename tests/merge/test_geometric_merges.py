@@ -238,19 +238,22 @@ def wide_vocab(tiny_model):
 def test_cutting_methods_merge_the_common_embedding_rows(family, wide_vocab, name):
     base, a, _ = family
     with pytest.warns(UserWarning, match="different vocabulary sizes"):
-        planned = plan(RECIPES[name].format(base=base, a=wide_vocab, b=a))
+        planned = plan_merge(
+            parse_recipe(RECIPES[name].format(base=base, a=wide_vocab, b=a), known_methods=METHODS.keys()),
+            unsafe_truncate_embeddings=True,
+        )
     shapes = {o.name: o.shape for o in planned.outputs}
     assert shapes["model.embed_tokens.weight"] == (128, 32)
 
 
 @pytest.mark.parametrize("name", ["multislerp", "nearswap"])
-def test_methods_that_cannot_cut_embeddings_name_the_vocabulary_mismatch(
+def test_different_vocabularies_without_tokenizer_settings_are_refused_before_reading(
     tmp_path, family, wide_vocab, tensor_reads, name
 ):
     base, a, _ = family
     text = RECIPES[name].format(base=base, a=wide_vocab, b=a)
     stderr = refused(tmp_path, text, ShapeMismatchError)
-    assert "model.embed_tokens.weight has different vocabulary sizes" in stderr and f"`{name}` cannot cut" in stderr
+    assert "different vocabulary sizes (128, 160 rows)" in stderr and "--unsafe-truncate-embeddings" in stderr
     assert tensor_reads == []
 
 
@@ -258,7 +261,12 @@ def test_karcher_of_different_vocabularies_merges_the_leading_rows_and_loads(tmp
     base, _, _ = family
     text = f"merge_method: karcher\nbase_model: {base}\nmodels:\n  - model: {wide_vocab}\n"
     with pytest.warns(UserWarning, match="cutting to 128 rows"):
-        run_merge(parse_recipe(text, known_methods=METHODS.keys()), tmp_path / "out", BuildOptions())
+        run_merge(
+            parse_recipe(text, known_methods=METHODS.keys()),
+            tmp_path / "out",
+            BuildOptions(),
+            unsafe_truncate_embeddings=True,
+        )
     merged = read_tensors(tmp_path / "out")
     small, large = read_tensors(base), read_tensors(wide_vocab)
     name = "model.embed_tokens.weight"

@@ -157,7 +157,7 @@ def test_cli_reports_config_error_with_line_and_exit_code(tmp_path):
 def test_cli_flag_acknowledges_identical_experts_and_builds(tiny_family, tmp_path):
     base, _ = tiny_family("llama")
     config = tmp_path / "moe.yml"
-    config.write_text(moe_yaml(base, [base, base], gate_mode="random"))
+    config.write_text(moe_yaml(base, [base, base], gate_mode="uniform_random"))  # `random` needs no flag
     refused = CliRunner().invoke(app, [str(config), str(tmp_path / "no"), "--quiet"])
     assert refused.exit_code == 2 and "--i-understand-this-is-not-useful-without-training" in refused.output
     flag = "--i-understand-this-is-not-useful-without-training"
