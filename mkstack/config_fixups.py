@@ -179,6 +179,8 @@ def implied_layer_types(section: dict, model_type: str | None, depth: int) -> li
         return None
     finally:
         transformers.logging.set_verbosity(verbosity)
+    if isinstance(getattr(type(built), "layer_types", None), property):
+        return None  # computed from other fields (Mamba): the class refuses it as a stored field
     layer_types = getattr(built, "layer_types", None)
     if isinstance(layer_types, list | tuple) and len(layer_types) == depth:
         return list(layer_types)

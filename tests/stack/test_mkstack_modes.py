@@ -216,6 +216,8 @@ def test_a_sliding_window_pattern_is_materialised_into_explicit_layer_types():
 def test_configs_that_transformers_does_not_know_get_no_invented_layer_types():
     assert implied_layer_types({"model_type": "no-such-model"}, None, 4) is None
     assert implied_layer_types({"model_type": "llama", "num_hidden_layers": 4}, None, 4) is None
+    # Mamba computes layer_types from other fields and refuses it stored: never write it out.
+    assert implied_layer_types({"model_type": "mamba", "num_hidden_layers": 4}, None, 4) is None
 
 
 def test_positional_thresholds_that_cannot_be_remapped_are_warned_about_by_name():
