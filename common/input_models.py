@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from mksuite.common.arch import ArchitectureDefinition, WeightInfo, find_architecture, infer_architecture
+from mksuite.common.arch import ArchitectureDefinition, WeightInfo, infer_architecture
+from mksuite.common.arch.registry import choose_architecture, undescribed_tensors
 from mksuite.common.errors import ArchitectureError, MkError
 from mksuite.common.loading import ModelFiles, ModelReference, TensorInfo, open_model, resolve_model_path
 from mksuite.common.loading.lora import with_adapter
@@ -97,7 +98,7 @@ def _with_lora(files: ModelFiles, ref: ModelReference, cache_dir: str | None, dt
 
 
 def _assign_architectures(models: list[OpenedModel], allow_crimes: bool) -> None:
-    known = {id(m): find_architecture(m.config) for m in models}
+    known = {id(m): choose_architecture(m.config, m.files.tensors.names()) for m in models}
     if any(arch is None for arch in known.values()):
         names = [sorted(m.files.tensors.names()) for m in models]
         inferred = infer_architecture(names, models[0].config)
@@ -119,6 +120,21 @@ def _assign_architectures(models: list[OpenedModel], allow_crimes: bool) -> None
         chosen = first if allow_crimes else arch
         object.__setattr__(model, "arch", chosen)
         object.__setattr__(model, "num_layers", _layers(model, chosen))
+        if not chosen.inferred and not allow_crimes:
+            _check_described(model)
+
+
+def _check_described(model: OpenedModel) -> None:
+    """Every stored tensor is part of the description: none may be dropped silently."""
+    extra = undescribed_tensors(model.arch, model.num_layers, model.files.tensors.names())
+    if extra:
+        shown = ", ".join(extra[:3]) + (f" and {len(extra) - 3} more" if len(extra) > 3 else "")
+        raise ArchitectureError(
+            f"{model.ref} stores {len(extra)} tensor(s) that architecture `{model.arch.name}` "
+            f"({model.arch.source or 'shipped'}) does not describe: {shown}; merging would drop them",
+            hint="check that config.json matches the weights (layer count, model_type), or describe the "
+            "model in an architectures/*.json override",
+        )
 
 
 def _layers(model: OpenedModel, arch: ArchitectureDefinition) -> int:

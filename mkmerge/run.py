@@ -63,6 +63,9 @@ def run_merge(
         plan = plan_for_run(
             recipe, options, allow_crimes=allow_crimes, cache_dir=cache_dir, lora_merge_dtype=lora_merge_dtype
         )
+    if config_transform is None and plan.uses_slices:
+        # A sliced recipe changes the depth: per-layer config lists must follow, as mkstack does.
+        from mkstack.config_fixups import stack_config_transform as config_transform
     sources = {model.key: model.files.tensors for model in plan.models.values()}
     inputs = model_inputs(plan.models.values(), cache_dir=cache_dir) + file_input("the recipe", recipe.source_name)
 

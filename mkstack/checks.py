@@ -8,7 +8,6 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 
-from mksuite.common.arch import find_architecture
 from mksuite.common.arch.config_values import get_config_value
 from mksuite.common.errors import ArchitectureError, ShapeMismatchError
 from mksuite.common.input_models import OpenedModel, open_input_models
@@ -29,7 +28,7 @@ _ABSENT = object()
 def open_stack_inputs(
     refs: Iterable[ModelReference], *, allow_crimes: bool = False, cache_dir: str | None = None
 ) -> dict[ModelReference, OpenedModel]:
-    """Open the models (headers only) and refuse any without an architecture definition.
+    """Open the models (headers only) and refuse any whose description had to be inferred.
 
     Mixed architectures are refused by the engine unless ``allow_crimes``.
     """
@@ -39,14 +38,16 @@ def open_stack_inputs(
         warnings.filterwarnings("ignore", message="no architecture definition for")
         models = open_input_models(refs, allow_crimes=allow_crimes, cache_dir=cache_dir)
     for model in models.values():
-        if find_architecture(model.config) is None:
+        if model.arch.inferred:
             name = (model.config.get("architectures") or ["(none)"])[0]
             raise ArchitectureError(
                 f"{model.ref} is `{name}` (model_type `{model.config.get('model_type')}`), which has no "
-                "architecture definition. Stacking needs one: without it the final norm and lm_head "
-                "cannot be told from layer weights and the output's layer count cannot be set",
+                "architecture definition (the installed transformers does not know it and no JSON describes it). "
+                "Stacking needs one: "
+                "without it the final norm and lm_head cannot be told from layer weights and the output's "
+                "layer count cannot be set",
                 hint=f"add architectures/{model.config.get('model_type') or 'NAME'}.json describing its "
-                "pre-weights, layer templates and post-weights (SPEC §7.1)",
+                "pre-weights, layer templates and post-weights, or upgrade transformers",
             )
     return models
 

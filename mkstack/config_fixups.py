@@ -99,7 +99,8 @@ def rebuild_layer_config(
         if all(members is None for members in member_sets.values()):
             continue
         section[key] = [j for j, s in enumerate(layers) if s.layer in (member_sets[s.model] or set())]
-    notes += _positional_warnings(sources, used, parents)
+    remapped = _remap_dense_prefix(section, layers, sources, used, parents)
+    notes += _positional_warnings(sources, used, parents, skip=remapped)
     return ConfigFixup(result, tuple(dict.fromkeys(notes)))
 
 
@@ -178,18 +179,43 @@ def implied_layer_types(section: dict, model_type: str | None, depth: int) -> li
         return None
     finally:
         transformers.logging.set_verbosity(verbosity)
+    if isinstance(getattr(type(built), "layer_types", None), property):
+        return None  # computed from other fields (Mamba): the class refuses it as a stored field
     layer_types = getattr(built, "layer_types", None)
     if isinstance(layer_types, list | tuple) and len(layer_types) == depth:
         return list(layer_types)
     return None
 
 
-def _positional_warnings(sources: Mapping[Hashable, SourceLayout], used: Sequence, parents: Sequence[str]) -> list[str]:
+def _remap_dense_prefix(
+    section: dict, layers: Sequence[LayerSource], sources: Mapping[Hashable, SourceLayout], used, parents
+) -> frozenset[str]:
+    """``first_k_dense_replace`` for the new order, when the dense layers still form a prefix.
+
+    DeepSeek-style models keep dense MLPs in their first k layers; a stack that keeps every
+    dense layer in front of every MoE layer is described by a new k exactly. Returns the keys
+    rebuilt here (the caller warns about the others).
+    """
+    key = "first_k_dense_replace"
+    ks = {model: (_section(sources[model].config, parents) or {}).get(key) for model in used}
+    if not all(isinstance(k, int) and not isinstance(k, bool) for k in ks.values()):
+        return frozenset()
+    dense = [s.layer < ks[s.model] for s in layers]
+    count = sum(dense)
+    if any(dense[count:]):
+        return frozenset()  # a dense layer after an MoE one: not expressible, left to the warning
+    section[key] = count
+    return frozenset({key})
+
+
+def _positional_warnings(
+    sources: Mapping[Hashable, SourceLayout], used: Sequence, parents: Sequence[str], skip: frozenset[str] = frozenset()
+) -> list[str]:
     notes = []
     for model in used:
         section = _section(sources[model].config, parents) or {}
         for key, matters in POSITIONAL_SCALARS.items():
-            if key in section and matters(section, section[key]):
+            if key not in skip and key in section and matters(section, section[key]):
                 notes.append(
                     f"`{key}: {section[key]}` ({model}) singles out layers by position and cannot be "
                     "remapped for the new layer order; check it in the output's config.json"

@@ -5,7 +5,8 @@ from __future__ import annotations
 import functools
 import importlib.resources
 import json
-from collections.abc import Mapping
+import re
+from collections.abc import Collection, Mapping
 from types import MappingProxyType
 
 from mksuite.common.errors import ArchitectureError
@@ -85,3 +86,61 @@ def find_architecture(
     if not claimants:
         return None
     return claimants[0].for_config(config)
+
+
+def candidate_architectures(
+    config: dict, definitions: Mapping[str, ArchitectureDefinition] | None = None
+) -> list[ArchitectureDefinition]:
+    """Every description that may fit ``config``, best first, each bound to it.
+
+    A shipped definition claiming the config's class and model_type (an override) comes
+    first, then the one transformers' own class implies, then shipped definitions that claim
+    only the class name (a checkpoint that borrowed another family's class name).
+    """
+    from .derived import derive_architecture
+
+    names = config.get("architectures")
+    name = names[0] if isinstance(names, list) and len(names) == 1 else None
+    if definitions is None:
+        definitions = _shipped()
+    claimants = [d for d in definitions.values() if name in d.architectures]
+    exact = [d for d in claimants if d.model_type == config.get("model_type")]
+    derived = derive_architecture(config)
+    ordered = [*exact, *([derived] if derived is not None else []), *(d for d in claimants if d not in exact)]
+    bound = []
+    for definition in ordered:
+        try:
+            bound.append(definition.for_config(config))
+        except ArchitectureError:
+            continue  # e.g. an expert-count key this config lacks: the next candidate may fit
+    return bound
+
+
+def fits(definition: ArchitectureDefinition, config: dict, tensor_names: Collection[str]) -> bool:
+    """Whether every required weight of ``definition`` is stored (by name, alias or tie)."""
+    try:
+        weights = definition.all_weights(definition.num_layers(config))
+    except ArchitectureError:
+        return False
+    present = set(tensor_names)
+    return all(w.optional or any(n in present for n in (w.name, *w.aliases, *w.tied_names)) for w in weights)
+
+
+def choose_architecture(config: dict, tensor_names: Collection[str]) -> ArchitectureDefinition | None:
+    """The first candidate description whose required tensors the model stores; None when none fits."""
+    for definition in candidate_architectures(config):
+        if fits(definition, config, tensor_names):
+            return definition
+    return None
+
+
+# Buffers older checkpoints carry that today's classes recompute: stored, never described.
+STALE_BUFFERS = re.compile(r"(^|\.)(rotary_emb\.inv_freq|attn\.masked_bias|attn\.bias)$")
+
+
+def undescribed_tensors(
+    definition: ArchitectureDefinition, num_layers: int, tensor_names: Collection[str]
+) -> list[str]:
+    """Stored tensors no weight of ``definition`` names (stale buffers aside), in stored order."""
+    known = {n for w in definition.all_weights(num_layers) for n in (w.name, *w.aliases, *w.tied_names)}
+    return [n for n in tensor_names if n not in known and not STALE_BUFFERS.search(n)]

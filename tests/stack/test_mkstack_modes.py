@@ -216,14 +216,16 @@ def test_a_sliding_window_pattern_is_materialised_into_explicit_layer_types():
 def test_configs_that_transformers_does_not_know_get_no_invented_layer_types():
     assert implied_layer_types({"model_type": "no-such-model"}, None, 4) is None
     assert implied_layer_types({"model_type": "llama", "num_hidden_layers": 4}, None, 4) is None
+    # Mamba computes layer_types from other fields and refuses it stored: never write it out.
+    assert implied_layer_types({"model_type": "mamba", "num_hidden_layers": 4}, None, 4) is None
 
 
 def test_positional_thresholds_that_cannot_be_remapped_are_warned_about_by_name():
     config = {"num_hidden_layers": 4, "use_sliding_window": True, "max_window_layers": 2, "first_k_dense_replace": 1}
     fixed = rebuild_layer_config(
-        config, layer_key="num_hidden_layers", layers=layers(("A", 0), ("A", 3)), sources={"A": SourceLayout(config, 4)}
+        config, layer_key="num_hidden_layers", layers=layers(("A", 3), ("A", 0)), sources={"A": SourceLayout(config, 4)}
     )
-    assert len(fixed.warnings) == 2
+    assert len(fixed.warnings) == 2  # the dense layer 0 now follows an MoE layer: no k describes that
     assert "max_window_layers" in fixed.warnings[0] and "first_k_dense_replace" in fixed.warnings[1]
     quiet = {"num_hidden_layers": 4, "use_sliding_window": False, "max_window_layers": 28, "first_k_dense_replace": 0}
     assert (
@@ -245,3 +247,16 @@ def test_a_per_layer_list_only_one_stacked_model_has_is_kept_with_a_warning():
     )
     assert fixed.config["layer_types"] == ["s", "f"]
     assert len(fixed.warnings) == 1 and "layer_types" in fixed.warnings[0] and "B" in fixed.warnings[0]
+
+
+def test_dense_layers_kept_in_front_get_a_new_first_k_dense_replace():
+    a = {"num_hidden_layers": 4, "first_k_dense_replace": 2}
+    b = {"num_hidden_layers": 4, "first_k_dense_replace": 1}
+    fixed = rebuild_layer_config(
+        a,
+        layer_key="num_hidden_layers",
+        layers=layers(("A", 0), ("A", 1), ("B", 0), ("A", 2), ("B", 1), ("B", 3)),
+        sources={"A": SourceLayout(a, 4), "B": SourceLayout(b, 4)},
+    )
+    assert fixed.config["first_k_dense_replace"] == 3
+    assert fixed.warnings == ()
