@@ -56,7 +56,7 @@ class MergePlan:
     out_dtype: torch.dtype | None
     config_dtype: torch.dtype | None
     uses_slices: bool
-    vocab_size: int | None = None  # set when it must change in config.json (SPEC §3.4, §2.0)
+    vocab_size: int | None = None  # set when it must change in config.json (docs/vocabulary.md, §2.0)
     vocabulary: OutputVocabulary | None = None  # when the recipe builds a tokenizer
     chat_template: str | None = None
 

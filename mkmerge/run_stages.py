@@ -1,7 +1,7 @@
 """Run a multi-stage recipe: check what can be checked up front, then each stage in order.
 
 Lazy runs (the default) reuse a stage's existing output when it is complete (config.json
-plus weights, SPEC §1.8), holds a recipe copy equal to the stage's recipe (when it has a
+plus weights, docs/recipes.md), holds a recipe copy equal to the stage's recipe (when it has a
 copy), and no stage it uses is recomputed in this run. The last two conditions go beyond
 mergekit, which would silently keep a stage built from a recipe since edited. ``lazy=False``
 recomputes every stage. Named stages' outputs belong to the run and are replaced when

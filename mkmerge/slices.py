@@ -1,4 +1,4 @@
-"""Recipe -> output slices: the one shape every recipe is planned in (SPEC §1.3, §1.4).
+"""Recipe -> output slices: the one shape every recipe is planned in (docs/recipes.md, §1.4).
 
 ``models:`` becomes a single slice spanning every model's full depth (with the base
 appended when it is not listed); ``slices:`` are taken as written. Each source remembers

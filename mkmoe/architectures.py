@@ -1,4 +1,4 @@
-"""Output MoE architectures: which inputs each accepts, how one is chosen, its config.json (SPEC §5.3).
+"""Output MoE architectures: which inputs each accepts, how one is chosen, its config.json (docs/moe.md).
 
 Everything here reads configs only. :func:`check_inputs` and :func:`choose_architecture` raise
 before any tensor data is read.
@@ -76,7 +76,7 @@ def check_inputs(config: MoeConfig, models: Mapping[ModelReference, OpenedModel]
 
 
 def choose_architecture(config: MoeConfig, input_arch: str) -> OutputArchitecture:
-    """The requested output architecture if it accepts these inputs, else the inferred one (SPEC §5.3)."""
+    """The requested output architecture if it accepts these inputs, else the inferred one (docs/moe.md)."""
     if config.architecture is not None:
         arch = OUTPUT_ARCHITECTURES[config.architecture]
         problem = _rejection(arch, config, input_arch)

@@ -1,4 +1,4 @@
-"""Router (gate) vectors for every layer, from prompts or at random (SPEC §5.2).
+"""Router (gate) vectors for every layer, from prompts or at random (docs/moe.md).
 
 The math is in small pure functions (states in, vectors out); :func:`compute_gates` feeds
 them from the base model. Rows are the routed experts in config order, then (Qwen2-MoE) the

@@ -1,4 +1,4 @@
-"""One layer's MoE block as output tensors: router, experts, shared expert (SPEC §5.3).
+"""One layer's MoE block as output tensors: router, experts, shared expert (docs/moe.md).
 
 Two tensor layouts:
 

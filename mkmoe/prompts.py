@@ -1,4 +1,4 @@
-"""Prompt encoding for gate vectors (SPEC §5.2): BOS string prefix, no special tokens, left padding.
+"""Prompt encoding for gate vectors (docs/moe.md): BOS string prefix, no special tokens, left padding.
 
 Padding is done here, on token id lists, so the base tokenizer is only ever read: the
 tokenizer saved with the output is a plain copy of the base's files, untouched by the

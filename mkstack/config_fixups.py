@@ -1,4 +1,4 @@
-"""Rebuild the per-layer settings of config.json for a stacked model (SPEC §6 "Config").
+"""Rebuild the per-layer settings of config.json for a stacked model (docs/stacking.md "Config").
 
 Output layer j takes the entry of the source layer it was copied from, in that source
 model's own config: lists whose length equals the source depth (``layer_types``,

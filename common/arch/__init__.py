@@ -1,7 +1,7 @@
 """Architecture definitions: which tensors a model has, before, in and after its layers.
 
 Definitions are data (``architectures/*.json``, read through importlib.resources) or are
-inferred from tensor names for unknown models. See SPEC §7.
+inferred from tensor names for unknown models. See docs/architectures.md.
 """
 
 from .config_values import get_config_value, set_config_value

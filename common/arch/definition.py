@@ -20,7 +20,7 @@ from .templates import COUNT, EXPERT, LAYER, TemplatePattern, substitute, variab
 
 @dataclass(frozen=True)
 class WeightInfo:
-    """One tensor of a model, or a template for one (SPEC §7.1)."""
+    """One tensor of a model, or a template for one (docs/architectures.md)."""
 
     name: str
     is_embed: bool = False

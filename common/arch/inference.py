@@ -1,4 +1,4 @@
-"""Definitions for architectures nobody wrote down, inferred from tensor names (SPEC §7.2).
+"""Definitions for architectures nobody wrote down, inferred from tensor names (docs/architectures.md).
 
 Works from names alone, never instantiating a model, so it cannot see tied-weight
 patterns or embedding modules; embeddings and heads are recognised by their module name.

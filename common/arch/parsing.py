@@ -1,4 +1,4 @@
-"""JSON architecture definitions (SPEC §7.1, single-module form) -> validated definitions.
+"""JSON architecture definitions (docs/architectures.md, single-module form) -> validated definitions.
 
 Validation is strict about what the engine relies on (names, types, placeholders,
 duplicates) so a broken file fails when it is read, naming the file; unknown WeightInfo
@@ -59,7 +59,7 @@ def parse_definition(data: Any, *, name: str, source: str) -> ArchitectureDefini
     except _Problem as problem:
         raise ArchitectureError(
             f"architecture definition {source} is malformed: {problem}",
-            hint="fix the file; SPEC §7.1 describes the format.",
+            hint="fix the file; docs/architectures.md describes the format.",
         ) from None
 
 

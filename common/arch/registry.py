@@ -1,4 +1,4 @@
-"""The shipped definitions (package data of `architectures`) and lookup by config (SPEC §7.1)."""
+"""The shipped definitions (package data of `architectures`) and lookup by config (docs/architectures.md)."""
 
 from __future__ import annotations
 

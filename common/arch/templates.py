@@ -1,6 +1,6 @@
 """Name templates: `${layer_index}`-style placeholders, their substitution and reverse matching.
 
-Only the braced form is a placeholder (SPEC §7.1); a bare `$layer_index` is literal text.
+Only the braced form is a placeholder (docs/architectures.md); a bare `$layer_index` is literal text.
 `${expert_index}` is our extension for per-expert tensors of MoE checkpoints, whose count
 comes from the model's config rather than from the layer count.
 """

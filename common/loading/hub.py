@@ -23,7 +23,7 @@ from huggingface_hub.utils import (
 from mksuite.common.errors import ModelNotFoundError, did_you_mean
 from mksuite.common.loading.reference import ModelReference
 
-# Config and every tokenizer file (SPEC §4.3 note: mergekit's narrower set loses
+# Config and every tokenizer file (docs/outputs.md: mergekit's narrower set loses
 # chat_template.jinja, merges.txt, vocab.txt); weights are added per repo.
 CONFIG_PATTERNS = ("*.json", "tokenizer.model", "*.txt", "*.jinja", "*.tiktoken")
 _TRUE = {"1", "on", "yes", "true"}

@@ -1,4 +1,4 @@
-"""`model+lora` inputs: a PEFT LoRA adapter applied to each tensor as it is loaded (SPEC §1.2).
+"""`model+lora` inputs: a PEFT LoRA adapter applied to each tensor as it is loaded (docs/recipes.md).
 
 A :class:`LoraSource` wraps the base model's tensor source. Loading a tensor the adapter
 touches reads the base tensor (or the adapter's replacement for it) and the adapter's two

@@ -1,4 +1,4 @@
-"""Model references: the `path@revision+lora@revision` strings and mappings of recipes (SPEC §1.2).
+"""Model references: the `path@revision+lora@revision` strings and mappings of recipes (docs/recipes.md).
 
 A reference only names a model; nothing here touches the disk or the network. Identity is
 structural: two references are the same model iff path, revision, LoRA and architecture

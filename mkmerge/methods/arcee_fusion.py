@@ -1,4 +1,4 @@
-"""`arcee_fusion`: take the other model's entries where they matter most (SPEC §2.10)."""
+"""`arcee_fusion`: take the other model's entries where they matter most (docs/methods.md)."""
 
 from __future__ import annotations
 

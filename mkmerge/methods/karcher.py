@@ -1,4 +1,4 @@
-"""`karcher`: the Riemannian (Karcher) mean of the inputs' directions on the sphere (SPEC §2.5)."""
+"""`karcher`: the Riemannian (Karcher) mean of the inputs' directions on the sphere (docs/methods.md)."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def karcher_merge(tensors: Sequence[torch.Tensor], *, max_iter: int = 10, tol: f
 def karcher_coefficients(directions: torch.Tensor, *, max_iter: int, tol: float) -> torch.Tensor:
     """β with ``u = Σ β_k u_k`` the Karcher mean of unit vectors whose Gram matrix is ``directions``.
 
-    Plain Riemannian gradient descent with step 1 and equal weights, as SPEC §2.5 states it:
+    Plain Riemannian gradient descent with step 1 and equal weights, as docs/methods.md it:
     ``T = Σ α_k (θ_k / sin θ_k)(u_k − cos θ_k·u)``, ``u ← cos‖T‖·u + sin‖T‖·T/‖T‖``.
     """
     count = directions.shape[0]

@@ -1,4 +1,4 @@
-"""`linear`: weighted average of the inputs (SPEC §2.1)."""
+"""`linear`: weighted average of the inputs (docs/methods.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`model_stock`: move from the base towards the fine-tunes' average by their agreement (SPEC §2.8)."""
+"""`model_stock`: move from the base towards the fine-tunes' average by their agreement (docs/methods.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`multislerp`: spherical weighted mean of several models, optionally of deltas (SPEC §2.4)."""
+"""`multislerp`: spherical weighted mean of several models, optionally of deltas (docs/methods.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`nearswap`: take the other model's value where it is close to the base's (SPEC §2.9)."""
+"""`nearswap`: take the other model's value where it is close to the base's (docs/methods.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`nuslerp`: slerp between two models, per vector, optionally of deltas from a third (SPEC §2.3)."""
+"""`nuslerp`: slerp between two models, per vector, optionally of deltas from a third (docs/methods.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`passthrough`: copy one input, optionally scaled (SPEC §2.11)."""
+"""`passthrough`: copy one input, optionally scaled (docs/methods.md)."""
 
 from __future__ import annotations
 

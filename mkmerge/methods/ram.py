@@ -1,4 +1,4 @@
-"""RAM and RAM+ (``ram``, ``ramplus_tl``): average only the changes that happened (SPEC §2.12).
+"""RAM and RAM+ (``ram``, ``ramplus_tl``): average only the changes that happened (docs/methods.md).
 
 An entry of a model's delta ``τ_i = W_i − W_b`` is *active* when ``|τ_i| > epsilon``. Each
 entry takes the mean of its active changes (a change made by a single model is taken whole,

@@ -1,4 +1,4 @@
-"""SCE: select, calculate, erase (SPEC §2.7).
+"""SCE: select, calculate, erase (docs/methods.md).
 
 Deltas from the base are cut to the positions where the models disagree most (highest
 variance across models), each model gets a coefficient from its delta's mean square, and

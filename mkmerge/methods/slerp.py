@@ -1,4 +1,4 @@
-"""`slerp`: spherical interpolation between the base and one other model (SPEC §2.2)."""
+"""`slerp`: spherical interpolation between the base and one other model (docs/methods.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Sparsifiers of the task-vector family: which entries of a delta survive (SPEC §2.6).
+"""Sparsifiers of the task-vector family: which entries of a delta survive (docs/methods.md).
 
 Each takes a delta and its model's density (plus gamma or epsilon) and returns the delta
 with the dropped entries zeroed. Deterministic ones select by magnitude without a full sort
@@ -100,7 +100,7 @@ def breadcrumbs_sparsify(delta: torch.Tensor, density: float, gamma: float) -> t
 
 
 def breadcrumbs_mask(magnitudes: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
-    """Keep-mask of positions ``[bot, N − top)`` of |δ| in ascending order (SPEC §2.6).
+    """Keep-mask of positions ``[bot, N − top)`` of |δ| in ascending order (docs/methods.md).
 
     ``keep = floor(density·N)``, ``top = floor(gamma·N)``, ``bot = N − keep − top``; when
     ``bot < 0`` the outlier cut shrinks (``top += bot``, ``bot = 0``), so exactly ``keep``
@@ -109,7 +109,7 @@ def breadcrumbs_mask(magnitudes: torch.Tensor, density: float, gamma: float) -> 
     ``N − top`` entries minus the first ``bot``, found by selection, without a sort.
     With ``top = 0`` (``gamma·N < 1``: gamma 0, or a small tensor at the default gamma) the
     band is ``[bot, N)``, the ``keep`` largest entries; mergekit's negative slice end keeps
-    nothing there and wipes the whole delta (SPEC §2.6 note).
+    nothing there and wipes the whole delta (docs/methods.md).
     """
     numel = magnitudes.numel()
     keep, top = int(density * numel), int(gamma * numel)

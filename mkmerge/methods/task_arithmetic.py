@@ -1,4 +1,4 @@
-"""Task-vector family: task_arithmetic, ties, dare_*, breadcrumbs*, della* (SPEC §2.6).
+"""Task-vector family: task_arithmetic, ties, dare_*, breadcrumbs*, della* (docs/methods.md).
 
 Every member is the same pipeline over deltas ``δ_i = W_i − W_b``: sparsify each delta,
 weight it, optionally keep only the entries that agree with the elected sign, sum, optionally
@@ -48,7 +48,7 @@ WEIGHT_SUM_EPS = 1e-8
 
 @dataclass(frozen=True)
 class TaskVectorVariant:
-    """What distinguishes one member of the family (SPEC §2.6 table)."""
+    """What distinguishes one member of the family (docs/methods.md)."""
 
     sparsifier: str  # key of SPARSIFIERS
     consensus: bool  # TIES sign election
@@ -161,7 +161,7 @@ def task_vector_merge(
     generators: Sequence[torch.Generator | None] | None = None,
     sparsifier_options: Sequence[Mapping[str, float]] | None = None,
 ) -> torch.Tensor:
-    """``W_b + λ·merge(sparsify(W_i − W_b))``, computed in the base's dtype (SPEC §2.6).
+    """``W_b + λ·merge(sparsify(W_i − W_b))``, computed in the base's dtype (docs/methods.md).
 
     Rounding follows the structure of mergekit's computation in that dtype: deltas, the
     weighted deltas ``ω_i = w_i·δ̃_i`` (w rounded to the dtype), the sign-election sum Σω,
@@ -309,7 +309,7 @@ def combine_weighted(
     normalize: bool,
     lambda_: float,
 ) -> torch.Tensor:
-    """Steps 5–7 of SPEC §2.6: (elected) sum of the weighted deltas, normalise, λ, add to base.
+    """Steps 5–7 of docs/methods.md: (elected) sum of the weighted deltas, normalise, λ, add to base.
 
     Element-wise throughout, so a chunk of the inputs gives that chunk of the output.
     """

@@ -1,4 +1,4 @@
-"""Vocabularies and chat templates for `mkmerge` (SPEC §3): the output tokenizer, embeddings
+"""Vocabularies and chat templates for `mkmerge` (docs/vocabulary.md): the output tokenizer, embeddings
 rebuilt for it before merging, and the tokenizer files written with the model.
 
 ``plan`` builds the tokenizer and plans per-model row sources (``rows``, pure) applied by the

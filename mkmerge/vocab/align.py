@@ -23,7 +23,7 @@ def mean_row(tensors: Sequence[torch.Tensor], sources: DefaultRow, like: torch.T
 
 
 def align_rows(tensors: Sequence[torch.Tensor], own: int, rows: RowSources) -> torch.Tensor:
-    """``tensors[own]`` rebuilt to ``rows.size`` rows as ``rows`` says (SPEC §3.4).
+    """``tensors[own]`` rebuilt to ``rows.size`` rows as ``rows`` says (docs/vocabulary.md).
 
     The other tensors are only read for default embeddings. Padding rows are the float32
     mean of the model's first ``rows.real_rows`` rows, cast back to its dtype.

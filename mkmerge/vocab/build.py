@@ -1,4 +1,4 @@
-"""Load the input models' tokenizers and build the output tokenizer (SPEC §3.1–§3.3)."""
+"""Load the input models' tokenizers and build the output tokenizer (docs/vocabulary.md)."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def load_tokenizer(path: Path, *, model: str):
 class TokenizerCache:
     """Each model's tokenizer, loaded once per plan.
 
-    An optional tokenizer that fails to load is None, warned about once: SPEC §3.2 assumes such
+    An optional tokenizer that fails to load is None, warned about once: docs/vocabulary.md such
     a model shares the base vocabulary. Callers that modify a tokenizer take a :meth:`copy`.
     """
 
@@ -80,7 +80,7 @@ class TokenizerInput:
 def union_tokenizer(base, base_limit: int | None, inputs: Sequence[TokenizerInput], *, base_model: str):
     """The stripped base tokenizer plus every token of ``inputs`` it lacks, in encounter order.
 
-    Ordinary tokens become ordinary added tokens (SPEC §3.2 note: they are matched before the
+    Ordinary tokens become ordinary added tokens (docs/vocabulary.md: they are matched before the
     base's own segmentation); added and special tokens keep their settings, the first
     definition winning over later, different ones (warned).
     """

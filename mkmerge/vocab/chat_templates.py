@@ -1,4 +1,4 @@
-"""Chat templates for the output tokenizer (SPEC §3.5): built-in formats, `auto`, literal Jinja.
+"""Chat templates for the output tokenizer (docs/vocabulary.md): built-in formats, `auto`, literal Jinja.
 
 The built-in templates are written for this project; each renders the conversation format
 its name stands for. Roles other than the ones a format knows are refused with

@@ -1,4 +1,4 @@
-"""Write the output model's tokenizer files (SPEC §4.3)."""
+"""Write the output model's tokenizer files (docs/outputs.md)."""
 
 from __future__ import annotations
 

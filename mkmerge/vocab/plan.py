@@ -3,7 +3,7 @@
 Everything here reads tokenizer files, config.json and weight headers only. The output
 tokenizer is built once per plan; then, for each vocabulary-indexed output tensor, the
 planner asks :meth:`OutputVocabulary.align` for the tasks that rebuild every input model's
-matrix to the output vocabulary before the merge (SPEC §2.0 step 4).
+matrix to the output vocabulary before the merge (docs/methods.md 4).
 """
 
 from __future__ import annotations
@@ -225,7 +225,7 @@ def plan_vocabulary(
     allow_crimes: bool,
     cache_dir: str | None,
 ) -> OutputVocabulary | None:
-    """The output vocabulary when the recipe configures a tokenizer (SPEC §3.1), else None.
+    """The output vocabulary when the recipe configures a tokenizer (docs/vocabulary.md), else None.
 
     The base tokenizer is the base model's, else the first referenced model's. Models named
     only as ``tokens:`` sources are opened too (their rows are read) and returned as donors.
@@ -253,7 +253,7 @@ def plan_vocabulary(
 
 
 def _output_tokenizer(source, base_ref: ModelReference, models, cache: TokenizerCache, cache_dir: str | None):
-    """A new tokenizer object for ``source``: `base`, `union` or a model reference (SPEC §3.2)."""
+    """A new tokenizer object for ``source``: `base`, `union` or a model reference (docs/vocabulary.md)."""
     base = models[base_ref]
     if source == "base":
         return strip_tokenizer(cache.copy(base.path, model=str(base_ref)), _model_limit(base), model=str(base_ref))
@@ -287,7 +287,7 @@ def resolve_chat_template(recipe, models: Mapping[ModelReference, OpenedModel], 
 def written_vocab_size(embed_rows: Mapping[str, int], donor: OpenedModel, cache: TokenizerCache) -> int | None:
     """Without a built tokenizer: the vocab_size config.json must get, when not the donor's.
 
-    Embeddings of different vocabulary sizes are cut (SPEC §2.0) or, with slices, may come
+    Embeddings of different vocabulary sizes are cut (docs/methods.md) or, with slices, may come
     from models of different sizes; config.json then states the rows actually written, so the
     output loads. Vocabulary tensors that disagree among themselves cannot be reconciled.
     """

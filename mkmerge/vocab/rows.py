@@ -1,4 +1,4 @@
-"""Where each row of a model's rebuilt embedding comes from (SPEC §3.4), as pure data.
+"""Where each row of a model's rebuilt embedding comes from (docs/vocabulary.md), as pure data.
 
 For one vocabulary-indexed tensor (``embed_tokens``, ``lm_head``) and one output vocabulary,
 every participating model gets a :class:`RowSources`: for each output id, a row of its own
@@ -26,7 +26,7 @@ class Member:
 
     ``vocab`` holds only the tokens the model really has: ids below both its config
     ``vocab_size`` and its matrix's row count (a tokenizer entry past the matrix is missing,
-    SPEC §3.4 note). ``real_rows`` is that same limit: the rows whose mean fills padding.
+    docs/vocabulary.md). ``real_rows`` is that same limit: the rows whose mean fills padding.
     """
 
     vocab: Mapping[str, int]
@@ -70,7 +70,7 @@ class RowSources:
 def automatic_default(
     token: str, members: Sequence[Member], participants: Sequence[int], base: int | None
 ) -> DefaultRow:
-    """SPEC §3.4's automatic default embedding of ``token``.
+    """docs/vocabulary.md's automatic default embedding of ``token``.
 
     The only holder's row; zeros when no one has it; the base's row when the base has it;
     otherwise the mean of every holder's row.

@@ -1,4 +1,4 @@
-"""Remove a tokenizer's entries at ids ≥ the model's vocabulary size (SPEC §3.2 `base`).
+"""Remove a tokenizer's entries at ids ≥ the model's vocabulary size (docs/vocabulary.md).
 
 Only fast BPE tokenizers can be stripped: their vocabulary, merges and added tokens are plain
 data in ``tokenizer.json``. The tokenizer is saved, those files are edited, and it is loaded

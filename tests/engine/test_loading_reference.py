@@ -1,4 +1,4 @@
-"""Model references: string and mapping forms, canonical strings, identity (SPEC §1.2)."""
+"""Model references: string and mapping forms, canonical strings, identity (docs/recipes.md)."""
 
 import pytest
 

@@ -225,7 +225,7 @@ def test_multislerp_weights_summing_to_zero_are_refused_before_reading(tmp_path,
     assert merged.keys() == read_tensors(a).keys()
 
 
-# --- vocabulary sizes (SPEC §2.0) -------------------------------------------------------------
+# --- vocabulary sizes (docs/methods.md) -------------------------------------------------------------
 
 
 @pytest.fixture
@@ -275,7 +275,7 @@ def test_karcher_of_different_vocabularies_merges_the_leading_rows_and_loads(tmp
     assert torch.isfinite(logits(load_causal_lm(tmp_path / "out"), [1, 2, 3])).all()
 
 
-# --- model_stock and optional tensors (SPEC §2.8) ---------------------------------------------
+# --- model_stock and optional tensors (docs/methods.md) ---------------------------------------------
 
 
 def with_extra_tensor(model: Path, target: Path, name: str, value: torch.Tensor) -> Path:
@@ -336,7 +336,7 @@ def test_geometric_merge_output_loads_in_transformers(tiny_family, tmp_path, arc
 
 
 def expected_tensor(name: str, key: str, base, a, b) -> torch.Tensor:
-    """Each method's SPEC formula on one tensor of the family, from the test-side references."""
+    """Each method's documented formula (docs/methods.md) on one tensor of the family, from the test-side references."""
     wb, wa, wbb = base[key], a[key], b[key]
     if name == "nuslerp":
         return nuslerp_reference(0.3, wa, wbb, base=wb, flatten=False)

@@ -1,4 +1,4 @@
-"""Breadcrumbs and DELLA sparsifiers and their task-vector merges (SPEC §2.6)."""
+"""Breadcrumbs and DELLA sparsifiers and their task-vector merges (docs/methods.md)."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def family(count, shape=(23, 41), dtype=torch.float32, seed=0):
 
 
 def reference_breadcrumbs_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
-    """SPEC §2.6 literally: sort |δ| ascending with torch (ties as it breaks them), keep
+    """docs/methods.md: sort |δ| ascending with torch (ties as it breaks them), keep
     positions [bot, N − top)."""
     n = delta.numel()
     keep, top = math.floor(density * n), math.floor(gamma * n)

@@ -1,4 +1,4 @@
-"""`model_stock`, `nearswap`, `arcee_fusion` math (SPEC §2.8–2.10), against plainly written references."""
+"""`model_stock`, `nearswap`, `arcee_fusion` math (docs/methods.md), against plainly written references."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def generator(seed: int) -> torch.Generator:
 
 
 def model_stock_reference(base, tensors, filter_wise=False):
-    """SPEC §2.8 with explicit loops over vectors and pairs, in float64."""
+    """docs/methods.md explicit loops over vectors and pairs, in float64."""
     b = base.double()
     rows = b.reshape(-1, b.shape[-1]) if filter_wise and b.dim() > 1 else b.reshape(1, -1)
     deltas = [(t.double() - b).reshape(rows.shape) for t in tensors]

@@ -1,4 +1,4 @@
-"""Task-vector family math: task_arithmetic, ties, dare_linear, dare_ties (SPEC §2.6)."""
+"""Task-vector family math: task_arithmetic, ties, dare_linear, dare_ties (docs/methods.md)."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def generators(*seeds: int) -> list[torch.Generator]:
 def reference_merge(
     base, tensors, weights, densities, *, sparsifier, consensus, normalize, rescale=False, lambda_=1.0, seeds=()
 ):
-    """SPEC §2.6 written the plain way: torch's full sort for top-k (ties as it breaks them),
+    """docs/methods.md the plain way: torch's full sort for top-k (ties as it breaks them),
     stacked tensors, float64 L1 norms."""
     dtype = base.dtype
     kept = []

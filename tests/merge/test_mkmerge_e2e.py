@@ -146,7 +146,7 @@ def test_slerp_gradient_gives_the_base_at_t0_and_the_other_model_at_t1(tiny_fami
     name = "model.layers.1.mlp.up_proj.weight"
     x, y = tb[name].double().flatten(), ta[name].double().flatten()
     cosine = float((x / x.norm()) @ (y / y.norm()))
-    if abs(cosine) > 0.9995:  # nearly parallel: SPEC's linear fallback
+    if abs(cosine) > 0.9995:  # nearly parallel: slerp's linear fallback
         expected = 0.7 * x + 0.3 * y
     else:
         theta = math.acos(cosine)

@@ -327,7 +327,7 @@ def test_models_of_different_hidden_size_are_a_shape_mismatch(tmp_path, family, 
 def test_different_hidden_sizes_are_not_reported_as_a_vocabulary_cut(tmp_path, family, tiny_model):
     """Both embeddings have 128 rows; only their width differs, which no cut can reconcile.
 
-    SPEC §2.0 cuts embeddings to a common sub-matrix only when row counts differ, so the first
+    docs/methods.md embeddings to a common sub-matrix only when row counts differ, so the first
     mismatched tensor (model.embed_tokens.weight) is the one the error must name.
     """
     _, ft1, _ = family

@@ -1,4 +1,4 @@
-"""Merges with a tokenizer block, end to end: every embedding and LM-head row checked against SPEC §3.4.
+"""Merges with a tokenizer block, end to end: every embedding and LM-head row checked against docs/vocabulary.md.
 
 The models: a 64-token llama base; `chat` and `chat2`, fine-tunes with two added tokens each
 (one shared); `wide` (96 tokens) and `narrow` (40 tokens), independent models with other
@@ -57,7 +57,7 @@ def merge(text: str, out: Path, **kw) -> Path:
     return out
 
 
-# --- the reference: SPEC §3.4 written out plainly ---------------------------------------------------
+# --- the reference: docs/vocabulary.md out plainly ---------------------------------------------------
 
 
 @dataclass

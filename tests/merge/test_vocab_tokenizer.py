@@ -1,4 +1,4 @@
-"""Building the output tokenizer (SPEC §3.2): stripping, union, appended tokens, chat templates."""
+"""Building the output tokenizer (docs/vocabulary.md): stripping, union, appended tokens, chat templates."""
 
 from __future__ import annotations
 
