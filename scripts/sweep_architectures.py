@@ -32,6 +32,7 @@ TOKENS = [1, 5, 9, 17, 33, 65, 7, 3]
 
 def _load(path: Path):
     import torch
+
     from arch_models import model_class
 
     config = json.loads((path / "config.json").read_text())
@@ -67,10 +68,11 @@ def _depth(path: Path) -> int:
 def sweep_type(model_type: str, root: Path) -> dict[str, str]:
     """One row: each check's outcome ("ok" or a short reason)."""
     import torch
-    from arch_models import build_type_model
 
     from mkmerge.cli import merge_app
     from mkstack.cli import stack_app
+
+    from arch_models import build_type_model
 
     row: dict[str, str] = {}
     base = build_type_model(model_type, root / "base", layers=4)

@@ -105,3 +105,10 @@ def no_tensor_reads(monkeypatch):
         raise AssertionError(f"tensor data was read ({name}) before the error was found")
 
     _watch_tensor_data(monkeypatch, refuse)
+
+
+@pytest.fixture
+def family(tiny_family):
+    """A tiny llama base and two fine-tunes, ``(base, a, b)`` (shared and read-only)."""
+    base, (a, b) = tiny_family("llama")
+    return base, a, b

@@ -46,7 +46,7 @@ def karcher_merge(tensors: Sequence[torch.Tensor], *, max_iter: int = 10, tol: f
 def karcher_coefficients(directions: torch.Tensor, *, max_iter: int, tol: float) -> torch.Tensor:
     """β with ``u = Σ β_k u_k`` the Karcher mean of unit vectors whose Gram matrix is ``directions``.
 
-    Plain Riemannian gradient descent with step 1 and equal weights, as docs/methods.md it:
+    Plain Riemannian gradient descent with step 1 and equal weights, as docs/methods.md states it:
     ``T = Σ α_k (θ_k / sin θ_k)(u_k − cos θ_k·u)``, ``u ← cos‖T‖·u + sin‖T‖·T/‖T‖``.
     """
     count = directions.shape[0]

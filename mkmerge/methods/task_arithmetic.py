@@ -48,7 +48,7 @@ WEIGHT_SUM_EPS = 1e-8
 
 @dataclass(frozen=True)
 class TaskVectorVariant:
-    """What distinguishes one member of the family (docs/methods.md)."""
+    """What distinguishes one member of the family (docs/methods.md table)."""
 
     sparsifier: str  # key of SPARSIFIERS
     consensus: bool  # TIES sign election

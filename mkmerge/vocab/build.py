@@ -35,7 +35,7 @@ def load_tokenizer(path: Path, *, model: str):
 class TokenizerCache:
     """Each model's tokenizer, loaded once per plan.
 
-    An optional tokenizer that fails to load is None, warned about once: docs/vocabulary.md such
+    An optional tokenizer that fails to load is None, warned about once: docs/vocabulary.md assumes such
     a model shares the base vocabulary. Callers that modify a tokenizer take a :meth:`copy`.
     """
 

@@ -23,6 +23,7 @@ from mkmerge.tasks import MergeTensor
 from mksuite.common.build import BuildOptions
 from mksuite.common.errors import MergeError, RecipeError, ShapeMismatchError
 
+from run_helpers import merged_tensors
 from tiny_models import copy_model, load_causal_lm, logits, read_tensors
 
 GEOMETRIC = ("nuslerp", "multislerp", "karcher", "model_stock", "nearswap", "arcee_fusion")
@@ -44,10 +45,8 @@ def plan(text: str):
 
 
 def merge(text: str, out: Path, **options) -> dict[str, torch.Tensor]:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # model_stock's t warnings on random fine-tunes
-        run_merge(parse_recipe(text, known_methods=METHODS.keys()), out, BuildOptions(**options))
-    return read_tensors(out)
+    # model_stock warns about t on random fine-tunes
+    return merged_tensors(text, out, quiet_warnings=True, **options)
 
 
 def refused(tmp_path: Path, text: str, error: type) -> str:
@@ -156,12 +155,6 @@ def test_base_and_one_other_methods_refuse_a_second_other_and_return_a_lone_base
 
 
 # --- plan-time refusals -----------------------------------------------------------------------
-
-
-@pytest.fixture
-def family(tiny_family):
-    base, (a, b) = tiny_family("llama")
-    return base, a, b
 
 
 def test_nuslerp_base_that_is_one_of_the_two_models_is_refused_before_reading(tmp_path, family, tensor_reads):

@@ -9,13 +9,10 @@ import torch
 from typer.testing import CliRunner
 
 from mkmerge.cli import merge_app
-from mkmerge.methods import METHODS
-from mkmerge.recipe import parse_recipe
-from mkmerge.run import run_merge
-from mksuite.common.build import BuildOptions
 from mksuite.common.errors import MissingTensorError
 
 from lora_adapters import PREFIX, adapter_config, embedding_factors, linear_factors, write_adapter
+from run_helpers import merged_tensors
 from tiny_models import load_causal_lm, logits, read_tensors
 
 MODULES = ("model.layers.0.self_attn.q_proj", "model.layers.2.self_attn.v_proj", "model.embed_tokens")
@@ -58,9 +55,7 @@ def dense_merge(model_path, tensors: dict) -> dict[str, torch.Tensor]:
     return merged
 
 
-def merge(text: str, out, **options):
-    run_merge(parse_recipe(text, known_methods=METHODS.keys()), out, BuildOptions(**options))
-    return read_tensors(out)
+merge = merged_tensors
 
 
 def test_string_reference_passthrough_writes_the_adapted_model(family, adapter, adapter_tensors, tmp_path):

@@ -19,7 +19,7 @@ from method_helpers import bits
 TASK_VECTOR = [
     "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear",
 ]  # fmt: skip
-# docs/methods.md: sparsifier, sign consensus, normalize default, rescale default
+# docs/methods.md table: sparsifier, sign consensus, normalize default, rescale default
 TASK_VECTOR_TABLE = {
     "task_arithmetic": ("none", False, False, False),
     "ties": ("magnitude", True, True, False),
@@ -30,7 +30,7 @@ TASK_VECTOR_TABLE = {
     "della": ("della", True, True, True),
     "della_linear": ("della", False, False, True),
 }
-# per-model parameters beyond weight and density, with their docs/recipes.md
+# per-model parameters beyond weight and density, with their docs/recipes.md defaults
 SPARSIFIER_PARAMETERS = {"breadcrumbs": {"gamma": 0.01}, "della": {"epsilon": 0.15}}
 
 

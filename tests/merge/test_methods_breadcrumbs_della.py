@@ -38,7 +38,7 @@ def family(count, shape=(23, 41), dtype=torch.float32, seed=0):
 
 
 def reference_breadcrumbs_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
-    """docs/methods.md: sort |δ| ascending with torch (ties as it breaks them), keep
+    """docs/methods.md literally: sort |δ| ascending with torch (ties as it breaks them), keep
     positions [bot, N − top)."""
     n = delta.numel()
     keep, top = math.floor(density * n), math.floor(gamma * n)

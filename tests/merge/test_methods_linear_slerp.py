@@ -218,7 +218,7 @@ def test_linear_refuses_inputs_of_different_shapes_instead_of_broadcasting():
 
 
 def slerp_reference(t, a, c):
-    """docs/methods.md float64 on flat vectors."""
+    """docs/methods.md in float64 on flat vectors."""
     a64, c64 = a.double().flatten(), c.double().flatten()
     na, nc = a64.norm().item(), c64.norm().item()
     ua = a64 / na if na > 1e-8 else a64

@@ -25,7 +25,7 @@ def family(count, shape=(23, 41), dtype=torch.float32, seed=0, spread=0.1):
 
 
 def reference_sce(base, tensors, select_topk):
-    """docs/methods.md a stack: torch.var, torch.topk (ties as it breaks them), stacked sums."""
+    """docs/methods.md on a stack: torch.var, torch.topk (ties as it breaks them), stacked sums."""
     dtype = base.dtype
     tau = torch.stack([t.to(dtype) - base for t in tensors])
     if select_topk < 1:
@@ -55,7 +55,7 @@ def reference_sce(base, tensors, select_topk):
 
 
 def reference_ram(base, tensors, epsilon=1e-5, boost=None):
-    """docs/methods.md a stack; RAM+ boosts each model's unique entries with a scalar multiply."""
+    """docs/methods.md on a stack; RAM+ boosts each model's unique entries with a scalar multiply."""
     dtype = base.dtype
     tau = torch.stack([t.to(dtype) - base for t in tensors])
     active = tau.abs() > epsilon

@@ -23,7 +23,7 @@ def close(actual: torch.Tensor, expected: torch.Tensor, rtol=1e-5, atol=1e-6) ->
 
 
 def slerp_vectors(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
-    """docs/methods.md one pair of 1-D float64 vectors."""
+    """docs/methods.md for one pair of 1-D float64 vectors."""
     u0 = v0 / max(v0.norm().item(), 1e-7)
     u1 = v1 / max(v1.norm().item(), 1e-7)
     theta = math.acos(min(1.0, max(-1.0, (u0 * u1).sum().item())))
@@ -158,7 +158,7 @@ def test_nuslerp_is_the_same_for_any_thread_count(flatten, row_wise, shape):
 
 
 def multislerp_reference(tensors, weights, *, base=None, normalize=True, eps=1e-8) -> torch.Tensor:
-    """docs/methods.md written, tangent step included, in float64 on flat vectors."""
+    """docs/methods.md as written, tangent step included, in float64 on flat vectors."""
     shape = tensors[0].shape
     x = [t.double().flatten() - (base.double().flatten() if base is not None else 0) for t in tensors]
     w = torch.tensor(weights, dtype=torch.float64)
@@ -249,7 +249,7 @@ def test_multislerp_is_the_same_for_any_thread_count():
 
 
 def karcher_reference(tensors, max_iter=10, tol=1e-5) -> torch.Tensor:
-    """docs/methods.md written, on full float64 vectors."""
+    """docs/methods.md as written, on full float64 vectors."""
     shape, count = tensors[0].shape, len(tensors)
     x = [t.double().flatten() for t in tensors]
     norms = [v.norm().item() for v in x]

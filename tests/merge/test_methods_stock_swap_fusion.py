@@ -28,7 +28,7 @@ def generator(seed: int) -> torch.Generator:
 
 
 def model_stock_reference(base, tensors, filter_wise=False):
-    """docs/methods.md explicit loops over vectors and pairs, in float64."""
+    """docs/methods.md with explicit loops over vectors and pairs, in float64."""
     b = base.double()
     rows = b.reshape(-1, b.shape[-1]) if filter_wise and b.dim() > 1 else b.reshape(1, -1)
     deltas = [(t.double() - b).reshape(rows.shape) for t in tensors]

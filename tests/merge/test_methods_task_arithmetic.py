@@ -27,7 +27,7 @@ def generators(*seeds: int) -> list[torch.Generator]:
 def reference_merge(
     base, tensors, weights, densities, *, sparsifier, consensus, normalize, rescale=False, lambda_=1.0, seeds=()
 ):
-    """docs/methods.md the plain way: torch's full sort for top-k (ties as it breaks them),
+    """docs/methods.md written the plain way: torch's full sort for top-k (ties as it breaks them),
     stacked tensors, float64 L1 norms."""
     dtype = base.dtype
     kept = []

@@ -13,28 +13,19 @@ import torch
 from typer.testing import CliRunner
 
 from mkmerge.cli import merge_app
-from mkmerge.methods import METHODS
-from mkmerge.recipe import parse_recipe
-from mkmerge.run import run_merge
-from mksuite.common.build import BuildOptions
+
+from run_helpers import invoke, merge_recipe
+from tiny_models import read_tensors
 
 ARCHS = ("llama", "mistral", "qwen2", "gemma2")
 
 
-def merge(text: str, out: Path, **options) -> Path:
-    recipe = parse_recipe(text, known_methods=METHODS.keys())
-    run_merge(recipe, out, BuildOptions(**options))
-    return out
+merge = merge_recipe
+tensors_of = read_tensors
 
 
 def cli(*args: str):
-    return CliRunner().invoke(merge_app, [*map(str, args), "--quiet"])
-
-
-def tensors_of(path: Path) -> dict[str, torch.Tensor]:
-    from tiny_models import read_tensors
-
-    return read_tensors(path)
+    return invoke(merge_app, *args)
 
 
 def check_loads_and_runs(path: Path) -> torch.Tensor:

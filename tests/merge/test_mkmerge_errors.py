@@ -39,13 +39,6 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 # --- fixtures and helpers ----------------------------------------------------------------------
 
 
-@pytest.fixture
-def family(tiny_family):
-    """A tiny llama base and two fine-tunes (shared and read-only)."""
-    base, (ft1, ft2) = tiny_family("llama")
-    return base, ft1, ft2
-
-
 def run_mkmerge(tmp_path: Path, recipe: str, *options: str):
     """Write `recipe` to tmp_path/recipe.yml and run `mkmerge recipe.yml tmp_path/merged --quiet`."""
     recipe_path = tmp_path / "recipe.yml"
@@ -327,7 +320,7 @@ def test_models_of_different_hidden_size_are_a_shape_mismatch(tmp_path, family, 
 def test_different_hidden_sizes_are_not_reported_as_a_vocabulary_cut(tmp_path, family, tiny_model):
     """Both embeddings have 128 rows; only their width differs, which no cut can reconcile.
 
-    docs/methods.md embeddings to a common sub-matrix only when row counts differ, so the first
+    docs/methods.md cuts embeddings to a common sub-matrix only when row counts differ, so the first
     mismatched tensor (model.embed_tokens.weight) is the one the error must name.
     """
     _, ft1, _ = family

@@ -32,12 +32,6 @@ from mksuite.common.errors import ArchitectureError, RecipeError, ShapeMismatchE
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture
-def family(tiny_family):
-    base, (ft1, ft2) = tiny_family("llama")
-    return base, ft1, ft2
-
-
 def ties_recipe(base: Path, ft1: Path, ft2: Path) -> str:
     return (
         f"merge_method: ties\nbase_model: {base}\nmodels:\n"

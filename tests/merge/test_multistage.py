@@ -15,17 +15,12 @@ from mkmerge.methods import METHODS
 from mkmerge.stages import parse_stages, rewrite_references
 from mksuite.common.errors import RecipeError
 
+from run_helpers import invoke
 from tiny_models import load_causal_lm, logits, read_tensors
 
 
-@pytest.fixture
-def family(tiny_family):
-    base, (a, b) = tiny_family("llama")
-    return base, a, b
-
-
 def cli(*args):
-    return CliRunner().invoke(merge_app, [*map(str, args), "--quiet"])
+    return invoke(merge_app, *args)
 
 
 def write(tmp_path: Path, text: str) -> Path:

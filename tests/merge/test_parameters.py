@@ -155,7 +155,7 @@ def test_gradient_rejects_t_outside_unit_interval():
 
 
 def test_filter_is_a_plain_substring_so_layers_3_matches_layers_30():
-    # docs/recipes.md `layers.3.` "also matches `layers.30.`"; under the substring rule it is
+    # docs/recipes.md says `layers.3.` "also matches `layers.30.`"; under the substring rule it is
     # the undotted `layers.3` that does. The dotted form is how a user pins one layer.
     undotted = (ConditionalEntry("layers.3", 1.0),)
     assert evaluate_setting(undotted, "model.layers.3.mlp.up_proj.weight", 0.0) == 1.0

@@ -54,10 +54,10 @@ def wide_token() -> str:
 
 def merge(text: str, out: Path, **kw) -> Path:
     run_merge(parse_recipe(text, known_methods=METHODS.keys()), out, BuildOptions(overwrite=True), **kw)
-    return out
+    return out  # run_merge keywords (tokenizer options) pass through, unlike run_helpers.merge_recipe
 
 
-# --- the reference: docs/vocabulary.md out plainly ---------------------------------------------------
+# --- the reference: docs/vocabulary.md written out plainly ---------------------------------------------------
 
 
 @dataclass

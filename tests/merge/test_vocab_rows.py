@@ -1,4 +1,4 @@
-"""docs/vocabulary.md rules on hand-made vocabularies, and the task that applies them, on small tensors."""
+"""docs/vocabulary.md row rules on hand-made vocabularies, and the task that applies them, on small tensors."""
 
 from __future__ import annotations
 

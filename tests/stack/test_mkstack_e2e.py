@@ -8,12 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from mkmerge.methods import METHODS
 from mkmerge.plan import plan_merge
 from mkmerge.recipe import parse_recipe
 from mkstack.cli import stack_app
+
+from run_helpers import invoke
+from tiny_models import read_tensors
 
 TOKENS = [1, 5, 9, 14, 3, 7, 22, 40]
 LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
@@ -21,14 +23,11 @@ OUTPUT_PROJECTIONS = ("o_proj.", "down_proj.", "c_proj.", "attention.dense.", "d
 NUMBERED = re.compile(r"^(.*?\.)(\d+)(\..*)$")  # the first .N. segment is the layer index
 
 
+tensors_of = read_tensors
+
+
 def cli(*args, quiet: bool = True):
-    return CliRunner().invoke(stack_app, [*map(str, args), *(["--quiet"] if quiet else [])])
-
-
-def tensors_of(path: Path) -> dict[str, torch.Tensor]:
-    from tiny_models import read_tensors
-
-    return read_tensors(path)
+    return invoke(stack_app, *args, quiet=quiet)
 
 
 def expected_stack(layer_map, first, last) -> dict[str, torch.Tensor]:
