@@ -85,15 +85,22 @@ class ModelNotFoundError(MkError):
         super().__init__(message, hint=hint)
 
 
-class TensorFileError(MkError):
-    """A weight file is truncated, corrupt, or not what its name says."""
+class ModelFileError(MkError):
+    """A file of an input model is unusable: corrupt, unparseable, outside the model, or a
+    format the tools do not read (quantized weights, custom code that cannot be carried)."""
 
     exit_code = 4
-    title = "bad weight file"
+    title = "bad model file"
 
     def __init__(self, message: str, *, path: str | None = None, hint: str | None = None):
         self.path = path
         super().__init__(message, hint=hint)
+
+
+class TensorFileError(ModelFileError):
+    """A weight file is truncated, corrupt, or not what its name says."""
+
+    title = "bad weight file"
 
 
 class UnsafePickleError(TensorFileError):

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from mksuite.common.errors import AdapterError, MissingTensorError, ModelNotFoundError, ShapeMismatchError, did_you_mean
+from mksuite.common.loading.containment import contained, model_root
 from mksuite.common.loading.lora_format import AdapterKey, LoraConfig, parse_adapter_key, parse_lora_config
 from mksuite.common.loading.model import open_tensor_file
 from mksuite.common.loading.source import TensorInfo, TensorSource
@@ -65,7 +66,11 @@ class LoraAdapter:
 def open_adapter(path: str | os.PathLike) -> LoraAdapter:
     """Read adapter_config.json and the adapter weights' header (no tensor data)."""
     path = Path(path)
+    root = model_root(path)
     config_path = path / ADAPTER_CONFIG
+    for name in (ADAPTER_CONFIG, *ADAPTER_WEIGHTS):
+        if os.path.lexists(path / name):
+            contained(root, path / name, what="adapter file")
     if not config_path.is_file():
         raise ModelNotFoundError(
             f"{path} has no {ADAPTER_CONFIG}, so it is not a PEFT adapter directory",

@@ -10,23 +10,7 @@ from pathlib import Path
 import torch
 
 from mksuite.common.arch import set_config_value
-
-# Files that make up a tokenizer (and its generation defaults) in a model directory.
-TOKENIZER_FILES = (
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.json",
-    "tokenizer.model",
-    "added_tokens.json",
-    "merges.txt",
-    "vocab.json",
-    "vocab.txt",
-    "chat_template.jinja",
-    "chat_template.json",
-    "generation_config.json",
-)
-# Architecture "tagalong" files some multimodal models need next to their weights.
-TAGALONG_FILES = ("preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json")
+from mksuite.common.loading.containment import TAGALONG_FILES, TOKENIZER_FILES, contained, model_root
 
 DTYPE_NAMES = {
     torch.float32: "float32",
@@ -71,15 +55,25 @@ def write_config(
 def copy_tokenizer_files(donor: Path, directory: Path) -> list[str]:
     """Copy the donor's tokenizer (and tagalong) files that exist; returns the names copied."""
     copied = []
-    for name in TOKENIZER_FILES + TAGALONG_FILES:
-        source = Path(donor) / name
-        if source.is_file():
-            shutil.copyfile(source, Path(directory) / name)
+    names = [*TOKENIZER_FILES, *TAGALONG_FILES, *(p.name for p in sorted(Path(donor).glob("*.tiktoken")))]
+    for name in names:
+        if copy_model_file(donor, name, directory):
             copied.append(name)
-    for source in sorted(Path(donor).glob("*.tiktoken")):
-        shutil.copyfile(source, Path(directory) / source.name)
-        copied.append(source.name)
     return copied
+
+
+def copy_model_file(donor: Path, name: str, directory: Path) -> bool:
+    """Copy ``donor/name`` into ``directory`` if it exists; never from outside the donor's root.
+
+    Inputs were checked when opened; checking again here keeps a file swapped for a symlink
+    in the meantime (or a donor that did not come through open_model) out of the output.
+    """
+    source = Path(donor) / name
+    if not source.is_file():
+        return False
+    resolved = contained(model_root(donor), source, what="file")
+    shutil.copyfile(resolved, Path(directory) / name)
+    return True
 
 
 def looks_like_hub_id(reference: str) -> bool:
