@@ -18,6 +18,7 @@ import torch
 from mksuite.common.errors import MissingTensorError, ModelNotFoundError, TensorFileError, did_you_mean
 from mksuite.common.loading.containment import check_companions_contained, contained, model_root
 from mksuite.common.loading.pickle_source import PickleCheckpoint
+from mksuite.common.loading.quantized import read_quantized
 from mksuite.common.loading.safetensors_source import SafetensorsFile
 from mksuite.common.loading.source import ByteRange, TensorInfo, TensorSource, byte_range, load_rows
 
@@ -189,7 +190,13 @@ def open_model(path: str | os.PathLike) -> ModelFiles:
             f"{config_path} holds a JSON {type(config).__name__}, not an object", path=str(config_path)
         )
     check_companions_contained(path, root)
-    return ModelFiles(path=path, config=config, tensors=_open_weights(path, root))
+    tensors = _open_weights(path, root)
+    try:
+        tensors = read_quantized(path, config, tensors)
+    except BaseException:
+        tensors.close()
+        raise
+    return ModelFiles(path=path, config=config, tensors=tensors)
 
 
 def _open_weights(path: Path, root: Path) -> TensorSource:

@@ -37,6 +37,10 @@ def write_config(
     rebuilding per-layer lists.
     """
     config = json.loads(json.dumps(config))  # deep copy; never mutate the donor's dict
+    # Quantized inputs are dequantized when read (others are refused), so no output is quantized.
+    for holder in (config, config.get("text_config")):
+        if isinstance(holder, dict):
+            holder.pop("quantization_config", None)
     if dtype is not None:
         name = DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
         keys = [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]
