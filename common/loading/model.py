@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from mksuite.common.errors import MissingTensorError, ModelNotFoundError, TensorFileError, did_you_mean
+from mksuite.common.loading.companions import check_companions_parse, check_custom_code
 from mksuite.common.loading.containment import check_companions_contained, contained, model_root
 from mksuite.common.loading.pickle_source import PickleCheckpoint
 from mksuite.common.loading.quantized import read_quantized
@@ -190,6 +191,8 @@ def open_model(path: str | os.PathLike) -> ModelFiles:
             f"{config_path} holds a JSON {type(config).__name__}, not an object", path=str(config_path)
         )
     check_companions_contained(path, root)
+    check_companions_parse(path)
+    check_custom_code(path, config)
     tensors = _open_weights(path, root)
     try:
         tensors = read_quantized(path, config, tensors)

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from mksuite.common.arch import set_config_value
+from mksuite.common.loading.companions import custom_code_files
 from mksuite.common.loading.containment import TAGALONG_FILES, TOKENIZER_FILES, contained, model_root
 
 DTYPE_NAMES = {
@@ -28,13 +29,15 @@ def write_config(
     dtype: torch.dtype | None = None,
     updates: dict[str, object] | None = None,
     transform: Callable[[dict], dict] | None = None,
+    code_from: Path | None = None,
 ) -> dict:
     """Write ``config.json``: the donor's config with only the given fields changed.
 
     Edited as JSON rather than through transformers so fields the installed transformers does
     not know survive untouched. ``updates`` keys may be dotted paths (``text_config.x``);
     ``transform`` (given a copy, returning the final dict) makes structural edits such as
-    rebuilding per-layer lists.
+    rebuilding per-layer lists. ``code_from``: the donor directory, whose custom code files
+    (named by the written config's ``auto_map``) are copied along, never imported.
     """
     config = json.loads(json.dumps(config))  # deep copy; never mutate the donor's dict
     # Quantized inputs are dequantized when read (others are refused), so no output is quantized.
@@ -50,6 +53,9 @@ def write_config(
         set_config_value(config, key, value)
     if transform is not None:
         config = transform(config)
+    if code_from is not None:
+        for name in custom_code_files(Path(code_from), config):
+            _copy_nested(code_from, name, directory)
     with open(Path(directory) / "config.json", "w") as handle:
         json.dump(config, handle, indent=2, sort_keys=True)
         handle.write("\n")
@@ -63,7 +69,18 @@ def copy_tokenizer_files(donor: Path, directory: Path) -> list[str]:
     for name in names:
         if copy_model_file(donor, name, directory):
             copied.append(name)
+    if "tokenizer_config.json" in copied:  # a custom tokenizer class needs its code next to it
+        tokenizer_config = json.loads((Path(directory) / "tokenizer_config.json").read_text(encoding="utf-8"))
+        for name in custom_code_files(Path(donor), tokenizer_config, source="tokenizer_config.json"):
+            _copy_nested(donor, name, directory)
+            copied.append(name)
     return copied
+
+
+def _copy_nested(donor: Path, name: str, directory: Path) -> None:
+    """Copy a custom code file, possibly in a package folder (`pkg/module.py`)."""
+    (Path(directory) / name).parent.mkdir(parents=True, exist_ok=True)
+    copy_model_file(donor, name, directory)
 
 
 def copy_model_file(donor: Path, name: str, directory: Path) -> bool:

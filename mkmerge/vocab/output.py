@@ -7,7 +7,7 @@ import warnings
 from pathlib import Path
 
 from mkmerge.vocab.build import load_tokenizer
-from mksuite.common.errors import MergeError
+from mksuite.common.errors import ModelFileError
 from mksuite.common.writing import copy_tokenizer_files
 from mksuite.common.writing.model_files import TAGALONG_FILES, copy_model_file
 
@@ -33,7 +33,7 @@ def write_tokenizer(directory: Path, *, built, donor: Path, chat_template: str |
     else:
         try:
             tokenizer = load_tokenizer(donor, model=str(donor))
-        except MergeError as error:
+        except ModelFileError as error:
             warnings.warn(f"{error.message}; copying its tokenizer files without the chat template", stacklevel=2)
             copy_tokenizer_files(donor, directory)
             return
