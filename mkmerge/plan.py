@@ -628,6 +628,9 @@ class _TensorPlanner:
                 check_sparsifier_parameters(variant.sparsifier, p["density"], numel, p)
             except MergeError as error:
                 raise MergeError(f"{inp.source.model}, tensor {name}: {error.message}", hint=error.hint) from None
+            except RecipeError as error:
+                where = f"{inp.source.model}, tensor {name}: {error.bare_message}"
+                raise RecipeError(where, field=error.field, hint=error.hint) from None
 
 
 def _convert(kind: type, value):
