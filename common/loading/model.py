@@ -245,3 +245,5 @@ def _read_json(path: Path, what: str) -> object:
         raise TensorFileError(f"cannot read {what} {path}: {error.strerror or error}", path=str(path)) from error
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise TensorFileError(f"{what} {path} is not valid JSON ({error})", path=str(path)) from None
+    except RecursionError:
+        raise TensorFileError(f"{what} {path} is JSON nested too deeply", path=str(path)) from None

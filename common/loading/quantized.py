@@ -121,6 +121,12 @@ def _refuse_quantized_tensors(path: Path, tensors: TensorSource, method: str | N
         if dtype not in PLAIN_DTYPES:
             detail = "without its weight_scale_inv" if dtype in FP8_DTYPES and method == "fp8" else "not a float"
             raise _unsupported(path, f"tensor `{name}` is {str(dtype).removeprefix('torch.')}, {detail}")
+        if name.endswith(".weight") and not dtype.is_floating_point:  # int64/bool are for buffers only
+            raise ModelFileError(
+                f"model {path}: weight `{name}` is stored as {str(dtype).removeprefix('torch.')}, not a float",
+                path=str(path),
+                hint="weights are floating-point; the file is damaged or was converted wrongly",
+            )
 
 
 class Fp8Source(TensorSource):

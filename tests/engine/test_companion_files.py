@@ -182,3 +182,12 @@ def test_custom_tokenizer_code_travels_with_tokenizer_config(model, tmp_path):
     result, out = merge(tmp_path, model)
     assert result.exit_code == 0, result.output
     assert (out / "tokenization_tiny.py").read_bytes() == (model / "tokenization_tiny.py").read_bytes()
+
+
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors.index.json"])
+def test_absurdly_nested_config_or_index_json_is_a_bad_file_not_a_crash(model, tmp_path, name):
+    (model / name).write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ModelFileError, match="nested too deeply"):
+        open_model(model)
+    result, _ = merge(tmp_path, model)
+    assert result.exit_code == 4 and "Traceback" not in result.output, result.output

@@ -187,6 +187,13 @@ def test_formats_not_read_are_refused_before_any_work_naming_model_and_format(tm
     assert "quantized" in caught.value.message and caught.value.exit_code == 4
 
 
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool])
+def test_a_weight_stored_as_integers_or_booleans_is_refused(tmp_path, dtype):
+    model = write_model(tmp_path / "m", {"norm.weight": torch.ones(4, dtype=dtype)}, PLAIN_CONFIG)
+    with pytest.raises(ModelFileError, match="weight `norm.weight` is stored as"):
+        open_model(model)
+
+
 def test_int64_buffers_and_bool_masks_are_not_mistaken_for_quantized_weights(tmp_path):
     tensors = {"l.weight": F16, "pos.position_ids": torch.arange(4), "attn.mask": torch.ones(2, dtype=torch.bool)}
     open_model(write_model(tmp_path / "m", tensors, PLAIN_CONFIG)).close()
