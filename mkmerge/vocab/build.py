@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 
 from mkmerge.vocab.strip import strip_tokenizer
 from mksuite.common.errors import ModelFileError
+from mksuite.common.loading.companions import check_companions_parse
+from mksuite.common.loading.containment import check_companions_contained
 
 if TYPE_CHECKING:  # transformers and tokenizers take ~1.3 s to import: only runs that build tokenizers pay
     from tokenizers import AddedToken
@@ -21,6 +23,9 @@ ADDED_TOKEN_SETTINGS = ("special", "single_word", "lstrip", "rstrip", "normalize
 
 def load_tokenizer(path: Path, *, model: str):
     """The tokenizer stored with a model; ModelFileError (exit 4) naming the model when there is none."""
+    # A tokenizer source need not be an input model, so it may not have been checked at open.
+    check_companions_contained(Path(path))
+    check_companions_parse(Path(path))
     try:
         from transformers import AutoTokenizer
 

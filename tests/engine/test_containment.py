@@ -200,3 +200,19 @@ def test_adapter_files_symlinked_outside_the_adapter_are_refused(tmp_path):
     (adapter / "adapter_config.json").symlink_to(outside)
     with pytest.raises(ModelFileError, match="adapter file .*adapter_config.json"):
         open_adapter(adapter)
+
+
+def test_a_tokenizer_source_outside_the_merged_models_is_contained_too(model, tiny_model, secret, tmp_path):
+    source = copy_model(tiny_model("llama", layers=2), tmp_path / "tokenizer-source")
+    outside = tmp_path / "private" / "tokenizer.json"  # a valid tokenizer: only containment can refuse it
+    shutil.move(source / "tokenizer.json", outside)
+    (source / "tokenizer.json").symlink_to(outside)
+    recipe = tmp_path / "recipe.yml"
+    recipe.write_text(
+        f"merge_method: linear\nmodels:\n  - model: {model}\n    parameters: {{weight: 1.0}}\n"
+        f"tokenizer:\n  source: {source}\n"
+    )
+    out = tmp_path / "out"
+    result = CliRunner().invoke(merge_app, [str(recipe), str(out), "--quiet"])
+    assert result.exit_code == 4, result.output
+    assert "outside the model's folder" in result.output and not out.exists()
