@@ -33,6 +33,7 @@ from mksuite.common.loading.model import open_tensor_file
 from mksuite.common.loading.source import TensorInfo, TensorSource
 
 ADAPTER_CONFIG = "adapter_config.json"
+_FACTOR_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 
 
@@ -163,7 +164,7 @@ def _low_rank_update(
     _check_target(a_key, adapter, base, model)
     a, b = adapter.tensors.info(a_key.key), adapter.tensors.info(b_key.key)
     for info in (a, b):
-        if len(info.shape) != 2 or not info.dtype.is_floating_point:
+        if len(info.shape) != 2 or info.dtype not in _FACTOR_DTYPES:  # float8 factors would need scales
             raise AdapterError(
                 f"{where}: `{info.name}` must be a 2-D floating-point matrix, got {list(info.shape)} {info.dtype}",
                 path=where,

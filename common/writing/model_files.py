@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from mksuite.common.arch import set_config_value
+from mksuite.common.errors import ArchitectureError
 from mksuite.common.loading.companions import custom_code_files
 from mksuite.common.loading.containment import TAGALONG_FILES, TOKENIZER_FILES, contained, model_root
 
@@ -50,7 +51,10 @@ def write_config(
         for key in keys:
             config[key] = name
     for key, value in (updates or {}).items():
-        set_config_value(config, key, value)
+        try:
+            set_config_value(config, key, value)
+        except TypeError as error:  # the donor's config has a non-object where the key needs one
+            raise ArchitectureError(f"cannot set `{key}` in the donor's config.json: {error}") from None
     if transform is not None:
         config = transform(config)
     if code_from is not None:

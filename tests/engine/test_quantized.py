@@ -16,9 +16,10 @@ from mkmerge.methods import METHODS
 from mkmerge.recipe import parse_recipe
 from mkmerge.run import run_merge
 from mksuite.common.build import BuildOptions
-from mksuite.common.errors import ModelFileError
-from mksuite.common.loading import open_model
+from mksuite.common.errors import AdapterError, ModelFileError
+from mksuite.common.loading import open_model, with_adapter
 
+from lora_adapters import adapter_config, linear_factors, write_adapter
 from tiny_models import copy_model, load_causal_lm, logits, read_tensors
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -266,3 +267,25 @@ def test_an_fp8_model_merged_with_its_bf16_twin_gives_the_dequantized_weights_an
             assert torch.equal(tensor, stored[name]), name
     model = load_causal_lm(out)
     assert torch.isfinite(logits(model, [1, 5, 9, 3])).all()
+
+
+# --- adapters -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "factor_dtype, config_change, fragment",
+    [
+        (torch.float8_e4m3fn, {}, "floating-point matrix"),
+        (torch.int8, {}, "floating-point matrix"),
+        (torch.float32, {"lora_alpha": float("nan")}, "`lora_alpha` must be a finite number"),
+        (torch.float32, {"lora_alpha": float("inf")}, "`lora_alpha` must be a finite number"),
+    ],
+)
+def test_quantized_or_non_finite_lora_adapters_are_refused(tiny_model, tmp_path, factor_dtype, config_change, fragment):
+    base = tiny_model("llama", layers=2)
+    factors = linear_factors("model.layers.0.self_attn.q_proj", 4, 32, 32, seed=0)
+    factors = {name: t.to(factor_dtype) for name, t in factors.items()}
+    adapter = write_adapter(tmp_path / "a", factors, adapter_config(target_modules=["q_proj"], **config_change))
+    with open_model(base).tensors as tensors, pytest.raises(AdapterError, match=fragment) as caught:
+        with_adapter(tensors, adapter, model=str(base))
+    assert caught.value.exit_code == 4
