@@ -1,10 +1,43 @@
-"""One hierarchy of domain errors.
+"""One hierarchy of domain errors, and the one table of exit codes.
 
 Every error the tools expect to meet (a bad recipe, a missing model, a corrupt file, a
 shape conflict) is an :class:`MkError`. Each carries the data that identifies the culprit
 (which model, which tensor, which recipe field and line) and renders as one readable
 paragraph with a fix where one is known. The CLIs print ``render()`` and exit with
 ``exit_code``; a traceback is shown only with ``--debug``.
+
+Exit codes, the same for mkmerge, mkstack and mkmoe (the README copies this table;
+tests/engine/test_exit_codes.py holds every class and a catalogue of bad inputs to it):
+
+====  ===================================  ==========================================================
+code  raised as                            meaning
+====  ===================================  ==========================================================
+0                                          success
+1     MkError                              another expected failure (an OS error outside the output)
+2     RecipeError                          the recipe or command line: YAML, fields, methods, options,
+                                           parameter values outside their domain (negative density,
+                                           gamma outside [0, 1], epsilon < 0, DELLA's window)
+3     ModelNotFoundError                   a model reference resolves to nothing: no directory, no
+                                           config.json, no weights, not in the Hub cache
+4     ModelFileError, TensorFileError,     a file of an input model is unusable: truncated or
+      UnsafePickleError, AdapterError      lying weight headers, unsafe pickles, unparseable
+                                           config/tokenizer files, files resolving outside the
+                                           model, quantized formats not read, custom code that
+                                           cannot be carried, a bad LoRA adapter
+5     ArchitectureError                    no architecture description fits, or inputs differ
+6     ShapeMismatchError,                  tensors that must agree in shape do not; a tensor
+      MissingTensorError                   the architecture needs is absent
+7     MergeError                           the math cannot proceed with these tensors: weights
+                                           summing to zero, a density keeping nothing of a tensor,
+                                           inputs cancelling out
+8     OutputError                          the output location cannot be written, or is an input
+9     VerifyError                          --verify re-read the output and found a mismatch
+10    DeviceUnavailableError               the requested device is not there (--cuda without CUDA)
+11    (MemoryError)                        out of memory
+70    (any other exception)                a bug in mksuite (a short traceback is printed)
+128+n (KeyboardInterrupt, Terminated)      interrupted by signal n (130 Ctrl-C, 143 SIGTERM, 129
+                                           SIGHUP); nothing is left at the output
+====  ===================================  ==========================================================
 """
 
 from __future__ import annotations
@@ -85,15 +118,22 @@ class ModelNotFoundError(MkError):
         super().__init__(message, hint=hint)
 
 
-class TensorFileError(MkError):
-    """A weight file is truncated, corrupt, or not what its name says."""
+class ModelFileError(MkError):
+    """A file of an input model is unusable: corrupt, unparseable, outside the model, or a
+    format the tools do not read (quantized weights, custom code that cannot be carried)."""
 
     exit_code = 4
-    title = "bad weight file"
+    title = "bad model file"
 
     def __init__(self, message: str, *, path: str | None = None, hint: str | None = None):
         self.path = path
         super().__init__(message, hint=hint)
+
+
+class TensorFileError(ModelFileError):
+    """A weight file is truncated, corrupt, or not what its name says."""
+
+    title = "bad weight file"
 
 
 class UnsafePickleError(TensorFileError):

@@ -72,7 +72,12 @@ def run_merge(
     def finalize(directory: Path) -> None:
         transform = (lambda config: config_transform(plan, config)) if config_transform else None
         write_config(
-            directory, plan.donor.config, dtype=plan.config_dtype, updates=plan.config_updates(), transform=transform
+            directory,
+            plan.donor.config,
+            dtype=plan.config_dtype,
+            updates=plan.config_updates(),
+            transform=transform,
+            code_from=plan.donor.path,
         )
         write_tokenizer(
             directory,

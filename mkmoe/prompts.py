@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from mksuite.common.errors import MkError, RecipeError
+from mksuite.common.errors import ModelFileError, RecipeError
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ def load_tokenizer(path: Path):
     try:
         return AutoTokenizer.from_pretrained(str(path))
     except Exception as error:  # transformers raises OSError, ValueError, ... for missing files
-        raise MkError(
+        raise ModelFileError(
             f"cannot load the base model's tokenizer from {path}: {error}",
             hint="prompt-based gate modes need the base model's tokenizer files; or use gate_mode: random",
         ) from None

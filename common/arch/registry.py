@@ -116,22 +116,39 @@ def candidate_architectures(
     return bound
 
 
+def coverage(definition: ArchitectureDefinition, config: dict, tensor_names: Collection[str]) -> float:
+    """The fraction of ``definition``'s required weights the model stores (by name, alias or tie)."""
+    try:
+        weights = [w for w in definition.all_weights(definition.num_layers(config)) if not w.optional]
+    except ArchitectureError:
+        return 0.0
+    if not weights:
+        return 1.0
+    present = set(tensor_names)
+    stored = sum(any(n in present for n in (w.name, *w.aliases, *w.tied_names)) for w in weights)
+    return stored / len(weights)
+
+
 def fits(definition: ArchitectureDefinition, config: dict, tensor_names: Collection[str]) -> bool:
     """Whether every required weight of ``definition`` is stored (by name, alias or tie)."""
-    try:
-        weights = definition.all_weights(definition.num_layers(config))
-    except ArchitectureError:
-        return False
-    present = set(tensor_names)
-    return all(w.optional or any(n in present for n in (w.name, *w.aliases, *w.tied_names)) for w in weights)
+    return coverage(definition, config, tensor_names) == 1.0
+
+
+# A description that names nearly all of a model's tensors is that model's, with a few missing:
+# the planner then names the missing tensor, which says more than inferring another description.
+_NEARLY_ALL = 0.9
 
 
 def choose_architecture(config: dict, tensor_names: Collection[str]) -> ArchitectureDefinition | None:
-    """The first candidate description whose required tensors the model stores; None when none fits."""
-    for definition in candidate_architectures(config):
-        if fits(definition, config, tensor_names):
+    """The first candidate description whose required tensors the model stores; else the best
+    one that stores nearly all of them; None when none comes close (the caller infers one)."""
+    candidates = candidate_architectures(config)
+    scored = [(coverage(d, config, tensor_names), d) for d in candidates]
+    for score, definition in scored:
+        if score == 1.0:
             return definition
-    return None
+    best = max(scored, key=lambda pair: pair[0], default=(0.0, None))
+    return best[1] if best[0] >= _NEARLY_ALL else None
 
 
 # Buffers older checkpoints carry that today's classes recompute: stored, never described.

@@ -23,9 +23,10 @@ from huggingface_hub.utils import (
 from mksuite.common.errors import ModelNotFoundError, did_you_mean
 from mksuite.common.loading.reference import ModelReference
 
-# Config and every tokenizer file (docs/outputs.md: mergekit's narrower set loses
-# chat_template.jinja, merges.txt, vocab.txt); weights are added per repo.
-CONFIG_PATTERNS = ("*.json", "tokenizer.model", "*.txt", "*.jinja", "*.tiktoken")
+# Config and every tokenizer file (mergekit's narrower set loses
+# chat_template.jinja, merges.txt, vocab.txt), and the custom code an auto_map names (copied
+# into outputs, never run); weights are added per repo.
+CONFIG_PATTERNS = ("*.json", "tokenizer.model", "*.txt", "*.jinja", "*.tiktoken", "*.py")
 _TRUE = {"1", "on", "yes", "true"}
 
 

@@ -27,11 +27,13 @@ from pathlib import Path
 import torch
 
 from mksuite.common.errors import AdapterError, MissingTensorError, ModelNotFoundError, ShapeMismatchError, did_you_mean
+from mksuite.common.loading.containment import contained, model_root
 from mksuite.common.loading.lora_format import AdapterKey, LoraConfig, parse_adapter_key, parse_lora_config
 from mksuite.common.loading.model import open_tensor_file
 from mksuite.common.loading.source import TensorInfo, TensorSource
 
 ADAPTER_CONFIG = "adapter_config.json"
+_FACTOR_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 
 
@@ -65,7 +67,11 @@ class LoraAdapter:
 def open_adapter(path: str | os.PathLike) -> LoraAdapter:
     """Read adapter_config.json and the adapter weights' header (no tensor data)."""
     path = Path(path)
+    root = model_root(path)
     config_path = path / ADAPTER_CONFIG
+    for name in (ADAPTER_CONFIG, *ADAPTER_WEIGHTS):
+        if os.path.lexists(path / name):
+            contained(root, path / name, what="adapter file")
     if not config_path.is_file():
         raise ModelNotFoundError(
             f"{path} has no {ADAPTER_CONFIG}, so it is not a PEFT adapter directory",
@@ -158,7 +164,7 @@ def _low_rank_update(
     _check_target(a_key, adapter, base, model)
     a, b = adapter.tensors.info(a_key.key), adapter.tensors.info(b_key.key)
     for info in (a, b):
-        if len(info.shape) != 2 or not info.dtype.is_floating_point:
+        if len(info.shape) != 2 or info.dtype not in _FACTOR_DTYPES:  # float8 factors would need scales
             raise AdapterError(
                 f"{where}: `{info.name}` must be a 2-D floating-point matrix, got {list(info.shape)} {info.dtype}",
                 path=where,

@@ -110,8 +110,8 @@ def _positive_int(value: object, name: str, where: str) -> int:
 
 
 def _number(value: object, name: str, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise AdapterError(f"{where}: `{name}` must be a number, got {value!r}", path=where)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise AdapterError(f"{where}: `{name}` must be a finite number, got {value!r}", path=where)
     return float(value)
 
 

@@ -16,7 +16,10 @@ from pathlib import Path
 import torch
 
 from mksuite.common.errors import MissingTensorError, ModelNotFoundError, TensorFileError, did_you_mean
+from mksuite.common.loading.companions import check_companions_parse, check_custom_code
+from mksuite.common.loading.containment import check_companions_contained, contained, model_root
 from mksuite.common.loading.pickle_source import PickleCheckpoint
+from mksuite.common.loading.quantized import read_quantized
 from mksuite.common.loading.safetensors_source import SafetensorsFile
 from mksuite.common.loading.source import ByteRange, TensorInfo, TensorSource, byte_range, load_rows
 
@@ -51,8 +54,12 @@ class ShardedSource(TensorSource):
         self._lock = threading.Lock()
 
     @classmethod
-    def from_index(cls, index_path: str | os.PathLike) -> ShardedSource:
-        """Read a `*.index.json`; every shard it names must exist next to it."""
+    def from_index(cls, index_path: str | os.PathLike, *, root: Path | None = None) -> ShardedSource:
+        """Read a `*.index.json`; every shard it names must exist next to it.
+
+        With ``root``, every shard must also resolve inside it (no `../` or absolute names,
+        no symlinks out of the model).
+        """
         index_path = Path(index_path)
         index = _read_json(index_path, "weight index")
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
@@ -66,6 +73,8 @@ class ShardedSource(TensorSource):
         files = {}
         for shard in sorted(set(weight_map.values())):
             file = index_path.parent / shard
+            if root is not None:
+                contained(root, file, what=f"shard `{shard}` named by {index_path.name}:")
             if not file.is_file():
                 raise TensorFileError(
                     f"{index_path} names shard {shard}, but {file} does not exist",
@@ -167,6 +176,9 @@ def open_model(path: str | os.PathLike) -> ModelFiles:
     """Read config.json and index the weights of a model directory; no tensor data is read."""
     path = Path(path)
     config_path = path / "config.json"
+    root = model_root(path)
+    if os.path.lexists(config_path):
+        contained(root, config_path, what="config")
     if not config_path.is_file():
         raise ModelNotFoundError(
             f"{path} has no config.json, so it is not a model directory",
@@ -178,19 +190,35 @@ def open_model(path: str | os.PathLike) -> ModelFiles:
         raise TensorFileError(
             f"{config_path} holds a JSON {type(config).__name__}, not an object", path=str(config_path)
         )
-    return ModelFiles(path=path, config=config, tensors=_open_weights(path))
+    check_companions_contained(path, root)
+    check_companions_parse(path)
+    check_custom_code(path, config)
+    tensors = _open_weights(path, root)
+    try:
+        tensors = read_quantized(path, config, tensors)
+    except BaseException:
+        tensors.close()
+        raise
+    return ModelFiles(path=path, config=config, tensors=tensors)
 
 
-def _open_weights(path: Path) -> TensorSource:
-    if (path / SAFETENSORS_INDEX).is_file():
-        return ShardedSource.from_index(path / SAFETENSORS_INDEX)
-    if (path / "model.safetensors").is_file():
-        return SafetensorsFile(path / "model.safetensors")
-    if (path / PICKLE_INDEX).is_file():
-        return ShardedSource.from_index(path / PICKLE_INDEX)
-    if (path / "pytorch_model.bin").is_file():
-        return PickleCheckpoint(path / "pytorch_model.bin")
-    loose = sorted(p for p in path.glob("*.safetensors") if p.is_file())
+def _open_weights(path: Path, root: Path) -> TensorSource:
+    def inside(name: str) -> Path | None:
+        file = path / name
+        if not os.path.lexists(file):
+            return None
+        contained(root, file, what="weight file")
+        return file if file.is_file() else None
+
+    if index := inside(SAFETENSORS_INDEX):
+        return ShardedSource.from_index(index, root=root)
+    if single := inside("model.safetensors"):
+        return SafetensorsFile(single)
+    if index := inside(PICKLE_INDEX):
+        return ShardedSource.from_index(index, root=root)
+    if single := inside("pytorch_model.bin"):
+        return PickleCheckpoint(single)
+    loose = sorted(p for p in path.glob("*.safetensors") if inside(p.name))
     if len(loose) == 1:
         return SafetensorsFile(loose[0])
     if loose:
@@ -217,3 +245,5 @@ def _read_json(path: Path, what: str) -> object:
         raise TensorFileError(f"cannot read {what} {path}: {error.strerror or error}", path=str(path)) from error
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise TensorFileError(f"{what} {path} is not valid JSON ({error})", path=str(path)) from None
+    except RecursionError:
+        raise TensorFileError(f"{what} {path} is JSON nested too deeply", path=str(path)) from None

@@ -155,19 +155,14 @@ def _read_header(fd: int, size: int, path: Path) -> tuple[dict[str, str], dict[s
             hint="the file is damaged or an interrupted download; download it again",
         )
     raw = os.pread(fd, header_len, 8)
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise corrupt(f"header is not valid JSON ({error})") from None
-    if not isinstance(header, dict):
-        raise corrupt(f"header is a JSON {type(header).__name__}, expected an object")
-
+    header = _parse_json_header(raw, corrupt)
     metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict):
-        raise corrupt("`__metadata__` is not an object")
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise corrupt("`__metadata__` is not an object of strings")
     data_start = 8 + header_len
     data_size = size - data_start
     entries = {}
+    spans = []
     for name, entry in header.items():
         info, begin, end = _parse_entry(name, entry, corrupt)
         if end > data_size:
@@ -177,7 +172,55 @@ def _read_header(fd: int, size: int, path: Path) -> tuple[dict[str, str], dict[s
                 hint="the file is damaged or an interrupted download; download it again",
             )
         entries[name] = (info, begin)
-    return {str(k): str(v) for k, v in metadata.items()}, entries, data_start
+        spans.append((begin, end, name))
+    _check_layout(spans, data_size, corrupt)
+    return metadata, entries, data_start
+
+
+def _parse_json_header(raw: bytes, corrupt) -> dict:
+    """The header's JSON object; duplicate keys, NaN/Infinity and absurd nesting are corrupt."""
+
+    def unique_keys(pairs: list[tuple[str, object]]) -> dict:
+        result = {}
+        for key, value in pairs:
+            if key in result:
+                raise corrupt(f"`{key}` appears twice in the header")
+            result[key] = value
+        return result
+
+    def no_constants(token: str):
+        raise corrupt(f"header holds the non-JSON number {token}")
+
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=unique_keys, parse_constant=no_constants)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise corrupt(f"header is not valid JSON ({error})") from None
+    except RecursionError:
+        raise corrupt("header JSON is nested too deeply") from None
+    if not isinstance(header, dict):
+        raise corrupt(f"header is a JSON {type(header).__name__}, expected an object")
+    return header
+
+
+def _check_layout(spans: list[tuple[int, int, str]], data_size: int, corrupt) -> None:
+    """Tensors tile the data section: in order, no overlap, no gap, nothing after the last.
+
+    An overlap would let one tensor silently alias another's bytes; a gap or trailing bytes
+    mean the header does not describe the file (the reference implementation refuses both).
+    """
+    position, previous = 0, None
+    for begin, end, name in sorted(spans):
+        if begin < position:
+            raise corrupt(f"tensors `{previous}` and `{name}` overlap (bytes {begin} to {position} of the data)")
+        if begin > position:
+            after = f"after tensor `{previous}`" if previous else "before the first tensor"
+            raise corrupt(
+                f"{begin - position} unused bytes in the data section {after} (tensor `{name}` starts at {begin})"
+            )
+        position, previous = end, name
+    if position != data_size:
+        after = f"after the last tensor `{previous}`" if previous else "but no tensors"
+        raise corrupt(f"the data section has {data_size - position} bytes {after}")
 
 
 def _parse_entry(name: str, entry: object, corrupt) -> tuple[TensorInfo, int, int]:

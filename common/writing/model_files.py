@@ -11,23 +11,9 @@ import torch
 
 from mksuite.common.arch import set_config_value
 from mksuite.common.dtypes import dtype_name
-
-# Files that make up a tokenizer (and its generation defaults) in a model directory.
-TOKENIZER_FILES = (
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.json",
-    "tokenizer.model",
-    "added_tokens.json",
-    "merges.txt",
-    "vocab.json",
-    "vocab.txt",
-    "chat_template.jinja",
-    "chat_template.json",
-    "generation_config.json",
-)
-# Architecture "tagalong" files some multimodal models need next to their weights.
-TAGALONG_FILES = ("preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json")
+from mksuite.common.errors import ArchitectureError
+from mksuite.common.loading.companions import custom_code_files
+from mksuite.common.loading.containment import TAGALONG_FILES, TOKENIZER_FILES, contained, model_root
 
 
 def write_config(
@@ -37,24 +23,36 @@ def write_config(
     dtype: torch.dtype | None = None,
     updates: dict[str, object] | None = None,
     transform: Callable[[dict], dict] | None = None,
+    code_from: Path | None = None,
 ) -> dict:
     """Write ``config.json``: the donor's config with only the given fields changed.
 
     Edited as JSON rather than through transformers so fields the installed transformers does
     not know survive untouched. ``updates`` keys may be dotted paths (``text_config.x``);
     ``transform`` (given a copy, returning the final dict) makes structural edits such as
-    rebuilding per-layer lists.
+    rebuilding per-layer lists. ``code_from``: the donor directory, whose custom code files
+    (named by the written config's ``auto_map``) are copied along, never imported.
     """
     config = json.loads(json.dumps(config))  # deep copy; never mutate the donor's dict
+    # Quantized inputs are dequantized when read (others are refused), so no output is quantized.
+    for holder in (config, config.get("text_config")):
+        if isinstance(holder, dict):
+            holder.pop("quantization_config", None)
     if dtype is not None:
         name = dtype_name(dtype)
         keys = [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]
         for key in keys:
             config[key] = name
     for key, value in (updates or {}).items():
-        set_config_value(config, key, value)
+        try:
+            set_config_value(config, key, value)
+        except TypeError as error:  # the donor's config has a non-object where the key needs one
+            raise ArchitectureError(f"cannot set `{key}` in the donor's config.json: {error}") from None
     if transform is not None:
         config = transform(config)
+    if code_from is not None:
+        for name in custom_code_files(Path(code_from), config):
+            _copy_nested(code_from, name, directory)
     with open(Path(directory) / "config.json", "w") as handle:
         json.dump(config, handle, indent=2, sort_keys=True)
         handle.write("\n")
@@ -64,15 +62,36 @@ def write_config(
 def copy_tokenizer_files(donor: Path, directory: Path) -> list[str]:
     """Copy the donor's tokenizer (and tagalong) files that exist; returns the names copied."""
     copied = []
-    for name in TOKENIZER_FILES + TAGALONG_FILES:
-        source = Path(donor) / name
-        if source.is_file():
-            shutil.copyfile(source, Path(directory) / name)
+    names = [*TOKENIZER_FILES, *TAGALONG_FILES, *(p.name for p in sorted(Path(donor).glob("*.tiktoken")))]
+    for name in names:
+        if copy_model_file(donor, name, directory):
             copied.append(name)
-    for source in sorted(Path(donor).glob("*.tiktoken")):
-        shutil.copyfile(source, Path(directory) / source.name)
-        copied.append(source.name)
+    if "tokenizer_config.json" in copied:  # a custom tokenizer class needs its code next to it
+        tokenizer_config = json.loads((Path(directory) / "tokenizer_config.json").read_text(encoding="utf-8"))
+        for name in custom_code_files(Path(donor), tokenizer_config, source="tokenizer_config.json"):
+            _copy_nested(donor, name, directory)
+            copied.append(name)
     return copied
+
+
+def _copy_nested(donor: Path, name: str, directory: Path) -> None:
+    """Copy a custom code file, possibly in a package folder (`pkg/module.py`)."""
+    (Path(directory) / name).parent.mkdir(parents=True, exist_ok=True)
+    copy_model_file(donor, name, directory)
+
+
+def copy_model_file(donor: Path, name: str, directory: Path) -> bool:
+    """Copy ``donor/name`` into ``directory`` if it exists; never from outside the donor's root.
+
+    Inputs were checked when opened; checking again here keeps a file swapped for a symlink
+    in the meantime (or a donor that did not come through open_model) out of the output.
+    """
+    source = Path(donor) / name
+    if not source.is_file():
+        return False
+    resolved = contained(model_root(donor), source, what="file")
+    shutil.copyfile(resolved, Path(directory) / name)
+    return True
 
 
 def looks_like_hub_id(reference: str) -> bool:

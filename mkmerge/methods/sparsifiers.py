@@ -18,42 +18,53 @@ import torch
 
 from mkmerge.methods.reductions import BLOCK
 from mkmerge.methods.sort_order import ASCENDING, DESCENDING, first_masks
-from mksuite.common.errors import MergeError
+from mksuite.common.errors import MergeError, RecipeError
 
 # --- parameter checks (no tensor data needed)
 
 
 def check_sparsifier_parameters(sparsifier: str, density: float, numel: int, options: Mapping[str, float]) -> None:
-    """Raise the MergeError sparsifier ``sparsifier`` would raise on a delta of ``numel`` entries.
+    """Raise the error sparsifier ``sparsifier`` would raise on a delta of ``numel`` entries.
 
-    ``options`` holds the model's other per-model parameters (``gamma``, ``epsilon``).
-    Density ≥ 1 keeps everything, so nothing else is checked then.
+    ``options`` holds the model's other per-model parameters (``gamma``, ``epsilon``). A value
+    outside its domain is the recipe's fault (RecipeError, exit 2); a valid density that keeps
+    nothing of this particular tensor is a MergeError (exit 7). Density ≥ 1 keeps everything,
+    so nothing else is checked then.
     """
     if density >= 1:
         return
+    if density < 0:
+        raise RecipeError(
+            f"density {density:g} is negative; it is the fraction of delta entries kept",
+            field="density",
+            hint="set `density` between 0 and 1",
+        )
     if sparsifier == "magnitude":
         _require_kept(density, numel)
     elif sparsifier == "breadcrumbs":
         gamma = float(options["gamma"])
         if not 0 <= gamma <= 1:
-            raise MergeError(
+            raise RecipeError(
                 f"gamma {gamma:g} is not a fraction between 0 and 1 "
                 "(it is the share of largest-magnitude delta entries dropped as outliers)",
+                field="gamma",
                 hint="set `gamma` between 0 and 1 (default 0.01)",
             )
         _require_kept(density, numel)
     elif sparsifier == "della":
         epsilon = float(options["epsilon"])
         if epsilon < 0:
-            raise MergeError(
+            raise RecipeError(
                 f"epsilon {epsilon:g} is negative; it is the half-width of DELLA's keep-probability range",
+                field="epsilon",
                 hint="set `epsilon` to 0 or more (default 0.15)",
             )
         if density > 0 and not (density - epsilon > 0 and density + epsilon < 1):
-            raise MergeError(
+            raise RecipeError(
                 f"DELLA keeps entries with probabilities from density − epsilon to density + epsilon, "
                 f"which must lie strictly between 0 and 1; density {density:g} and epsilon {epsilon:g} "
                 f"give {density - epsilon:g} to {density + epsilon:g}",
+                field="epsilon",
                 hint="lower `epsilon` or move `density` away from 0 and 1 "
                 "so that 0 < density − epsilon and density + epsilon < 1",
             )

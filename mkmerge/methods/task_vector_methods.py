@@ -30,7 +30,7 @@ from mkmerge.methods.task_arithmetic import (
     task_vector_merge,
 )
 from mkmerge.methods.working_set import WorkingSet
-from mksuite.common.errors import MergeError
+from mksuite.common.errors import MergeError, RecipeError
 
 DENSITY = ParameterSpec("density", per_model=True, default=1.0, help="fraction of delta entries kept")
 LAMBDA = ParameterSpec("lambda", per_model=False, default=1.0, help="scale of the merged delta")
@@ -139,6 +139,9 @@ def _sparsifier_check(variant: TaskVectorVariant) -> Callable[[PlannedInputs], N
                 check_sparsifier_parameters(variant.sparsifier, p["density"], numel, p)
             except MergeError as error:
                 raise MergeError(f"{model}, tensor {planned.tensor_name}: {error.message}", hint=error.hint) from None
+            except RecipeError as error:
+                where = f"{model}, tensor {planned.tensor_name}: {error.bare_message}"
+                raise RecipeError(where, field=error.field, hint=error.hint) from None
 
     return check
 

@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mkmerge.vocab.strip import strip_tokenizer
-from mksuite.common.errors import MergeError
+from mksuite.common.errors import ModelFileError
+from mksuite.common.loading.companions import check_companions_parse
+from mksuite.common.loading.containment import check_companions_contained
 
 if TYPE_CHECKING:  # transformers and tokenizers take ~1.3 s to import: only runs that build tokenizers pay
     from tokenizers import AddedToken
@@ -20,13 +22,16 @@ ADDED_TOKEN_SETTINGS = ("special", "single_word", "lstrip", "rstrip", "normalize
 
 
 def load_tokenizer(path: Path, *, model: str):
-    """The tokenizer stored with a model; MergeError naming the model when there is none."""
+    """The tokenizer stored with a model; ModelFileError (exit 4) naming the model when there is none."""
+    # A tokenizer source need not be an input model, so it may not have been checked at open.
+    check_companions_contained(Path(path))
+    check_companions_parse(Path(path))
     try:
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(str(path))
     except Exception as error:  # transformers raises OSError, ValueError, KeyError... for unusable files
-        raise MergeError(
+        raise ModelFileError(
             f"cannot load the tokenizer of {model} from {path}: {error}",
             hint="the tokenizer source needs tokenizer files (tokenizer.json or tokenizer.model) next to the weights",
         ) from None
@@ -46,7 +51,7 @@ class TokenizerCache:
         if path not in self._loaded or (required and self._loaded[path] is None):
             try:
                 self._loaded[path] = load_tokenizer(path, model=model)
-            except MergeError as error:
+            except ModelFileError as error:
                 if required:
                     raise
                 warnings.warn(
@@ -57,7 +62,7 @@ class TokenizerCache:
         return self._loaded[path]
 
     def copy(self, path: Path, *, model: str):
-        """A private copy of a model's tokenizer (MergeError if it has none)."""
+        """A private copy of a model's tokenizer (ModelFileError if it has none)."""
         return copy.deepcopy(self.get(path, model=model, required=True))
 
 

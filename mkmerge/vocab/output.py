@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import copy
-import shutil
 import warnings
 from pathlib import Path
 
 from mkmerge.vocab.build import load_tokenizer
-from mksuite.common.errors import MergeError
+from mksuite.common.errors import ModelFileError
 from mksuite.common.writing import copy_tokenizer_files
-from mksuite.common.writing.model_files import TAGALONG_FILES
+from mksuite.common.writing.model_files import TAGALONG_FILES, copy_model_file
 
 # Files that belong next to a tokenizer but are not written by its save_pretrained.
 COMPANION_FILES = ("generation_config.json", *TAGALONG_FILES)
@@ -34,7 +33,7 @@ def write_tokenizer(directory: Path, *, built, donor: Path, chat_template: str |
     else:
         try:
             tokenizer = load_tokenizer(donor, model=str(donor))
-        except MergeError as error:
+        except ModelFileError as error:
             warnings.warn(f"{error.message}; copying its tokenizer files without the chat template", stacklevel=2)
             copy_tokenizer_files(donor, directory)
             return
@@ -51,6 +50,4 @@ def _save(tokenizer, directory: Path, chat_template: str | None) -> None:
 
 def _copy_companions(donor: Path, directory: Path) -> None:
     for name in COMPANION_FILES:
-        source = Path(donor) / name
-        if source.is_file():
-            shutil.copyfile(source, Path(directory) / name)
+        copy_model_file(donor, name, directory)

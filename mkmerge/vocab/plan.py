@@ -27,7 +27,7 @@ from mkmerge.vocab.chat_templates import BUILTIN_TEMPLATES, check_jinja, most_co
 from mkmerge.vocab.rows import Member, RowSources, TokenRule, row_sources
 from mkmerge.vocab.strip import strip_tokenizer
 from mksuite.common.arch import ArchitectureDefinition, WeightInfo, get_config_value
-from mksuite.common.errors import MergeError, MissingTensorError, RecipeError, ShapeMismatchError
+from mksuite.common.errors import MissingTensorError, ModelFileError, RecipeError, ShapeMismatchError
 from mksuite.common.graph import CastTensor, LoadTensor, Task
 from mksuite.common.input_models import OpenedModel, open_input_models
 from mksuite.common.loading import ModelReference, resolve_model_path
@@ -304,7 +304,7 @@ def written_vocab_size(embed_rows: Mapping[str, int], donor: OpenedModel, cache:
     (written,) = rows
     try:
         vocab = cache.get(donor.path, model=str(donor.ref), required=True).get_vocab()
-    except MergeError:
+    except ModelFileError:
         vocab = {}  # no tokenizer to copy, nothing to warn about
     beyond = [token for token, index in vocab.items() if index >= written]
     past = f". Its tokenizer, copied to the output, has {len(beyond)} tokens past that ({_listing(beyond)})"

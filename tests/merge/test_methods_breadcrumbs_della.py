@@ -18,7 +18,7 @@ from mkmerge.methods.sparsifiers import (
     magnitude_sparsify,
 )
 from mkmerge.methods.task_arithmetic import sparsify, task_vector_merge
-from mksuite.common.errors import MergeError
+from mksuite.common.errors import MergeError, RecipeError
 
 from method_helpers import bits, threads
 
@@ -135,11 +135,11 @@ def test_breadcrumbs_shrinks_the_outlier_cut_when_density_and_gamma_exceed_the_t
     assert kept.tolist() == list(range(1, 20)) + [0]
 
 
-def test_breadcrumbs_keeping_nothing_or_a_gamma_outside_zero_to_one_is_a_merge_error():
+def test_breadcrumbs_keeping_nothing_is_a_merge_error_and_a_gamma_outside_zero_to_one_a_recipe_error():
     with pytest.raises(MergeError, match=r"density 0\.05 .* tensor with 10 elements"):
         breadcrumbs_sparsify(torch.ones(10), 0.05, 0.01)
     for gamma in (-0.1, 1.5):
-        with pytest.raises(MergeError, match="gamma") as info:
+        with pytest.raises(RecipeError, match="gamma") as info:
             breadcrumbs_sparsify(torch.ones(10), 0.5, gamma)
         assert "between 0 and 1" in info.value.hint
 
@@ -211,15 +211,15 @@ def test_della_density_of_zero_or_less_drops_everything_and_one_keeps_everything
 
 
 @pytest.mark.parametrize("density, epsilon", [(0.1, 0.15), (0.15, 0.15), (0.9, 0.1), (0.95, 0.15)])
-def test_della_probabilities_outside_zero_to_one_are_a_merge_error(density, epsilon):
-    with pytest.raises(MergeError, match=r"density − epsilon to density \+ epsilon") as info:
+def test_della_probabilities_outside_zero_to_one_are_a_recipe_error(density, epsilon):
+    with pytest.raises(RecipeError, match=r"density − epsilon to density \+ epsilon") as info:
         della_sparsify(torch.randn(4, 4), density, epsilon, torch.Generator().manual_seed(1))
     assert f"density {density:g} and epsilon {epsilon:g}" in info.value.message
     assert "0 < density − epsilon and density + epsilon < 1" in info.value.hint
 
 
-def test_della_negative_epsilon_is_a_merge_error():
-    with pytest.raises(MergeError, match="epsilon -0.1 is negative"):
+def test_della_negative_epsilon_is_a_recipe_error():
+    with pytest.raises(RecipeError, match="epsilon -0.1 is negative"):
         check_sparsifier_parameters("della", 0.5, 16, {"epsilon": -0.1})
 
 

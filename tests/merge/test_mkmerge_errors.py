@@ -262,7 +262,7 @@ def test_della_probabilities_outside_zero_to_one_are_refused_before_reading(tmp_
     )
     result, out, _ = run_mkmerge(tmp_path, recipe)
     report = assert_refused(
-        result, out, MergeError, str(ft2), "tensor model.embed_tokens.weight", "density 0.8 and epsilon 0.25"
+        result, out, RecipeError, str(ft2), "tensor model.embed_tokens.weight", "density 0.8 and epsilon 0.25"
     )
     assert "density + epsilon < 1" in report
     assert tensor_reads == []
@@ -272,7 +272,7 @@ def test_breadcrumbs_gamma_outside_zero_to_one_is_refused_before_reading(tmp_pat
     base, ft1, _ = family
     recipe = task_vector_recipe("breadcrumbs_ties", base, (ft1, "weight: 1, density: 0.5, gamma: -0.1"))
     result, out, _ = run_mkmerge(tmp_path, recipe)
-    assert_refused(result, out, MergeError, str(ft1), "gamma -0.1 is not a fraction between 0 and 1")
+    assert_refused(result, out, RecipeError, str(ft1), "gamma -0.1 is not a fraction between 0 and 1")
     assert tensor_reads == []
 
 
