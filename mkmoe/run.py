@@ -11,7 +11,7 @@ from mkmoe.plan import MoePlan, plan_moe
 from mkmoe.tasks import GATES_SOURCE, MemorySource
 from mksuite.common.build import BuildOptions, build_model
 from mksuite.common.graph import ProgressListener, RunStats
-from mksuite.common.writing import copy_tokenizer_files, write_config
+from mksuite.common.writing import copy_tokenizer_files, write_config, write_model_card
 from mksuite.common.writing.output_dir import output_directory
 from mksuite.common.writing.output_guard import file_input, model_inputs
 
@@ -52,6 +52,23 @@ def run_moe(
             copy_tokenizer_files(plan.base.path, directory)
         if write_card:
             (directory / RECIPE_COPY).write_text(config.text)
+            _card(plan, directory, output.final.name)
 
     stats = build_model(plan.outputs, sources, output, options, finalize=finalize, listener=listener, inputs=inputs)
     return plan, stats
+
+
+def _card(plan: MoePlan, directory: Path, title: str) -> None:
+    config = plan.config
+    experts = [str(e.source_model) for e in config.experts + config.shared_experts]
+    write_model_card(
+        directory,
+        title=title,
+        tool="mkmoe",
+        method_name=f"Mixture of Experts ({plan.arch.class_name}, {len(config.experts)} experts, "
+        f"{config.gate_mode} gates)",
+        method_url=None,
+        base_model=str(config.base_model),
+        models=experts,
+        recipe_text=config.text,
+    )

@@ -124,7 +124,7 @@ def write_model_card(
         lines.append("base_model:")
         lines += [f"- {m}" for m in dict.fromkeys(hub_ids)]
     lines += ["library_name: transformers", "tags:", "- mergekit", "- merge", f"- {tool}", "---", f"# {title}", ""]
-    lines.append(f"This model was built with [mksuite](https://github.com/mksuite/mksuite) `{tool}`.")
+    lines.append(f"This model was built with mksuite's `{tool}` (version {_version()}).")
     lines.append("")
     method = f"[{method_name}]({method_url})" if method_url else method_name
     sentence = f"It was merged using the {method} merge method"
@@ -140,3 +140,13 @@ def write_model_card(
         lines.append("")
     lines += ["## Recipe", "", "```yaml", recipe_text.rstrip("\n"), "```", ""]
     (Path(directory) / "README.md").write_text("\n".join(lines))
+
+
+def _version() -> str:
+    """The installed mksuite's version (the card says which tool built the model)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mksuite")
+    except PackageNotFoundError:
+        return "unknown"

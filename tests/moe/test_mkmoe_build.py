@@ -208,7 +208,10 @@ def test_output_has_the_base_tokenizer_byte_for_byte_and_the_config_copy(tiny_fa
     for name in ("tokenizer.json", "tokenizer_config.json"):
         assert (out / name).read_bytes() == (base / name).read_bytes()
     assert (out / "mergekit_moe_config.yml").read_text() == text
-    assert not (out / "README.md").exists()
+    card = (out / "README.md").read_text()
+    assert "Mixture of Experts" in card and "hidden gates" in card and "mkmoe" in card
+    assert str(base) in card and str(ft1) in card and str(ft2) in card and text.strip() in card
+    assert "https://" not in card  # local models: no links, and no address invented for the tool
 
 
 def test_dtype_sets_tensor_and_config_dtype(tiny_family, tmp_path):
