@@ -6,7 +6,7 @@ import functools
 import importlib.resources
 import json
 import re
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from types import MappingProxyType
 
 from mksuite.common.errors import ArchitectureError
@@ -90,12 +90,14 @@ def find_architecture(
 
 def candidate_architectures(
     config: dict, definitions: Mapping[str, ArchitectureDefinition] | None = None
-) -> list[ArchitectureDefinition]:
+) -> Iterator[ArchitectureDefinition]:
     """Every description that may fit ``config``, best first, each bound to it.
 
     A shipped definition claiming the config's class and model_type (an override) comes
     first, then the one transformers' own class implies, then shipped definitions that claim
-    only the class name (a checkpoint that borrowed another family's class name).
+    only the class name (a checkpoint that borrowed another family's class name). Lazily:
+    deriving a description imports the model's transformers code (seconds), which a fitting
+    override makes unnecessary.
     """
     from .derived import derive_architecture
 
@@ -105,15 +107,19 @@ def candidate_architectures(
         definitions = _shipped()
     claimants = [d for d in definitions.values() if name in d.architectures]
     exact = [d for d in claimants if d.model_type == config.get("model_type")]
-    derived = derive_architecture(config)
-    ordered = [*exact, *([derived] if derived is not None else []), *(d for d in claimants if d not in exact)]
-    bound = []
-    for definition in ordered:
+
+    def ordered() -> Iterator[ArchitectureDefinition | None]:
+        yield from exact
+        yield derive_architecture(config)
+        yield from (d for d in claimants if d not in exact)
+
+    for definition in ordered():
+        if definition is None:
+            continue
         try:
-            bound.append(definition.for_config(config))
+            yield definition.for_config(config)
         except ArchitectureError:
             continue  # e.g. an expert-count key this config lacks: the next candidate may fit
-    return bound
 
 
 def coverage(definition: ArchitectureDefinition, config: dict, tensor_names: Collection[str]) -> float:
@@ -142,11 +148,12 @@ _NEARLY_ALL = 0.9
 def choose_architecture(config: dict, tensor_names: Collection[str]) -> ArchitectureDefinition | None:
     """The first candidate description whose required tensors the model stores; else the best
     one that stores nearly all of them; None when none comes close (the caller infers one)."""
-    candidates = candidate_architectures(config)
-    scored = [(coverage(d, config, tensor_names), d) for d in candidates]
-    for score, definition in scored:
+    scored = []
+    for definition in candidate_architectures(config):
+        score = coverage(definition, config, tensor_names)
         if score == 1.0:
             return definition
+        scored.append((score, definition))
     best = max(scored, key=lambda pair: pair[0], default=(0.0, None))
     return best[1] if best[0] >= _NEARLY_ALL else None
 
