@@ -33,7 +33,7 @@ from mksuite.common.recipe import (
     DType,
     FieldProblem,
     LineTable,
-    ModelRef,
+    ModelReferenceField,
     ParameterSetting,
     RecipeWarning,
     model_reference,
@@ -151,14 +151,14 @@ class RecipeModel(BaseModel):
 class InputModel(RecipeModel):
     """An entry of ``models:``."""
 
-    model: ModelRef
+    model: ModelReferenceField
     parameters: Parameters = Field(default_factory=dict)
 
 
 class InputSlice(RecipeModel):
     """A source of an output slice: layers ``layer_range`` of ``model``."""
 
-    model: ModelRef
+    model: ModelReferenceField
     layer_range: LayerRangeField
     parameters: Parameters = Field(default_factory=dict)
 
@@ -167,7 +167,7 @@ class OutputSlice(RecipeModel):
     """An entry of ``slices:``; every source spans the same number of layers."""
 
     sources: tuple[InputSlice, ...] = Field(min_length=1)
-    base_model: ModelRef | None = None
+    base_model: ModelReferenceField | None = None
     parameters: Parameters = Field(default_factory=dict)
     residual_weight: Any = None  # accepted for mergekit compatibility; has no effect
 
@@ -247,7 +247,7 @@ class MergeRecipe(RecipeModel):
     models: tuple[InputModel, ...] | None = Field(default=None, min_length=1)
     slices: tuple[OutputSlice, ...] | None = Field(default=None, min_length=1)
     modules: dict[StrictStr, ModuleRecipe] | None = Field(default=None, min_length=1)
-    base_model: ModelRef | None = None
+    base_model: ModelReferenceField | None = None
     parameters: Parameters = Field(default_factory=dict)
     dtype: DType | None = None
     out_dtype: DType | None = None

@@ -33,7 +33,7 @@ from mksuite.common.recipe import (
     DType,
     FieldProblem,
     LineTable,
-    ModelRef,
+    ModelReferenceField,
     UnknownKey,
     document_mapping,
     emit,
@@ -67,7 +67,7 @@ class ExpertConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="ignore", arbitrary_types_allowed=True)
 
-    source_model: ModelRef
+    source_model: ModelReferenceField
     positive_prompts: Prompts = ()
     negative_prompts: Prompts = ()
     noise_scale: float | None = None
@@ -90,7 +90,7 @@ class MoeConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="ignore", arbitrary_types_allowed=True)
 
-    base_model: ModelRef
+    base_model: ModelReferenceField
     experts: tuple[ExpertConfig, ...] = Field(min_length=1)
     shared_experts: Annotated[tuple[ExpertConfig, ...], BeforeValidator(_none_to_empty)] = ()
     gate_mode: StrictStr = "hidden"

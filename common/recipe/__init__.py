@@ -31,7 +31,14 @@ from mksuite.common.recipe.parameters import (
 )
 from mksuite.common.recipe.suggest import closest, is_slip_of, suggestion
 from mksuite.common.recipe.text import read_recipe_file
-from mksuite.common.recipe.values import DTYPE_NAMES, DType, ModelRef, dtype_from_name, dtypes, model_reference
+from mksuite.common.recipe.values import (
+    DTYPE_NAMES,
+    DType,
+    ModelReferenceField,
+    dtype_from_name,
+    dtypes,
+    model_reference,
+)
 from mksuite.common.recipe.yaml_lines import (
     MAX_DEPTH,
     MAX_NODES,
@@ -54,7 +61,7 @@ __all__ = [
     "DType",
     "FieldProblem",
     "LineTable",
-    "ModelRef",
+    "ModelReferenceField",
     "ParameterSetting",
     "RecipeWarning",
     "SettingProblem",

@@ -63,6 +63,7 @@ def dtype_from_name(value: Any) -> torch.dtype:
     )
 
 
-ModelRef = Annotated[ModelReference, PlainValidator(model_reference)]
+ModelReferenceField = Annotated[ModelReference, PlainValidator(model_reference)]
+"""A pydantic field holding a :class:`ModelReference`, parsed from the recipe's string."""
 DType = Annotated[Any, PlainValidator(dtype_from_name)]
 """A ``torch.dtype`` field, given by name in the recipe."""

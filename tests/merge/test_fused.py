@@ -195,7 +195,7 @@ def test_slerp_mix_matches_the_torch_form(monkeypatch, t, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_a_cut_among_zero_deltas_needs_no_replay_and_gives_the_torch_forms_bits(monkeypatch, dtype):
-    from mkmerge.methods import task_arithmetic
+    from mkmerge.methods import task_vector_fused
 
     base, tensors = _family(2, seed=5, dtype=dtype)
     for t in tensors:  # half of each delta exactly zero (signed zeros included): the cut falls among them
@@ -207,7 +207,7 @@ def test_a_cut_among_zero_deltas_needs_no_replay_and_gives_the_torch_forms_bits(
         raise AssertionError("a zero threshold was replayed")
 
     with monkeypatch.context() as patch:
-        patch.setattr(task_arithmetic, "_sorted_ties", no_replay)
+        patch.setattr(task_vector_fused, "_sorted_ties", no_replay)
         merged = task_vector_merge(**kwargs)
     assert _same_bits(merged, _torch_form(monkeypatch, **kwargs))  # the torch form keeps torch's exact set
 
