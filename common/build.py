@@ -46,6 +46,9 @@ class BuildOptions:
     notify: Callable[[str], None] | None = None
     # mkmerge: cut embeddings of different vocabulary sizes to the smallest instead of refusing.
     unsafe_truncate_embeddings: bool = False
+    # The more accurate arithmetic where mergekit rounds to the merge dtype (mkmerge's L1
+    # rescale factor and arcee_fusion, mkmoe's gate forward pass in float32).
+    precise: bool = False
 
 
 def output_layout(outputs: Sequence[OutputTensor], shard_size: int):

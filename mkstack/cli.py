@@ -116,7 +116,7 @@ OutDTypeOpt = Annotated[
 ]
 
 
-@shared_options(exclude=("as_json", "lora_merge_cache", "unsafe_truncate_embeddings"))
+@shared_options(exclude=("as_json", "lora_merge_cache", "unsafe_truncate_embeddings", "precise"))
 def stack(
     paths: Paths = None,
     slices: SliceOpt = None,

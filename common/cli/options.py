@@ -69,6 +69,15 @@ class SharedOptions:
             panel=RUN,
         ),
     ] = "5G"
+    precise: Annotated[
+        bool,
+        _flag(
+            "--precise",
+            "More accurate arithmetic where mergekit rounds to the merge dtype (ties/dare rescale, "
+            "slerp, arcee_fusion, mkmoe hidden gates); default: mergekit's numbers.",
+            RUN,
+        ),
+    ] = False
     allow_crimes: Annotated[
         bool, _flag("--allow-crimes/--no-allow-crimes", "Allow inputs of different architectures.", MODELS)
     ] = False
@@ -171,6 +180,7 @@ class SharedOptions:
             verify=self.verify,
             notify=_notify,
             unsafe_truncate_embeddings=self.unsafe_truncate_embeddings,
+            precise=self.precise,
         )
 
     def explanations(self) -> list[str]:
