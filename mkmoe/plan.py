@@ -12,11 +12,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mkmoe.architectures import MIXTRAL, QWEN2_MOE, OutputArchitecture, check_inputs, choose_architecture, moe_config
+from mkmoe.architectures import check_inputs, choose_architecture, moe_config
 from mkmoe.config import MoeConfig
-from mkmoe.layouts import LAYOUTS, PROJECTIONS, ExpertMlp, block_outputs, is_block_weight, router_name, shared_gate_name
+from mkmoe.layouts import LAYOUTS, ExpertMlp, block_outputs, is_block_weight, router_name, shared_gate_name
+from mkmoe.outputs import MIXTRAL, PROJECTIONS, QWEN2_MOE, MoeShape, OutputArchitecture
 from mkmoe.tasks import ZerosTensor
-from mksuite.common.arch import WeightInfo, load_definitions
+from mksuite.common.arch import ArchitectureDefinition, WeightInfo, load_definitions
+from mksuite.common.arch.derived import derive_architecture
 from mksuite.common.dtypes import FLOAT_DTYPES
 from mksuite.common.errors import ArchitectureError, MissingTensorError, ShapeMismatchError
 from mksuite.common.graph import CastTensor, LoadTensor, OutputTensor, Task
@@ -64,18 +66,16 @@ def plan_moe(config: MoeConfig, *, layout: str = "classic", cache_dir: str | Non
     layers, hidden = base.num_layers, int(base.config["hidden_size"])
     dtype = config.dtype or _config_dtype(base)
     experts = [[_expert_mlp(config, models, i, layer) for i in range(len(config.experts))] for layer in range(layers)]
-    shared = [
-        _expert_mlp(config, models, 0, layer, shared=True) if arch is QWEN2_MOE else None for layer in range(layers)
-    ]
-    intermediate = _common_intermediate_size(config, experts)
-    output_config = moe_config(
-        arch,
-        base.config,
-        num_experts=len(config.experts),
+    has_shared = arch.gated_shared_expert and bool(config.shared_experts)
+    shared = [_expert_mlp(config, models, 0, layer, shared=True) if has_shared else None for layer in range(layers)]
+    shape = MoeShape(
+        layers=layers,
+        experts=len(config.experts),
         experts_per_token=config.experts_per_token,
-        intermediate_size=intermediate,
+        intermediate_size=_common_intermediate_size(config, experts),
         shared_intermediate_size=shared[0].intermediate_size if shared[0] is not None else None,
     )
+    output_config = moe_config(arch, base.config, shape)
     outputs = _BaseTensors(base, arch, dtype).plan(output_config, layers, layout, experts, shared, hidden)
     if arch is MIXTRAL and len(config.experts) & (len(config.experts) - 1):
         warnings.warn(
@@ -94,7 +94,7 @@ def plan_moe(config: MoeConfig, *, layout: str = "classic", cache_dir: str | Non
         outputs=outputs,
         output_config=output_config,
         router_names=[router_name(arch, layout, layer) for layer in range(layers)],
-        shared_gate_names=[shared_gate_name(layer) for layer in range(layers)] if arch is QWEN2_MOE else [],
+        shared_gate_names=[shared_gate_name(layer) for layer in range(layers)] if has_shared else [],
     )
 
 
@@ -160,6 +160,20 @@ def _common_intermediate_size(config: MoeConfig, experts: list[list[ExpertMlp]])
     return experts[0][0].intermediate_size
 
 
+def output_definition(arch: OutputArchitecture, output_config: dict) -> ArchitectureDefinition:
+    """The output's tensor names: its shipped definition, else what transformers' own class saves."""
+    if arch.definition is not None:
+        return load_definitions()[arch.definition].for_config(output_config)
+    derived = derive_architecture(output_config)
+    if derived is None:
+        raise ArchitectureError(
+            f"the installed transformers cannot build {arch.class_name} from the output config, "
+            "so its tensor names are unknown",
+            hint="check the base model's config.json",
+        )
+    return derived.for_config(output_config)
+
+
 class _BaseTensors:
     """Plans every output tensor; non-MLP tensors come from the base model, cast to the output dtype."""
 
@@ -168,7 +182,7 @@ class _BaseTensors:
         self.used: set[str] = set()
 
     def plan(self, output_config, layers, layout, experts, shared, hidden) -> list[OutputTensor]:
-        definition = load_definitions()[self.arch.definition].for_config(output_config)
+        definition = output_definition(self.arch, output_config)
         outputs = [o for w in definition.pre_weights(layers) if (o := self._copy(w)) is not None]
         for layer in range(layers):
             for weight in definition.layer_weights(layer, layers):
