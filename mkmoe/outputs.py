@@ -135,14 +135,16 @@ def _cohere2_moe(config: dict, shape: MoeShape) -> None:
     )
 
 
+# Types whose decoder layer is Llama's exactly (no biases, RMSNorm before attention and MLP, plain RoPE).
+_LLAMA_LIKE = ("llama", "mistral", "internlm3", "iquestcoder")
 MIXTRAL = OutputArchitecture(
-    "mixtral", "Mixtral", "mixtral", "MixtralForCausalLM", ("llama", "mistral"), "num_local_experts",
+    "mixtral", "Mixtral", "mixtral", "MixtralForCausalLM", _LLAMA_LIKE, "num_local_experts",
     BlockNames("block_sparse_moe", "gate.weight", ("experts.{e}.w1.weight", "experts.{e}.w3.weight",
                                                    "experts.{e}.w2.weight")),
     _mixtral, definition="mixtral",
 )  # fmt: skip
 QWEN2_MOE = OutputArchitecture(
-    "qwen", "Qwen2-MoE", "qwen2_moe", "Qwen2MoeForCausalLM", ("llama", "mistral", "qwen2"), "num_experts",
+    "qwen", "Qwen2-MoE", "qwen2_moe", "Qwen2MoeForCausalLM", (*_LLAMA_LIKE, "qwen2", "seed_oss"), "num_experts",
     _PER_EXPERT, _qwen2_moe, definition="qwen2_moe", gated_shared_expert=True,
 )  # fmt: skip
 QWEN3_MOE = OutputArchitecture(

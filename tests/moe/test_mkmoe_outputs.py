@@ -28,6 +28,8 @@ PAIRINGS = {
     "ernie4_5_moe": "ernie4_5",
     "cohere2_moe": "cohere2",
 }
+# Further dense types of the Mixtral / Qwen2-MoE outputs: (output key, dense type)
+MORE_BASES = [("mixtral", "internlm3"), ("mixtral", "iquestcoder"), ("qwen", "seed_oss")]
 # Longer than the tiny sliding window (16), so windowed layers are exercised.
 LONG_IDS = [1, 5, 9, 20, 33, 7, 100, 14, 3, 60, 70, 12, 8, 9, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43]
 LAYERS = 3
@@ -67,6 +69,19 @@ def test_moe_of_identical_experts_gives_the_dense_logits(key, layout, families, 
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == OUTPUT_ARCHITECTURES[key].model_type
     torch.testing.assert_close(_logits(out), _logits(base), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("key,model_type", MORE_BASES, ids=str)
+def test_more_dense_types_give_mixtral_or_qwen2_moe_with_the_dense_logits(key, model_type, families, tmp_path):
+    base, (ft1, _) = families(model_type)
+    text = moe_yaml(base, [base, base], gate_mode="random", architecture=key)
+    out = build(tmp_path / "moe", text, acknowledge=True)
+    assert json.loads((out / "config.json").read_text())["model_type"] == OUTPUT_ARCHITECTURES[key].model_type
+    torch.testing.assert_close(_logits(out), _logits(base), atol=1e-5, rtol=0)
+    inferred = build(tmp_path / "inferred", moe_yaml(base, [base, ft1], gate_mode="random"))
+    assert json.loads((inferred / "config.json").read_text())["model_type"] == (
+        "qwen2_moe" if key == "qwen" else "mixtral"
+    )
 
 
 def test_qwen2_base_without_shared_expert_gives_a_qwen2_moe_with_the_dense_logits(tiny_family, tmp_path):
