@@ -66,7 +66,9 @@ def test_acknowledgement_allows_all_experts_to_be_one_model():
 
 
 @pytest.mark.parametrize("spelling,expected", [("Mixtral", "mixtral"), ("qwen", "qwen"), ("Qwen3", "qwen3"),
-                                               ("qwen2_moe", "qwen"), ("MIX", "mixtral")])  # fmt: skip
+                                               ("qwen2_moe", "qwen"), ("MIX", "mixtral"), ("GraniteMoe", "granitemoe"),
+                                               ("granitemoe_swa", "granitemoe_swa"), ("flex_olmo", "flex_olmo"),
+                                               ("Ernie4_5_Moe", "ernie4_5_moe"), ("cohere2_moe", "cohere2_moe")])  # fmt: skip
 def test_architecture_is_a_case_insensitive_prefix(spelling, expected):
     assert parse_moe_config(GOOD + f"architecture: {spelling}\n").architecture == expected
 
@@ -96,6 +98,8 @@ MODEL_ERRORS = {
     "expert of another architecture": (["ft1", "mistral"], {}, (), ArchitectureError, "experts[1] (", "mistral model"),
     "qwen3 output from llama": (["ft1", "ft2"], {"architecture": "qwen3"}, (), ArchitectureError, "Qwen3-MoE",
                                 "inputs are llama"),
+    "granitemoe output from llama": (["ft1", "ft2"], {"architecture": "granitemoe"}, (), ArchitectureError,
+                                     "GraniteMoe", "built from granite models, but the inputs are llama"),
     "mixtral output with shared expert": (["ft1", "ft2"], {"architecture": "mixtral"}, ["base"], RecipeError,
                                           "shared_experts", "Mixtral has no shared experts"),
     "qwen2 output with two shared experts": (["ft1", "ft2"], {"architecture": "qwen"}, ["base", "ft1"], RecipeError,
