@@ -158,7 +158,14 @@ def moe_config(arch: OutputArchitecture, base_config: Mapping, shape: MoeShape) 
             config["layer_types"] = layer_types
     config.update(model_type=arch.model_type, architectures=[arch.class_name])
     config.update(transformers_version=transformers.__version__)
-    for key in ("num_local_experts", "num_experts", "moe_num_experts", "num_experts_per_tok", "moe_k"):
+    for key in (
+        "num_local_experts",
+        "num_experts",
+        "moe_num_experts",
+        "n_routed_experts",
+        "num_experts_per_tok",
+        "moe_k",
+    ):
         config.pop(key, None)
     config[arch.experts_key] = shape.experts
     config[arch.top_k_key] = shape.experts_per_token

@@ -17,7 +17,7 @@ holds exactly the classic one's tensors, stacked.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -38,6 +38,8 @@ class ExpertMlp:
     nbytes: dict[str, int]
     noise_scale: float | None
     residual_scale: float | None
+    # projection -> [start, stop) rows of the stored tensor (a fused gate_up_proj); absent: all of it
+    rows: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     @property
     def intermediate_size(self) -> int:
@@ -94,7 +96,7 @@ def block_outputs(
     else:
         outputs += _fused_outputs(arch, layout, layer, experts, dtype)
     for name, shape_of in arch.zero_tensors:
-        shape = shape_of(len(experts))
+        shape = shape_of(len(experts), hidden_size)
         outputs.append(
             OutputTensor(f"{block_prefix(arch, layout, layer)}.{name}", dtype, shape, ZerosTensor(shape, dtype))
         )
@@ -138,9 +140,23 @@ def _fused_outputs(arch, layout, layer, experts: list[ExpertMlp], dtype) -> list
     ]
 
 
+def pairs_to_halves_order(rows: int, head_dim: int, rotary_dim: int) -> tuple[int, ...]:
+    """Row order turning a q/k projection for interleaved RoPE (pairs 2i, 2i+1 rotate by
+    frequency i) into one for half-split RoPE (i and i + rotary_dim/2 rotate by frequency i).
+
+    Within each head the rotary dims become evens then odds; the rest keep their place. q and
+    k permuted alike give the same dot products, so attention is unchanged.
+    """
+    within = [*range(0, rotary_dim, 2), *range(1, rotary_dim, 2), *range(rotary_dim, head_dim)]
+    return tuple(head * head_dim + i for head in range(rows // head_dim) for i in within)
+
+
 def expert_task(expert: ExpertMlp, projection: str, dtype: torch.dtype, *, seed_name: str, index: int) -> Task:
     """Load one dense MLP matrix, cast it, add the expert's noise, scale ``down`` by its residual_scale."""
-    task: Task = CastTensor(LoadTensor(expert.model_key, expert.names[projection], expert.nbytes[projection]), dtype)
+    load = LoadTensor(
+        expert.model_key, expert.names[projection], expert.nbytes[projection], rows=expert.rows.get(projection)
+    )
+    task: Task = CastTensor(load, dtype)
     if expert.noise_scale:
         task = AddNoise(task, float(expert.noise_scale), seed_name, index)
     if projection == "down" and expert.residual_scale is not None:

@@ -66,8 +66,11 @@ class OutputArchitecture:
     definition: str | None = None  # architectures/<definition>.json; None: derived from transformers
     # Qwen2-MoE: at most one shared expert, behind a sigmoid gate (none: a zero-width one).
     gated_shared_expert: bool = False
-    # Per-layer tensors of the block that are zero in a fresh MoE: (name under the block, shape from E).
-    zero_tensors: tuple[tuple[str, Callable[[int], tuple[int, ...]]], ...] = ()
+    # Per-layer tensors of the block that are zero in a fresh MoE: (name under the block, shape from E, H).
+    zero_tensors: tuple[tuple[str, Callable[[int, int], tuple[int, ...]]], ...] = ()
+    # The dense type rotates interleaved pairs (GLM), the MoE class rotates halves: q/k rows are
+    # reordered within each head so that both compute the same attention scores.
+    rope_pairs_to_halves: bool = False
     dropped_keys: tuple[str, ...] = ("layer_types", "use_sliding_window", "max_window_layers")
     top_k_key: str = "num_experts_per_tok"
 
@@ -125,6 +128,21 @@ def _ernie4_5_moe(config: dict, shape: MoeShape) -> None:
     )
 
 
+def _glm4_moe(config: dict, shape: MoeShape) -> None:
+    config.update(
+        moe_intermediate_size=shape.intermediate_size,
+        n_shared_experts=0,  # a zero-width shared expert: exactly zero
+        first_k_dense_replace=0,
+        norm_topk_prob=True,
+        routed_scaling_factor=1.0,
+        n_group=1,
+        topk_group=1,
+        attention_bias=True,  # GLM has q/k/v biases
+        use_qk_norm=False,
+        num_nextn_predict_layers=0,  # no multi-token-prediction layers are written
+    )
+
+
 def _cohere2_moe(config: dict, shape: MoeShape) -> None:
     config.update(
         intermediate_size=shape.intermediate_size,
@@ -166,7 +184,7 @@ GRANITEMOE_SWA = OutputArchitecture(
 )  # fmt: skip
 ERNIE4_5_MOE = OutputArchitecture(
     "ernie4_5_moe", "ERNIE-4.5-MoE", "ernie4_5_moe", "Ernie4_5_MoeForCausalLM", ("ernie4_5",), "moe_num_experts",
-    _PER_EXPERT, _ernie4_5_moe, zero_tensors=(("moe_statics.e_score_correction_bias", lambda e: (1, e)),),
+    _PER_EXPERT, _ernie4_5_moe, zero_tensors=(("moe_statics.e_score_correction_bias", lambda e, h: (1, e)),),
     top_k_key="moe_k",
 )  # fmt: skip
 COHERE2_MOE = OutputArchitecture(
@@ -174,10 +192,23 @@ COHERE2_MOE = OutputArchitecture(
     _cohere2_moe, dropped_keys=(),
 )  # fmt: skip
 
+GLM4_MOE = OutputArchitecture(
+    "glm4_moe", "GLM-4-MoE", "glm4_moe", "Glm4MoeForCausalLM", ("glm",), "n_routed_experts", _PER_EXPERT, _glm4_moe,
+    zero_tensors=(
+        ("gate.e_score_correction_bias", lambda e, h: (e,)),
+        ("shared_experts.gate_proj.weight", lambda e, h: (0, h)),
+        ("shared_experts.up_proj.weight", lambda e, h: (0, h)),
+        ("shared_experts.down_proj.weight", lambda e, h: (h, 0)),
+    ),
+    rope_pairs_to_halves=True,
+)  # fmt: skip
+
 OUTPUT_ARCHITECTURES = {
     arch.key: arch
-    for arch in (MIXTRAL, QWEN2_MOE, QWEN3_MOE, FLEX_OLMO, GRANITEMOE, GRANITEMOE_SWA, ERNIE4_5_MOE, COHERE2_MOE)
-}
+    for arch in (
+        MIXTRAL, QWEN2_MOE, QWEN3_MOE, FLEX_OLMO, GRANITEMOE, GRANITEMOE_SWA, ERNIE4_5_MOE, COHERE2_MOE, GLM4_MOE
+    )
+}  # fmt: skip
 
 
 def supported_bases() -> list[str]:

@@ -27,6 +27,7 @@ PAIRINGS = {
     "granitemoe_swa": "granite_swa",
     "ernie4_5_moe": "ernie4_5",
     "cohere2_moe": "cohere2",
+    "glm4_moe": "glm",  # q/k rows reordered: GLM rotates interleaved pairs, GLM-4-MoE halves
 }
 # Further dense types of the Mixtral / Qwen2-MoE outputs: (output key, dense type)
 MORE_BASES = [("mixtral", "internlm3"), ("mixtral", "iquestcoder"), ("qwen", "seed_oss")]
@@ -119,7 +120,9 @@ def test_output_loads_completely_with_each_expert_in_its_slot(key, layout, famil
         gate_up, down = state[f"{block}.experts.gate_up_proj"], state[f"{block}.experts.down_proj"]
         for e, (source, scale) in enumerate(((first, 0.5), (second, 1.0))):
             mlp = f"model.layers.{layer}.mlp"
-            expected = torch.cat([source[f"{mlp}.gate_proj.weight"], source[f"{mlp}.up_proj.weight"]])
+            expected = source.get(f"{mlp}.gate_up_proj.weight")  # GLM's dense MLP is fused already
+            if expected is None:
+                expected = torch.cat([source[f"{mlp}.gate_proj.weight"], source[f"{mlp}.up_proj.weight"]])
             assert torch.equal(gate_up[e], expected)
             assert torch.equal(down[e], source[f"{mlp}.down_proj.weight"] * scale)
         router = state[f"{block}.{arch.fused.router}"]
