@@ -202,7 +202,13 @@ def rotary_geometry(base_config: dict) -> tuple[int, int]:
     import transformers
 
     fields = {k: v for k, v in base_config.items() if k not in ("model_type", "auto_map")}
-    config = transformers.AutoConfig.for_model(base_config["model_type"], **fields)
+    try:
+        config = transformers.AutoConfig.for_model(base_config["model_type"], **fields)
+    except Exception as error:  # transformers raises several types for a bad config
+        raise ArchitectureError(
+            f"the base model's config is rejected by transformers {transformers.__version__}: {error}",
+            hint="check the base model's config.json",
+        ) from None
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     rope = getattr(config, "rope_parameters", None) or {}
     factor = rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None) or 1.0)

@@ -175,3 +175,26 @@ def test_olmo3_base_is_refused_naming_the_supported_types(families, tmp_path, no
         build(tmp_path / "out", moe_yaml(base, [ft1, ft2], gate_mode="random"))
     assert "olmo2" in caught.value.render() and "granite" in caught.value.render()
     assert not (tmp_path / "out").exists()
+
+
+def test_reordered_rows_turn_interleaved_rope_scores_into_half_split_ones():
+    from transformers.models.glm.modeling_glm import apply_rotary_pos_emb as interleaved
+    from transformers.models.glm4_moe.modeling_glm4_moe import apply_rotary_pos_emb as halves
+
+    from mkmoe.layouts import pairs_to_halves_order
+
+    heads, head_dim, rotary, positions = 2, 8, 4, 5
+    generator = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(1, heads, positions, head_dim, generator=generator) for _ in range(2))
+    angles = torch.randn(1, positions, rotary // 2, generator=generator)
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    order = torch.tensor(pairs_to_halves_order(heads * head_dim, head_dim, rotary))
+
+    def permuted(x):  # the projection's output rows reordered, as the weight rows are
+        return x.transpose(1, 2).reshape(1, positions, -1)[..., order].reshape(1, positions, heads, -1).transpose(1, 2)
+
+    dense_q, dense_k = interleaved(q, k, cos, sin)
+    moe_q, moe_k = halves(permuted(q), permuted(k), cos, sin)
+    torch.testing.assert_close(moe_q @ moe_k.transpose(-1, -2), dense_q @ dense_k.transpose(-1, -2))
+    assert not torch.allclose(halves(q, k, cos, sin)[0] @ halves(q, k, cos, sin)[1].transpose(-1, -2),
+                              dense_q @ dense_k.transpose(-1, -2))  # fmt: skip
