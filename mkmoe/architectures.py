@@ -23,6 +23,7 @@ from mkmoe.outputs import (
     supported_bases,
 )
 from mksuite.common.arch import get_config_value
+from mksuite.common.arch.derived import EXPERT_COUNT_KEYS
 from mksuite.common.errors import ArchitectureError, MkError, ShapeMismatchError
 from mksuite.common.input_models import OpenedModel
 from mksuite.common.loading import ModelReference
@@ -31,6 +32,7 @@ from mksuite.common.loading import ModelReference
 def check_inputs(config: MoeConfig, models: Mapping[ModelReference, OpenedModel]) -> str:
     """All inputs share the base's architecture, depth and hidden size; returns the base's model type."""
     base = models[config.base_model]
+    _refuse_moe_base(base)
     base_hidden = _hidden_size(base)
     entries = [(False, i, e) for i, e in enumerate(config.experts)]
     entries += [(True, i, e) for i, e in enumerate(config.shared_experts)]
@@ -55,6 +57,20 @@ def check_inputs(config: MoeConfig, models: Mapping[ModelReference, OpenedModel]
                 hint="use experts fine-tuned from the base model (same hidden size)",
             )
     return input_type(base)
+
+
+def _refuse_moe_base(base: OpenedModel) -> None:
+    """A base that is a MoE already has no dense MLP per layer to make experts of."""
+    if input_type(base) in supported_bases():
+        return
+    counts = [get_config_value(base.config, key, default=None) for key in EXPERT_COUNT_KEYS]
+    experts = next((n for n in counts if isinstance(n, int) and not isinstance(n, bool) and n > 1), None)
+    if experts is not None:
+        raise ArchitectureError(
+            f"the base model {base.ref} is already a Mixture of Experts ({input_type(base)}, {experts} experts); "
+            "mkmoe builds MoEs from dense models",
+            hint=f"use dense base and expert models of a supported type: {', '.join(supported_bases())}",
+        )
 
 
 def input_type(model: OpenedModel) -> str:

@@ -198,3 +198,13 @@ def test_reordered_rows_turn_interleaved_rope_scores_into_half_split_ones():
     torch.testing.assert_close(moe_q @ moe_k.transpose(-1, -2), dense_q @ dense_k.transpose(-1, -2))
     assert not torch.allclose(halves(q, k, cos, sin)[0] @ halves(q, k, cos, sin)[1].transpose(-1, -2),
                               dense_q @ dense_k.transpose(-1, -2))  # fmt: skip
+
+
+def test_a_moe_base_is_refused_as_already_a_moe(tiny_family, tmp_path):
+    from mksuite.common.errors import ArchitectureError
+
+    dense, (ft1, ft2) = tiny_family("llama")
+    moe = build(tmp_path / "moe", moe_yaml(dense, [ft1, ft2], gate_mode="random"))
+    with pytest.raises(ArchitectureError, match="already a Mixture of Experts \\(mixtral, 2 experts\\)"):
+        build(tmp_path / "again", moe_yaml(moe, [moe, moe], gate_mode="random"), acknowledge=True)
+    assert not (tmp_path / "again").exists()
