@@ -114,6 +114,13 @@ def _rejection(arch: OutputArchitecture, config: MoeConfig, input_arch: str) -> 
             f"{arch.title} output is built from {' or '.join(arch.inputs)} models, but the inputs are {input_arch}",
             hint=_architecture_hint(input_arch),
         )
+    if len(config.experts) < arch.min_experts:
+        return config.error(
+            f"{arch.title} needs at least {arch.min_experts} experts (its router ranks the top two scores of "
+            f"each expert group), but {len(config.experts)} {'is' if len(config.experts) == 1 else 'are'} listed",
+            ("experts",),
+            hint=f"list at least {arch.min_experts} experts",
+        )
     shared = config.shared_experts
     if not arch.gated_shared_expert and shared:
         return config.error(

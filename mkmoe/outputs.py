@@ -71,6 +71,7 @@ class OutputArchitecture:
     # The dense type rotates interleaved pairs (GLM), the MoE class rotates halves: q/k rows are
     # reordered within each head so that both compute the same attention scores.
     rope_pairs_to_halves: bool = False
+    min_experts: int = 1
     dropped_keys: tuple[str, ...] = ("layer_types", "use_sliding_window", "max_window_layers")
     top_k_key: str = "num_experts_per_tok"
 
@@ -201,6 +202,7 @@ GLM4_MOE = OutputArchitecture(
         ("shared_experts.down_proj.weight", lambda e, h: (h, 0)),
     ),
     rope_pairs_to_halves=True,
+    min_experts=2,  # its router sums the top two scores of each expert group
 )  # fmt: skip
 
 OUTPUT_ARCHITECTURES = {

@@ -72,6 +72,20 @@ def test_moe_of_identical_experts_gives_the_dense_logits(key, layout, families, 
     torch.testing.assert_close(_logits(out), _logits(base), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("key", PAIRINGS)
+def test_moe_of_one_expert_gives_the_dense_logits(key, families, tmp_path):
+    from mksuite.common.errors import RecipeError
+
+    base, _ = families(PAIRINGS[key])
+    text = moe_yaml(base, [base], gate_mode="random", experts_per_token=1)
+    if OUTPUT_ARCHITECTURES[key].min_experts > 1:  # GLM-4-MoE ranks two scores per expert group
+        with pytest.raises(RecipeError, match="needs at least 2 experts"):
+            build(tmp_path / "moe", text, acknowledge=True)
+        return
+    out = build(tmp_path / "moe", text, acknowledge=True)
+    torch.testing.assert_close(_logits(out), _logits(base), atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("key,model_type", MORE_BASES, ids=str)
 def test_more_dense_types_give_mixtral_or_qwen2_moe_with_the_dense_logits(key, model_type, families, tmp_path):
     base, (ft1, _) = families(model_type)
