@@ -50,7 +50,12 @@ def _hash_source(digest, source) -> None:
     files = source_files(source)
     if files:
         for path in files:
-            stat = os.stat(path)
+            try:
+                stat = os.stat(path)
+            except FileNotFoundError:
+                # A file still on the Hub: its cache path names the commit, which fixes its bytes.
+                digest.update(repr((str(path), "on the Hub")).encode())
+                continue
             digest.update(repr((str(path), stat.st_size, stat.st_mtime_ns, stat.st_ino)).encode())
         return
     total = 0
