@@ -51,8 +51,9 @@ class HubServer:
         self.repos: dict[str, Repo] = {}
         self.requests: list[tuple[str, str, str | None]] = []
         self.lock = threading.Lock()
-        # path -> number of 503 answers still to give before serving it (to provoke retries)
-        self.fail_next: dict[str, int] = {}
+        # (method, path) -> number of 503 answers still to give before serving it (provokes retries)
+        self.fail_next: dict[tuple[str, str], int] = {}
+        self.refuse_writes = False  # answer every POST with 403 (a token without write access)
         handler = type("Handler", (_Handler,), {"hub": self})
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self.httpd.daemon_threads = True
@@ -108,9 +109,9 @@ class _Handler(BaseHTTPRequestHandler):
         path = unquote(urlsplit(self.path).path)
         with self.hub.lock:
             self.hub.requests.append((self.command, path, self.headers.get("Range")))
-            left = self.hub.fail_next.get(path, 0)
+            left = self.hub.fail_next.get((self.command, path), 0)
             if left:
-                self.hub.fail_next[path] = left - 1
+                self.hub.fail_next[(self.command, path)] = left - 1
         if left:
             self._json(503, {"error": "try again"})
             return ""
@@ -205,6 +206,9 @@ class _Handler(BaseHTTPRequestHandler):
         if not path:
             return
         body = self._body()
+        if self.hub.refuse_writes:
+            self._json(403, {"error": "You don't have the rights to create a model under this namespace"})
+            return
         if path == "/api/repos/create":
             request = json.loads(body)
             repo_id = "/".join(filter(None, [request.get("organization"), request["name"]]))
