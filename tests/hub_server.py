@@ -54,6 +54,11 @@ class HubServer:
         # (method, path) -> number of 503 answers still to give before serving it (provokes retries)
         self.fail_next: dict[tuple[str, str], int] = {}
         self.refuse_writes = False  # answer every POST with 403 (a token without write access)
+        # path -> event a GET of that file waits for (at most gate_timeout seconds) before it is served;
+        # gate_timed_out lists the paths served because the wait ran out instead.
+        self.gates: dict[str, threading.Event] = {}
+        self.gate_timeout = 60.0
+        self.gate_timed_out: list[str] = []
         handler = type("Handler", (_Handler,), {"hub": self})
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self.httpd.daemon_threads = True
@@ -169,6 +174,9 @@ class _Handler(BaseHTTPRequestHandler):
                 self._json(200, {**body, "siblings": siblings})
             return
         if match := _RESOLVE.match(path):
+            gate = self.hub.gates.get(path) if self.command == "GET" and not self.headers.get("Range") else None
+            if gate is not None and not gate.wait(self.hub.gate_timeout):
+                self.hub.gate_timed_out.append(path)
             found = self._commit_of(match["repo"], match["rev"])
             if found:
                 self._serve_file(found[0].commits[found[1]], found[1], match["file"])

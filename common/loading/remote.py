@@ -23,6 +23,8 @@ from mksuite.common.loading.source import ByteRange, TensorInfo, TensorSource, b
 # The first request for a header asks for this many bytes: almost every header fits, so
 # one round trip usually suffices (the length field says when a second one is needed).
 FIRST_HEADER_BYTES = 100_000
+# How often a header read answered 429/5xx (or cut off) is retried, with backoff from 1 s.
+HEADER_RETRIES = 3
 # Seconds to wait for the Hub to answer a metadata or range request before giving up.
 HUB_TIMEOUT = 10.0
 
@@ -56,12 +58,19 @@ class RemoteRepo:
         return hf_hub_url(self.repo_id, name, revision=self.commit, endpoint=self.endpoint)
 
     def read_range(self, name: str, start: int, stop: int) -> bytes:
-        """Bytes ``[start, stop)`` of a file on the Hub (one range request, no retries)."""
-        from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+        """Bytes ``[start, stop)`` of a file on the Hub (a range request; a busy Hub is asked again)."""
+        from huggingface_hub.utils import build_hf_headers, hf_raise_for_status, http_backoff
 
         headers = {**build_hf_headers(), "Range": f"bytes={start}-{stop - 1}", "Accept-Encoding": "identity"}
         try:
-            response = get_session().get(self.url(name), headers=headers, timeout=HUB_TIMEOUT, follow_redirects=True)
+            response = http_backoff(
+                "GET",
+                self.url(name),
+                headers=headers,
+                timeout=HUB_TIMEOUT,
+                follow_redirects=True,
+                max_retries=HEADER_RETRIES,
+            )
             hf_raise_for_status(response)
         except Exception as error:  # network, HTTP and offline errors all mean the same here
             raise self.failed(name, "reading the header of", error) from None

@@ -140,6 +140,63 @@ def test_stacking_a_few_layers_downloads_only_the_shards_that_hold_them(hub, sha
     assert not any(name.startswith("model.layers.1.") for name in out)
 
 
+def test_merging_starts_while_a_later_shard_is_still_downloading(hub, sharded_family, tmp_path, monkeypatch):
+    """The shard holding lm_head (the last output) is served only once a first tensor is written."""
+    import threading
+
+    from mksuite.common.writing.safetensors_writer import ShardedWriter
+
+    base, _ = sharded_family
+    sha = hub.repos["org/base"].refs["main"]
+    last = f"/org/base/resolve/{sha}/{shards_of(base)['lm_head.weight']}"
+    first = shards_of(base)["model.embed_tokens.weight"]
+    assert not last.endswith(first)
+    released = hub.gates[last] = threading.Event()
+    real_write = ShardedWriter.write
+
+    def write(self, name, tensor, rows=None):
+        released.set()
+        return real_write(self, name, tensor, rows)
+
+    monkeypatch.setattr(ShardedWriter, "write", write)
+    (tmp_path / "r.yml").write_text(linear("org/base", "org/ft"))
+    assert run(merge_app, tmp_path / "r.yml", tmp_path / "out").exit_code == 0
+    assert last in hub.full_downloads()
+    assert hub.gate_timed_out == []  # it was released by a written tensor, not by the gate's timeout
+
+
+def test_a_shard_that_cannot_be_downloaded_mid_run_names_it_and_leaves_no_output(hub, sharded_family, tmp_path):
+    base, _ = sharded_family
+    sha = hub.repos["org/base"].refs["main"]
+    shard = shards_of(base)["model.norm.weight"]
+    path = f"/org/base/resolve/{sha}/{shard}"
+    hub.fail_next[("HEAD", path)] = hub.fail_next[("GET", path)] = 100
+    (tmp_path / "r.yml").write_text(linear("org/base", "org/ft"))
+    result = run(merge_app, tmp_path / "r.yml", tmp_path / "out")
+    assert result.exit_code == 1, result.output
+    assert shard in result.output and "org/base" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_hub_retry_is_reported_once(hub, sharded_family, tmp_path):
+    base, _ = sharded_family
+    sha = hub.repos["org/base"].refs["main"]
+    path = f"/org/base/resolve/{sha}/{shards_of(base)['model.norm.weight']}"
+    hub.fail_next[("GET", path)] = 1  # one 503, then served: huggingface_hub retries once
+    (tmp_path / "r.yml").write_text(linear("org/base", "org/ft"))
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    done = subprocess.run(
+        [sys.executable, "-m", "mkmerge", str(tmp_path / "r.yml"), str(tmp_path / "out")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("Retrying in") == 1, done.stderr
+
+
 def test_a_revision_resolves_to_its_commit_which_the_card_records(hub, sharded_family, tmp_path):
     _, ft1 = sharded_family
     dev = hub.add_repo("org/base", ft1, branch="dev")
