@@ -27,6 +27,7 @@ from huggingface_hub.utils import (
 )
 
 from mksuite.common.errors import ModelFileError, ModelNotFoundError, did_you_mean
+from mksuite.common.loading.lora_format import ADAPTER_WEIGHTS
 from mksuite.common.loading.reference import ModelReference
 from mksuite.common.loading.remote import HUB_TIMEOUT, RemoteRepo
 
@@ -125,6 +126,8 @@ def _resolve_on_hub(ref: ModelReference, cache: Path, local: Path) -> Path:
     small = [name for name in sizes if any(fnmatch(name, pattern) for pattern in CONFIG_PATTERNS)]
     if not any(name.endswith(".safetensors") for name in sizes):
         small += [name for name in sizes if name.endswith(".bin")]  # pickles: no remote header to read
+    if "adapter_config.json" in sizes:  # a LoRA adapter: small, and read whole to apply it
+        small += [name for name in ADAPTER_WEIGHTS if name in sizes]
     for name, size in sizes.items():
         if size is None:  # a listing without sizes: ask for the file's (a HEAD request)
             sizes[name] = _remote_size(repo, name)

@@ -197,6 +197,27 @@ def test_a_hub_retry_is_reported_once(hub, sharded_family, tmp_path):
     assert done.stderr.count("Retrying in") == 1, done.stderr
 
 
+def test_a_hub_model_with_a_hub_lora_adapter_is_merged_exactly(hub, sharded_family, tmp_path):
+    from lora_adapters import PREFIX, adapter_config, linear_factors, write_adapter
+
+    base, _ = sharded_family
+    module = "model.layers.1.self_attn.q_proj"
+    factors = linear_factors(module, 4, 32, 32, seed=7)
+    write_adapter(tmp_path / "adapter", factors, adapter_config(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    hub.add_repo("org/adapter", tmp_path / "adapter")
+    (tmp_path / "r.yml").write_text("merge_method: passthrough\nmodels:\n  - model: org/base+org/adapter\n")
+    result = run(merge_app, tmp_path / "r.yml", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    merged, expected = read_tensors(tmp_path / "out"), read_tensors(base)
+    a, b = factors[f"{PREFIX}{module}.lora_A.weight"], factors[f"{PREFIX}{module}.lora_B.weight"]
+    expected[f"{module}.weight"] = expected[f"{module}.weight"] + (b @ a) * (8 / 4)
+    assert merged.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(merged[name], expected[name], rtol=1e-6, atol=1e-6)
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert f"`org/adapter`: commit `{hub.repos['org/adapter'].refs['main']}`" in card
+
+
 def test_a_revision_resolves_to_its_commit_which_the_card_records(hub, sharded_family, tmp_path):
     _, ft1 = sharded_family
     dev = hub.add_repo("org/base", ft1, branch="dev")
