@@ -9,6 +9,7 @@ fetches the files a run needs, in the order the run needs them, while it compute
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -19,6 +20,8 @@ import torch
 from mksuite.common.errors import MissingTensorError, MkError, TensorFileError, did_you_mean
 from mksuite.common.loading.safetensors_source import SafetensorsFile, read_header
 from mksuite.common.loading.source import ByteRange, TensorInfo, TensorSource, byte_range, load_rows
+
+log = logging.getLogger(__name__)
 
 # The first request for a header asks for this many bytes: almost every header fits, so
 # one round trip usually suffices (the length field says when a second one is needed).
@@ -83,6 +86,7 @@ class RemoteRepo:
         """The cached file ``name``, downloaded first when it is not in the cache yet."""
         import huggingface_hub
 
+        log.info("downloading %s from %s (%s bytes)", name, self.repo_id, self.sizes.get(name))
         try:
             path = huggingface_hub.hf_hub_download(
                 self.repo_id,
@@ -142,11 +146,13 @@ class RemoteSafetensorsFile(TensorSource):
         self.remote = remote
         self.path = remote.repo.snapshot / remote.name  # where it will be (named in errors)
         label = f"{remote.repo.repo_id}/{remote.name}"
-        head = remote.repo.read_range(remote.name, 0, min(remote.size, FIRST_HEADER_BYTES))
+        head: list[bytes] = []  # the first FIRST_HEADER_BYTES, fetched by the first read
 
         def read(count: int, offset: int) -> bytes:
-            if offset + count <= len(head):
-                return head[offset : offset + count]
+            if not head:
+                head.append(remote.repo.read_range(remote.name, 0, min(remote.size, FIRST_HEADER_BYTES)))
+            if offset + count <= len(head[0]):
+                return head[0][offset : offset + count]
             return remote.repo.read_range(remote.name, offset, offset + count)
 
         self.metadata, self._entries, self._data_start = read_header(read, remote.size, label)

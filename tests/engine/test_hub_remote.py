@@ -273,6 +273,29 @@ def test_a_listed_file_name_leading_out_of_the_repository_is_refused(hub, sharde
     assert "../../outside.json" in result.output
 
 
+@pytest.mark.parametrize(
+    "weights, complaint",
+    [
+        (b"abc", "too few for a safetensors header length"),
+        ((10**12).to_bytes(8, "little") + b"{}", "header length field says"),
+        (
+            (40).to_bytes(8, "little") + b'{"w": {"dtype": "F32", "shape": [9], "data_offsets": [0, 36]}}',
+            "not valid JSON",
+        ),
+        ((2).to_bytes(8, "little") + b"{}" + b"tail", "the data section has 4 bytes"),
+    ],
+)
+def test_a_damaged_remote_header_is_refused_without_downloading_the_file(hub, tmp_path, weights, complaint):
+    hub.add_repo(
+        "org/broken", {"config.json": b'{"architectures": ["LlamaForCausalLM"]}', "model.safetensors": weights}
+    )
+    (tmp_path / "r.yml").write_text(linear("org/broken", "org/ft"))
+    result = run(plan_app, tmp_path / "r.yml")
+    assert result.exit_code == 4, result.output
+    assert complaint in result.output and "org/broken/model.safetensors" in result.output
+    assert hub.full_downloads() == []
+
+
 def test_an_unknown_repo_is_model_not_found_without_downloading_anything(hub, tmp_path):
     (tmp_path / "r.yml").write_text(linear("org/bsae", "org/ft"))
     result = run(merge_app, tmp_path / "r.yml", tmp_path / "out")
