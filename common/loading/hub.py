@@ -129,7 +129,7 @@ def _resolve_on_hub(ref: ModelReference, cache: Path, local: Path) -> Path:
     if "adapter_config.json" in sizes:  # a LoRA adapter: small, and read whole to apply it
         small += [name for name in ADAPTER_WEIGHTS if name in sizes]
     for name, size in sizes.items():
-        if size is None:  # a listing without sizes: ask for the file's (a HEAD request)
+        if size is None and name.endswith(".safetensors"):  # a listing without sizes: ask (HEAD)
             sizes[name] = _remote_size(repo, name)
     for name in small:
         _check_repo_name(ref, name)
@@ -163,7 +163,7 @@ def _remote_size(repo: RemoteRepo, name: str) -> int:
 def _remember_revision(repo_dir: Path, revision: str | None, commit: str) -> None:
     """Record branch/tag -> commit as huggingface_hub does, so an offline run finds the snapshot."""
     revision = revision or "main"
-    if revision == commit:
+    if revision == commit or revision.startswith("/") or ".." in PurePosixPath(revision).parts:
         return
     ref_file = repo_dir / "refs" / revision
     try:
@@ -190,6 +190,7 @@ def _cached_snapshot(ref: ModelReference, cache: Path, local: Path, *, network_e
         raise _invalid_repo_id(ref, local, error) from None
     except (LocalEntryNotFoundError, FileNotFoundError) as error:
         raise _not_cached(ref, cache, local, error, network_error) from None
+    _COMMITS[(ref.path, ref.revision)] = Path(folder).name  # a snapshot folder is named by its commit
     return Path(folder)
 
 

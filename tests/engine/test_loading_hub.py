@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 
 from mksuite.common.errors import ModelNotFoundError
 from mksuite.common.loading import ModelReference, open_model, resolve_model_path
+from mksuite.common.loading.hub import hub_commit
 
 MAIN_COMMIT = "a" * 40
 DEV_COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -77,6 +78,7 @@ def test_repo_id_resolves_to_the_main_snapshot_in_the_given_cache(hub_cache):
 def test_branch_revision_resolves_through_refs(hub_cache):
     cache, _, dev = hub_cache
     assert resolve_model_path(ModelReference("org/tiny", "dev"), cache_dir=cache) == dev
+    assert hub_commit("org/tiny", "dev") == DEV_COMMIT  # what the model card records
 
 
 def test_commit_hash_revision_resolves_to_that_snapshot(hub_cache):
