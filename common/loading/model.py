@@ -10,6 +10,7 @@ import json
 import os
 import threading
 from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,13 +77,13 @@ class ShardedSource(TensorSource):
                 path=str(index_path),
             )
         files = {}
-        on_hub: dict[Path, TensorSource] = {}
+        on_hub: dict[Path, str] = {}
         for shard in sorted(set(weight_map.values())):
             file = index_path.parent / shard
             if root is not None:
                 contained(root, file, what=f"shard `{shard}` named by {index_path.name}:")
             if remote is not None and not file.is_file() and shard in remote:
-                on_hub[file] = remote_source(remote, shard)
+                on_hub[file] = shard
             elif not file.is_file():
                 raise TensorFileError(
                     f"{index_path} names shard {shard}, but {file} does not exist",
@@ -91,7 +92,11 @@ class ShardedSource(TensorSource):
                 )
             files[shard] = file
         sharded = cls({name: files[shard] for name, shard in weight_map.items()}, described_by=index_path)
-        sharded._open.update(on_hub)
+        if on_hub:
+            # Headers of shards still on the Hub: one round trip each, so several at a time.
+            with ThreadPoolExecutor(max_workers=min(8, len(on_hub))) as pool:
+                opened = pool.map(lambda shard: remote_source(remote, shard), on_hub.values())
+                sharded._open.update(zip(on_hub, opened, strict=True))
         return sharded
 
     @classmethod
