@@ -218,6 +218,28 @@ def test_a_hub_model_with_a_hub_lora_adapter_is_merged_exactly(hub, sharded_fami
     assert f"`org/adapter`: commit `{hub.repos['org/adapter'].refs['main']}`" in card
 
 
+def test_a_killed_hub_run_resumes_after_its_shards_arrived(hub, tmp_path):
+    """The first run fingerprints shards not yet downloaded; the resumed one finds them cached."""
+    (tmp_path / "r.yml").write_text(linear("org/base", "org/ft"))
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    killed = subprocess.run(
+        [sys.executable, "-m", "mkmerge", str(tmp_path / "r.yml"), str(out), "--quiet", "--shard-size", "40KB"],
+        env={**env, "MKSUITE_TEST_KILL_AFTER": "5"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert killed.returncode == -9, killed.stderr
+    result = run(merge_app, tmp_path / "r.yml", out, "--shard-size", "40KB")
+    assert result.exit_code == 0, result.output
+    assert "resuming an interrupted run: 5 of" in result.output
+    assert run(merge_app, tmp_path / "r.yml", tmp_path / "again", "--shard-size", "40KB").exit_code == 0
+    for shard in sorted(out.glob("*.safetensors")):
+        assert shard.read_bytes() == (tmp_path / "again" / shard.name).read_bytes(), shard.name
+
+
 def test_a_revision_resolves_to_its_commit_which_the_card_records(hub, sharded_family, tmp_path):
     _, ft1 = sharded_family
     dev = hub.add_repo("org/base", ft1, branch="dev")
