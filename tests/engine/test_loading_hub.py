@@ -160,6 +160,7 @@ def local_hub(tmp_path, monkeypatch):
     from hub_server import HubServer
 
     go_online(monkeypatch)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # no token or cache of the user's
     with HubServer() as server:
         monkeypatch.setenv("HF_ENDPOINT", server.url)
         yield server
