@@ -170,7 +170,11 @@ class SharedOptions:
 
     def _validate_push(self) -> None:
         if self.private and self.push_to_hub is None:
-            raise RecipeError("--private says how to create the repo --push-to-hub uploads to", field="--private")
+            raise RecipeError(
+                "--private needs --push-to-hub REPO: it makes the repo created there private",
+                field="--private",
+                hint="add --push-to-hub REPO, or drop --private",
+            )
         if self.push_to_hub is not None:
             from mksuite.common.writing.hub_upload import check_can_upload, check_repo_id
 
