@@ -166,7 +166,7 @@ def test_prompt_gates_are_the_bases_states_and_random_gates_follow_the_seed(key,
     def unit(v):
         return v / v.norm()
 
-    hidden = _tensors(build(tmp_path / "hidden", moe_yaml(base, experts, gate_mode="hidden")))
+    hidden = _tensors(build(tmp_path / "hidden", moe_yaml(base, experts, gate_mode="hidden"), precise=True))
     cheap = _tensors(build(tmp_path / "cheap", moe_yaml(base, experts, gate_mode="cheap_embed")))
     random = [
         _tensors(build(tmp_path / f"r{s}", moe_yaml(base, experts, gate_mode="random"), seed=s)) for s in (1, 1, 2)
