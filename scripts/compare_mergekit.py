@@ -35,28 +35,37 @@ def recipes(models: dict[str, Path]) -> dict[str, str]:
 
     three = ((ft1, "weight: 0.5, density: 0.6"), (ft2, "weight: 0.3, density: 0.4"), (ft3, "weight: 0.4, density: 0.8"))
     out = {
-        "linear": "merge_method: linear\nmodels:\n" + listing((ft1, "weight: 0.6"), (ft2, "weight: 0.3"), (ft3, "weight: 0.1")),
+        "linear": "merge_method: linear\nmodels:\n"
+        + listing((ft1, "weight: 0.6"), (ft2, "weight: 0.3"), (ft3, "weight: 0.1")),
         "linear_nonorm": "merge_method: linear\nparameters: {normalize: false}\nmodels:\n"
         + listing((ft1, "weight: 0.6"), (ft2, "weight: 0.7")),
-        "slerp": f"merge_method: slerp\nbase_model: {base}\nparameters: {{t: 0.3}}\nmodels:\n" + listing((base, ""), (ft1, "")),
+        "slerp": f"merge_method: slerp\nbase_model: {base}\nparameters: {{t: 0.3}}\nmodels:\n"
+        + listing((base, ""), (ft1, "")),
         "slerp_gradient": f"merge_method: slerp\nbase_model: {base}\nparameters:\n  t:\n    - filter: self_attn\n"
         "      value: [0, 0.5, 0.3, 0.7, 1]\n    - value: 0.5\nmodels:\n" + listing((base, ""), (ft2, "")),
         "nuslerp": "merge_method: nuslerp\nmodels:\n" + listing((ft1, "weight: 0.7"), (ft2, "weight: 0.3")),
-        "nuslerp_base": f"merge_method: nuslerp\nbase_model: {base}\nmodels:\n" + listing((ft1, "weight: 0.5"), (ft2, "weight: 0.5")),
-        "multislerp": "merge_method: multislerp\nmodels:\n" + listing((ft1, "weight: 0.5"), (ft2, "weight: 0.3"), (ft3, "weight: 0.2")),
+        "nuslerp_base": f"merge_method: nuslerp\nbase_model: {base}\nmodels:\n"
+        + listing((ft1, "weight: 0.5"), (ft2, "weight: 0.5")),
+        "multislerp": "merge_method: multislerp\nmodels:\n"
+        + listing((ft1, "weight: 0.5"), (ft2, "weight: 0.3"), (ft3, "weight: 0.2")),
         "karcher": "merge_method: karcher\nmodels:\n" + listing((ft1, ""), (ft2, ""), (ft3, "")),
         "task_arithmetic": f"merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n" + listing(*three),
         "ties": f"merge_method: ties\nbase_model: {base}\nmodels:\n" + listing(*three),
-        "ties_nonorm": f"merge_method: ties\nbase_model: {base}\nparameters: {{normalize: false}}\nmodels:\n" + listing(*three),
-        "ties_rescale": f"merge_method: ties\nbase_model: {base}\nparameters: {{rescale: true}}\nmodels:\n" + listing(*three),
-        "ties_int8": f"merge_method: ties\nbase_model: {base}\nparameters: {{int8_mask: true}}\nmodels:\n" + listing(*three),
+        "ties_nonorm": f"merge_method: ties\nbase_model: {base}\nparameters: {{normalize: false}}\nmodels:\n"
+        + listing(*three),
+        "ties_rescale": f"merge_method: ties\nbase_model: {base}\nparameters: {{rescale: true}}\nmodels:\n"
+        + listing(*three),
+        "ties_int8": f"merge_method: ties\nbase_model: {base}\nparameters: {{int8_mask: true}}\nmodels:\n"
+        + listing(*three),
         "breadcrumbs": f"merge_method: breadcrumbs\nbase_model: {base}\nmodels:\n" + listing(*three),
         "breadcrumbs_ties": f"merge_method: breadcrumbs_ties\nbase_model: {base}\nmodels:\n" + listing(*three),
         "sce": f"merge_method: sce\nbase_model: {base}\nparameters: {{select_topk: 0.5}}\nmodels:\n"
         + listing((ft1, "weight: 1.0"), (ft2, "weight: 1.0"), (ft3, "weight: 1.0")),
-        "model_stock": f"merge_method: model_stock\nbase_model: {base}\nmodels:\n" + listing((ft1, ""), (ft2, ""), (ft3, "")),
+        "model_stock": f"merge_method: model_stock\nbase_model: {base}\nmodels:\n"
+        + listing((ft1, ""), (ft2, ""), (ft3, "")),
         "arcee_fusion": f"merge_method: arcee_fusion\nbase_model: {base}\nmodels:\n" + listing((base, ""), (ft1, "")),
-        "nearswap": f"merge_method: nearswap\nbase_model: {base}\nparameters: {{t: 0.001}}\nmodels:\n" + listing((base, ""), (ft1, "")),
+        "nearswap": f"merge_method: nearswap\nbase_model: {base}\nparameters: {{t: 0.001}}\nmodels:\n"
+        + listing((base, ""), (ft1, "")),
         "passthrough": "merge_method: passthrough\nmodels:\n" + listing((ft2, "")),
         "stack": "merge_method: passthrough\nslices:\n"
         f"  - sources:\n      - model: {ft1}\n        layer_range: [0, 2]\n"
@@ -113,7 +122,7 @@ def main() -> int:
     root = Path(args.root)
     families = build_families(root)
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    print(f"| recipe | dtype | equal tensors | max abs diff | note |\n|---|---|---|---|---|")
+    print("| recipe | dtype | equal tensors | max abs diff | note |\n|---|---|---|---|---|")
     for dtype, models in families.items():
         for name, body in recipes(models).items():
             if args.k not in name:
@@ -123,9 +132,16 @@ def main() -> int:
             work.mkdir(parents=True)
             recipe = work / "recipe.yml"
             recipe.write_text(body + f"dtype: {dtype}\n")
-            theirs = subprocess.run([args.mergekit, str(recipe), str(work / "mk"), "--allow-crimes"], capture_output=True, text=True, env=env)
+            theirs = subprocess.run(
+                [args.mergekit, str(recipe), str(work / "mk"), "--allow-crimes"],
+                capture_output=True,
+                text=True,
+                env=env,
+            )
             ours_cmd = ["mkmerge", str(recipe), str(work / "ours"), "--quiet", "--allow-crimes"]
-            ours = subprocess.run(ours_cmd + (["--precise"] if args.precise else []), capture_output=True, text=True, env=env)
+            ours = subprocess.run(
+                ours_cmd + (["--precise"] if args.precise else []), capture_output=True, text=True, env=env
+            )
             if theirs.returncode or ours.returncode:
                 failed = "mergekit" if theirs.returncode else "mkmerge"
                 detail = (theirs if theirs.returncode else ours).stderr.strip().splitlines()[-1:] or [""]
