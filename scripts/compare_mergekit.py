@@ -48,7 +48,11 @@ def recipes(models: dict[str, Path]) -> dict[str, str]:
         + listing((ft1, "weight: 0.5"), (ft2, "weight: 0.5")),
         "multislerp": "merge_method: multislerp\nmodels:\n"
         + listing((ft1, "weight: 0.5"), (ft2, "weight: 0.3"), (ft3, "weight: 0.2")),
+        "multislerp_base": f"merge_method: multislerp\nbase_model: {base}\nparameters: {{normalize_weights: false}}\n"
+        "models:\n" + listing((ft1, "weight: 0.5"), (ft2, "weight: 0.3"), (ft3, "weight: 0.2")),
         "karcher": "merge_method: karcher\nmodels:\n" + listing((ft1, ""), (ft2, ""), (ft3, "")),
+        "karcher_iter": "merge_method: karcher\nparameters: {max_iter: 3, tol: 1e-3}\nmodels:\n"
+        + listing((ft1, ""), (ft2, "")),
         "task_arithmetic": f"merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n" + listing(*three),
         "ties": f"merge_method: ties\nbase_model: {base}\nmodels:\n" + listing(*three),
         "ties_nonorm": f"merge_method: ties\nbase_model: {base}\nparameters: {{normalize: false}}\nmodels:\n"
