@@ -6,7 +6,8 @@ Builds tiny Llama families (a base and three fine-tunes, float32 and bfloat16), 
 recipe per method, dtype and option, runs both tools on each and prints a table: tensors
 bitwise equal, the largest absolute difference, and dtype mismatches. mergekit is only run,
 as a black box; nothing here imports it. Random methods (DARE, DELLA) draw different numbers in
-the two tools, so they are left out.
+the two tools, so they are left out. mergekit orders the tokens a `union` vocabulary adds in
+an order that changes between its runs, so `*_union_*` rows can differ for that reason alone.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ DTYPES = ("float32", "bfloat16")
 def recipes(models: dict[str, Path]) -> dict[str, str]:
     """Recipe name -> YAML text, for one dtype's family (``base``, ``ft1``..``ft3``)."""
     base, ft1, ft2, ft3 = (models[k] for k in ("base", "ft1", "ft2", "ft3"))
+    tool, chat = models["ft1-tool"], models["ft2-chat"]  # added tokens: vocabularies differ
 
     def listing(*entries: tuple[Path, str]) -> str:
         return "".join(f"  - model: {m}\n" + (f"    parameters: {{{p}}}\n" if p else "") for m, p in entries)
@@ -71,6 +73,15 @@ def recipes(models: dict[str, Path]) -> dict[str, str]:
         "nearswap": f"merge_method: nearswap\nbase_model: {base}\nparameters: {{t: 0.001}}\nmodels:\n"
         + listing((base, ""), (ft1, "")),
         "passthrough": "merge_method: passthrough\nmodels:\n" + listing((ft2, "")),
+        "ties_union_pad": f"merge_method: ties\nbase_model: {base}\nmodels:\n"
+        + listing((tool, "weight: 0.6, density: 0.5"), (chat, "weight: 0.4, density: 0.5"))
+        + "tokenizer:\n  source: union\n  pad_to_multiple_of: 48\n",
+        "slerp_union_pad": f"merge_method: slerp\nbase_model: {tool}\nparameters: {{t: 0.4}}\nmodels:\n"
+        + listing((tool, ""), (chat, ""))
+        + "tokenizer:\n  source: union\n  pad_to_multiple_of: 48\n",
+        "linear_base_tokens": f"merge_method: linear\nmodels:\n"
+        + listing((tool, "weight: 0.6"), (chat, "weight: 0.4"))
+        + f"tokenizer:\n  source: {chat}\n  tokens:\n    <tool>:\n      source: {tool}\n",
         "stack": "merge_method: passthrough\nslices:\n"
         f"  - sources:\n      - model: {ft1}\n        layer_range: [0, 2]\n"
         f"  - sources:\n      - model: {ft2}\n        layer_range: [1, 2]\n",
@@ -80,6 +91,7 @@ def recipes(models: dict[str, Path]) -> dict[str, str]:
 
 def build_families(root: Path) -> dict[str, dict[str, Path]]:
     from tiny_models import build_family
+    from vocab_models import with_added_tokens
 
     families = {}
     for name in DTYPES:
@@ -87,6 +99,9 @@ def build_families(root: Path) -> dict[str, dict[str, Path]]:
         if not (folder / "ft3" / "config.json").exists():
             shutil.rmtree(folder, ignore_errors=True)
             build_family("llama", folder, n_finetunes=3, dtype=getattr(torch, name), hidden=64, layers=2, perturb=0.05)
+        if not (folder / "ft2-chat" / "config.json").exists():
+            with_added_tokens(folder / "ft1", folder / "ft1-tool", ["<tool>", "<think>", "<eot>"], seed=1)
+            with_added_tokens(folder / "ft2", folder / "ft2-chat", ["<think>", "<img>"], seed=2)
         families[name] = {p.name: p for p in folder.iterdir()}
     return families
 

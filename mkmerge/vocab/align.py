@@ -26,18 +26,19 @@ def align_rows(tensors: Sequence[torch.Tensor], own: int, rows: RowSources) -> t
     """``tensors[own]`` rebuilt to ``rows.size`` rows as ``rows`` says (docs/vocabulary.md).
 
     The other tensors are only read for default embeddings. Padding rows are the float32
-    mean of the model's first ``rows.real_rows`` rows, cast back to its dtype.
+    mean of the rebuilt rows of the output's tokens (default rows included), cast back to
+    the model's dtype: mergekit's rule.
     """
     matrix = tensors[own]
     index = torch.tensor(rows.own_rows(), dtype=torch.long, device=matrix.device)
     out = matrix.new_empty((rows.size, *matrix.shape[1:]))
     kept = index >= 0
     out[kept] = matrix.index_select(0, index[kept])
-    padding = index == PADDING
-    if bool(padding.any()):
-        out[padding] = matrix[: rows.real_rows].to(torch.float32).mean(dim=0).to(matrix.dtype)
     for out_id, sources in rows.defaults:
         out[out_id] = mean_row(tensors, sources, matrix)
+    padding = index == PADDING
+    if bool(padding.any()):
+        out[padding] = out[~padding].to(torch.float32).mean(dim=0).to(matrix.dtype)
     return out
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 # Markers in RowSources.own besides real row indices.
 DEFAULT = -1  # the token's default embedding (RowSources.defaults)
-PADDING = -2  # the mean of the model's real rows (padding ids and ids no token holds)
+PADDING = -2  # the mean of the model's other rebuilt rows (padding ids and ids no token holds)
 
 # A default embedding: the mean of these (member, row) rows; () is a zero row.
 DefaultRow = tuple[tuple[int, int], ...]
@@ -26,7 +26,7 @@ class Member:
 
     ``vocab`` holds only the tokens the model really has: ids below both its config
     ``vocab_size`` and its matrix's row count (a tokenizer entry past the matrix is missing,
-    docs/vocabulary.md). ``real_rows`` is that same limit: the rows whose mean fills padding.
+    docs/vocabulary.md). ``real_rows`` is that same limit.
     """
 
     vocab: Mapping[str, int]

@@ -109,10 +109,12 @@ def expected_matrix(name, tensor, models, base, rules, out_vocab, size) -> tuple
     source = own.matrix(tensor)
     rows, exact = [], []
     by_id = {i: t for t, i in out_vocab.items()}
+    padding = []
     for index in range(size):
         token = by_id.get(index)
-        if token is None:  # padding
-            rows.append(source[: own.limit].mean(0))
+        if token is None:  # padding: filled below
+            padding.append(index)
+            rows.append(None)
             exact.append(False)
             continue
         rule = rules.get(token, {})
@@ -123,6 +125,9 @@ def expected_matrix(name, tensor, models, base, rules, out_vocab, size) -> tuple
             row, is_exact = default_row(token, tensor, models, base, rule)
             rows.append(row)
             exact.append(is_exact)
+    # padding rows: the mean of the model's rebuilt rows (default embeddings included), as mergekit
+    fill = torch.stack([row for row in rows if row is not None]).mean(0)
+    rows = [fill if row is None else row for row in rows]
     return torch.stack(rows), torch.tensor(exact)
 
 
@@ -227,6 +232,25 @@ def test_padding_rows_are_the_mean_of_each_models_real_rows(zoo, tmp_path):
         assert merged[tensor].shape == (48, 32)
         assert torch.equal(merged[tensor][:40], narrow[tensor])
         torch.testing.assert_close(merged[tensor][40:], narrow[tensor].mean(0).expand(8, 32), rtol=0, atol=2e-7)
+
+
+def test_padding_rows_are_the_mean_of_the_merged_rows_when_vocabularies_differ(zoo, tmp_path):
+    # chat and narrow lack tokens the union takes from the others; their rebuilt rows hold those
+    # tokens' default embeddings, and the padding rows average the rebuilt rows, defaults included
+    # (mergekit's rule), so a linear merge's padding rows are the mean of its merged rows.
+    recipe = (
+        f"merge_method: linear\nmodels:\n  - model: {zoo['chat']}\n    parameters: {{weight: 0.7}}\n"
+        f"  - model: {zoo['narrow']}\n    parameters: {{weight: 0.3}}\n"
+        "tokenizer:\n  source: union\n  pad_to_multiple_of: 48\n"
+    )
+    out = merge(recipe, tmp_path / "out")
+    real = len(transformers.AutoTokenizer.from_pretrained(out).get_vocab())
+    merged = read_tensors(out)
+    for tensor in (EMBED, HEAD):
+        size = merged[tensor].shape[0]
+        assert size % 48 == 0 and real < size
+        mean = merged[tensor][:real].mean(0)
+        torch.testing.assert_close(merged[tensor][real:], mean.expand(size - real, -1), rtol=0, atol=1e-6)
 
 
 # --- tokenizer sources -----------------------------------------------------------------------------
@@ -487,7 +511,9 @@ def test_union_aligns_every_vocabulary_tensor_of_other_architectures(tmp_path, a
     for name in vocab_tensors:
         assert torch.equal(merged[name][:80], b[name]), name
         assert torch.equal(merged[name][80:82], c[name][80:82]), name
-        torch.testing.assert_close(merged[name][82:], b[name].mean(0).expand(2, -1), rtol=0, atol=2e-7)
+        # padding: the mean of the rebuilt rows, the chat model's two tokens included
+        padding = torch.cat([b[name], c[name][80:82]]).mean(0).expand(2, -1)
+        torch.testing.assert_close(merged[name][82:], padding, rtol=0, atol=2e-7)
     config = json.loads((out / "config.json").read_text())
     assert config["vocab_size"] == 84
     assert logits(load_causal_lm(out), [1, 80, 81]).shape == (3, 84)

@@ -90,21 +90,22 @@ def test_align_rows_builds_the_matrix_the_sources_describe():
             c_[0],  # c: own row 0
             c_[2],  # d: own row 2
             torch.zeros(4),  # e: no one has it
-            c_[:3].mean(0),  # padding: mean of m1's real rows
-            c_[:3].mean(0),
         ]
     )
+    # padding: the mean of m1's rebuilt rows a..e (defaults included), as mergekit fills it
+    expected = torch.cat([expected, expected.mean(0).expand(2, -1)])
     assert torch.equal(out[:5], expected[:5])
     torch.testing.assert_close(out[5:], expected[5:], rtol=0, atol=1e-7)
     # d for the base: mean of m1's row 2 and m2's row 0; m2's padding uses its 4 real rows only.
     torch.testing.assert_close(align_rows(tensors, 0, base)[3], (c_[2] + m2_[0]) / 2, rtol=0, atol=1e-7)
-    torch.testing.assert_close(align_rows(tensors, 2, m2)[6], m2_[:4].mean(0), rtol=0, atol=1e-7)
+    m2_rows = align_rows(tensors, 2, m2)
+    torch.testing.assert_close(m2_rows[6], m2_rows[:5].mean(0), rtol=0, atol=1e-7)
 
 
 def test_align_rows_keeps_the_dtype_and_averages_in_float32():
     rows = [torch.tensor([[1.0, 2.0], [3.0, 5.0]], dtype=torch.bfloat16)]
-    (only,), _ = row_sources({"a": 0}, 3, [Member({"a": 1}, 2)], [0], None, {})
+    (only,), _ = row_sources({"b": 0, "a": 1}, 3, [Member({"a": 0, "b": 1}, 2)], [0], None, {})
     out = align_rows(rows, 0, only)
     assert out.dtype == torch.bfloat16
-    assert torch.equal(out[0], rows[0][1])
-    assert torch.equal(out[1], torch.tensor([2.0, 3.5], dtype=torch.bfloat16))
+    assert torch.equal(out[:2], rows[0][[1, 0]])
+    assert torch.equal(out[2], torch.tensor([2.0, 3.5], dtype=torch.bfloat16))  # padding: the rows' mean
