@@ -105,8 +105,6 @@ def merge(
     *,
     opts: SharedOptions,
 ) -> None:
-    from mkmerge.run import run_merge
-    from mkmerge.run_stages import run_stages
     from mkmerge.stages import load_stages
 
     with cli_errors(opts.debug, opts.verbose):
@@ -124,6 +122,10 @@ def merge(
 
             show_stage_plans(stages, options, lazy=lazy, as_json=opts.as_json, **common)
             return
+        # The engine (and torch) is imported once the recipe has been read: recipe errors stay fast.
+        from mkmerge.run import run_merge
+        from mkmerge.run_stages import run_stages
+
         output = dict(copy_tokenizer=opts.copy_tokenizer, write_card=opts.write_model_card)
         if len(stages) > 1:
             results = run_stages(
