@@ -129,6 +129,12 @@ def render_plan(report: PlanReport, console: Console) -> None:
     console.print(_inputs_table(report))
     console.print(_tensors_table(report))
     console.print(_shards_table(report))
+    if report.config_changes:
+        changes = "; ".join(
+            f"{escape(key)}: {' -> '.join(json.dumps(change[side]) if side in change else '(absent)' for side in ('from', 'to'))}"
+            for key, change in report.config_changes.items()
+        )
+        console.print(f"config.json changes from {report.config_from}'s: {escape(changes)}", highlight=False)
     _print_memory(report, console)
 
 

@@ -12,6 +12,7 @@ Examples:
   mkstack OUT --expand A --every 4                       # LLaMA Pro
   mkstack --print-recipe --upscale A --overlap 8 > solar.yml
   mkstack RECIPE OUT --dry-run
+  mkstack OUT --upscale A --overlap 8 --dry-run --json
 
 Ranges are half-open and 0-based (A:0-16 is layers 0..15). Models are local directories
 or Hub ids; `--model a=/long/path/to/model` lets later flags say `a`. Every mode is
@@ -116,7 +117,7 @@ OutDTypeOpt = Annotated[
 ]
 
 
-@shared_options(exclude=("as_json", "lora_merge_cache", "unsafe_truncate_embeddings"))
+@shared_options(exclude=("lora_merge_cache", "unsafe_truncate_embeddings"))
 def stack(
     paths: Paths = None,
     slices: SliceOpt = None,
@@ -147,6 +148,8 @@ def stack(
     with cli_errors(opts.debug, opts.verbose):
         started = time.perf_counter()
         opts.validate()
+        if opts.as_json and not opts.dry_run:
+            raise RecipeError("--json prints a plan, so it needs --dry-run", field="--json")
         request = ModeRequest(
             slices=tuple(slices or ()),
             interleave=interleave,
@@ -187,10 +190,8 @@ def stack(
             return
         options = opts.build()
         explain_flags(opts, UNUSED)
-        if opts.dry_run:  # the layer map is the plan: every check above read headers only
-            from rich.console import Console
-
-            _show_plan(checked, Console())  # the plan is what was asked for: stdout
+        if opts.dry_run:  # every check above read headers only
+            _dry_run(checked, options, as_json=opts.as_json)
             return
         if not opts.quiet:
             _show_plan(checked)
@@ -260,6 +261,36 @@ def _dtype(name: str | None, option: str) -> str | None:
         hint = did_you_mean(name.removeprefix("torch."), DTYPES) or f"accepted: {', '.join(DTYPES)}"
         raise RecipeError(f"unknown dtype {name!r}", field=option, hint=hint)
     return name.removeprefix("torch.")
+
+
+def _dry_run(checked, options, *, as_json: bool) -> None:
+    """The plan on stdout: the layer map and mkmerge's plan view (or one JSON document)."""
+    import json
+
+    from rich.console import Console
+
+    from mkmerge.memory_estimate import current_rss_bytes
+    from mkmerge.plan_json import report_json
+    from mkmerge.plan_report import plan_report
+    from mkmerge.plan_view import render_plan
+
+    report = plan_report(checked.plan, options, baseline_bytes=current_rss_bytes())
+    if as_json:
+        document = report_json(report, tool="mkstack")
+        document["layer_map"] = [
+            {
+                "output_layers": [row.out_start, row.out_end - 1],
+                "model": str(row.model),
+                "source_layers": [row.start, row.end - 1],
+                "note": row.note,
+            }
+            for row in checked.rows
+        ]
+        sys.stdout.write(json.dumps(document, indent=2) + "\n")
+        return
+    console = Console()  # the plan is what was asked for: stdout
+    _show_plan(checked, console)
+    render_plan(report, console)
 
 
 def _show_plan(checked, console=None) -> None:
