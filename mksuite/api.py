@@ -145,8 +145,8 @@ def merge(
     """Merge models from a mergekit-style recipe into ``out``: what ``mkmerge RECIPE OUT`` does.
 
     ``options`` are the command line's, by their Python names: ``device`` ("cpu", "cuda",
-    "cuda:N", "auto"), ``dtype``-free run options ``threads``, ``seed``, ``shard_size``
-    ("5G" or bytes), ``overwrite``, ``verify``, ``copy_tokenizer``, ``write_model_card``,
+    "cuda:N", "auto"), ``threads``, ``seed``, ``shard_size`` ("5G" or a number of bytes),
+    ``overwrite``, ``verify``, ``copy_tokenizer``, ``write_model_card``,
     ``allow_crimes``, ``cache_dir``, ``lora_merge_dtype``, ``unsafe_truncate_embeddings``,
     ``read_to_gpu``. A multi-stage recipe (several ``---`` documents) runs its stages
     (``lazy``, ``intermediate_dir`` as ``--lazy`` and ``--intermediate-dir``). ``notify``
