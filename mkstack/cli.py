@@ -270,24 +270,14 @@ def _dry_run(checked, options, *, as_json: bool) -> None:
     from rich.console import Console
 
     from mkmerge.memory_estimate import current_rss_bytes
-    from mkmerge.plan_json import report_json
     from mkmerge.plan_report import plan_report
     from mkmerge.plan_view import render_plan
+    from mkstack.stack import stack_plan_document
 
-    report = plan_report(checked.plan, options, baseline_bytes=current_rss_bytes())
     if as_json:
-        document = report_json(report, tool="mkstack")
-        document["layer_map"] = [
-            {
-                "output_layers": [row.out_start, row.out_end - 1],
-                "model": str(row.model),
-                "source_layers": [row.start, row.end - 1],
-                "note": row.note,
-            }
-            for row in checked.rows
-        ]
-        sys.stdout.write(json.dumps(document, indent=2) + "\n")
+        sys.stdout.write(json.dumps(stack_plan_document(checked, options), indent=2) + "\n")
         return
+    report = plan_report(checked.plan, options, baseline_bytes=current_rss_bytes())
     console = Console()  # the plan is what was asked for: stdout
     _show_plan(checked, console)
     render_plan(report, console)

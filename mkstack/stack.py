@@ -239,6 +239,25 @@ def plan_stack(
     return StackPlan(recipe, plan, rows, plan_config_warnings(plan))
 
 
+def stack_plan_document(checked: StackPlan, options: BuildOptions) -> dict:
+    """What `mkstack ... --dry-run --json` prints: mkmerge's plan document and the layer map (inclusive ranges)."""
+    from mkmerge.memory_estimate import current_rss_bytes
+    from mkmerge.plan_json import report_json
+    from mkmerge.plan_report import plan_report
+
+    document = report_json(plan_report(checked.plan, options, baseline_bytes=current_rss_bytes()), tool="mkstack")
+    document["layer_map"] = [
+        {
+            "output_layers": [row.out_start, row.out_end - 1],
+            "model": str(row.model),
+            "source_layers": [row.start, row.end - 1],
+            "note": row.note,
+        }
+        for row in checked.rows
+    ]
+    return document
+
+
 def run_stack(
     recipe: MergeRecipe,
     out: Path | OutputDirectory,

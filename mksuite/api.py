@@ -64,8 +64,7 @@ class BuildResult:
 # -- options -------------------------------------------------------------------------------
 # Command-line options that have no meaning for a function call, and what to do instead.
 _NOT_OPTIONS = {
-    "dry_run": "plan without writing with `mkmerge RECIPE OUT --dry-run --json` (or mkstack/mkmoe)",
-    "as_json": "plan without writing with `mkmerge RECIPE OUT --dry-run --json` (or mkstack/mkmoe)",
+    "as_json": "dry_run=True returns the plan document (a dict)",
     "quiet": "the API prints nothing unless progress=True",
     "verbose": "the API prints nothing; warnings go through the warnings module",
     "debug": "the API raises the error itself, with its traceback",
@@ -141,7 +140,7 @@ def merge(
     progress: Progress = None,
     notify: Callable[[str], None] | None = None,
     **options,
-) -> BuildResult:
+) -> BuildResult | dict:
     """Merge models from a mergekit-style recipe into ``out``: what ``mkmerge RECIPE OUT`` does.
 
     ``options`` are the command line's, by their Python names: ``device`` ("cpu", "cuda",
@@ -151,6 +150,8 @@ def merge(
     ``read_to_gpu``. A multi-stage recipe (several ``---`` documents) runs its stages
     (``lazy``, ``intermediate_dir`` as ``--lazy`` and ``--intermediate-dir``). ``notify``
     receives the engine's one-line reports (``verify``'s result, a removed stale partial).
+    ``dry_run=True`` writes nothing and returns the plan document ``--dry-run --json`` prints
+    (a dict), after the same checks.
 
     Raises :class:`~mksuite.common.errors.MkError` subclasses (``exit_code`` as the command's).
     """
@@ -169,17 +170,21 @@ def merge(
         intermediate_dir=Path(intermediate_dir) if intermediate_dir is not None else None,
     )
     build = _build_options(opts, notify)
-    from mkmerge.run import run_merge
-    from mkmerge.run_stages import run_stages
     from mksuite.common.cli.options import parse_float_dtype
 
-    common = dict(
+    checks = dict(
         allow_crimes=opts.allow_crimes,
         cache_dir=opts.cache_dir,
         lora_merge_dtype=parse_float_dtype(opts.lora_merge_dtype, option="lora_merge_dtype"),
-        copy_tokenizer=opts.copy_tokenizer,
-        write_card=opts.write_model_card,
     )
+    if opts.dry_run:
+        from mkmerge.plan_view import plan_document
+
+        return plan_document(stages, build, lazy=lazy, **checks)
+    from mkmerge.run import run_merge
+    from mkmerge.run_stages import run_stages
+
+    common = dict(**checks, copy_tokenizer=opts.copy_tokenizer, write_card=opts.write_model_card)
     if len(stages) > 1:
 
         def stage_progress(stage):  # entered by run_stages; what it yields is the stage's listener
@@ -225,14 +230,14 @@ def stack(
     progress: Progress = None,
     notify: Callable[[str], None] | None = None,
     **options,
-) -> BuildResult:
+) -> BuildResult | dict:
     """Stack layers into ``out``: what ``mkstack RECIPE OUT`` (or ``mkstack OUT --upscale A ...``) does.
 
     Give a passthrough ``recipe``, or ``recipe=None`` and one mode: ``slices=["A:0-16",
     "B:8-24"]``, ``interleave=("A", "B")`` with ``window`` and ``overlap``, ``upscale="A"``
     with ``overlap``, ``expand="A"`` with ``every``; ``models`` names models for the modes
-    (``--model NAME=REF``), ``dtype``/``out_dtype`` go with a mode. Other ``options`` as
-    :func:`merge`'s.
+    (``--model NAME=REF``), ``dtype``/``out_dtype`` go with a mode. Other ``options`` (and
+    ``dry_run``) as :func:`merge`'s.
     """
     from mkstack.stack import (
         ModeRequest,
@@ -242,6 +247,7 @@ def stack(
         request_recipe_text,
         require_passthrough,
         run_stack,
+        stack_plan_document,
     )
     from mksuite.common.writing.output_dir import OutputDirectory
 
@@ -290,6 +296,8 @@ def stack(
     for note in checked.config_warnings:
         warnings.warn(StackWarning(note), stacklevel=2)
     build = _build_options(opts, notify)
+    if opts.dry_run:
+        return stack_plan_document(checked, build)
     context, listener = _progress(progress, "stacking")
     with context:
         plan, stats = run_stack(
@@ -315,11 +323,12 @@ def moe(
     progress: Progress = None,
     notify: Callable[[str], None] | None = None,
     **options,
-) -> BuildResult:
+) -> BuildResult | dict:
     """Build the Mixture of Experts a mergekit-moe ``config`` describes: what ``mkmoe CONFIG OUT`` does.
 
     ``layout``: "classic" (one tensor per expert) or "fused"; ``allow_identical_experts`` is
-    ``--i-understand-this-is-not-useful-without-training``. Other ``options`` as :func:`merge`'s.
+    ``--i-understand-this-is-not-useful-without-training``. Other ``options`` (and ``dry_run``)
+    as :func:`merge`'s.
     """
     from mkmoe.config import parse_moe_config
     from mkmoe.layouts import LAYOUTS
@@ -338,6 +347,13 @@ def moe(
         text, source_name=str(path) if path else None, allow_identical_experts=allow_identical_experts
     )
     build = _build_options(opts, notify)
+    if opts.dry_run:
+        from mkmoe.plan import plan_moe
+        from mkmoe.plan_json import moe_plan_json
+        from mksuite.common.writing.output_dir import OutputDirectory
+
+        OutputDirectory(Path(out), overwrite=opts.overwrite).check()
+        return moe_plan_json(plan_moe(parsed, layout=layout, cache_dir=opts.cache_dir), build, out=str(out))
     context, listener = _progress(progress, "merging experts")
     with context:
         on_stage = (lambda text: listener(ProgressEvent("phase", name=text))) if listener else None

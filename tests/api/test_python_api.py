@@ -119,7 +119,7 @@ def test_errors_are_raised_with_the_command_lines_exit_codes(family, tmp_path):
         mksuite.merge(ties_recipe(base, a, b), tmp_path / "out", shard_sise="2G")
     assert "shard_sise" in str(typo.value) and "did you mean `shard_size`" in typo.value.render()
     with pytest.raises(RecipeError, match="command-line option only"):
-        mksuite.merge(ties_recipe(base, a, b), tmp_path / "out", dry_run=True)
+        mksuite.merge(ties_recipe(base, a, b), tmp_path / "out", quiet=True)
     with pytest.raises(RecipeError, match="--threads"):
         mksuite.merge(ties_recipe(base, a, b), tmp_path / "out", threads=0)
     (tmp_path / "taken").mkdir()
@@ -136,3 +136,26 @@ def test_progress_callback_hears_every_tensor(family, tmp_path):
     result = mksuite.merge(ties_recipe(base, a, b), tmp_path / "out", progress=events.append)
     written = [e for e in events if e.kind == "tensor_written"]
     assert written and written[-1].tensors_done == result.tensors == written[-1].tensors_total
+
+
+def test_dry_run_returns_the_plan_document_the_command_prints(family, tmp_path, no_tensor_reads):
+    import json
+
+    from typer.testing import CliRunner
+
+    from mkmoe_helpers import moe_yaml
+
+    base, a, b = family
+    recipe = tmp_path / "ties.yml"
+    recipe.write_text(ties_recipe(base, a, b))
+    printed = CliRunner().invoke(merge_app, [str(recipe), str(tmp_path / "out"), "--dry-run", "--json"])
+    document = mksuite.merge(recipe, tmp_path / "out", dry_run=True)
+    drop = ("memory",)  # measured from this process's size at the time
+    assert {k: v for k, v in document.items() if k not in drop} == {
+        k: v for k, v in json.loads(printed.stdout).items() if k not in drop
+    }
+    stacked = mksuite.stack(None, tmp_path / "up", upscale=str(a), overlap=1, dry_run=True)
+    assert stacked["tool"] == "mkstack" and stacked["layer_map"]
+    config = moe_yaml(base, [a, b], gate_mode="random")
+    assert mksuite.moe(config, tmp_path / "moe", dry_run=True)["moe"]["experts"] == 2
+    assert not any((tmp_path / name).exists() for name in ("out", "up", "moe"))
