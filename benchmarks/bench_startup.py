@@ -35,6 +35,8 @@ def cases(workdir: Path) -> list[tuple[str, str, list[str]]]:
         "bad field": "merge_method: linear\nmodels:\n  - model: a\ndtype: float33\n",
         "YAML syntax": "merge_method: [linear\nmodels:\n",
     }
+    moe = workdir / "bad_moe.yml"
+    moe.write_text("base_model: b\nexperts:\n  - source_modle: a\n")
     errors = []
     for index, (what, text) in enumerate(bad.items()):
         recipe = workdir / f"bad{index}.yml"
@@ -48,6 +50,7 @@ def cases(workdir: Path) -> list[tuple[str, str, list[str]]]:
         ("mkstack --help", "mkstack", ["--help"]),
         ("mkmoe --help", "mkmoe", ["--help"]),
         *errors,
+        ("mkmoe (config error: misspelt field)", "mkmoe", [str(moe), str(workdir / "out")]),
     ]
 
 

@@ -82,8 +82,7 @@ def build(
     *,
     opts: SharedOptions,
 ) -> None:
-    from mkmoe.config import load_moe_config
-    from mkmoe.layouts import LAYOUTS
+    from mkmoe.config import LAYOUTS, load_moe_config  # torch-free: config errors come fast
     from mksuite.common.errors import RecipeError, did_you_mean
 
     with cli_errors(opts.debug, opts.verbose):

@@ -24,7 +24,6 @@ from mkmoe.architectures import MIXTRAL, QWEN2_MOE, OutputArchitecture
 from mkmoe.tasks import GATES_SOURCE, AddNoise, ConcatRows, StackTensors
 from mksuite.common.graph import CastTensor, LoadTensor, OutputTensor, ScaleTensor, Task
 
-LAYOUTS = ("classic", "fused")
 PROJECTIONS = ("gate", "up", "down")
 _MIXTRAL_NAMES = {"gate": "w1", "down": "w2", "up": "w3"}
 

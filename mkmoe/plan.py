@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 import torch
 
 from mkmoe.architectures import MIXTRAL, QWEN2_MOE, OutputArchitecture, check_inputs, choose_architecture, moe_config
-from mkmoe.config import MoeConfig
-from mkmoe.layouts import LAYOUTS, PROJECTIONS, ExpertMlp, block_outputs, is_block_weight, router_name, shared_gate_name
+from mkmoe.config import LAYOUTS, MoeConfig
+from mkmoe.layouts import PROJECTIONS, ExpertMlp, block_outputs, is_block_weight, router_name, shared_gate_name
 from mkmoe.tasks import ZerosTensor
 from mksuite.common.arch import WeightInfo, load_definitions
 from mksuite.common.dtypes import FLOAT_DTYPES

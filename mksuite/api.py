@@ -330,8 +330,7 @@ def moe(
     ``--i-understand-this-is-not-useful-without-training``. Other ``options`` (and ``dry_run``)
     as :func:`merge`'s.
     """
-    from mkmoe.config import parse_moe_config
-    from mkmoe.layouts import LAYOUTS
+    from mkmoe.config import LAYOUTS, parse_moe_config
     from mkmoe.run import run_moe
     from mksuite.common.errors import did_you_mean
     from mksuite.common.graph import ProgressEvent

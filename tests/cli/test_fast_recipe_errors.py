@@ -15,9 +15,10 @@ import pytest
 PROBE = (
     "import atexit, sys\n"
     "atexit.register(lambda: sys.stderr.write('\\nTORCH=%s\\n' % ('torch' in sys.modules)))\n"
-    "sys.argv = ['mkmerge', *sys.argv[1:]]\n"
-    "from mkmerge.cli import main\n"
-    "main()\n"
+    "tool = sys.argv.pop(1)\n"
+    "sys.argv = [tool, *sys.argv[1:]]\n"
+    "from importlib import import_module\n"
+    "import_module(tool + '.cli').main()\n"
 )
 
 # None of these models exists: each error must come before any model is looked up.
@@ -50,11 +51,11 @@ BAD_RECIPES = {
 }
 
 
-def _run(tmp_path, text: str) -> subprocess.CompletedProcess:
+def _run(tmp_path, text: str, tool: str = "mkmerge", *options: str) -> subprocess.CompletedProcess:
     recipe = tmp_path / "bad.yml"
     recipe.write_text(text)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
-    command = [sys.executable, "-c", PROBE, str(recipe), str(tmp_path / "out")]
+    command = [sys.executable, "-c", PROBE, tool, str(recipe), str(tmp_path / "out"), *options]
     return subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
 
 
@@ -66,6 +67,21 @@ def test_a_recipe_error_does_not_import_torch(tmp_path, case):
     assert named in done.stderr, done.stderr
     assert "TORCH=False" in done.stderr, done.stderr
     assert not (tmp_path / "out").exists()
+
+
+BAD_MOE_CONFIGS = {
+    "missing field": ("base_model: ./base\nexperts:\n  - source_modle: ./a\n", (), "source_model"),
+    "unknown gate mode": ("base_model: ./base\ngate_mode: hiden\nexperts:\n  - source_model: ./a\n", (), "hiden"),
+    "unknown layout": ("base_model: ./base\nexperts:\n  - source_model: ./a\n", ("--layout", "fuzed"), "fuzed"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_MOE_CONFIGS))
+def test_an_mkmoe_config_error_does_not_import_torch(tmp_path, case):
+    text, options, named = BAD_MOE_CONFIGS[case]
+    done = _run(tmp_path, text, "mkmoe", *options)
+    assert done.returncode == 2, done.stderr
+    assert named in done.stderr and "TORCH=False" in done.stderr, done.stderr
 
 
 def test_a_valid_recipe_goes_on_to_the_models_which_may_need_torch(tmp_path):
