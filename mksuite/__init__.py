@@ -34,6 +34,10 @@ __all__ = sorted(_HOME)
 
 
 def __getattr__(name: str):
+    if name == "__version__":
+        from mksuite.common.cli.app import package_version
+
+        return package_version()
     module = _HOME.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
