@@ -51,6 +51,7 @@ def cases(workdir: Path) -> list[tuple[str, str, list[str]]]:
         ("mkmoe --help", "mkmoe", ["--help"]),
         *errors,
         ("mkmoe (config error: misspelt field)", "mkmoe", [str(moe), str(workdir / "out")]),
+        ("mkstack (recipe error: not passthrough)", "mkstack", [str(workdir / "bad0.yml"), str(workdir / "out")]),
     ]
 
 

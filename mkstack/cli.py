@@ -134,15 +134,8 @@ def stack(
     *,
     opts: SharedOptions,
 ) -> None:
-    from mkstack.stack import (
-        ModeRequest,
-        StackWarning,
-        load_stack_recipe,
-        parse_stack_recipe,
-        plan_stack,
-        request_recipe_text,
-        run_stack,
-    )
+    # torch-free: a recipe error or a bad flag is reported before the engine is imported
+    from mkstack.request import ModeRequest, StackWarning, load_stack_recipe, parse_stack_recipe
     from mksuite.common.writing.output_dir import OutputDirectory
 
     with cli_errors(opts.debug, opts.verbose):
@@ -174,6 +167,8 @@ def stack(
                 )
             recipe = load_stack_recipe(Path(recipe_path))
         else:
+            from mkstack.stack import request_recipe_text
+
             text = request_recipe_text(
                 request,
                 dtype=_dtype(dtype, "--dtype"),
@@ -182,6 +177,8 @@ def stack(
                 cache_dir=opts.cache_dir,
             )
             recipe = parse_stack_recipe(text)
+        from mkstack.stack import plan_stack, run_stack
+
         checked = plan_stack(recipe, allow_crimes=opts.allow_crimes, seed=opts.seed, cache_dir=opts.cache_dir)
         for note in checked.config_warnings:
             warnings.warn(StackWarning(note), stacklevel=1)

@@ -84,6 +84,20 @@ def test_an_mkmoe_config_error_does_not_import_torch(tmp_path, case):
     assert named in done.stderr and "TORCH=False" in done.stderr, done.stderr
 
 
+@pytest.mark.parametrize(
+    ("text", "options", "named"),
+    [
+        ("merge_method: linear\nmodels:\n  - model: ./a\n    parameters: {weight: 1}\n", (), "passthrough"),
+        ("merge_method: passthrough\nslices:\n  - sources:\n      - model: ./a\n", (), "layer_range"),
+    ],
+    ids=["not passthrough", "missing layer range"],
+)
+def test_an_mkstack_recipe_error_does_not_import_torch(tmp_path, text, options, named):
+    done = _run(tmp_path, text, "mkstack", *options)
+    assert done.returncode == 2, done.stderr
+    assert named in done.stderr and "TORCH=False" in done.stderr, done.stderr
+
+
 def test_a_valid_recipe_goes_on_to_the_models_which_may_need_torch(tmp_path):
     # the probe itself can see torch: a recipe that parses reaches the model lookup (exit 3 here)
     done = _run(tmp_path, "merge_method: linear\nmodels:\n  - model: ./a\n    parameters: {weight: 1}\n")
