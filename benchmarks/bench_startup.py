@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -27,8 +28,20 @@ PROBE = (
 
 
 def cases(workdir: Path) -> list[tuple[str, str, list[str]]]:
-    bad = workdir / "bad.yml"
-    bad.write_text("merge_method: linar\nmodels:\n  - model: nowhere/a\n")
+    bad = {
+        "unknown method": "merge_method: linar\nmodels:\n  - model: nowhere/a\n",
+        "typo'd parameter": "merge_method: ties\nbase_model: b\nmodels:\n  - model: a\n    parameters: {densty: 0.5}\n",
+        "negative density": "merge_method: ties\nbase_model: b\nmodels:\n  - model: a\n    parameters: {density: -1}\n",
+        "bad field": "merge_method: linear\nmodels:\n  - model: a\ndtype: float33\n",
+        "YAML syntax": "merge_method: [linear\nmodels:\n",
+    }
+    moe = workdir / "bad_moe.yml"
+    moe.write_text("base_model: b\nexperts:\n  - source_modle: a\n")
+    errors = []
+    for index, (what, text) in enumerate(bad.items()):
+        recipe = workdir / f"bad{index}.yml"
+        recipe.write_text(text)
+        errors.append((f"mkmerge (recipe error: {what})", "mkmerge", [str(recipe), str(workdir / "out")]))
     return [
         ("python (bare interpreter)", "", []),
         ("mkmerge --help", "mkmerge", ["--help"]),
@@ -36,21 +49,30 @@ def cases(workdir: Path) -> list[tuple[str, str, list[str]]]:
         ("mkmerge plan --help", "mkmerge", ["plan", "--help"]),
         ("mkstack --help", "mkstack", ["--help"]),
         ("mkmoe --help", "mkmoe", ["--help"]),
-        ("mkmerge (recipe error)", "mkmerge", [str(bad), str(workdir / "out")]),
+        *errors,
+        ("mkmoe (config error: misspelt field)", "mkmoe", [str(moe), str(workdir / "out")]),
+        ("mkstack (recipe error: not passthrough)", "mkstack", [str(workdir / "bad0.yml"), str(workdir / "out")]),
     ]
 
 
-def measure(tool: str, args: list[str], runs: int) -> tuple[float, bool | None]:
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def measure(tool: str, args: list[str], runs: int) -> tuple[float, float, bool | None]:
+    """Best wall seconds, best CPU seconds (less sensitive to a busy machine), whether torch loaded."""
     code = PROBE.format(tool=tool, args=args) if tool else "pass"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    best, torch_loaded = float("inf"), None
+    best, best_cpu, torch_loaded = float("inf"), float("inf"), None
     for _ in range(runs):
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), _children_cpu()
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
         best = min(best, time.perf_counter() - started)
+        best_cpu = min(best_cpu, _children_cpu() - cpu)
         if tool:
             torch_loaded = "TORCH=True" in done.stderr
-    return best, torch_loaded
+    return best, best_cpu, torch_loaded
 
 
 def main() -> None:
@@ -60,10 +82,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         rows = [(name, *measure(tool, args, runs)) for name, tool, args in cases(Path(tmp))]
     width = max(len(name) for name, *_ in rows)
-    print(f"{'command':<{width}}  seconds  imports torch")
-    for name, seconds, torch_loaded in rows:
+    print(f"{'command':<{width}}  wall s   CPU s  imports torch")
+    for name, seconds, cpu, torch_loaded in rows:
         loaded = "-" if torch_loaded is None else "yes" if torch_loaded else "no"
-        print(f"{name:<{width}}  {seconds:7.3f}  {loaded}")
+        print(f"{name:<{width}}  {seconds:6.3f}  {cpu:6.3f}  {loaded}")
 
 
 if __name__ == "__main__":

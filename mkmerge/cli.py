@@ -12,7 +12,7 @@ Examples:
 A recipe file with several `---`-separated documents is a multi-stage recipe: named stages are
 written to the intermediate directory (default: OUT.stages next to OUT) and used by later
 documents by name; the unnamed document is the final merge, written to OUT. When every stage
-is named, each is written to OUT/<name>.
+is named, each is written to OUT/<name>. An existing OUT needs --overwrite, as for one stage.
 """
 
 from __future__ import annotations
@@ -46,7 +46,8 @@ Lazy = Annotated[
     bool,
     typer.Option(
         "--lazy/--no-lazy",
-        help="Multi-stage: reuse a stage's output when it is complete and up to date (default on).",
+        help="Multi-stage: reuse an intermediate stage's output when it is complete and up to date "
+        "(default on); what goes to OUT follows --overwrite.",
         rich_help_panel=RUN,
         show_default=False,
     ),
@@ -105,8 +106,6 @@ def merge(
     *,
     opts: SharedOptions,
 ) -> None:
-    from mkmerge.run import run_merge
-    from mkmerge.run_stages import run_stages
     from mkmerge.stages import load_stages
 
     with cli_errors(opts.debug, opts.verbose):
@@ -124,6 +123,10 @@ def merge(
 
             show_stage_plans(stages, options, lazy=lazy, as_json=opts.as_json, **common)
             return
+        # The engine (and torch) is imported once the recipe has been read: recipe errors stay fast.
+        from mkmerge.run import run_merge
+        from mkmerge.run_stages import run_stages
+
         output = dict(copy_tokenizer=opts.copy_tokenizer, write_card=opts.write_model_card)
         if len(stages) > 1:
             results = run_stages(

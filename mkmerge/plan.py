@@ -42,6 +42,7 @@ from mksuite.common.errors import MissingTensorError, RecipeError, ShapeMismatch
 from mksuite.common.graph import CastTensor, LoadTensor, OutputTensor, SliceRows, Task
 from mksuite.common.input_models import OpenedModel, open_input_models
 from mksuite.common.loading import ModelReference
+from mksuite.common.writing.model_files import output_config
 
 
 @dataclass
@@ -71,6 +72,18 @@ class MergePlan:
         if self.vocab_size is not None:
             updates[vocab_size_key(self.arch)] = self.vocab_size
         return updates
+
+    def output_config(self) -> dict:
+        """The config.json a run writes: the donor's with :meth:`config_updates` and, for a
+        sliced recipe, per-layer lists rebuilt for the new depth (mkstack's transform)."""
+        transform = None
+        if self.uses_slices:
+            from mkstack.config_fixups import stack_config_transform
+
+            transform = lambda config: stack_config_transform(self, config)
+        return output_config(
+            self.donor.config, dtype=self.config_dtype, updates=self.config_updates(), transform=transform
+        )
 
 
 def plan_merge(

@@ -11,6 +11,7 @@ JSON schema ``mkmerge-plan/1`` (sizes in bytes, layer ranges inclusive, 0-based)
                   "tensors": 291, "bytes": 14483464192, "is_base": true}, ...],
       "output": {"architecture": "LlamaForCausalLM", "layers": 32, "config_from": "base",
                  "dtypes": ["bfloat16"], "tensors": 291, "bytes": 14483464192},
+      "config": {"from": "base", "changes": {"num_hidden_layers": {"from": 32, "to": 48}, ...}},
       "pre_weights":  [{"tensor": "model.embed_tokens.weight", "computed_as": "ties(base, A, B)"}],
       "layer_groups": [{"layers": [0, 31], "tensors_each": 9,
                         "computed_as": [{"what": "ties(base, A, B)", "tensors": 9}]}],
@@ -27,7 +28,10 @@ JSON schema ``mkmerge-plan/1`` (sizes in bytes, layer ranges inclusive, 0-based)
                  "prefetch_bytes": ..., "write_queue_bytes": ..., "device": "cpu"}
     }
 
-A multi-stage dry run prints ``{"schema": "mkmerge-plan/1", "stages": [{"document": 1,
+``mkstack --dry-run --json`` prints this document (``"tool": "mkstack"``) with a
+``layer_map``; ``mkmoe --dry-run --json`` prints the same ``inputs``, ``output``, ``config``,
+``tensors`` and ``shards`` keys for the MoE it would build (mkmoe/plan_json.py). Every
+document has ``"tool"``. A multi-stage dry run prints ``{"schema": "mkmerge-plan/1", "stages": [{"document": 1,
 "name": "soup" | null, "out": ..., "depends_on": [...], "status": "reused" | "planned" |
 "waits", "plan": <the document above> | null}]}`` (mkmerge/plan_view.py).
 
@@ -38,14 +42,16 @@ from __future__ import annotations
 
 from mkmerge.memory_estimate import MemoryEstimate
 from mkmerge.plan_report import PlanReport, TensorPlan
+from mksuite.common.plan_document import SCHEMA
 
-SCHEMA = "mkmerge-plan/1"
+__all__ = ["SCHEMA", "report_json"]
 
 
-def report_json(report: PlanReport) -> dict:
+def report_json(report: PlanReport, tool: str = "mkmerge") -> dict:
     """The ``mkmerge-plan/1`` document (see the module docstring)."""
     return {
         "schema": SCHEMA,
+        "tool": tool,
         "recipe": report.recipe,
         "method": report.method,
         "inputs": [
@@ -70,6 +76,7 @@ def report_json(report: PlanReport) -> dict:
             "tensors": len(report.tensors),
             "bytes": report.output_bytes,
         },
+        "config": {"from": report.config_from, "changes": dict(report.config_changes)},
         "pre_weights": [_weight_json(t) for t in report.section("pre")],
         "layer_groups": [
             {

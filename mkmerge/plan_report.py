@@ -14,7 +14,6 @@ when it differs from the output layers (stacking), a scale factor follows as ``Ã
 from __future__ import annotations
 
 import math
-import string
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -24,6 +23,7 @@ from mkmerge.tasks import MergeTensor
 from mksuite.common.build import BuildOptions, output_layout
 from mksuite.common.graph import LoadTensor, OutputTensor, ScaleTensor, Task
 from mksuite.common.input_models import OpenedModel
+from mksuite.common.plan_document import architecture_name, config_changes, letters
 
 
 @dataclass(frozen=True)
@@ -119,6 +119,7 @@ class PlanReport:
     shards: tuple[ShardSummary, ...]
     memory: MemoryEstimate
     device: str
+    config_changes: Mapping[str, Mapping[str, object]]  # "key": {"from": donor's, "to": written}
 
     @property
     def output_bytes(self) -> int:
@@ -149,7 +150,7 @@ def plan_report(plan: MergePlan, options: BuildOptions, *, baseline_bytes: int) 
         recipe=getattr(plan.recipe, "source_name", None),
         method=plan.method.name,
         inputs=tuple(_input_summary(model, labels[model.key], plan) for model in plan.models.values()),
-        architecture=_architecture_name(plan.donor),
+        architecture=architecture_name(plan.donor),
         layers=plan.num_layers,
         config_from=labels[plan.donor.key],
         tensors=tensors,
@@ -157,6 +158,7 @@ def plan_report(plan: MergePlan, options: BuildOptions, *, baseline_bytes: int) 
         shards=tuple(ShardSummary(s.filename, len(s.tensors), s.file_bytes) for s in layout),
         memory=memory,
         device=str(options.device),
+        config_changes=config_changes(plan.donor.config, plan.output_config()),
     )
 
 
@@ -164,25 +166,10 @@ def input_labels(plan: MergePlan) -> dict[str, str]:
     """Model key -> ``base`` for the recipe's base model, ``A``, ``B``, ... for the others in order."""
     base = plan.recipe.base_model
     labels: dict[str, str] = {}
-    others = iter(_letters())
+    others = iter(letters())
     for ref, model in plan.models.items():
         labels[model.key] = "base" if base is not None and ref == base else next(others)
     return labels
-
-
-def _letters():
-    for letter in string.ascii_uppercase:
-        yield letter
-    n = 1
-    while True:  # more than 26 models: A1, B1, ...
-        for letter in string.ascii_uppercase:
-            yield f"{letter}{n}"
-        n += 1
-
-
-def _architecture_name(model: OpenedModel) -> str:
-    names = model.config.get("architectures") or [model.arch.name]
-    return str(names[0])
 
 
 def _input_summary(model: OpenedModel, label: str, plan: MergePlan) -> InputSummary:
@@ -191,7 +178,7 @@ def _input_summary(model: OpenedModel, label: str, plan: MergePlan) -> InputSumm
         label=label,
         reference=str(model.ref),
         path=str(model.path),
-        architecture=_architecture_name(model),
+        architecture=architecture_name(model),
         layers=model.num_layers,
         dtypes=tuple(sorted({_dtype_name(info.dtype) for info in infos})),
         tensors=len(infos),

@@ -73,12 +73,7 @@ def show_stage_plans(
             lora_merge_dtype=lora_merge_dtype, as_json=as_json, console=console,
         )  # fmt: skip
         return
-    running, plans = check_stages(
-        list(stages), options, lazy=lazy, allow_crimes=allow_crimes, cache_dir=cache_dir,
-        lora_merge_dtype=lora_merge_dtype,
-    )  # fmt: skip
-    baseline = current_rss_bytes()
-    reports = {number: plan_report(plan, options, baseline_bytes=baseline) for number, plan in plans.items()}
+    running, reports = _stage_reports(stages, options, lazy, allow_crimes, cache_dir, lora_merge_dtype)
     if as_json:
         document = {"schema": SCHEMA, "stages": [_stage_json(s, running, reports) for s in stages]}
         sys.stdout.write(json.dumps(document, indent=2) + "\n")
@@ -90,6 +85,36 @@ def show_stage_plans(
         )
         if stage.document in reports:
             render_plan(reports[stage.document], console)
+
+
+def plan_document(
+    stages: Sequence[Stage],
+    options: BuildOptions,
+    *,
+    lazy: bool = True,
+    allow_crimes: bool = False,
+    cache_dir: str | None = None,
+    lora_merge_dtype: torch.dtype | None = None,
+) -> dict:
+    """What `mkmerge RECIPE OUT --dry-run --json` prints, as a dict (the Python API's dry run)."""
+    if len(stages) == 1:
+        OutputDirectory(stages[0].out, overwrite=options.overwrite).check()
+        plan = plan_for_run(
+            stages[0].recipe, options, allow_crimes=allow_crimes, cache_dir=cache_dir, lora_merge_dtype=lora_merge_dtype
+        )
+        return report_json(plan_report(plan, options, baseline_bytes=current_rss_bytes()))
+    running, reports = _stage_reports(stages, options, lazy, allow_crimes, cache_dir, lora_merge_dtype)
+    return {"schema": SCHEMA, "stages": [_stage_json(s, running, reports) for s in stages]}
+
+
+def _stage_reports(stages, options, lazy, allow_crimes, cache_dir, lora_merge_dtype):
+    """The checks a multi-stage run makes first: (stages to compute, reports of those planned now)."""
+    running, plans = check_stages(
+        list(stages), options, lazy=lazy, allow_crimes=allow_crimes, cache_dir=cache_dir,
+        lora_merge_dtype=lora_merge_dtype,
+    )  # fmt: skip
+    baseline = current_rss_bytes()
+    return running, {number: plan_report(plan, options, baseline_bytes=baseline) for number, plan in plans.items()}
 
 
 def _status(stage: Stage, running: set[int], reports: dict[int, PlanReport]) -> str:
@@ -129,6 +154,12 @@ def render_plan(report: PlanReport, console: Console) -> None:
     console.print(_inputs_table(report))
     console.print(_tensors_table(report))
     console.print(_shards_table(report))
+    if report.config_changes:
+        changes = "; ".join(
+            f"{escape(key)}: {' -> '.join(json.dumps(change[side]) if side in change else '(absent)' for side in ('from', 'to'))}"
+            for key, change in report.config_changes.items()
+        )
+        console.print(f"config.json changes from {report.config_from}'s: {escape(changes)}", highlight=False)
     _print_memory(report, console)
 
 

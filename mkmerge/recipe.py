@@ -18,6 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from mkmerge.recipe_domains import refuse_out_of_domain
 from mkmerge.recipe_legacy import modernize
 from mkmerge.recipe_schema import (
     TOKEN_SOURCE_KEYS,
@@ -115,6 +116,7 @@ def recipe_from_document(
         recipe = MergeRecipe.model_validate(data, context={"known_methods": frozenset(known_methods)})
     except ValidationError as exc:
         raise validation_error(exc, document.lines, source_name, unknown) from None
+    refuse_out_of_domain(recipe, document.lines, source_name)
     recipe._text = text
     recipe._source_name = source_name
     recipe._lines = document.lines
@@ -127,10 +129,10 @@ def recipe_from_document(
 
 def _method_parameters(method: Any) -> tuple[str, ...]:
     """Names the chosen method takes, from the method registry; () for an unknown method."""
-    from mkmerge.methods import METHODS  # the registry imports the math; only needed here
+    from mkmerge.methods import method_parameters  # torch-free: the catalogue answers for built-ins
 
-    entry = METHODS.get(method) if isinstance(method, str) else None
-    return tuple(spec.name for spec in entry.parameters) if entry is not None else ()
+    specs = method_parameters(method) if isinstance(method, str) else None
+    return tuple(spec.name for spec in specs or ())
 
 
 def _all_parameter_names() -> frozenset[str]:

@@ -1,11 +1,17 @@
 """Run a multi-stage recipe: check what can be checked up front, then each stage in order.
 
-Lazy runs (the default) reuse a stage's existing output when it is complete (config.json
-plus weights, docs/recipes.md), holds a recipe copy equal to the stage's recipe (when it has a
-copy), and no stage it uses is recomputed in this run. The last two conditions go beyond
-mergekit, which would silently keep a stage built from a recipe since edited. ``lazy=False``
-recomputes every stage. Named stages' outputs belong to the run and are replaced when
-recomputed; the final output follows the usual ``--overwrite`` rule.
+One rule for what is already on disk, the same as a one-stage run's (docs/recipes.md):
+
+* OUT is the user's. What a run writes to OUT (the final merge; when every stage is named,
+  each stage, in ``OUT/<name>``) is never reused: an existing, non-empty OUT is refused
+  before anything is read unless ``--overwrite`` is given, and with it is recomputed and
+  replaced, exactly as a one-stage run into OUT.
+* The intermediate directory is the run's own. Lazy runs (the default) reuse a stage's output
+  there when it is complete (config.json plus weights), holds a recipe copy equal to the
+  stage's recipe (when it has a copy), and no stage it uses is recomputed in this run; the
+  last two conditions go beyond mergekit, which would silently keep a stage built from a
+  recipe since edited. Otherwise (and with ``lazy=False``) the stage is recomputed and
+  replaces its old output without asking: ``--overwrite`` has no say there.
 
 Before the first tensor moves, every stage that will run has its output location checked,
 and is planned in full (configs and headers) when all stages it uses are on disk already.
@@ -28,7 +34,7 @@ from mkmerge.run import RECIPE_COPY, run_merge
 from mkmerge.slices import referenced_models
 from mkmerge.stages import Stage
 from mksuite.common.build import BuildOptions
-from mksuite.common.errors import MkError
+from mksuite.common.errors import MkError, OutputError
 from mksuite.common.graph import ProgressListener, RunStats
 from mksuite.common.input_models import open_input_models
 from mksuite.common.writing.output_dir import OutputDirectory
@@ -69,12 +75,24 @@ def is_current(stage: Stage) -> bool:
     return not copy.is_file() or copy.read_text() == stage.recipe.text
 
 
+def written_to_out(stages: list[Stage]) -> set[int]:
+    """Documents whose output is OUT's: the unnamed final stage, or every stage when all are named."""
+    final = {stage.document for stage in stages if stage.name is None}
+    return final or {stage.document for stage in stages}
+
+
 def stages_to_run(stages: list[Stage], *, lazy: bool) -> set[int]:
-    """Document numbers of the stages to compute; ``stages`` must be in dependency order."""
+    """Document numbers of the stages to compute; ``stages`` must be in dependency order.
+
+    A stage written to OUT always runs (see the module docstring); an intermediate one runs
+    unless ``lazy`` and its output is current.
+    """
     running: set[int] = set()
     recomputed: set[str] = set()
+    at_out = written_to_out(stages)
     for stage in stages:
-        if not lazy or recomputed.intersection(stage.depends_on) or not is_current(stage):
+        reusable = lazy and stage.document not in at_out and is_current(stage)
+        if not reusable or recomputed.intersection(stage.depends_on):
             running.add(stage.document)
             if stage.name is not None:
                 recomputed.add(stage.name)
@@ -109,7 +127,7 @@ def run_stages(
             plan, stats = run_merge(
                 stage.recipe,
                 stage.out,
-                _options(stage, options),
+                _options(stage, stages, options),
                 plan=plans.pop(stage.document, None),
                 allow_crimes=allow_crimes,
                 copy_tokenizer=copy_tokenizer,
@@ -137,12 +155,13 @@ def check_stages(
     their own inputs opened (headers only). A dry run reports exactly what this finds.
     """
     running = stages_to_run(stages, lazy=lazy)
+    _check_out_folder(stages, options)
     recomputed = {s.name for s in stages if s.document in running and s.name is not None}
     stage_paths = {str(s.out) for s in stages if s.name is not None}
     plans: dict[int, MergePlan] = {}
     for stage in (s for s in stages if s.document in running):
         with _within(stage):
-            OutputDirectory(stage.out, overwrite=_options(stage, options).overwrite).check()
+            OutputDirectory(stage.out, overwrite=_options(stage, stages, options).overwrite).check()
             if recomputed.intersection(stage.depends_on):
                 inputs = _open_outside_inputs(stage, stage_paths, allow_crimes, cache_dir, lora_merge_dtype)
             else:
@@ -155,7 +174,7 @@ def check_stages(
                 )
                 inputs = model_inputs(plans[stage.document].models.values(), cache_dir=cache_dir)
             inputs += _other_stages(stage, stages) + file_input("the recipe", stage.recipe.source_name)
-            OutputDirectory(stage.out, overwrite=_options(stage, options).overwrite, inputs=inputs).check()
+            OutputDirectory(stage.out, overwrite=_options(stage, stages, options).overwrite, inputs=inputs).check()
     return running, plans
 
 
@@ -167,9 +186,24 @@ def _other_stages(stage: Stage, stages: list[Stage]) -> list[RunInput]:
     return found
 
 
-def _options(stage: Stage, options: BuildOptions) -> BuildOptions:
-    # A named stage's output is the run's own intermediate: recomputing it replaces it.
-    return dataclasses.replace(options, overwrite=True) if stage.name is not None else options
+def _options(stage: Stage, stages: list[Stage], options: BuildOptions) -> BuildOptions:
+    # An intermediate stage's output is the run's own: recomputing it replaces it. What goes
+    # to OUT follows the user's --overwrite.
+    if stage.document in written_to_out(stages):
+        return options
+    return dataclasses.replace(options, overwrite=True)
+
+
+def _check_out_folder(stages: list[Stage], options: BuildOptions) -> None:
+    """Every stage named: OUT is the folder of their outputs, refused like a one-stage OUT when it is in use."""
+    if any(stage.name is None for stage in stages) or options.overwrite:
+        return
+    folder = stages[0].out.parent
+    if folder.is_dir() and any(folder.iterdir()):
+        raise OutputError(
+            f"{folder} already exists and is not empty",
+            hint="choose another output directory or pass --overwrite to recompute and replace the stages in it",
+        )
 
 
 def _open_outside_inputs(

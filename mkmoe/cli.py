@@ -6,6 +6,7 @@ Examples:
   mkmoe moe.yml ./moe --layout fused --shard-size 2G
   mkmoe moe.yml ./moe --seed 7 --device cuda
   mkmoe moe.yml ./moe --dry-run
+  mkmoe moe.yml ./moe --dry-run --json
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ BUILD_HELP = """Build the MoE a mergekit-moe config describes into OUT (what `mk
 Examples:
   mkmoe moe.yml ./moe
   mkmoe moe.yml ./moe --layout fused --shard-size 2G
-  mkmoe moe.yml ./moe --dry-run
+  mkmoe moe.yml ./moe --dry-run --json
 """
 
 # Options mergekit-moe takes that an MoE built here has no use for, and why.
@@ -70,7 +71,7 @@ UNUSED = {
 app = tool_app("mkmoe", __doc__, default="build")
 
 
-@shared_options(exclude=("as_json", "unsafe_truncate_embeddings"))
+@shared_options(exclude=("unsafe_truncate_embeddings",))
 def build(
     config_path: Annotated[Path, typer.Argument(metavar="CONFIG", help="mergekit-moe config YAML.")],
     out: OutPath,
@@ -81,13 +82,14 @@ def build(
     *,
     opts: SharedOptions,
 ) -> None:
-    from mkmoe.config import load_moe_config
-    from mkmoe.layouts import LAYOUTS
+    from mkmoe.config import LAYOUTS, load_moe_config  # torch-free: config errors come fast
     from mksuite.common.errors import RecipeError, did_you_mean
 
     with cli_errors(opts.debug, opts.verbose):
         started = time.perf_counter()
         opts.validate()
+        if opts.as_json and not opts.dry_run:
+            raise RecipeError("--json prints a plan, so it needs --dry-run", field="--json")
         if layout not in LAYOUTS:
             raise RecipeError(
                 f"unknown layout {layout!r}", field="--layout", hint=did_you_mean(layout, LAYOUTS) or "classic or fused"
@@ -100,7 +102,7 @@ def build(
             for flag in (flag for flag, given in bits.items() if given):
                 print_err(f"note: {flag}: no effect: gates are computed from the unquantized base model")
         if opts.dry_run:
-            _dry_run(config, out, options, layout=layout, cache_dir=opts.cache_dir)
+            _dry_run(config, out, options, layout=layout, cache_dir=opts.cache_dir, as_json=opts.as_json)
             return
         from mkmoe.run import run_moe
 
@@ -125,24 +127,35 @@ def build(
         opts.push_output(out, tool="mkmoe")
 
 
-def _dry_run(config, out: Path, options, *, layout: str, cache_dir: str | None) -> None:
+def _dry_run(config, out: Path, options, *, layout: str, cache_dir: str | None, as_json: bool = False) -> None:
     """What a build would make, from configs and headers: the checks a run makes before any read."""
+    import json
+    import sys
+
     from mkmoe.plan import plan_moe
-    from mksuite.common.build import output_layout
+    from mkmoe.plan_json import moe_plan_json
     from mksuite.common.writing import OutputDirectory
 
     OutputDirectory(out, overwrite=options.overwrite).check()
     plan = plan_moe(config, layout=layout, cache_dir=cache_dir)
-    names = {output.name for output in plan.outputs}
-    shards = output_layout(plan.outputs, options.shard_size)
-    total = sum(output.nbytes for output in plan.outputs)
+    document = moe_plan_json(plan, options, out=str(out))
+    if as_json:
+        sys.stdout.write(json.dumps(document, indent=2) + "\n")
+        return
+    output = document["output"]
     print(
         f"{plan.arch.title}: {plan.num_experts} experts (top-{config.experts_per_token}, "
         f"{config.gate_mode} gates), {plan.num_layers} layers, {layout} layout\n"
-        f"{len(names)} tensors, {human_bytes(total)} -> {out}"
+        f"{output['tensors']} tensors, {human_bytes(output['bytes'])} -> {out}"
     )
-    for shard in shards:
-        print(f"  {shard.filename}: {len(shard.tensors)} tensors")
+    for shard in document["shards"]:
+        print(f"  {shard['file']}: {shard['tensors']} tensors, {human_bytes(shard['bytes'])}")
+    changes = document["config"]["changes"]
+    if changes:
+        print("config.json changes from the base model's:")
+        for key, change in changes.items():
+            before, after = (json.dumps(change[side]) if side in change else "(absent)" for side in ("from", "to"))
+            print(f"  {key}: {before} -> {after}")
 
 
 app.command("build", cls=ToolCommand, help=BUILD_HELP, short_help=BUILD_HELP.splitlines()[0], no_args_is_help=True)(

@@ -56,6 +56,10 @@ OUTPUT_DTYPE_NAMES = ("float32", "float16", "bfloat16")
 ACKNOWLEDGE_FLAG = "--i-understand-this-is-not-useful-without-training"
 
 
+# How expert tensors are written (mkmoe/layouts.py); here so option checks need no torch.
+LAYOUTS = ("classic", "fused")
+
+
 def _none_to_empty(value: Any) -> Any:
     return () if value is None else value
 

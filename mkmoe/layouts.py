@@ -25,8 +25,6 @@ from mkmoe.outputs import PROJECTIONS, OutputArchitecture
 from mkmoe.tasks import GATES_SOURCE, AddNoise, ConcatRows, StackTensors, ZerosTensor
 from mksuite.common.graph import CastTensor, LoadTensor, OutputTensor, ScaleTensor, Task
 
-LAYOUTS = ("classic", "fused")
-
 
 @dataclass(frozen=True)
 class ExpertMlp:

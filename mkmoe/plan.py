@@ -14,9 +14,8 @@ from dataclasses import dataclass, field
 import torch
 
 from mkmoe.architectures import check_inputs, choose_architecture, moe_config
-from mkmoe.config import MoeConfig
+from mkmoe.config import LAYOUTS, MoeConfig
 from mkmoe.layouts import (
-    LAYOUTS,
     ExpertMlp,
     block_outputs,
     is_block_weight,

@@ -12,6 +12,7 @@ Examples:
   mkstack OUT --expand A --every 4                       # LLaMA Pro
   mkstack --print-recipe --upscale A --overlap 8 > solar.yml
   mkstack RECIPE OUT --dry-run
+  mkstack OUT --upscale A --overlap 8 --dry-run --json
 
 Ranges are half-open and 0-based (A:0-16 is layers 0..15). Models are local directories
 or Hub ids; `--model a=/long/path/to/model` lets later flags say `a`. Every mode is
@@ -116,7 +117,7 @@ OutDTypeOpt = Annotated[
 ]
 
 
-@shared_options(exclude=("as_json", "lora_merge_cache", "unsafe_truncate_embeddings", "precise"))
+@shared_options(exclude=("lora_merge_cache", "unsafe_truncate_embeddings", "precise"))
 def stack(
     paths: Paths = None,
     slices: SliceOpt = None,
@@ -133,20 +134,15 @@ def stack(
     *,
     opts: SharedOptions,
 ) -> None:
-    from mkstack.stack import (
-        ModeRequest,
-        StackWarning,
-        load_stack_recipe,
-        parse_stack_recipe,
-        plan_stack,
-        request_recipe_text,
-        run_stack,
-    )
+    # torch-free: a recipe error or a bad flag is reported before the engine is imported
+    from mkstack.request import ModeRequest, StackWarning, load_stack_recipe, parse_stack_recipe
     from mksuite.common.writing.output_dir import OutputDirectory
 
     with cli_errors(opts.debug, opts.verbose):
         started = time.perf_counter()
         opts.validate()
+        if opts.as_json and not opts.dry_run:
+            raise RecipeError("--json prints a plan, so it needs --dry-run", field="--json")
         request = ModeRequest(
             slices=tuple(slices or ()),
             interleave=interleave,
@@ -171,6 +167,8 @@ def stack(
                 )
             recipe = load_stack_recipe(Path(recipe_path))
         else:
+            from mkstack.stack import request_recipe_text
+
             text = request_recipe_text(
                 request,
                 dtype=_dtype(dtype, "--dtype"),
@@ -179,6 +177,8 @@ def stack(
                 cache_dir=opts.cache_dir,
             )
             recipe = parse_stack_recipe(text)
+        from mkstack.stack import plan_stack, run_stack
+
         checked = plan_stack(recipe, allow_crimes=opts.allow_crimes, seed=opts.seed, cache_dir=opts.cache_dir)
         for note in checked.config_warnings:
             warnings.warn(StackWarning(note), stacklevel=1)
@@ -187,10 +187,8 @@ def stack(
             return
         options = opts.build()
         explain_flags(opts, UNUSED)
-        if opts.dry_run:  # the layer map is the plan: every check above read headers only
-            from rich.console import Console
-
-            _show_plan(checked, Console())  # the plan is what was asked for: stdout
+        if opts.dry_run:  # every check above read headers only
+            _dry_run(checked, options, as_json=opts.as_json)
             return
         if not opts.quiet:
             _show_plan(checked)
@@ -261,6 +259,26 @@ def _dtype(name: str | None, option: str) -> str | None:
         hint = did_you_mean(name.removeprefix("torch."), DTYPES) or f"accepted: {', '.join(DTYPES)}"
         raise RecipeError(f"unknown dtype {name!r}", field=option, hint=hint)
     return name.removeprefix("torch.")
+
+
+def _dry_run(checked, options, *, as_json: bool) -> None:
+    """The plan on stdout: the layer map and mkmerge's plan view (or one JSON document)."""
+    import json
+
+    from rich.console import Console
+
+    from mkmerge.memory_estimate import current_rss_bytes
+    from mkmerge.plan_report import plan_report
+    from mkmerge.plan_view import render_plan
+    from mkstack.stack import stack_plan_document
+
+    if as_json:
+        sys.stdout.write(json.dumps(stack_plan_document(checked, options), indent=2) + "\n")
+        return
+    report = plan_report(checked.plan, options, baseline_bytes=current_rss_bytes())
+    console = Console()  # the plan is what was asked for: stdout
+    _show_plan(checked, console)
+    render_plan(report, console)
 
 
 def _show_plan(checked, console=None) -> None:

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from mkmerge.methods import METHODS
 from mkmerge.plan import MergePlan, plan_merge
-from mkmerge.recipe import MergeRecipe, parse_recipe
-from mkmerge.run import load_recipe, run_merge
+from mkmerge.recipe import MergeRecipe
+from mkmerge.run import run_merge
 from mkmerge.slices import referenced_models
 from mkstack.checks import check_same_shapes, check_vocabularies, open_stack_inputs
 from mkstack.config_fixups import plan_config_warnings, stack_config_transform
@@ -30,6 +29,14 @@ from mkstack.modes import (
     upscale_slices,
 )
 from mkstack.recipe_text import recipe_text
+from mkstack.request import (  # re-exported: the torch-free half of the pipeline
+    GENERATED_RECIPE,
+    ModeRequest,
+    StackWarning,
+    load_stack_recipe,
+    parse_stack_recipe,
+    require_passthrough,
+)
 from mksuite.common.build import BuildOptions
 from mksuite.common.errors import RecipeError
 from mksuite.common.graph import ProgressListener, RunStats
@@ -37,110 +44,19 @@ from mksuite.common.input_models import OpenedModel
 from mksuite.common.loading import ModelReference
 from mksuite.common.writing.output_dir import OutputDirectory, output_directory
 
-GENERATED_RECIPE = "mkstack (generated recipe)"
-
-
-class StackWarning(UserWarning):
-    """A per-layer config setting that the stack cannot carry over faithfully."""
-
-
-# --- recipes ------------------------------------------------------------------------------
-
-
-def require_passthrough(recipe: MergeRecipe) -> MergeRecipe:
-    """``recipe`` itself; RecipeError for any other merge method (those belong to mkmerge)."""
-    if recipe.merge_method != "passthrough":
-        raise RecipeError(
-            f"mkstack runs `passthrough` recipes only, and this one uses `{recipe.merge_method}`",
-            field="merge_method",
-            line=recipe.line_of(("merge_method",)),
-            file=recipe.source_name,
-            hint=f"run it with mkmerge: `mkmerge {recipe.source_name or 'RECIPE'} OUT`",
-        )
-    return recipe
-
-
-def load_stack_recipe(path: Path) -> MergeRecipe:
-    """Read and validate a recipe file for mkstack."""
-    return require_passthrough(load_recipe(path))
-
-
-def parse_stack_recipe(text: str) -> MergeRecipe:
-    """Parse a recipe mkstack generated (the same parser mkmerge uses)."""
-    return require_passthrough(parse_recipe(text, known_methods=METHODS.keys(), source_name=GENERATED_RECIPE))
-
-
-# --- command-line modes -------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ModeRequest:
-    """The command-line mode flags, before any model is opened.
-
-    Model names may be ``--model NAME=REF`` aliases; :meth:`ref` resolves them.
-    """
-
-    slices: tuple[str, ...] = ()
-    interleave: tuple[str, str] | None = None
-    upscale: str | None = None
-    expand: str | None = None
-    window: int | None = None
-    overlap: int | None = None
-    every: int | None = None
-    aliases: Mapping[str, str] = field(default_factory=dict)
-
-    @property
-    def mode(self) -> str | None:
-        """Which mode is asked for (None: none); RecipeError if several are."""
-        given = [
-            name
-            for name, value in (
-                ("--slice", self.slices),
-                ("--interleave", self.interleave),
-                ("--upscale", self.upscale),
-                ("--expand", self.expand),
-            )  # fmt: skip
-            if value
-        ]
-        if len(given) > 1:
-            raise RecipeError(
-                f"{' and '.join(given)} cannot be combined; give one mode per run",
-                hint="for anything more elaborate, print a recipe with --print-recipe and edit it",
-            )
-        mode = given[0] if given else None
-        self._check_numbers(mode)
-        return mode
-
-    def ref(self, token: str) -> str:
-        return self.aliases.get(token, token)
-
-    def model_refs(self) -> list[str]:
-        """Every model the request names, resolved, in order of first mention."""
-        tokens = [parse_slice_arg(text, self.aliases).model for text in self.slices]
-        tokens += [self.ref(t) for t in (*(self.interleave or ()), self.upscale, self.expand) if t]
-        return list(dict.fromkeys(tokens))
-
-    def _check_numbers(self, mode: str | None) -> None:
-        needs = {"--interleave": ("--window", "--overlap"), "--upscale": ("--overlap",), "--expand": ("--every",)}
-        values = {"--window": self.window, "--overlap": self.overlap, "--every": self.every}
-        wanted = needs.get(mode or "", ())
-        for option, value in values.items():
-            if value is not None and option not in wanted:
-                used_by = [m for m, options in needs.items() if option in options]
-                raise RecipeError(
-                    f"{option} applies to {' and '.join(used_by)}, not to {mode or 'recipe mode'}",
-                    field=option,
-                )
-        for option, value in values.items():
-            if value is None and option in wanted:
-                raise RecipeError(f"{mode} needs {option}", field=option, hint=_EXAMPLES[mode])
-
-
-_EXAMPLES = {
-    "--interleave": "e.g. --interleave A B --window 16 --overlap 8 (Goliath-120B)",
-    "--upscale": "e.g. --upscale A --overlap 8 (SOLAR-10.7B: 32 layers -> 48)",
-    "--expand": "e.g. --expand A --every 4 (LLaMA Pro: 32 layers -> 40)",
-}
+__all__ = [
+    "GENERATED_RECIPE",
+    "ModeRequest",
+    "StackPlan",
+    "StackWarning",
+    "load_stack_recipe",
+    "parse_stack_recipe",
+    "plan_stack",
+    "request_recipe_text",
+    "require_passthrough",
+    "run_stack",
+    "stack_plan_document",
+]
 
 
 def open_request_models(
@@ -237,6 +153,25 @@ def plan_stack(
     rows = plan_rows(recipe, plan.models)
     check_vocabularies(plan.models[rows[0].model], plan.models[rows[-1].model])
     return StackPlan(recipe, plan, rows, plan_config_warnings(plan))
+
+
+def stack_plan_document(checked: StackPlan, options: BuildOptions) -> dict:
+    """What `mkstack ... --dry-run --json` prints: mkmerge's plan document and the layer map (inclusive ranges)."""
+    from mkmerge.memory_estimate import current_rss_bytes
+    from mkmerge.plan_json import report_json
+    from mkmerge.plan_report import plan_report
+
+    document = report_json(plan_report(checked.plan, options, baseline_bytes=current_rss_bytes()), tool="mkstack")
+    document["layer_map"] = [
+        {
+            "output_layers": [row.out_start, row.out_end - 1],
+            "model": str(row.model),
+            "source_layers": [row.start, row.end - 1],
+            "note": row.note,
+        }
+        for row in checked.rows
+    ]
+    return document
 
 
 def run_stack(

@@ -79,7 +79,7 @@ def recipes(models: dict[str, Path]) -> dict[str, str]:
         "slerp_union_pad": f"merge_method: slerp\nbase_model: {tool}\nparameters: {{t: 0.4}}\nmodels:\n"
         + listing((tool, ""), (chat, ""))
         + "tokenizer:\n  source: union\n  pad_to_multiple_of: 48\n",
-        "linear_base_tokens": f"merge_method: linear\nmodels:\n"
+        "linear_base_tokens": "merge_method: linear\nmodels:\n"
         + listing((tool, "weight: 0.6"), (chat, "weight: 0.4"))
         + f"tokenizer:\n  source: {chat}\n  tokens:\n    <tool>:\n      source: {tool}\n",
         "stack": "merge_method: passthrough\nslices:\n"

@@ -5,34 +5,48 @@ directory (local, or a Hugging Face Hub snapshot); :func:`open_model` reads that
 directory's config.json and weight headers into a :class:`ModelFiles` whose
 :class:`TensorSource` loads one tensor at a time; :func:`with_adapter` wraps a source so a
 PEFT LoRA adapter is applied as each tensor loads. Nothing before `load()` reads tensor data.
+
+Names are imported on first use (PEP 562): a caller that needs only :class:`ModelReference`
+(recipe parsing) does not import torch.
 """
 
-from mksuite.common.loading.hub import CONFIG_PATTERNS, hub_cache_dir, hub_offline, resolve_model_path
-from mksuite.common.loading.lora import LoraSource, open_adapter, with_adapter
-from mksuite.common.loading.model import ModelFiles, ShardedSource, open_model, open_tensor_file
-from mksuite.common.loading.pickle_source import PickleCheckpoint
-from mksuite.common.loading.reference import ModelReference
-from mksuite.common.loading.safetensors_source import SafetensorsFile
-from mksuite.common.loading.source import ByteRange, TensorInfo, TensorSource, byte_range, load_rows
+from __future__ import annotations
 
-__all__ = [
-    "ByteRange",
-    "CONFIG_PATTERNS",
-    "LoraSource",
-    "ModelFiles",
-    "ModelReference",
-    "PickleCheckpoint",
-    "SafetensorsFile",
-    "ShardedSource",
-    "TensorInfo",
-    "TensorSource",
-    "byte_range",
-    "hub_cache_dir",
-    "load_rows",
-    "hub_offline",
-    "open_adapter",
-    "open_model",
-    "open_tensor_file",
-    "resolve_model_path",
-    "with_adapter",
-]
+import importlib
+
+_HOME = {
+    "CONFIG_PATTERNS": "hub",
+    "hub_cache_dir": "hub",
+    "hub_offline": "hub",
+    "resolve_model_path": "hub",
+    "LoraSource": "lora",
+    "open_adapter": "lora",
+    "with_adapter": "lora",
+    "ModelFiles": "model",
+    "ShardedSource": "model",
+    "open_model": "model",
+    "open_tensor_file": "model",
+    "PickleCheckpoint": "pickle_source",
+    "ModelReference": "reference",
+    "SafetensorsFile": "safetensors_source",
+    "ByteRange": "source",
+    "TensorInfo": "source",
+    "TensorSource": "source",
+    "byte_range": "source",
+    "load_rows": "source",
+}
+
+__all__ = sorted(_HOME)
+
+
+def __getattr__(name: str):
+    module = _HOME.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_HOME))

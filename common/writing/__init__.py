@@ -1,23 +1,37 @@
-"""Sharded safetensors output, config.json, tokenizer files, model card, atomic finalize."""
+"""Sharded safetensors output, config.json, tokenizer files, model card, atomic finalize.
 
-from mksuite.common.writing.model_files import copy_tokenizer_files, write_config, write_model_card
-from mksuite.common.writing.output_dir import OutputDirectory
-from mksuite.common.writing.safetensors_writer import (
-    INDEX_FILE,
-    SINGLE_FILE,
-    ShardedWriter,
-    ShardPlan,
-    plan_shards,
-)
+Names are imported on first use (PEP 562): checking an output directory
+(:class:`OutputDirectory`) does not import torch, so a command can refuse a bad output
+location or recipe before loading the engine.
+"""
 
-__all__ = [
-    "INDEX_FILE",
-    "SINGLE_FILE",
-    "OutputDirectory",
-    "ShardPlan",
-    "ShardedWriter",
-    "copy_tokenizer_files",
-    "plan_shards",
-    "write_config",
-    "write_model_card",
-]
+from __future__ import annotations
+
+import importlib
+
+_HOME = {
+    "copy_tokenizer_files": "model_files",
+    "write_config": "model_files",
+    "write_model_card": "model_files",
+    "OutputDirectory": "output_dir",
+    "INDEX_FILE": "safetensors_writer",
+    "SINGLE_FILE": "safetensors_writer",
+    "ShardedWriter": "safetensors_writer",
+    "ShardPlan": "safetensors_writer",
+    "plan_shards": "safetensors_writer",
+}
+
+__all__ = sorted(_HOME)
+
+
+def __getattr__(name: str):
+    module = _HOME.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_HOME))

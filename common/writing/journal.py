@@ -21,8 +21,6 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-import torch
-
 JOURNAL_FILE = ".mksuite-journal"
 # Group commit: one fdatasync + journal fsync per this many bytes or seconds of finished tensors.
 CHECKPOINT_BYTES = 256 * 1024**2
@@ -42,6 +40,8 @@ def run_fingerprint(layout: Sequence, outputs: Sequence, sources: Mapping[str, o
         digest.update(plan.filename.encode() + b"\0" + plan.header)
     for output in outputs:
         digest.update(repr((output.name, output.rows, output.task)).encode())
+    import torch  # here, not at the top: output_dir imports this module, and must stay torch-free
+
     digest.update(repr((seed, torch.device(device).type)).encode())
     for key in sorted(sources):
         digest.update(key.encode() + b"\0")
@@ -61,6 +61,8 @@ def _hash_source(digest, source) -> None:
             stat = os.stat(path)
             digest.update(repr((str(path), stat.st_size, stat.st_mtime_ns, stat.st_ino)).encode())
         return
+    import torch
+
     total = 0
     names = sorted(source.names()) if hasattr(source, "names") else []
     for name in names:

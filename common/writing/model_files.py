@@ -16,22 +16,16 @@ from mksuite.common.loading.companions import custom_code_files
 from mksuite.common.loading.containment import TAGALONG_FILES, TOKENIZER_FILES, contained, model_root
 
 
-def write_config(
-    directory: Path,
+def output_config(
     config: dict,
     *,
     dtype: torch.dtype | None = None,
     updates: dict[str, object] | None = None,
     transform: Callable[[dict], dict] | None = None,
-    code_from: Path | None = None,
 ) -> dict:
-    """Write ``config.json``: the donor's config with only the given fields changed.
+    """The config :func:`write_config` writes: the donor's with only the given fields changed (pure).
 
-    Edited as JSON rather than through transformers so fields the installed transformers does
-    not know survive untouched. ``updates`` keys may be dotted paths (``text_config.x``);
-    ``transform`` (given a copy, returning the final dict) makes structural edits such as
-    rebuilding per-layer lists. ``code_from``: the donor directory, whose custom code files
-    (named by the written config's ``auto_map``) are copied along, never imported.
+    Plans show it (their config changes) without writing anything.
     """
     config = json.loads(json.dumps(config))  # deep copy; never mutate the donor's dict
     # Quantized inputs are dequantized when read (others are refused), so no output is quantized.
@@ -50,6 +44,27 @@ def write_config(
             raise ArchitectureError(f"cannot set `{key}` in the donor's config.json: {error}") from None
     if transform is not None:
         config = transform(config)
+    return config
+
+
+def write_config(
+    directory: Path,
+    config: dict,
+    *,
+    dtype: torch.dtype | None = None,
+    updates: dict[str, object] | None = None,
+    transform: Callable[[dict], dict] | None = None,
+    code_from: Path | None = None,
+) -> dict:
+    """Write ``config.json``: the donor's config with only the given fields changed.
+
+    Edited as JSON rather than through transformers so fields the installed transformers does
+    not know survive untouched. ``updates`` keys may be dotted paths (``text_config.x``);
+    ``transform`` (given a copy, returning the final dict) makes structural edits such as
+    rebuilding per-layer lists. ``code_from``: the donor directory, whose custom code files
+    (named by the written config's ``auto_map``) are copied along, never imported.
+    """
+    config = output_config(config, dtype=dtype, updates=updates, transform=transform)
     if code_from is not None:
         for name in custom_code_files(Path(code_from), config):
             _copy_nested(code_from, name, directory)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from mkmerge.methods import catalogue
 from mkmerge.methods.declaration import MergeMethod, MethodCall, base_and_one_other
 from mkmerge.methods.reductions import require_same_shape
 from mkmerge.methods.vectors import as_vectors, vector_dots
@@ -90,7 +91,7 @@ MERGE_METHODS = (
         name="arcee_fusion",
         pretty_name="Arcee Fusion",
         reference_url=None,
-        parameters=(),
+        parameters=catalogue.parameters("arcee_fusion"),
         base_model="required",
         min_inputs=2,
         max_inputs=2,

@@ -17,13 +17,10 @@ from typing import Any, Literal
 
 import torch
 
+from mkmerge.methods.catalogue import ParameterSpec
 from mkmerge.methods.chunked import ChunkedForm, ChunkState
 from mkmerge.methods.working_set import WorkingSet
 from mksuite.common.errors import MergeError
-
-REQUIRED: Any = object()
-"""Default of a parameter that must be given (per-model ones: except for the base model)."""
-
 
 BaseModel = Literal["required", "optional", "none"]
 """How a method treats the recipe's ``base_model``: it merges from it (a recipe without one is
@@ -33,21 +30,6 @@ Embeddings = Literal["common rows", "base rows", "same"]
 """How a method copes with inputs whose vocabulary-indexed tensors differ in rows: cut every
 input to the fewest rows; cut to the base's rows (and leave out inputs whose other tensors
 differ from the base's shape); or refuse (unless a `tokenizer:` block aligns the vocabularies)."""
-
-
-@dataclass(frozen=True)
-class ParameterSpec:
-    """One parameter a method reads from the recipe."""
-
-    name: str
-    per_model: bool  # True: one value per input model ("tensor" parameter); False: global
-    default: Any = REQUIRED  # REQUIRED: must resolve; None: optional with no value
-    kind: type = float  # float | bool | int
-    help: str = ""
-
-    @property
-    def required(self) -> bool:
-        return self.default is REQUIRED
 
 
 @dataclass(frozen=True)

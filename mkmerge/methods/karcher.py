@@ -7,7 +7,8 @@ from collections.abc import Sequence
 
 import torch
 
-from mkmerge.methods.declaration import MergeMethod, MethodCall, ParameterSpec
+from mkmerge.methods import catalogue
+from mkmerge.methods.declaration import MergeMethod, MethodCall
 from mkmerge.methods.reductions import require_same_shape
 from mkmerge.methods.vectors import combine, gram_matrix, quadratic_norm
 
@@ -88,10 +89,7 @@ MERGE_METHODS = (
         name="karcher",
         pretty_name="Karcher Mean",
         reference_url="https://en.wikipedia.org/wiki/Karcher_mean",
-        parameters=(
-            ParameterSpec("max_iter", per_model=False, default=10, kind=int, help="most gradient steps"),
-            ParameterSpec("tol", per_model=False, default=1e-5, help="convergence and zero-norm tolerance"),
-        ),
+        parameters=catalogue.parameters("karcher"),
         base_model="none",
         min_inputs=1,
         max_inputs=None,

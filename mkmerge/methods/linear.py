@@ -7,9 +7,9 @@ from collections.abc import Sequence
 
 import torch
 
-from mkmerge.methods import fused
+from mkmerge.methods import catalogue, fused
 from mkmerge.methods.chunked import elementwise
-from mkmerge.methods.declaration import MergeMethod, MethodCall, ParameterSpec, PlannedInputs
+from mkmerge.methods.declaration import MergeMethod, MethodCall, PlannedInputs
 from mkmerge.methods.reductions import blocks, fused_multiply_add, require_same_shape
 from mkmerge.methods.working_set import WorkingSet
 from mksuite.common.errors import MergeError
@@ -95,17 +95,12 @@ def _check_weight_sum(planned: PlannedInputs) -> None:
         )
 
 
-WEIGHT = ParameterSpec("weight", per_model=True, help="mixing weight of this model")
-
 MERGE_METHODS = (
     MergeMethod(
         name="linear",
         pretty_name="Linear",
         reference_url="https://arxiv.org/abs/2203.05482",
-        parameters=(
-            WEIGHT,
-            ParameterSpec("normalize", per_model=False, default=True, kind=bool, help="divide by the sum of weights"),
-        ),
+        parameters=catalogue.parameters("linear"),
         base_model="none",
         min_inputs=1,
         max_inputs=None,

@@ -9,7 +9,8 @@ from itertools import combinations
 
 import torch
 
-from mkmerge.methods.declaration import MergeMethod, MethodCall, ParameterSpec
+from mkmerge.methods import catalogue
+from mkmerge.methods.declaration import MergeMethod, MethodCall
 from mkmerge.methods.reductions import require_same_shape
 from mkmerge.methods.vectors import as_vectors, norms_in_dtype, sums_in_dtype
 from mksuite.common.errors import MergeError
@@ -105,15 +106,7 @@ MERGE_METHODS = (
         name="model_stock",
         pretty_name="Model Stock",
         reference_url="https://arxiv.org/abs/2403.19522",
-        parameters=(
-            ParameterSpec(
-                "filter_wise",
-                per_model=False,
-                default=False,
-                kind=bool,
-                help="one ratio per row (last axis) instead of one per tensor",
-            ),
-        ),
+        parameters=catalogue.parameters("model_stock"),
         base_model="required",
         min_inputs=3,
         max_inputs=None,

@@ -6,8 +6,8 @@ from collections.abc import Sequence
 
 import torch
 
-from mkmerge.methods.declaration import MergeMethod, MethodCall, ParameterSpec, PlannedInputs
-from mkmerge.methods.linear import WEIGHT
+from mkmerge.methods import catalogue
+from mkmerge.methods.declaration import MergeMethod, MethodCall, PlannedInputs
 from mkmerge.methods.reductions import require_same_shape
 from mkmerge.methods.slerp import TORCH_SUM_INVARIANT_ELEMENTS
 from mkmerge.methods.vectors import combine, gram_matrix, quadratic_norm
@@ -158,13 +158,7 @@ MERGE_METHODS = (
         name="multislerp",
         pretty_name="Multi-SLERP",
         reference_url=None,
-        parameters=(
-            WEIGHT,
-            ParameterSpec(
-                "normalize_weights", per_model=False, default=True, kind=bool, help="divide the weights by their sum"
-            ),
-            ParameterSpec("eps", per_model=False, default=1e-8, help="guards norms against division by zero"),
-        ),
+        parameters=catalogue.parameters("multislerp"),
         base_model="optional",
         min_inputs=1,
         max_inputs=None,

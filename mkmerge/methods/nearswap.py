@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from mkmerge.methods.declaration import MergeMethod, MethodCall, ParameterSpec, base_and_one_other
+from mkmerge.methods import catalogue
+from mkmerge.methods.declaration import MergeMethod, MethodCall, base_and_one_other
 from mkmerge.methods.reductions import require_same_shape
 
 # Differences are floored at this before dividing.
@@ -41,7 +42,7 @@ MERGE_METHODS = (
         name="nearswap",
         pretty_name="NearSwap",
         reference_url=None,
-        parameters=(ParameterSpec("t", per_model=False, help="differences up to t take the other model's value"),),
+        parameters=catalogue.parameters("nearswap"),
         base_model="required",
         min_inputs=2,
         max_inputs=2,

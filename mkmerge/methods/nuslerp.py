@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from mkmerge.methods.declaration import MergeMethod, MethodCall, ParameterSpec
-from mkmerge.methods.linear import WEIGHT
+from mkmerge.methods import catalogue
+from mkmerge.methods.declaration import MergeMethod, MethodCall
 from mkmerge.methods.reductions import require_same_shape
 from mkmerge.methods.vectors import norms_in_dtype, sums_in_dtype
 from mksuite.common.errors import MergeError
@@ -101,24 +101,7 @@ MERGE_METHODS = (
         name="nuslerp",
         pretty_name="NuSLERP",
         reference_url=None,
-        parameters=(
-            WEIGHT,
-            ParameterSpec(
-                "nuslerp_flatten",
-                per_model=False,
-                default=True,
-                kind=bool,
-                help="treat the whole tensor as one vector (else one vector per row or column)",
-            ),
-            ParameterSpec(
-                "nuslerp_row_wise",
-                per_model=False,
-                default=False,
-                kind=bool,
-                help="without flatten: slerp the vectors along the first axis (matrix columns), "
-                "not the last (rows), as mergekit's code does",
-            ),
-        ),
+        parameters=catalogue.parameters("nuslerp"),
         base_model="optional",
         min_inputs=2,
         max_inputs=3,

@@ -7,8 +7,9 @@ from typing import Any
 
 import torch
 
+from mkmerge.methods import catalogue
 from mkmerge.methods.chunked import elementwise
-from mkmerge.methods.declaration import MergeMethod, MethodCall, ParameterSpec
+from mkmerge.methods.declaration import MergeMethod, MethodCall
 from mkmerge.methods.working_set import WorkingSet
 from mksuite.common.errors import MergeError
 from mksuite.common.graph import ScaleTensor, Task
@@ -50,7 +51,7 @@ MERGE_METHODS = (
         name="passthrough",
         pretty_name="Passthrough",
         reference_url=None,
-        parameters=(ParameterSpec("scale", per_model=True, default=None, help="multiply the tensor by this"),),
+        parameters=catalogue.parameters("passthrough"),
         base_model="none",
         min_inputs=1,
         max_inputs=1,

@@ -13,7 +13,8 @@ from collections.abc import Sequence
 
 import torch
 
-from mkmerge.methods.declaration import MergeMethod, MethodCall, ParameterSpec, required_base
+from mkmerge.methods import catalogue
+from mkmerge.methods.declaration import MergeMethod, MethodCall, required_base
 from mkmerge.methods.reductions import require_same_shape, stacked_sum
 
 
@@ -106,16 +107,12 @@ def _run_ramplus_tl(call: MethodCall) -> torch.Tensor:
     )
 
 
-_EPSILON = ParameterSpec(
-    "epsilon", per_model=False, default=1e-5, help="a delta entry counts as a change when its magnitude exceeds this"
-)
-
 MERGE_METHODS = (
     MergeMethod(
         name="ram",
         pretty_name="RAM",
         reference_url=None,
-        parameters=(_EPSILON,),
+        parameters=catalogue.parameters("ram"),
         base_model="required",
         min_inputs=1,
         max_inputs=None,
@@ -125,11 +122,7 @@ MERGE_METHODS = (
         name="ramplus_tl",
         pretty_name="RAM+",
         reference_url=None,
-        parameters=(
-            _EPSILON,
-            ParameterSpec("r", per_model=False, default=0.1, help="strength of the boost of unique changes"),
-            ParameterSpec("alpha", per_model=False, default=0.2, help="cap of the shared/unique ratio"),
-        ),
+        parameters=catalogue.parameters("ramplus_tl"),
         base_model="required",
         min_inputs=1,
         max_inputs=None,

@@ -12,10 +12,10 @@ from collections.abc import Sequence
 
 import torch
 
-from mkmerge.methods.declaration import MergeMethod, MethodCall, ParameterSpec, required_base
+from mkmerge.methods import catalogue
+from mkmerge.methods.declaration import MergeMethod, MethodCall, required_base
 from mkmerge.methods.reductions import TORCH_GRAIN, blocks, exact_sum, plain_partials, require_same_shape, stacked_sum
 from mkmerge.methods.sort_order import TOPK, first_masks
-from mkmerge.methods.task_vector_methods import INT8_MASK
 
 # Σ e_j below this: the coefficients are uniform instead of energy-proportional.
 ENERGY_EPS = 1e-6
@@ -115,15 +115,7 @@ MERGE_METHODS = (
         name="sce",
         pretty_name="SCE",
         reference_url="https://arxiv.org/abs/2408.07990",
-        parameters=(
-            ParameterSpec(
-                "select_topk",
-                per_model=False,
-                default=1.0,
-                help="fraction of the positions with non-zero variance across models kept",
-            ),
-            INT8_MASK,
-        ),
+        parameters=catalogue.parameters("sce"),
         base_model="required",
         min_inputs=1,
         max_inputs=None,

@@ -6,9 +6,9 @@ import math
 
 import torch
 
-from mkmerge.methods import fused
+from mkmerge.methods import catalogue, fused
 from mkmerge.methods.chunked import ChunkedForm
-from mkmerge.methods.declaration import MergeMethod, MethodCall, ParameterSpec
+from mkmerge.methods.declaration import MergeMethod, MethodCall
 from mkmerge.methods.reductions import exact_sum, gram_partials, gram_sums, require_same_shape
 from mkmerge.methods.working_set import WorkingSet
 from mksuite.common.errors import MergeError
@@ -153,7 +153,7 @@ MERGE_METHODS = (
         name="slerp",
         pretty_name="SLERP",
         reference_url="https://en.wikipedia.org/wiki/Slerp",
-        parameters=(ParameterSpec("t", per_model=False, help="interpolation factor: 0 = base, 1 = other model"),),
+        parameters=catalogue.parameters("slerp"),
         base_model="required",
         min_inputs=2,
         max_inputs=2,

@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 
 from mkmerge.methods import fused
+from mkmerge.methods.catalogue import TASK_VECTOR_VARIANTS, TaskVectorVariant
 from mkmerge.methods.reductions import l1_norm, require_same_shape
 from mkmerge.methods.sparsifiers import (
     breadcrumbs_sparsify,
@@ -29,9 +30,7 @@ from mkmerge.methods.sparsifiers import (
 from mkmerge.methods.task_vector_chunked import task_vector_chunked
 from mkmerge.methods.task_vector_core import (
     RESCALE_EPS,
-    TASK_VECTOR_VARIANTS,
     WEIGHT_SUM_EPS,
-    TaskVectorVariant,
     combine_weighted,
     required_generator,
     rescale_factor,

@@ -16,11 +16,12 @@ import numpy as np
 import torch
 
 from mkmerge.methods import fused, sort_order
+from mkmerge.methods.catalogue import TaskVectorVariant
 from mkmerge.methods.chunked import ChunkedForm
 from mkmerge.methods.reductions import STREAMED_TERMS_MAX, exact_sum, l1_partials
 from mkmerge.methods.sort_order import kth_in_histogram, order_keys
 from mkmerge.methods.sparsifiers import dare_mask
-from mkmerge.methods.task_vector_core import TaskVectorVariant, combine_weighted, rescale_factor
+from mkmerge.methods.task_vector_core import combine_weighted, rescale_factor
 from mkmerge.methods.task_vector_fused import equal_policy, fusable, sort_decides, top_k_count
 
 # Which digit of the magnitude keys a selection histogram counts: all 16 bits of a half

@@ -1,4 +1,4 @@
-"""The task-vector family's shared pieces: the variants table and steps 5–7 of the merge.
+"""The task-vector family's shared pieces: steps 5–7 of the merge (the variants table is in catalogue.py).
 
 :func:`combine_weighted` (the (elected) sum of the weighted deltas, normalised, scaled,
 added to the base) is element-wise, so the whole-tensor form
@@ -9,7 +9,6 @@ added to the base) is element-wise, so the whole-tensor form
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 
@@ -26,31 +25,6 @@ from mkmerge.methods.reductions import (
 RESCALE_EPS = 1e-7
 # |Σ w| below this is treated as zero when normalising without consensus.
 WEIGHT_SUM_EPS = 1e-8
-
-
-@dataclass(frozen=True)
-class TaskVectorVariant:
-    """What distinguishes one member of the family (docs/methods.md table)."""
-
-    sparsifier: str  # key of task_arithmetic.SPARSIFIERS
-    consensus: bool  # TIES sign election
-    normalize_default: bool
-    rescale_default: bool
-
-
-# Note the inconsistent normalize defaults (ties and della true, dare_ties and
-# breadcrumbs_ties false): recipes rely on them.
-TASK_VECTOR_VARIANTS: dict[str, TaskVectorVariant] = {
-    #                                  sparsifier   consensus  normalize  rescale
-    "task_arithmetic": TaskVectorVariant("none", False, False, False),
-    "ties": TaskVectorVariant("magnitude", True, True, False),
-    "dare_linear": TaskVectorVariant("random", False, False, True),
-    "dare_ties": TaskVectorVariant("random", True, False, True),
-    "breadcrumbs": TaskVectorVariant("breadcrumbs", False, False, False),
-    "breadcrumbs_ties": TaskVectorVariant("breadcrumbs", True, False, False),
-    "della": TaskVectorVariant("della", True, True, True),
-    "della_linear": TaskVectorVariant("della", False, False, True),
-}
 
 
 def required_generator(generator: torch.Generator | None) -> torch.Generator:

@@ -11,16 +11,14 @@ from collections.abc import Callable
 
 import torch
 
-from mkmerge.methods import fused
+from mkmerge.methods import catalogue, fused
 from mkmerge.methods.declaration import (
     MergeMethod,
     MethodCall,
-    ParameterSpec,
     PlannedInputs,
     required_base,
     requiring_base,
 )
-from mkmerge.methods.linear import WEIGHT
 from mkmerge.methods.sparsifiers import check_sparsifier_parameters
 from mkmerge.methods.task_arithmetic import (
     RANDOM_SPARSIFIERS,
@@ -32,16 +30,6 @@ from mkmerge.methods.task_arithmetic import (
 from mkmerge.methods.working_set import WorkingSet
 from mksuite.common.errors import MergeError, RecipeError
 
-DENSITY = ParameterSpec("density", per_model=True, default=1.0, help="fraction of delta entries kept")
-LAMBDA = ParameterSpec("lambda", per_model=False, default=1.0, help="scale of the merged delta")
-INT8_MASK = ParameterSpec(
-    "int8_mask",
-    per_model=False,
-    default=False,
-    kind=bool,
-    help="store masks as int8 (memory only; no numeric effect)",
-)
-
 _CARD = {
     "task_arithmetic": ("Task Arithmetic", "https://arxiv.org/abs/2212.04089"),
     "ties": ("TIES", "https://arxiv.org/abs/2306.01708"),
@@ -52,26 +40,6 @@ _CARD = {
     "della": ("DELLA", "https://arxiv.org/abs/2406.11617"),
     "della_linear": ("Linear DELLA", "https://arxiv.org/abs/2406.11617"),
 }
-# Per-model parameters a sparsifier reads besides density (its `options`).
-_SPARSIFIER_PARAMETERS = {
-    "breadcrumbs": (
-        ParameterSpec(
-            "gamma",
-            per_model=True,
-            default=0.01,
-            help="fraction of largest-magnitude delta entries dropped as outliers",
-        ),
-    ),
-    "della": (
-        ParameterSpec(
-            "epsilon",
-            per_model=True,
-            default=0.15,
-            help="half-width of the keep-probability range density ± epsilon (ranked by magnitude)",
-        ),
-    ),
-}
-
 # Counted from the code (mkmerge/methods/task_arithmetic.py, sort_order.py) and checked against
 # measured peaks (bfloat16 tensors of 33-100 MB, 2 to 7 inputs: within 10% of the measured set).
 _TIES_STACKED = WorkingSet(copies=1, copies_per_summand=4, bytes_per_element=6, scratch_buffers=2)
@@ -150,32 +118,11 @@ def _sparsifier_check(variant: TaskVectorVariant) -> Callable[[PlannedInputs], N
 def _declaration(name: str) -> MergeMethod:
     variant = TASK_VECTOR_VARIANTS[name]
     pretty_name, url = _CARD[name]
-    parameters = (
-        WEIGHT,
-        DENSITY,
-        *_SPARSIFIER_PARAMETERS.get(variant.sparsifier, ()),
-        ParameterSpec(
-            "normalize",
-            per_model=False,
-            default=variant.normalize_default,
-            kind=bool,
-            help="divide the merged delta by the sum of the (agreeing) weights",
-        ),
-        ParameterSpec(
-            "rescale",
-            per_model=False,
-            default=variant.rescale_default,
-            kind=bool,
-            help="restore each sparsified delta's L1 norm",
-        ),
-        LAMBDA,
-        INT8_MASK,
-    )
     return MergeMethod(
         name=name,
         pretty_name=pretty_name,
         reference_url=url,
-        parameters=parameters,
+        parameters=catalogue.parameters(name),
         base_model="required",
         min_inputs=1,
         max_inputs=None,

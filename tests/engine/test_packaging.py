@@ -8,7 +8,7 @@ import tomllib
 
 ROOT = Path(__file__).resolve().parents[2]
 INSTALLED_AS = {"common": "mksuite.common", "architectures": "mksuite.architectures"}
-TOOLS = ("mkmerge", "mkstack", "mkmoe")
+TOOLS = ("mkmerge", "mkstack", "mkmoe", "mksuite")  # mksuite/: the Python API (its engine is common/)
 
 
 def packages_on_disk() -> set[str]:

@@ -240,8 +240,12 @@ def test_dry_run_of_stages_plans_what_exists_and_says_what_waits(tmp_path, famil
     )
     assert again.exit_code == 0, again.output
     assert [s["status"] for s in json.loads(again.stdout)["stages"]] == ["planned", "waits"]
-    reused = CliRunner().invoke(merge_app, [str(recipe_path), str(out), "--dry-run", "--json"])
-    assert [s["status"] for s in json.loads(reused.stdout)["stages"]] == ["reused", "reused"]
+    # the final output exists: the dry run refuses it as the run would, and with --overwrite
+    # plans it again (what goes to OUT is never reused) while the intermediate stage is reused
+    refused = CliRunner().invoke(merge_app, [str(recipe_path), str(out), "--dry-run", "--json"])
+    assert refused.exit_code == 8, refused.output
+    reused = CliRunner().invoke(merge_app, [str(recipe_path), str(out), "--dry-run", "--json", "--overwrite"])
+    assert [s["status"] for s in json.loads(reused.stdout)["stages"]] == ["reused", "planned"]
 
 
 def test_plan_command_sends_stage_files_to_the_dry_run(tmp_path, family):

@@ -124,15 +124,51 @@ parameters:
     assert "t: [0, 0.5, 1]" in stages[1].recipe.text
 
 
-def test_lazy_second_run_reuses_every_stage(family, tmp_path):
+def test_lazy_rerun_with_overwrite_reuses_the_intermediate_stages_and_recomputes_out(family, tmp_path):
     base, a, b = family
     recipe, out = write(tmp_path, three_stage_recipe(base, a, b)), tmp_path / "final"
     assert cli(recipe, out).exit_code == 0
-    before = {d: mtimes(d) for d in (tmp_path / "final.stages" / "s1", tmp_path / "final.stages" / "s2", out)}
-    again = CliRunner().invoke(merge_app, [str(recipe), str(out)])
+    stages = (tmp_path / "final.stages" / "s1", tmp_path / "final.stages" / "s2")
+    before = {d: mtimes(d) for d in stages}
+    final_before = mtimes(out)
+    again = CliRunner().invoke(merge_app, [str(recipe), str(out), "--overwrite"])
     assert again.exit_code == 0, again.output
-    assert again.output.count("reused (up to date)") == 3
-    assert {d: mtimes(d) for d in before} == before
+    assert again.output.count("reused (up to date)") == 2
+    assert "final stage (document 1): merged" in again.output
+    assert {d: mtimes(d) for d in stages} == before
+    assert mtimes(out)["model.safetensors"] != final_before["model.safetensors"]
+
+
+def _one_stage_recipe(a, b) -> str:
+    return f"merge_method: linear\nmodels:\n  - model: {a}\n    parameters: {{weight: 0.5}}\n  - model: {b}\n    parameters: {{weight: 0.5}}\n"
+
+
+@pytest.mark.parametrize("kind", ["one stage", "final stage", "every stage named"])
+def test_an_existing_out_follows_one_rule_for_one_and_several_stages(family, tmp_path, kind):
+    """Without --overwrite a rerun into an OUT that exists is refused (exit 8) and touches nothing;
+    with --overwrite what goes to OUT is recomputed, never reused."""
+    base, a, b = family
+    text = {
+        "one stage": _one_stage_recipe(a, b),
+        "final stage": three_stage_recipe(base, a, b),
+        "every stage named": "name: last\n" + three_stage_recipe(base, a, b),
+    }[kind]
+    recipe, out = write(tmp_path, text), tmp_path / "out"
+    assert cli(recipe, out).exit_code == 0
+    models = [out] if kind != "every stage named" else [out / "last", out / "s1", out / "s2"]
+    if kind == "final stage":
+        models += [tmp_path / "out.stages" / "s1", tmp_path / "out.stages" / "s2"]
+    before = {d: mtimes(d) for d in models}
+    refused = CliRunner().invoke(merge_app, [str(recipe), str(out)])
+    assert refused.exit_code == 8, refused.output
+    assert "already exists" in refused.output and "--overwrite" in refused.output
+    assert {d: mtimes(d) for d in models} == before
+    replaced = CliRunner().invoke(merge_app, [str(recipe), str(out), "--overwrite"])
+    assert replaced.exit_code == 0, replaced.output
+    at_out = [out] if kind != "every stage named" else [out / "last", out / "s1", out / "s2"]
+    for model in at_out:
+        assert mtimes(model)["model.safetensors"] != before[model]["model.safetensors"], model
+    assert "reused" not in replaced.output or kind == "final stage"
 
 
 def test_no_lazy_recomputes_every_stage(family, tmp_path):
@@ -335,9 +371,9 @@ def test_stages_to_run_follows_completeness_recipe_copy_and_dependencies(tmp_pat
         (stage.out / "model.safetensors").write_text("")
         (stage.out / "mergekit_config.yml").write_text(stage.recipe.text)
     by_name = {s.name: s for s in stages}
-    assert stages_to_run(stages, lazy=True) == set()
+    assert stages_to_run(stages, lazy=True) == {3}  # the final stage, written to OUT, always runs
     assert stages_to_run(stages, lazy=False) == {1, 2, 3}
     (by_name["b"].out / "mergekit_config.yml").write_text("merge_method: something else\n")
-    assert stages_to_run(stages, lazy=True) == {2}
+    assert stages_to_run(stages, lazy=True) == {2, 3}
     (by_name["a"].out / "model.safetensors").unlink()
     assert stages_to_run(stages, lazy=True) == {1, 2, 3}  # the final document uses `a`
