@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from mkmerge.memory_estimate import MemoryEstimate, estimate_peak_memory
 from mkmerge.plan import MergePlan
+from mkmerge.plan_unused import UnusedTensors, unused_input_tensors
 from mkmerge.tasks import MergeTensor
 from mksuite.common.build import BuildOptions, output_layout
 from mksuite.common.graph import LoadTensor, OutputTensor, ScaleTensor, Task
@@ -119,6 +120,7 @@ class PlanReport:
     shards: tuple[ShardSummary, ...]
     memory: MemoryEstimate
     device: str
+    unused: tuple[UnusedTensors, ...] = ()  # stored input tensors no output reads
 
     @property
     def output_bytes(self) -> int:
@@ -157,6 +159,7 @@ def plan_report(plan: MergePlan, options: BuildOptions, *, baseline_bytes: int) 
         shards=tuple(ShardSummary(s.filename, len(s.tensors), s.file_bytes) for s in layout),
         memory=memory,
         device=str(options.device),
+        unused=unused_input_tensors(plan, labels),
     )
 
 
