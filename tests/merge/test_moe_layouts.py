@@ -171,3 +171,23 @@ def test_a_fused_tensor_holding_more_experts_than_the_config_names_is_refused(mo
     assert result.exit_code == 6, result.output
     assert "stacks 4 experts" in result.output and "describes 3" in result.output
     assert "Traceback" not in result.output
+
+
+def test_an_mkmoe_output_in_the_fused_layout_merges_like_its_classic_twin(tiny_family, tmp_path):
+    from mkmoe_helpers import build, moe_yaml
+
+    base, (ft1, ft2) = tiny_family("llama")
+    config = moe_yaml(base, [ft1, ft2], gate_mode="random")
+    classic = build(tmp_path / "classic", config, seed=3)
+    fused = build(tmp_path / "fused", config, seed=3, layout="fused")
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(
+        f"merge_method: linear\nmodels:\n  - model: {fused}\n    parameters: {{weight: 1.0}}\n"
+        f"  - model: {classic}\n    parameters: {{weight: 0.0}}\ndtype: float32\n"
+    )
+    out = tmp_path / "out"
+    result = invoke(merge_app, recipe, out)
+    assert result.exit_code == 0, result.output
+    expected, merged = read_tensors(classic), read_tensors(out)
+    assert merged.keys() == expected.keys()
+    assert all(torch.equal(merged[name], expected[name].float()) for name in expected)
