@@ -118,7 +118,10 @@ def build_type_model(model_type: str, out_dir: Path | str, *, seed: int = 0, lay
     out_dir = Path(out_dir)
     cls = model_class(model_type)
     if base is not None:
-        model = cls.from_pretrained(base, dtype=torch.float32)
+        # The base's own config class: a type whose class is another's (exaone's LlamaForCausalLM)
+        # would otherwise be re-saved as that other type with its own tensor names.
+        config = transformers.AutoConfig.from_pretrained(base)
+        model = cls.from_pretrained(base, config=config, dtype=torch.float32)
         generator = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for param in model.parameters():
