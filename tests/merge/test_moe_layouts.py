@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mkmerge.cli import merge_app
+from mkmerge.cli import merge_app, plan_app
 from mkmerge.methods import METHODS
 from mkmerge.recipe import parse_recipe
 from mkmerge.run import run_merge
@@ -191,3 +191,17 @@ def test_an_mkmoe_output_in_the_fused_layout_merges_like_its_classic_twin(tiny_f
     expected, merged = read_tensors(classic), read_tensors(out)
     assert merged.keys() == expected.keys()
     assert all(torch.equal(merged[name], expected[name].float()) for name in expected)
+
+
+def test_a_fused_tensor_holding_fewer_experts_than_the_config_names_is_refused(moe_models, tmp_path, no_tensor_reads):
+    _, fused = moe_models("mixtral")
+    wrong = Path(shutil.copytree(fused["ft-a"], tmp_path / "wrong"))
+    config = json.loads((wrong / "config.json").read_text())
+    config["num_local_experts"] = 5
+    (wrong / "config.json").write_text(json.dumps(config))
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(f"merge_method: linear\nmodels:\n  - model: {wrong}\n    parameters: {{weight: 1.0}}\n")
+    result = invoke(plan_app, recipe)
+    assert result.exit_code == 6, result.output
+    assert "experts.gate_up_proj` has shape [4, 128, 32], which cannot hold" in " ".join(result.output.split())
+    assert "expert 4" in result.output and "Traceback" not in result.output
