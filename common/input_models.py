@@ -6,6 +6,7 @@ so everything here is cheap and happens before the first byte of weights moves.
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -128,11 +129,17 @@ def _assign_architectures(models: list[OpenedModel], allow_crimes: bool) -> None
             _check_described(model)
 
 
+# A tensor of all experts at once: `experts.` followed by a name, not an expert index.
+_FUSED_LOOKING = re.compile(r"(^|\.)experts\.[A-Za-z_]")
+
+
 def _read_in_saved_layout(model: OpenedModel) -> None:
     """An input stored in transformers' in-memory layout (fused MoE experts) is read as the
     per-expert tensors ``save_pretrained`` writes, which descriptions name (docs/moe.md)."""
     config, tensors = model.config, model.files.tensors
     names = tensors.names()
+    if not any(_FUSED_LOOKING.search(name) for name in names):
+        return  # checked first: reading transformers' conversion mapping imports transformers
     targets = fused_targets(config.get("model_type"))
     if not targets or not any(name.endswith(target) for name in names for target in targets):
         return
