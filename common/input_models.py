@@ -16,7 +16,7 @@ import torch
 
 from mksuite.common.arch import ArchitectureDefinition, WeightInfo, infer_architecture
 from mksuite.common.arch.registry import candidate_architectures, choose_architecture, fits, undescribed_tensors
-from mksuite.common.arch.stored_layout import fused_targets, stored_parts
+from mksuite.common.arch.stored_layout import stored_parts
 from mksuite.common.errors import ArchitectureError, MkError
 from mksuite.common.loading import ModelFiles, ModelReference, TensorInfo, open_model, resolve_model_path
 from mksuite.common.loading.lora import with_adapter
@@ -140,14 +140,14 @@ def _read_in_saved_layout(model: OpenedModel) -> None:
     names = tensors.names()
     if not any(_FUSED_LOOKING.search(name) for name in names):
         return  # checked first: reading transformers' conversion mapping imports transformers
-    targets = fused_targets(config.get("model_type"))
-    if not targets or not any(name.endswith(target) for name in names for target in targets):
-        return
     for candidate in candidate_architectures(config):
         try:
-            wanted = [w.name for w in candidate.all_weights(candidate.num_layers(config))]
+            depth = candidate.num_layers(config)
+            wanted = [w.name for w in candidate.all_weights(depth)]
         except ArchitectureError:
             continue
+        if fits(candidate, config, names) and not undescribed_tensors(candidate, depth, names):
+            return  # stored as described (gpt-oss saves its experts fused)
         parts = stored_parts(config.get("model_type"), wanted, names)
         if parts and fits(candidate, config, {*names, *parts}):
             model.files.tensors = StoredPartSource(tensors, parts, model=str(model.ref))

@@ -66,13 +66,6 @@ def stored_parts(model_type: str | None, wanted: Iterable[str], stored: Collecti
     return found
 
 
-def fused_targets(model_type: str | None) -> tuple[str, ...]:
-    """The stored-name endings (``experts.gate_up_proj``) of this type's expert-stacking conversions."""
-    if not isinstance(model_type, str):
-        return ()
-    return tuple(c.converter.target_patterns[0].lstrip(".") for c in _conversions(model_type)[1])
-
-
 def _expert_part(renamed: str, converters: list[_ExpertConverter], present: set[str]) -> StoredPart | None:
     for entry in converters:
         target, pattern = entry.converter.rename_source_key(renamed)
