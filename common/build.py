@@ -13,6 +13,7 @@ import torch
 from mksuite.common.faults import check_free_space, writing_to
 from mksuite.common.graph import ExecutionContext, Executor, OutputTensor, ProgressListener, RunStats
 from mksuite.common.loading import TensorInfo
+from mksuite.common.loading.remote import Prefetcher, RemoteFile, remote_file_of
 from mksuite.common.writing import OutputDirectory, ShardedWriter, plan_shards, test_hooks
 from mksuite.common.writing.journal import Journal, partial_matches_plan, run_fingerprint
 from mksuite.common.writing.output_dir import OutputNotice, output_directory
@@ -46,6 +47,9 @@ class BuildOptions:
     notify: Callable[[str], None] | None = None
     # mkmerge: cut embeddings of different vocabulary sizes to the smallest instead of refusing.
     unsafe_truncate_embeddings: bool = False
+    # The more accurate arithmetic where mergekit rounds to the merge dtype (mkmerge's L1
+    # rescale factor and arcee_fusion, mkmoe's gate forward pass in float32).
+    precise: bool = False
 
 
 def output_layout(outputs: Sequence[OutputTensor], shard_size: int):
@@ -117,7 +121,9 @@ def build_model(
                 with writing_to(out):
                     writer.copy(output.name, output.rows, output.part_shape, output.dtype, where)
 
-            stats = executor.run([o for o in outputs if o.name not in done], sink, copier)
+            todo = [o for o in outputs if o.name not in done]
+            with Prefetcher(hub_downloads(todo, sources)):
+                stats = executor.run(todo, sink, copier)
             with writing_to(out):
                 writer.finish()
         finally:
@@ -131,6 +137,29 @@ def build_model(
                 options.notify(line)
         staging.commit()
     return stats
+
+
+def hub_downloads(outputs: Sequence[OutputTensor], sources: Mapping[str, object]) -> list[RemoteFile]:
+    """The Hub files the outputs read, in the order the run first reads them.
+
+    Only files holding a tensor some output needs are listed: stacking a few layers or
+    merging a subset fetches only the shards that hold them.
+    """
+    files: dict[RemoteFile, None] = {}
+    seen: set[object] = set()
+    for output in outputs:
+        stack = [output.task]
+        while stack:
+            task = stack.pop()
+            if task in seen:
+                continue
+            seen.add(task)
+            if task.is_io and isinstance(getattr(task, "model", None), str) and hasattr(task, "name"):
+                file = remote_file_of(sources.get(task.model), task.name)
+                if file is not None:
+                    files.setdefault(file)
+            stack.extend(reversed(task.dependencies()))
+    return list(files)
 
 
 def _names(layout) -> set[str]:

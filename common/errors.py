@@ -34,6 +34,9 @@ code  raised as                            meaning
 9     VerifyError                          --verify re-read the output and found a mismatch
 10    DeviceUnavailableError               the requested device is not there (--cuda without CUDA)
 11    (MemoryError)                        out of memory
+12    HubUploadError                       the output was written, but --push-to-hub could not
+                                           upload it (not logged in, no write access, offline,
+                                           the Hub unreachable); the local output is kept
 70    (any other exception)                a bug in mksuite (a short traceback is printed)
 128+n (KeyboardInterrupt, Terminated)      interrupted by signal n (130 Ctrl-C, 143 SIGTERM, 129
                                            SIGHUP); nothing is left at the output
@@ -195,6 +198,13 @@ class DeviceUnavailableError(MkError):
 
     exit_code = 10
     title = "device unavailable"
+
+
+class HubUploadError(MkError):
+    """``--push-to-hub`` failed after the output was complete; the output itself is kept."""
+
+    exit_code = 12
+    title = "upload failed"
 
 
 def did_you_mean(name: str, known: Iterable[str]) -> str | None:

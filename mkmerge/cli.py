@@ -135,6 +135,7 @@ def merge(
                 **output,
             )
             _stages_summary(results, time.perf_counter() - started, opts.quiet)
+            opts.push_output(out, tool="mkmerge")
             return
         with ProgressView("merging", opts.quiet) as view:
             plan, stats = run_merge(stages[0].recipe, out, options, listener=view, **common, **output)
@@ -143,6 +144,7 @@ def merge(
             f"{stats.tensors} tensors, {human_bytes(stats.bytes_written)}, {plan.num_layers} layers "
             f"-> {out} in {time.perf_counter() - started:.1f} s"
         )
+        opts.push_output(out, tool="mkmerge")
 
 
 def _stages_summary(results, elapsed: float, quiet: bool) -> None:
@@ -174,7 +176,7 @@ def methods() -> None:
 
 
 # A plan writes nothing, so the output options have no say in it.
-@shared_options(exclude=("overwrite", "copy_tokenizer", "write_model_card", "dry_run"))
+@shared_options(exclude=("overwrite", "copy_tokenizer", "write_model_card", "dry_run", "push_to_hub", "private"))
 def plan(recipe: RecipePath, *, opts: SharedOptions) -> None:
     from mkmerge.plan_view import show_plan
     from mkmerge.stages import load_stages

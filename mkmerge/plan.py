@@ -82,6 +82,7 @@ def plan_merge(
     chunk_bytes: int | None = DEFAULT_CHUNK_BYTES,
     lora_merge_dtype: torch.dtype | None = None,
     unsafe_truncate_embeddings: bool = False,
+    precise: bool = False,
 ) -> MergePlan:
     """Plan every output tensor of ``recipe``; recipe errors found here name the recipe file.
 
@@ -100,6 +101,7 @@ def plan_merge(
             chunk_bytes=chunk_bytes,
             lora_merge_dtype=lora_merge_dtype,
             unsafe_truncate_embeddings=unsafe_truncate_embeddings,
+            precise=precise,
         )
     except RecipeError as error:
         raise error.in_file(getattr(recipe, "source_name", None)) from None
@@ -122,6 +124,7 @@ def plan_for_run(
         chunk_bytes=options.chunk_bytes,
         lora_merge_dtype=lora_merge_dtype,
         unsafe_truncate_embeddings=options.unsafe_truncate_embeddings,
+        precise=options.precise,
     )
 
 
@@ -134,6 +137,7 @@ def _plan_merge(
     chunk_bytes: int | None,
     lora_merge_dtype: torch.dtype | None,
     unsafe_truncate_embeddings: bool = False,
+    precise: bool = False,
 ) -> MergePlan:
     method = get_method(recipe.merge_method)
     models = open_input_models(
@@ -149,6 +153,7 @@ def _plan_merge(
         models = {**models, **vocabulary.donor_models}
     planner = _TensorPlanner(recipe, method, models, seed, vocabulary, chunk_bytes)
     planner.truncate_embeddings = unsafe_truncate_embeddings
+    planner.precise = precise
     for output_slice in slices:
         check_slice(recipe, method, output_slice)
     outputs: list[OutputTensor] = []
@@ -234,6 +239,8 @@ class _TensorPlanner:
         self.chunk_bytes = chunk_bytes
         self.uses: dict[tuple[str, str], int] = {}  # (model, tensor) -> index of its latest use
         self.truncate_embeddings = False  # --unsafe-truncate-embeddings: cut vocabularies to the smallest
+        # --precise: the methods' more accurate arithmetic where mergekit rounds to the merge dtype.
+        self.precise = False
 
     # -- one output tensor -------------------------------------------------------------------
     def plan_tensor(
@@ -301,9 +308,14 @@ class _TensorPlanner:
                 shape = (rows,) + ((cols,) if cols is not None else tuple(shape[1:]))
         if weight.is_embed:
             self.embed_rows[weight.name] = shape[0]
-        out_dtype = _dtype_name(weight.force_dtype) or self.recipe.out_dtype or compute
+        # A method may write another dtype than it computes in where no out_dtype is set
+        # (mergekit's arcee_fusion writes float32); --precise keeps the recipe's dtype.
+        method_dtype = None if self.precise else _dtype_name(self.method.default_out_dtype)
+        out_dtype = _dtype_name(weight.force_dtype) or self.recipe.out_dtype or method_dtype or compute
         per_model = [per_model_parameters(self.recipe, self.method, inp, output_slice, t) for inp in inputs]
         params = global_parameters(self.recipe, self.method, output_slice, weight.name, t)
+        if self.precise:
+            params["precise"] = True  # read by the methods that round as mergekit does by default
         if self.method.check is not None:
             self.method.check(
                 PlannedInputs(

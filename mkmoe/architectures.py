@@ -7,48 +7,32 @@ before any tensor data is read.
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 import transformers
 
 from mkmoe.config import MoeConfig
+from mkmoe.outputs import (
+    MIXTRAL,
+    OUTPUT_ARCHITECTURES,
+    QWEN2_MOE,
+    QWEN3_MOE,
+    MoeShape,
+    OutputArchitecture,
+    supported_bases,
+)
 from mksuite.common.arch import get_config_value
+from mksuite.common.arch.derived import EXPERT_COUNT_KEYS
 from mksuite.common.errors import ArchitectureError, MkError, ShapeMismatchError
 from mksuite.common.input_models import OpenedModel
 from mksuite.common.loading import ModelReference
 
 
-@dataclass(frozen=True)
-class OutputArchitecture:
-    """One MoE architecture mkmoe writes."""
-
-    key: str  # the config's `architecture` value
-    title: str
-    definition: str  # architectures/<definition>.json describes its tensors
-    model_type: str
-    class_name: str
-    inputs: tuple[str, ...]  # input architecture names it is built from
-    gated_shared_expert: bool  # exactly one shared expert, with a sigmoid gate (Qwen2-MoE)
-    experts_key: str  # config key holding the number of experts
-
-
-MIXTRAL = OutputArchitecture(
-    "mixtral", "Mixtral", "mixtral", "mixtral", "MixtralForCausalLM", ("llama", "mistral"), False, "num_local_experts"
-)
-QWEN2_MOE = OutputArchitecture(
-    "qwen", "Qwen2-MoE", "qwen2_moe", "qwen2_moe", "Qwen2MoeForCausalLM", ("llama", "mistral", "qwen2"), True,
-    "num_experts",
-)  # fmt: skip
-QWEN3_MOE = OutputArchitecture(
-    "qwen3", "Qwen3-MoE", "qwen3_moe", "qwen3_moe", "Qwen3MoeForCausalLM", ("qwen3",), False, "num_experts"
-)
-OUTPUT_ARCHITECTURES = {arch.key: arch for arch in (MIXTRAL, QWEN2_MOE, QWEN3_MOE)}
-
-
 def check_inputs(config: MoeConfig, models: Mapping[ModelReference, OpenedModel]) -> str:
-    """All inputs share the base's architecture, depth and hidden size; returns that architecture's name."""
+    """All inputs share the base's architecture, depth and hidden size; returns the base's model type."""
     base = models[config.base_model]
+    _refuse_moe_base(base)
     base_hidden = _hidden_size(base)
     entries = [(False, i, e) for i, e in enumerate(config.experts)]
     entries += [(True, i, e) for i, e in enumerate(config.shared_experts)]
@@ -72,7 +56,27 @@ def check_inputs(config: MoeConfig, models: Mapping[ModelReference, OpenedModel]
                 f"{where} has hidden size {_hidden_size(model)} but the base model {base.ref} has {base_hidden}",
                 hint="use experts fine-tuned from the base model (same hidden size)",
             )
-    return base.arch.name
+    return input_type(base)
+
+
+def _refuse_moe_base(base: OpenedModel) -> None:
+    """A base that is a MoE already has no dense MLP per layer to make experts of."""
+    if input_type(base) in supported_bases():
+        return
+    counts = [get_config_value(base.config, key, default=None) for key in EXPERT_COUNT_KEYS]
+    experts = next((n for n in counts if isinstance(n, int) and not isinstance(n, bool) and n > 1), None)
+    if experts is not None:
+        raise ArchitectureError(
+            f"the base model {base.ref} is already a Mixture of Experts ({input_type(base)}, {experts} experts); "
+            "mkmoe builds MoEs from dense models",
+            hint=f"use dense base and expert models of a supported type: {', '.join(supported_bases())}",
+        )
+
+
+def input_type(model: OpenedModel) -> str:
+    """The dense model type outputs are matched on: config.json's model_type (else the architecture's name)."""
+    model_type = model.config.get("model_type")
+    return model_type if isinstance(model_type, str) and model_type else model.arch.name
 
 
 def choose_architecture(config: MoeConfig, input_arch: str) -> OutputArchitecture:
@@ -98,8 +102,9 @@ def choose_architecture(config: MoeConfig, input_arch: str) -> OutputArchitectur
         raise min(fitting, key=lambda pair: pair[0])[1]
     accepted = "; ".join(f"{arch.title} from {' or '.join(arch.inputs)}" for arch in OUTPUT_ARCHITECTURES.values())
     raise ArchitectureError(
-        f"no MoE output architecture is built from {input_arch} models (mkmoe writes {accepted})",
-        hint="use base and expert models of one of those architectures",
+        f"no MoE output architecture is built from {input_arch} models: the installed transformers has no MoE "
+        f"class whose layers match a {input_arch} layer exactly (mkmoe writes {accepted})",
+        hint=f"use base and expert models of a supported type: {', '.join(supported_bases())}",
     )
 
 
@@ -109,21 +114,28 @@ def _rejection(arch: OutputArchitecture, config: MoeConfig, input_arch: str) -> 
             f"{arch.title} output is built from {' or '.join(arch.inputs)} models, but the inputs are {input_arch}",
             hint=_architecture_hint(input_arch),
         )
+    if len(config.experts) < arch.min_experts:
+        return config.error(
+            f"{arch.title} needs at least {arch.min_experts} experts (its router ranks the top two scores of "
+            f"each expert group), but {len(config.experts)} {'is' if len(config.experts) == 1 else 'are'} listed",
+            ("experts",),
+            hint=f"list at least {arch.min_experts} experts",
+        )
     shared = config.shared_experts
     if not arch.gated_shared_expert and shared:
         return config.error(
             f"{arch.title} has no shared experts, but {len(shared)} {'is' if len(shared) == 1 else 'are'} listed",
             ("shared_experts",),
-            hint="remove shared_experts, or use `architecture: qwen` (Qwen2-MoE, one gated shared expert)",
+            hint="remove shared_experts, or use `architecture: qwen` (Qwen2-MoE, one gated shared expert)"
+            if input_arch in QWEN2_MOE.inputs
+            else f"remove shared_experts: no MoE output with shared experts is built from {input_arch} models",
         )
-    if arch.gated_shared_expert:
-        if len(shared) != 1:
-            only = f"; {input_arch} inputs can only become {arch.title}" if input_arch not in MIXTRAL.inputs else ""
+    if arch.gated_shared_expert and shared:
+        if len(shared) > 1:
             return config.error(
-                f"{arch.title} needs exactly one shared expert, but {len(shared)} are listed{only}",
+                f"{arch.title} has at most one shared expert, but {len(shared)} are listed",
                 ("shared_experts",),
-                hint="list exactly one `shared_experts` entry (source_model, and positive_prompts unless "
-                "gates are random)",
+                hint="list one `shared_experts` entry (source_model, and positive_prompts unless gates are random)",
             )
         if config.uses_prompts and not shared[0].positive_prompts:
             return config.error(
@@ -140,7 +152,7 @@ def _architecture_hint(input_arch: str) -> str:
     for arch in OUTPUT_ARCHITECTURES.values():
         if input_arch in arch.inputs:
             return f"set `architecture: {arch.key}`, or leave it out to infer it"
-    return "mkmoe builds MoEs from llama, mistral, qwen2 or qwen3 models"
+    return f"mkmoe builds MoEs from {', '.join(supported_bases())} models"
 
 
 def _hidden_size(model: OpenedModel) -> int | None:
@@ -149,55 +161,52 @@ def _hidden_size(model: OpenedModel) -> int | None:
 
 # -- config.json ---------------------------------------------------------------------------------
 
-# Keys of the dense config that mean nothing (or something wrong) in the MoE config.
-_DROPPED_KEYS = ("architectures", "auto_map", "_name_or_path", "layer_types", "use_sliding_window", "max_window_layers")
+# Keys of the dense config that mean nothing (or something wrong) in any MoE config.
+_DROPPED_KEYS = ("architectures", "auto_map", "_name_or_path")
 
 
-def moe_config(
-    arch: OutputArchitecture,
-    base_config: Mapping,
-    *,
-    num_experts: int,
-    experts_per_token: int,
-    intermediate_size: int,
-    shared_intermediate_size: int | None = None,
-) -> dict:
+def moe_config(arch: OutputArchitecture, base_config: Mapping, shape: MoeShape) -> dict:
     """The output config.json (dtype not yet set): the base's config turned into ``arch``'s.
 
     Starts from the base's JSON so fields the installed transformers does not know survive,
     and is checked by building the installed transformers' config class from it.
     """
     copied = json.loads(json.dumps(dict(base_config)))  # deep copy; never mutate the base's dict
-    config = {key: value for key, value in copied.items() if key not in _DROPPED_KEYS}
-    layers = config.get("num_hidden_layers")
-    config.update(
-        model_type=arch.model_type,
-        architectures=[arch.class_name],
-        num_experts_per_tok=experts_per_token,
-        transformers_version=transformers.__version__,
-    )
-    config.pop("num_local_experts" if arch.experts_key == "num_experts" else "num_experts", None)
-    config[arch.experts_key] = num_experts
-    if arch is MIXTRAL:
-        # mergekit converts to Mistral first, which clears the sliding window.
-        config.update(sliding_window=None, intermediate_size=intermediate_size)
-    else:
-        config.update(decoder_sparse_step=1, norm_topk_prob=True, moe_intermediate_size=intermediate_size)
-        config.pop("mlp_only_layers", None)
-    if arch is QWEN2_MOE:
-        config.update(
-            sliding_window=None,
-            use_sliding_window=False,
-            qkv_bias=True,  # zero biases are written for Llama/Mistral bases
-            shared_expert_intermediate_size=shared_intermediate_size,
-            layer_types=["full_attention"] * layers if isinstance(layers, int) else None,
-        )
-    elif arch is QWEN3_MOE:
-        for key in ("use_sliding_window", "max_window_layers"):
-            if key in base_config:
-                config[key] = base_config[key]
+    dropped = _DROPPED_KEYS + arch.dropped_keys
+    config = {key: value for key, value in copied.items() if key not in dropped}
+    if "layer_types" not in arch.dropped_keys:
+        # Spelled out: a MoE class may derive a different default pattern from the same fields.
+        layer_types = _dense_layer_types(base_config)
+        if layer_types is not None:
+            config["layer_types"] = layer_types
+    config.update(model_type=arch.model_type, architectures=[arch.class_name])
+    config.update(transformers_version=transformers.__version__)
+    for key in (
+        "num_local_experts",
+        "num_experts",
+        "moe_num_experts",
+        "n_routed_experts",
+        "num_experts_per_tok",
+        "moe_k",
+    ):
+        config.pop(key, None)
+    config[arch.experts_key] = shape.experts
+    config[arch.top_k_key] = shape.experts_per_token
+    arch.configure(config, shape)
     _check_loadable(arch, config)
     return config
+
+
+def _dense_layer_types(base_config: Mapping) -> list[str] | None:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fields = {k: v for k, v in base_config.items() if k not in ("model_type", "auto_map")}
+            dense = transformers.AutoConfig.for_model(base_config.get("model_type"), **fields)
+    except Exception:  # an unknown type: the MoE config check below names the problem
+        return None
+    layer_types = getattr(dense, "layer_types", None)
+    return list(layer_types) if layer_types is not None else None
 
 
 def _check_loadable(arch: OutputArchitecture, config: dict) -> None:
@@ -210,3 +219,7 @@ def _check_loadable(arch: OutputArchitecture, config: dict) -> None:
             f"{transformers.__version__}: {error}",
             hint="check the base model's config.json",
         ) from None
+
+
+__all__ = ["MIXTRAL", "OUTPUT_ARCHITECTURES", "QWEN2_MOE", "QWEN3_MOE", "OutputArchitecture", "check_inputs",
+           "choose_architecture", "input_type", "moe_config"]  # fmt: skip

@@ -122,6 +122,7 @@ def build(
             f"{stats.tensors} tensors, {human_bytes(stats.bytes_written)} -> {out} "
             f"in {time.perf_counter() - started:.1f} s"
         )
+        opts.push_output(out, tool="mkmoe")
 
 
 def _dry_run(config, out: Path, options, *, layout: str, cache_dir: str | None) -> None:

@@ -28,6 +28,7 @@ from pydantic import (
     model_validator,
 )
 
+from mkmoe.outputs import OUTPUT_ARCHITECTURES
 from mksuite.common.errors import RecipeError, did_you_mean
 from mksuite.common.recipe import (
     DType,
@@ -164,7 +165,9 @@ class MoeConfig(BaseModel):
         if key is None:
             raise FieldProblem(
                 f"unknown output architecture `{value}`",
-                hint="choose mixtral, qwen (Qwen2-MoE) or qwen3 (Qwen3-MoE), or leave it out to infer it",
+                hint="choose mixtral, qwen (Qwen2-MoE), qwen3 (Qwen3-MoE), "
+                + ", ".join(key for key in OUTPUT_ARCHITECTURES if key not in ARCHITECTURE_NAMES)
+                + ", or leave it out to infer it",
             )
         if key == "deepseek":
             raise FieldProblem(
@@ -227,10 +230,16 @@ class MoeConfig(BaseModel):
 
 
 def canonical_architecture(name: str) -> str | None:
-    """``"Qwen"`` -> ``"qwen"``: mergekit's case-insensitive prefix match, first hit in order."""
+    """``"Qwen"`` -> ``"qwen"``: mergekit's case-insensitive prefix match, first hit in order.
+
+    The outputs mergekit does not have are matched exactly, by key or model_type (``granitemoe``).
+    """
     lowered = name.strip().lower()
     if lowered in ARCHITECTURE_ALIASES:
         return ARCHITECTURE_ALIASES[lowered]
+    for key, arch in OUTPUT_ARCHITECTURES.items():
+        if lowered in (key, arch.model_type):
+            return key
     if not lowered:
         return None
     return next((key for key, full in ARCHITECTURE_NAMES.items() if full.lower().startswith(lowered)), None)

@@ -18,7 +18,7 @@ from mkmoe.config import ExpertConfig
 from mkmoe.layouts import router_name
 from mkmoe.plan import MoePlan
 from mkmoe.prompts import encode_prompts, load_tokenizer, prompt_token_ids
-from mkmoe.streaming import layer_input_states
+from mkmoe.streaming import MERGEKIT_FORWARD, PRECISE_FORWARD, WeightCache, layer_input_states
 from mksuite.common.graph import tensor_seed
 
 CONDITION_LIMIT = 5.0
@@ -49,13 +49,23 @@ def prompt_gate_vectors(
 
 
 def cheap_embed_vector(
-    embedding: torch.Tensor, positive_ids: Sequence[int], negative_ids: Sequence[int]
+    embedding: torch.Tensor, positive: Sequence[Sequence[int]], negative: Sequence[Sequence[int]]
 ) -> torch.Tensor:
-    """unit(unit(Σ positive rows) − unit(Σ negative rows)); just unit(Σ positive rows) without negatives."""
-    vector = unit_rows(embedding[list(positive_ids)].float().sum(dim=0))
-    if negative_ids:
-        vector = unit_rows(vector - unit_rows(embedding[list(negative_ids)].float().sum(dim=0)))
+    """unit(unit(Σ positive rows) − unit(Σ negative rows)); just unit(Σ positive rows) without negatives.
+
+    ``positive`` and ``negative`` hold each prompt's token ids. The sums run in float32,
+    over each prompt's tokens first and then over the prompts, the order mergekit-moe sums
+    in (its float32 gates match bit for bit).
+    """
+    vector = unit_rows(_token_sum(embedding, positive))
+    if negative:
+        vector = unit_rows(vector - unit_rows(_token_sum(embedding, negative)))
     return vector
+
+
+def _token_sum(embedding: torch.Tensor, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
+    per_prompt = [embedding[list(ids)].float().sum(dim=0) for ids in prompts if ids]
+    return torch.stack(per_prompt).sum(dim=0)
 
 
 def random_gate_matrix(seed: int, name: str, rows: int, hidden: int, *, uniform: bool) -> torch.Tensor:
@@ -111,8 +121,14 @@ def degenerate_layers(gates: Sequence[torch.Tensor], limit: float = CONDITION_LI
 
 
 # -- from the plan --------------------------------------------------------------------------------
-def compute_gates(plan: MoePlan, *, seed: int = 0, device: torch.device | None = None) -> dict[str, torch.Tensor]:
-    """Every gate matrix the plan loads, by output tensor name, float32; warns about degenerate routing."""
+def compute_gates(
+    plan: MoePlan, *, seed: int = 0, device: torch.device | None = None, precise: bool = False
+) -> dict[str, torch.Tensor]:
+    """Every gate matrix the plan loads, by output tensor name, float32; warns about degenerate routing.
+
+    Hidden-state gates come from a bfloat16 forward pass (mergekit-moe's numbers), or a
+    float32 one with ``precise``.
+    """
     config = plan.config
     rows = list(config.experts) + (list(config.shared_experts[:1]) if plan.shared_gate_names else [])
     if config.gate_mode in ("random", "uniform_random"):
@@ -122,7 +138,7 @@ def compute_gates(plan: MoePlan, *, seed: int = 0, device: torch.device | None =
         per_layer = [_cheap_embed_rows(plan, rows)] * plan.num_layers
     else:
         reduce = "mean" if config.gate_mode == "hidden_avg" else "last"
-        per_layer = list(_hidden_rows(plan, rows, reduce, device))
+        per_layer = list(_hidden_rows(plan, rows, reduce, device, precise))
     experts = len(config.experts)
     _warn_if_degenerate(plan, [matrix[:experts] for matrix in per_layer])
     gates = {name: per_layer[layer][:experts].contiguous() for layer, name in enumerate(plan.router_names)}
@@ -147,23 +163,51 @@ def _cheap_embed_rows(plan: MoePlan, rows: list[ExpertConfig]) -> torch.Tensor:
     embed_name = base.locate(base.arch.pre_weights(base.num_layers)[0])
     embedding = base.files.tensors.load(embed_name)
 
-    def ids(prompts) -> list[int]:
-        return [token for prompt in prompts for token in prompt_token_ids(tokenizer, prompt)]
+    def ids(prompts) -> list[list[int]]:
+        return [prompt_token_ids(tokenizer, prompt) for prompt in prompts]
 
     return torch.stack([cheap_embed_vector(embedding, ids(e.positive_prompts), ids(e.negative_prompts)) for e in rows])
 
 
-def _hidden_rows(plan: MoePlan, rows: list[ExpertConfig], reduce: str, device) -> torch.Tensor:
-    """``[layers, rows, hidden]``: one streamed forward pass over every distinct prompt."""
-    prompts: dict[str, int] = {}
+def _hidden_rows(plan: MoePlan, rows: list[ExpertConfig], reduce: str, device, precise: bool) -> torch.Tensor:
+    """``[layers, rows, hidden]`` from the base's hidden states for each row's prompts.
+
+    By default as mergekit-moe computes them (its numbers, bit for bit): each expert's
+    positive prompts, and its negative ones, go through the model as one batch of their
+    own in bfloat16 (:data:`MERGEKIT_FORWARD`), and the means, difference and normalisation
+    round to bfloat16. With ``precise``: one float32 pass over every distinct prompt at its
+    own positions, float32 math.
+    """
+    tokenizer = load_tokenizer(plan.base.path)
+    if precise:
+        prompts: dict[str, int] = {}
+        for expert in rows:
+            for prompt in expert.positive_prompts + expert.negative_prompts:
+                prompts.setdefault(prompt, len(prompts))
+        batch = encode_prompts(tokenizer, list(prompts))
+        states = layer_input_states(plan.base, batch, reduce=reduce, device=device, forward=PRECISE_FORWARD)
+        positive = [[prompts[p] for p in expert.positive_prompts] for expert in rows]
+        negative = [[prompts[p] for p in expert.negative_prompts] for expert in rows]
+        return prompt_gate_vectors(states, positive, negative)
+    cache = WeightCache()
+    means: dict[tuple[str, ...], torch.Tensor] = {}
+
+    def mean_state(group: tuple[str, ...]) -> torch.Tensor:  # [layers, hidden], bfloat16
+        if group not in means:
+            batch = encode_prompts(tokenizer, list(group))
+            states = layer_input_states(
+                plan.base, batch, reduce=reduce, device=device, forward=MERGEKIT_FORWARD, cache=cache
+            )
+            means[group] = states.to(MERGEKIT_FORWARD.dtype).mean(dim=1)
+        return means[group]
+
+    vectors = []
     for expert in rows:
-        for prompt in expert.positive_prompts + expert.negative_prompts:
-            prompts.setdefault(prompt, len(prompts))
-    batch = encode_prompts(load_tokenizer(plan.base.path), list(prompts))
-    states = layer_input_states(plan.base, batch, reduce=reduce, device=device)
-    positive = [[prompts[p] for p in expert.positive_prompts] for expert in rows]
-    negative = [[prompts[p] for p in expert.negative_prompts] for expert in rows]
-    return prompt_gate_vectors(states, positive, negative)
+        vector = mean_state(tuple(expert.positive_prompts))
+        if expert.negative_prompts:
+            vector = vector - mean_state(tuple(expert.negative_prompts))
+        vectors.append(vector)
+    return unit_rows(torch.stack(vectors, dim=1)).float()
 
 
 def _warn_if_degenerate(plan: MoePlan, gates: list[torch.Tensor]) -> None:

@@ -43,7 +43,7 @@ def run_moe(
     output.check()  # the inputs are known now: checked before the gates read tensors
     if on_stage is not None:
         on_stage(f"computing {config.gate_mode} gates for {plan.num_layers} layers")
-    gates = compute_gates(plan, seed=options.seed, device=options.device)
+    gates = compute_gates(plan, seed=options.seed, device=options.device, precise=options.precise)
     sources = {**plan.tensor_sources(), GATES_SOURCE: MemorySource(gates)}
 
     def finalize(directory: Path) -> None:

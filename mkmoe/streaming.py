@@ -14,6 +14,7 @@ the activations of the prompt batch, whatever the model's depth or width.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -25,6 +26,30 @@ from mksuite.common.input_models import OpenedModel
 from mksuite.common.loading import TensorSource, load_rows
 
 REDUCTIONS = ("last", "mean")
+
+
+@dataclass(frozen=True)
+class ForwardSettings:
+    """How the prompt forward pass runs.
+
+    ``dtype``: the parameters' and activations' dtype. ``attention``: transformers'
+    attention implementation. ``positions``: pass each prompt's own positions (counted from
+    its first real token) rather than letting left padding shift them, as a plain
+    ``model(input_ids, attention_mask)`` call does. ``mean_over_padding``: ``reduce="mean"``
+    averages over padded positions too, in ``dtype``.
+    """
+
+    dtype: torch.dtype = torch.float32
+    attention: str = "eager"
+    positions: bool = True
+    mean_over_padding: bool = False
+
+
+# mergekit-moe's forward pass, reproduced: bfloat16 whatever the base's dtype, transformers'
+# default (SDPA) attention, positions shifted by left padding, padding in hidden_avg means.
+MERGEKIT_FORWARD = ForwardSettings(torch.bfloat16, "sdpa", positions=False, mean_over_padding=True)
+# --precise: float32, every prompt at its own positions, means over real tokens only.
+PRECISE_FORWARD = ForwardSettings()
 # Stored bytes read at a time into a big parameter.
 _COPY_BLOCK_BYTES = 4 * 1024**2
 
@@ -34,20 +59,30 @@ class _Enough(Exception):
 
 
 def layer_input_states(
-    base: OpenedModel, batch: PromptBatch, *, reduce: str, device: torch.device | None = None
+    base: OpenedModel,
+    batch: PromptBatch,
+    *,
+    reduce: str,
+    device: torch.device | None = None,
+    forward: ForwardSettings | None = None,
+    cache: WeightCache | None = None,
 ) -> torch.Tensor:
     """``[layers, prompts, hidden]`` float32 on the CPU: each prompt's state entering each layer.
 
     ``reduce="last"``: the state at the last position (a real token, thanks to left padding).
-    ``reduce="mean"``: the mean over the prompt's real (attention-masked) positions.
+    ``reduce="mean"``: the mean over the prompt's real (attention-masked) positions, or over
+    every position, padding included, where ``forward.mean_over_padding`` (mergekit's rule).
+    The forward pass runs as ``forward`` says (default: float32, exact positions, eager
+    attention). ``cache`` keeps materialised weights for the next call (several batches).
     """
     if reduce not in REDUCTIONS:
         raise ValueError(f"reduce must be one of {REDUCTIONS}, got {reduce!r}")
     device = device or torch.device("cpu")
+    forward = forward or PRECISE_FORWARD
     configure_allocator()
-    body = _skeleton(base)
+    body = _skeleton(base, forward)
     layers = _decoder_layers(body, base.num_layers)
-    weights = _Weights(base.files.tensors, body.base_model_prefix)
+    weights = _Weights(base.files.tensors, body.base_model_prefix, cache)
     input_ids = _materialise_outside_layers(body, layers, weights, device, batch.input_ids)
     mask = batch.attention_mask.to(device)
     recorded: list[torch.Tensor] = []
@@ -55,6 +90,8 @@ def layer_input_states(
     def record(hidden: torch.Tensor) -> None:
         if reduce == "last":
             state = hidden[:, -1, :]
+        elif forward.mean_over_padding:
+            state = hidden.sum(dim=1) / hidden.shape[1]  # rounded sum, then the division
         else:
             weights_ = mask.unsqueeze(-1).to(hidden.dtype)
             state = (hidden * weights_).sum(dim=1) / weights_.sum(dim=1)
@@ -73,13 +110,9 @@ def layer_input_states(
                 handles.append(module.register_forward_pre_hook(load))
                 handles.append(module.register_forward_hook(_after_module))
     try:
+        positions = {"position_ids": batch.position_ids.to(device)} if forward.positions else {}
         with torch.no_grad():
-            body(
-                input_ids=input_ids.to(device),
-                attention_mask=mask,
-                position_ids=batch.position_ids.to(device),
-                use_cache=False,
-            )
+            body(input_ids=input_ids.to(device), attention_mask=mask, use_cache=False, **positions)
     except _Enough:
         pass
     finally:
@@ -89,14 +122,16 @@ def layer_input_states(
     return torch.stack(recorded) if recorded else torch.empty(0, len(batch), 0)
 
 
-def _skeleton(base: OpenedModel) -> nn.Module:
-    """The base model's decoder (no LM head) on the meta device, float32, eager attention."""
+def _skeleton(base: OpenedModel, forward: ForwardSettings) -> nn.Module:
+    """The base model's decoder (no LM head) on the meta device, in the forward pass's dtype and attention."""
     import transformers
 
     try:
         config = transformers.AutoConfig.from_pretrained(str(base.path))
         with torch.device("meta"):
-            return transformers.AutoModel.from_config(config, attn_implementation="eager", dtype=torch.float32)
+            return transformers.AutoModel.from_config(
+                config, attn_implementation=forward.attention, dtype=forward.dtype
+            )
     except (ValueError, KeyError, OSError) as error:
         raise ArchitectureError(
             f"the installed transformers cannot build the base model {base.ref} to compute hidden-state gates: {error}",
@@ -114,12 +149,36 @@ def _decoder_layers(body: nn.Module, count: int) -> nn.ModuleList:
     raise ArchitectureError(f"cannot find the {count} decoder layers in {type(body).__name__}")
 
 
+@dataclass
+class WeightCache:
+    """Materialised parameters kept between forward passes over the same base, up to ``budget`` bytes.
+
+    Several prompt batches (mergekit's one batch per expert) then read and convert each
+    weight once while the model fits in the budget; past it, the rest is read again per
+    pass, so memory stays bounded whatever the model's size.
+    """
+
+    budget: int = 1024**3
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    used: int = 0
+
+    def get(self, name: str) -> torch.Tensor | None:
+        return self.tensors.get(name)
+
+    def keep(self, name: str, param: torch.Tensor) -> None:
+        size = param.numel() * param.element_size()
+        if self.used + size <= self.budget:
+            self.tensors[name] = param.detach().clone()
+            self.used += size
+
+
 class _Weights:
     """Reads a module parameter from the checkpoint by its name there (``model.`` prefix or not)."""
 
-    def __init__(self, source: TensorSource, prefix: str):
+    def __init__(self, source: TensorSource, prefix: str, cache: WeightCache | None = None):
         self.source = source
         self.prefixes = (f"{prefix}." if prefix else "", "")
+        self.cache = cache
 
     def load_rows(self, name: str, rows: list[int]) -> torch.Tensor:
         """Rows ``rows`` of a matrix, each read alone (a few prompt tokens of a big embedding)."""
@@ -130,6 +189,15 @@ class _Weights:
         """Fill ``param`` from the checkpoint, a block of rows at a time for a big matrix (so the
         stored copy and the float32 parameter are not both whole in memory)."""
         stored = self.stored_name(name)
+        kept = self.cache.get(stored) if self.cache is not None else None
+        if kept is not None and kept.shape == param.shape:
+            param.copy_(kept)
+            return
+        self._read_into(param, stored)
+        if self.cache is not None:
+            self.cache.keep(stored, param)
+
+    def _read_into(self, param: torch.Tensor, stored: str) -> None:
         info = self.source.info(stored)
         rows = info.shape[0] if len(info.shape) >= 2 and tuple(info.shape) == tuple(param.shape) else 0
         step = max(1, _COPY_BLOCK_BYTES // max(1, info.nbytes // rows)) if rows else 0

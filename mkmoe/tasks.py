@@ -68,6 +68,23 @@ class StackTensors(Task):
 
 
 @dataclass(frozen=True)
+class PermuteRows(Task):
+    """Reorder the first dimension: row i of the result is row ``order[i]`` of the input."""
+
+    device_inputs = "follow"
+
+    input: Task
+    order: tuple[int, ...]
+
+    def dependencies(self):
+        return (self.input,)
+
+    def execute(self, inputs, ctx):
+        (tensor,) = inputs
+        return tensor[torch.tensor(self.order, device=tensor.device)].contiguous()
+
+
+@dataclass(frozen=True)
 class ZerosTensor(Task):
     """A tensor of zeros (attention biases a Qwen2-MoE needs and a Llama base lacks)."""
 

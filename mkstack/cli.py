@@ -116,7 +116,7 @@ OutDTypeOpt = Annotated[
 ]
 
 
-@shared_options(exclude=("as_json", "lora_merge_cache", "unsafe_truncate_embeddings"))
+@shared_options(exclude=("as_json", "lora_merge_cache", "unsafe_truncate_embeddings", "precise"))
 def stack(
     paths: Paths = None,
     slices: SliceOpt = None,
@@ -211,6 +211,7 @@ def stack(
             f"{plan.num_layers} layers, {stats.tensors} tensors, {human_bytes(stats.bytes_written)} "
             f"-> {out} in {time.perf_counter() - started:.1f} s"
         )
+        opts.push_output(out, tool="mkstack")
 
 
 def _positionals(paths: list[str], mode: str | None, print_recipe: bool) -> tuple[str | None, str | None]:

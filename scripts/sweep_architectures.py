@@ -3,8 +3,10 @@
 For each type: a base and two seeded fine-tunes are built with the installed transformers,
 then (a) linear ft1:1 + ft2:0 must reproduce ft1's logits exactly, (b) ties and (c) slerp
 must load and run, (d) stacking ft1 layers [0,4) + ft2 layers [1,4) through mkstack must
-load with depth 7, and the same recipe through mkmerge must write the same config and tensors;
-(e) block expansion of ft1 (``mkstack --expand --every 2``) must compute exactly ft1's logits.
+load with depth 7, and the same recipe through mkmerge must write the same config and tensors.
+(e) moe: mkmoe builds a MoE of two copies of the base, whose logits must equal the base's
+(within 1e-5), or refuses the type cleanly (exit 5: no MoE class fits it) for "n/a".
+(f) expand: block expansion of ft1 (``mkstack --expand --every 2``) must compute exactly ft1's logits.
 
     python scripts/sweep_architectures.py [model_type ...]
 """
@@ -108,7 +110,31 @@ def sweep_type(model_type: str, root: Path) -> dict[str, str]:
         return "ok" if torch.isfinite(logits).all() else "non-finite logits"
 
     row["stack"] = _attempt(check_stack)
+    row["moe"] = _attempt(lambda: check_moe(base, root / "moe"))
     return row
+
+
+def check_moe(base: Path, out: Path) -> str:
+    """MoE assembly: two copies of the base as experts must reproduce the base; "n/a" when refused."""
+    import torch
+
+    from mkmoe.config import parse_moe_config
+    from mkmoe.run import run_moe
+    from mksuite.common.build import BuildOptions
+    from mksuite.common.errors import ArchitectureError
+
+    text = f"base_model: {base}\ngate_mode: random\nexperts_per_token: 2\nexperts:\n"
+    text += f"  - source_model: {base}\n  - source_model: {base}\ndtype: float32\n"
+    try:
+        plan, _ = run_moe(parse_moe_config(text, allow_identical_experts=True), out, BuildOptions(overwrite=True))
+    except ArchitectureError as error:
+        return (
+            "n/a" if error.exit_code == 5 and "no MoE output architecture" in str(error) else f"refused: {error}"[:90]
+        )
+    moe, dense = _logits(_load(out)), _logits(_load(base))
+    if not torch.allclose(moe, dense, atol=1e-5, rtol=0):
+        return f"{plan.arch.key}: logits differ by {(moe - dense).abs().max().item():.1e}"
+    return "ok"
 
 
 def check_expand(root: Path) -> str:
@@ -156,7 +182,7 @@ def main(types: list[str]) -> int:
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     warnings.simplefilter("ignore")
-    columns = ("linear", "ties", "slerp", "stack", "expand")
+    columns = ("linear", "ties", "slerp", "stack", "moe", "expand")
     print(f"transformers {transformers.__version__}")
     print("| model_type | " + " | ".join(columns) + " |")
     print("|---" * (len(columns) + 1) + "|")
@@ -168,7 +194,7 @@ def main(types: list[str]) -> int:
                 row["expand"] = _attempt(lambda tmp=tmp: check_expand(Path(tmp)))
             except Exception as error:
                 row = {c: f"build failed: {type(error).__name__}" for c in columns}
-        failures += sum(row[c] != "ok" for c in columns)
+        failures += sum(row[c] not in ("ok", "n/a") for c in columns)
         print(f"| {model_type} | " + " | ".join(row[c] for c in columns) + " |", flush=True)
     return 1 if failures else 0
 

@@ -25,3 +25,11 @@ def bits(tensor: torch.Tensor) -> bytes:
 
 def randn(*shape, seed: int) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def l1_factor(before: float, after: float, dtype: torch.dtype, precise: bool = False) -> float:
+    """The L1 rescale factor from exact norms: mergekit divides them rounded to the merge dtype
+    (a bfloat16 factor for bfloat16 tensors); ``precise`` (``--precise``) keeps the float64 ratio."""
+    if precise or dtype == torch.float64:
+        return before / after
+    return float(torch.tensor(before, dtype=dtype) / torch.tensor(after, dtype=dtype))

@@ -69,6 +69,15 @@ class SharedOptions:
             panel=RUN,
         ),
     ] = "5G"
+    precise: Annotated[
+        bool,
+        _flag(
+            "--precise",
+            "More accurate arithmetic where mergekit rounds to the merge dtype (ties/dare rescale, "
+            "slerp, arcee_fusion, mkmoe hidden gates); default: mergekit's numbers.",
+            RUN,
+        ),
+    ] = False
     allow_crimes: Annotated[
         bool, _flag("--allow-crimes/--no-allow-crimes", "Allow inputs of different architectures.", MODELS)
     ] = False
@@ -115,6 +124,18 @@ class SharedOptions:
         bool, _flag("--dry-run", "Print the plan and stop: no tensor is read, OUT is not created.", OUTPUT)
     ] = False
     as_json: Annotated[bool, _flag("--json", "Print the plan as JSON (with --dry-run).", OUTPUT)] = False
+    # -- Hub upload (docs: README "The Hugging Face Hub"); push_output() runs it --------------
+    push_to_hub: Annotated[
+        str | None,
+        _option(
+            "--push-to-hub",
+            metavar="REPO",
+            help="Once OUT is complete (and verified, with --verify), upload it with its card to this "
+            "Hub repo (created if missing).",
+            panel=OUTPUT,
+        ),
+    ] = None
+    private: Annotated[bool, _flag("--private", "With --push-to-hub: create the repo private.", OUTPUT)] = False
     quiet: Annotated[bool, _flag("--quiet/--no-quiet", "No progress display or summary.", DISPLAY, "-q")] = False
     verbose: Annotated[
         int,
@@ -154,6 +175,31 @@ class SharedOptions:
             float_dtype_name(self.lora_merge_dtype, option="--lora-merge-dtype")
         if self.threads is not None and self.threads < 1:
             raise RecipeError(f"--threads must be at least 1, got {self.threads}", field="--threads")
+        self._validate_push()
+
+    def _validate_push(self) -> None:
+        if self.private and self.push_to_hub is None:
+            raise RecipeError(
+                "--private needs --push-to-hub REPO: it makes the repo created there private",
+                field="--private",
+                hint="add --push-to-hub REPO, or drop --private",
+            )
+        if self.push_to_hub is not None:
+            from mksuite.common.writing.hub_upload import check_can_upload, check_repo_id
+
+            check_repo_id(self.push_to_hub)
+            if not self.dry_run:
+                check_can_upload(self.push_to_hub)
+
+    def push_output(self, out, *, tool: str) -> None:
+        """With --push-to-hub: upload the finished ``out`` and say where it went."""
+        if self.push_to_hub is None or self.dry_run:
+            return
+        from mksuite.common.writing.hub_upload import upload_model
+
+        url = upload_model(Path(out), self.push_to_hub, private=self.private, tool=tool)
+        if not self.quiet:
+            _notify(f"uploaded {out} to {self.push_to_hub}: {url}")
 
     def build(self, *, overwrite: bool | None = None):
         """The engine's BuildOptions (imports torch; raises DeviceUnavailableError without the device)."""
@@ -171,6 +217,7 @@ class SharedOptions:
             verify=self.verify,
             notify=_notify,
             unsafe_truncate_embeddings=self.unsafe_truncate_embeddings,
+            precise=self.precise,
         )
 
     def explanations(self) -> list[str]:

@@ -1,5 +1,9 @@
 """Turn a model reference into a directory: a local path, or a Hugging Face Hub snapshot.
 
+A Hub snapshot is planned from without its weights: only config, tokenizer and index files
+are downloaded; safetensors weights are read remotely (headers) and fetched when needed
+(common/loading/remote.py).
+
 The offline switch and the cache location are read from the environment on every call
 (not when huggingface_hub was imported), so `HF_HUB_OFFLINE`, `HF_HUB_CACHE` and
 `HF_HOME` set by a test or a wrapper script take effect.
@@ -8,10 +12,12 @@ The offline switch and the cache location are read from the environment on every
 from __future__ import annotations
 
 import os
-from pathlib import Path
+from fnmatch import fnmatch
+from pathlib import Path, PurePosixPath
 
 import huggingface_hub
 from huggingface_hub import constants as hub_constants
+from huggingface_hub.file_download import repo_folder_name
 from huggingface_hub.utils import (
     GatedRepoError,
     HFValidationError,
@@ -20,8 +26,10 @@ from huggingface_hub.utils import (
     RevisionNotFoundError,
 )
 
-from mksuite.common.errors import ModelNotFoundError, did_you_mean
+from mksuite.common.errors import ModelFileError, ModelNotFoundError, did_you_mean
+from mksuite.common.loading.lora_format import ADAPTER_WEIGHTS
 from mksuite.common.loading.reference import ModelReference
+from mksuite.common.loading.remote import HUB_TIMEOUT, RemoteRepo
 
 # Config and every tokenizer file (mergekit's narrower set loses
 # chat_template.jinja, merges.txt, vocab.txt), and the custom code an auto_map names (copied
@@ -49,13 +57,28 @@ def hub_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     return Path(hub_constants.HF_HUB_CACHE).expanduser()
 
 
+def hub_endpoint() -> str:
+    """The Hub to ask: HF_ENDPOINT read now (a test's local server), else huggingface_hub's default."""
+    return (os.environ.get("HF_ENDPOINT") or hub_constants.ENDPOINT).rstrip("/")
+
+
+# Per process: a reference resolves once (the vocabulary planner and the output guard ask
+# again), Hub snapshots know their remote weights, and Hub inputs the commit they were read at.
+_RESOLVED: dict[tuple, Path] = {}
+_REMOTE: dict[Path, RemoteRepo] = {}
+_COMMITS: dict[tuple[str, str | None], str] = {}
+
+
 def resolve_model_path(ref: ModelReference, *, cache_dir: str | os.PathLike | None = None) -> Path:
     """The directory holding `ref.path` at `ref.revision` (its LoRA is not applied here).
 
-    A local directory wins. Otherwise the path is a Hub repo id: online, the snapshot is
-    downloaded with config/tokenizer files plus `*.safetensors` (or `*.bin` when the repo
-    has no safetensors); offline, or when the Hub cannot be reached, an already-cached
-    snapshot is used. Resolve an adapter with `resolve_model_path(ref.lora)`.
+    A local directory wins. Otherwise the path is a Hub repo id. Online, the revision is
+    resolved to a commit and only the small files (config, tokenizer, weight index, custom
+    code) are downloaded into the cache snapshot; safetensors weights stay on the Hub until
+    a tensor of theirs is loaded (:func:`remote_repo` says which, for :func:`open_model`).
+    A repo with only pickled weights has them downloaded here (their tensor names cannot be
+    read remotely). Offline, or when the Hub cannot be reached, an already-cached snapshot
+    is used. Resolve an adapter with `resolve_model_path(ref.lora)`.
     """
     local = Path(ref.path).expanduser()
     if local.exists():
@@ -67,31 +90,88 @@ def resolve_model_path(ref: ModelReference, *, cache_dir: str | os.PathLike | No
             hint="point the reference at the directory that holds config.json and the weights",
         )
     cache = hub_cache_dir(cache_dir)
-    if hub_offline():
-        return _cached_snapshot(ref, cache, local, network_error=None)
-    return _download_snapshot(ref, cache, local)
+    offline = hub_offline()
+    key = (ref.path, ref.revision, str(cache), hub_endpoint(), offline)
+    if key not in _RESOLVED:
+        if offline:
+            _RESOLVED[key] = _cached_snapshot(ref, cache, local, network_error=None)
+        else:
+            _RESOLVED[key] = _resolve_on_hub(ref, cache, local)
+    return _RESOLVED[key]
 
 
-def _download_snapshot(ref: ModelReference, cache: Path, local: Path) -> Path:
+def remote_repo(path: str | os.PathLike) -> RemoteRepo | None:
+    """The Hub repository whose weights a resolved snapshot directory still has to fetch."""
+    return _REMOTE.get(Path(path))
+
+
+def hub_commit(path: str, revision: str | None = None) -> str | None:
+    """The commit a Hub reference (`path`, `revision`) was read at in this process, if it was."""
+    return _COMMITS.get((path, revision))
+
+
+def _resolve_on_hub(ref: ModelReference, cache: Path, local: Path) -> Path:
+    endpoint = hub_endpoint()
     try:
-        files = huggingface_hub.list_repo_files(ref.path, revision=ref.revision)
-    except (HFValidationError, RepositoryNotFoundError, RevisionNotFoundError) as error:
-        raise _hub_refused(ref, local, error) from None
-    except Exception as error:  # network down or the Hub failing: the cache may still have it
-        return _cached_snapshot(ref, cache, local, network_error=error)
-    weights = "*.safetensors" if any(f.endswith(".safetensors") for f in files) else "*.bin"
-    try:
-        folder = huggingface_hub.snapshot_download(
-            ref.path,
-            revision=ref.revision,
-            cache_dir=cache,
-            allow_patterns=[*CONFIG_PATTERNS, weights],
+        info = huggingface_hub.HfApi(endpoint=endpoint).model_info(
+            ref.path, revision=ref.revision, files_metadata=True, timeout=HUB_TIMEOUT
         )
     except (HFValidationError, RepositoryNotFoundError, RevisionNotFoundError) as error:
         raise _hub_refused(ref, local, error) from None
-    except Exception as error:
+    except Exception as error:  # network down or the Hub failing: the cache may have it
         return _cached_snapshot(ref, cache, local, network_error=error)
-    return Path(folder)
+    sizes = {s.rfilename: s.size for s in info.siblings or []}
+    snapshot = cache / repo_folder_name(repo_id=ref.path, repo_type="model") / "snapshots" / str(info.sha)
+    repo = RemoteRepo(ref.path, str(info.sha), endpoint, cache, sizes, snapshot)
+    small = [name for name in sizes if any(fnmatch(name, pattern) for pattern in CONFIG_PATTERNS)]
+    if not any(name.endswith(".safetensors") for name in sizes):
+        small += [name for name in sizes if name.endswith(".bin")]  # pickles: no remote header to read
+    if "adapter_config.json" in sizes:  # a LoRA adapter: small, and read whole to apply it
+        small += [name for name in ADAPTER_WEIGHTS if name in sizes]
+    for name, size in sizes.items():
+        if size is None and name.endswith(".safetensors"):  # a listing without sizes: ask (HEAD)
+            sizes[name] = _remote_size(repo, name)
+    for name in small:
+        _check_repo_name(ref, name)
+        repo.download(name)
+    _remember_revision(snapshot.parent.parent, ref.revision, repo.commit)
+    snapshot.mkdir(parents=True, exist_ok=True)
+    _REMOTE[snapshot] = repo
+    _COMMITS[(ref.path, ref.revision)] = repo.commit
+    return snapshot
+
+
+def _check_repo_name(ref: ModelReference, name: str) -> None:
+    """A file name from the Hub's listing must stay inside the snapshot it is stored in."""
+    parts = PurePosixPath(name).parts
+    if not parts or name.startswith("/") or ".." in parts or "\\" in name:
+        raise ModelFileError(
+            f"Hub repo `{ref.path}` lists a file named `{name}`, which would be stored outside its folder",
+            path=name,
+            hint="files are only read from inside the model's repository",
+        )
+
+
+def _remote_size(repo: RemoteRepo, name: str) -> int:
+    try:
+        size = huggingface_hub.get_hf_file_metadata(repo.url(name), timeout=HUB_TIMEOUT).size
+    except Exception as error:
+        raise repo.failed(name, "asking the size of", error) from None
+    return int(size or 0)
+
+
+def _remember_revision(repo_dir: Path, revision: str | None, commit: str) -> None:
+    """Record branch/tag -> commit as huggingface_hub does, so an offline run finds the snapshot."""
+    revision = revision or "main"
+    if revision == commit or revision.startswith("/") or ".." in PurePosixPath(revision).parts:
+        return
+    ref_file = repo_dir / "refs" / revision
+    try:
+        ref_file.parent.mkdir(parents=True, exist_ok=True)
+        if not ref_file.is_file() or ref_file.read_text() != commit:
+            ref_file.write_text(commit)
+    except OSError:  # a read-only cache: only later offline runs lose out
+        pass
 
 
 def _cached_snapshot(ref: ModelReference, cache: Path, local: Path, *, network_error: Exception | None) -> Path:
@@ -110,6 +190,7 @@ def _cached_snapshot(ref: ModelReference, cache: Path, local: Path, *, network_e
         raise _invalid_repo_id(ref, local, error) from None
     except (LocalEntryNotFoundError, FileNotFoundError) as error:
         raise _not_cached(ref, cache, local, error, network_error) from None
+    _COMMITS[(ref.path, ref.revision)] = Path(folder).name  # a snapshot folder is named by its commit
     return Path(folder)
 
 

@@ -28,13 +28,18 @@ import torch
 
 from mksuite.common.errors import AdapterError, MissingTensorError, ModelNotFoundError, ShapeMismatchError, did_you_mean
 from mksuite.common.loading.containment import contained, model_root
-from mksuite.common.loading.lora_format import AdapterKey, LoraConfig, parse_adapter_key, parse_lora_config
+from mksuite.common.loading.lora_format import (
+    ADAPTER_WEIGHTS,
+    AdapterKey,
+    LoraConfig,
+    parse_adapter_key,
+    parse_lora_config,
+)
 from mksuite.common.loading.model import open_tensor_file
 from mksuite.common.loading.source import TensorInfo, TensorSource
 
 ADAPTER_CONFIG = "adapter_config.json"
 _FACTOR_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 
 
 @dataclass(frozen=True)

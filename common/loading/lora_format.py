@@ -28,6 +28,8 @@ from typing import Literal
 from mksuite.common.errors import AdapterError
 
 PEFT_PREFIX = "base_model.model."
+# The adapter weight files PEFT saves, in the order they are looked for.
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 _LINEAR_FACTORS = {"lora_A": "A", "lora_B": "B"}
 _EMBEDDING_FACTORS = {"lora_embedding_A": "A", "lora_embedding_B": "B"}
 # PEFT's defaults for fields an adapter_config.json may omit.

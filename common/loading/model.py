@@ -10,6 +10,7 @@ import json
 import os
 import threading
 from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,8 +19,10 @@ import torch
 from mksuite.common.errors import MissingTensorError, ModelNotFoundError, TensorFileError, did_you_mean
 from mksuite.common.loading.companions import check_companions_parse, check_custom_code
 from mksuite.common.loading.containment import check_companions_contained, contained, model_root
+from mksuite.common.loading.hub import remote_repo
 from mksuite.common.loading.pickle_source import PickleCheckpoint
 from mksuite.common.loading.quantized import read_quantized
+from mksuite.common.loading.remote import RemoteFile, RemoteRepo, RemoteSafetensorsFile
 from mksuite.common.loading.safetensors_source import SafetensorsFile
 from mksuite.common.loading.source import ByteRange, TensorInfo, TensorSource, byte_range, load_rows
 
@@ -54,8 +57,11 @@ class ShardedSource(TensorSource):
         self._lock = threading.Lock()
 
     @classmethod
-    def from_index(cls, index_path: str | os.PathLike, *, root: Path | None = None) -> ShardedSource:
-        """Read a `*.index.json`; every shard it names must exist next to it.
+    def from_index(
+        cls, index_path: str | os.PathLike, *, root: Path | None = None, remote: RemoteRepo | None = None
+    ) -> ShardedSource:
+        """Read a `*.index.json`; every shard it names must exist next to it (or, with
+        ``remote``, on the Hub: its header is read remotely, its data fetched on first use).
 
         With ``root``, every shard must also resolve inside it (no `../` or absolute names,
         no symlinks out of the model).
@@ -71,26 +77,40 @@ class ShardedSource(TensorSource):
                 path=str(index_path),
             )
         files = {}
+        on_hub: dict[Path, str] = {}
         for shard in sorted(set(weight_map.values())):
             file = index_path.parent / shard
             if root is not None:
                 contained(root, file, what=f"shard `{shard}` named by {index_path.name}:")
-            if not file.is_file():
+            if remote is not None and not file.is_file() and shard in remote:
+                on_hub[file] = shard
+            elif not file.is_file():
                 raise TensorFileError(
                     f"{index_path} names shard {shard}, but {file} does not exist",
                     path=str(index_path),
                     hint="the download is incomplete or the index is stale; fetch the missing shard again",
                 )
             files[shard] = file
-        return cls({name: files[shard] for name, shard in weight_map.items()}, described_by=index_path)
+        sharded = cls({name: files[shard] for name, shard in weight_map.items()}, described_by=index_path)
+        if on_hub:
+            # Headers of shards still on the Hub: one round trip each, so several at a time.
+            with ThreadPoolExecutor(max_workers=min(8, len(on_hub))) as pool:
+                opened = pool.map(lambda shard: remote_source(remote, shard), on_hub.values())
+                sharded._open.update(zip(on_hub, opened, strict=True))
+        return sharded
 
     @classmethod
-    def from_files(cls, files: Iterable[str | os.PathLike]) -> ShardedSource:
-        """Combine unindexed weight files by reading each one's tensor names (headers only)."""
+    def from_files(cls, files: Iterable[str | os.PathLike | TensorSource]) -> ShardedSource:
+        """Combine unindexed weight files by reading each one's tensor names (headers only).
+
+        A file may also be given as an already opened source (a file still on the Hub).
+        """
         weight_map: dict[str, Path] = {}
         opened: dict[Path, TensorSource] = {}
-        for file in sorted(Path(f) for f in files):
-            source = opened[file] = open_tensor_file(file)
+        given = {Path(f.path) if isinstance(f, TensorSource) else Path(f): f for f in files}
+        for file in sorted(given):
+            item = given[file]
+            source = opened[file] = item if isinstance(item, TensorSource) else open_tensor_file(file)
             for name in source.names():
                 if name in weight_map:
                     for other in opened.values():
@@ -126,6 +146,12 @@ class ShardedSource(TensorSource):
 
     def byte_range(self, name: str, rows: tuple[int, int] | None = None) -> ByteRange | None:
         return byte_range(self._shard_for(name), name, rows)
+
+    def remote_file(self, name: str) -> RemoteFile | None:
+        """The Hub file tensor ``name`` will be read from (None when it is local)."""
+        file = self._weight_map.get(name)
+        locate = getattr(self._open.get(file), "remote_file", None) if file is not None else None
+        return locate(name) if locate is not None else None
 
     def close(self) -> None:
         with self._lock:
@@ -193,7 +219,7 @@ def open_model(path: str | os.PathLike) -> ModelFiles:
     check_companions_contained(path, root)
     check_companions_parse(path)
     check_custom_code(path, config)
-    tensors = _open_weights(path, root)
+    tensors = _open_weights(path, root, remote_repo(path))
     try:
         tensors = read_quantized(path, config, tensors)
     except BaseException:
@@ -202,7 +228,9 @@ def open_model(path: str | os.PathLike) -> ModelFiles:
     return ModelFiles(path=path, config=config, tensors=tensors)
 
 
-def _open_weights(path: Path, root: Path) -> TensorSource:
+def _open_weights(path: Path, root: Path, remote: RemoteRepo | None) -> TensorSource:
+    """The model's weights; with ``remote``, safetensors files not in the cache stay on the Hub."""
+
     def inside(name: str) -> Path | None:
         file = path / name
         if not os.path.lexists(file):
@@ -210,17 +238,24 @@ def _open_weights(path: Path, root: Path) -> TensorSource:
         contained(root, file, what="weight file")
         return file if file.is_file() else None
 
+    def safetensors(name: str) -> TensorSource | None:
+        if local := inside(name):
+            return SafetensorsFile(local)
+        return remote_source(remote, name) if remote is not None and name in remote else None
+
     if index := inside(SAFETENSORS_INDEX):
-        return ShardedSource.from_index(index, root=root)
-    if single := inside("model.safetensors"):
-        return SafetensorsFile(single)
+        return ShardedSource.from_index(index, root=root, remote=remote)
+    if single := safetensors("model.safetensors"):
+        return single
     if index := inside(PICKLE_INDEX):
         return ShardedSource.from_index(index, root=root)
     if single := inside("pytorch_model.bin"):
         return PickleCheckpoint(single)
-    loose = sorted(p for p in path.glob("*.safetensors") if inside(p.name))
+    names = {p.name for p in path.glob("*.safetensors")}
+    names |= {n for n in (remote.sizes if remote is not None else ()) if "/" not in n and n.endswith(".safetensors")}
+    loose = [source for name in sorted(names) if (source := safetensors(name)) is not None]
     if len(loose) == 1:
-        return SafetensorsFile(loose[0])
+        return loose[0]
     if loose:
         return ShardedSource.from_files(loose)
     raise ModelNotFoundError(
@@ -228,6 +263,11 @@ def _open_weights(path: Path, root: Path) -> TensorSource:
         model=str(path),
         hint=" ".join(filter(None, [f"expected {_EXPECTED_WEIGHTS}.", _incomplete_snapshot_hint(path)])),
     )
+
+
+def remote_source(remote: RemoteRepo, name: str) -> TensorSource:
+    """A safetensors file still on the Hub (its header is read now, remotely)."""
+    return RemoteSafetensorsFile(remote.file(name))
 
 
 def _incomplete_snapshot_hint(path: Path) -> str | None:

@@ -17,6 +17,7 @@ import os
 import struct
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -46,7 +47,10 @@ class SafetensorsFile(TensorSource):
         self._close_lock = threading.Lock()
         try:
             size = os.fstat(self._fd).st_size
-            self.metadata, self._entries, self._data_start = _read_header(self._fd, size, self.path)
+            fd = self._fd
+            self.metadata, self._entries, self._data_start = read_header(
+                lambda count, offset: os.pread(fd, count, offset), size, self.path
+            )
         except OSError as error:  # e.g. a directory, or an I/O error
             self.close()
             raise TensorFileError(f"cannot read {self.path}: {error.strerror or error}", path=str(self.path)) from error
@@ -129,8 +133,14 @@ class SafetensorsFile(TensorSource):
         return f"SafetensorsFile({str(self.path)!r}, {len(self._entries)} tensors)"
 
 
-def _read_header(fd: int, size: int, path: Path) -> tuple[dict[str, str], dict[str, tuple[TensorInfo, int]], int]:
-    """Parse and validate the header: (metadata, name -> (info, data begin), data start)."""
+def read_header(
+    read: Callable[[int, int], bytes], size: int, path: Path | str
+) -> tuple[dict[str, str], dict[str, tuple[TensorInfo, int]], int]:
+    """Parse and validate the header: (metadata, name -> (info, data begin), data start).
+
+    ``read(count, offset)`` returns bytes of the file (a positioned read of a local file, or
+    a range request to the Hub); ``size`` is the file's length; ``path`` names it in errors.
+    """
 
     def corrupt(what: str) -> TensorFileError:
         return TensorFileError(
@@ -145,7 +155,7 @@ def _read_header(fd: int, size: int, path: Path) -> tuple[dict[str, str], dict[s
             path=str(path),
             hint="the file is damaged or an interrupted download; download it again",
         )
-    (header_len,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+    (header_len,) = struct.unpack("<Q", read(8, 0))
     if header_len > MAX_HEADER_BYTES:
         raise corrupt(f"header length field says {header_len} bytes (limit {MAX_HEADER_BYTES})")
     if 8 + header_len > size:
@@ -154,7 +164,11 @@ def _read_header(fd: int, size: int, path: Path) -> tuple[dict[str, str], dict[s
             path=str(path),
             hint="the file is damaged or an interrupted download; download it again",
         )
-    raw = os.pread(fd, header_len, 8)
+    raw = read(header_len, 8)
+    if len(raw) != header_len:
+        raise TensorFileError(
+            f"truncated: reading the {header_len}-byte header of {path} returned {len(raw)} bytes", path=str(path)
+        )
     header = _parse_json_header(raw, corrupt)
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):

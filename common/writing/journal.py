@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -28,6 +29,8 @@ CHECKPOINT_BYTES = 256 * 1024**2
 CHECKPOINT_SECONDS = 2.0
 # A source held in memory (e.g. mkmoe's gates) is hashed by value up to this size.
 _MEMORY_HASH_LIMIT = 256 * 1024**2
+
+_COMMIT = re.compile(r"[0-9a-f]{40}")
 
 Checksums = list[tuple[int, int, int]]  # (row start, row stop, crc32 of those rows' bytes)
 
@@ -50,6 +53,11 @@ def _hash_source(digest, source) -> None:
     files = source_files(source)
     if files:
         for path in files:
+            if _in_hub_snapshot(Path(path)):
+                # Its path names the commit, which fixes its bytes, whether it is downloaded yet
+                # or not (a run resumed after its shards arrived matches the first).
+                digest.update(repr((str(path), "hub snapshot")).encode())
+                continue
             stat = os.stat(path)
             digest.update(repr((str(path), stat.st_size, stat.st_mtime_ns, stat.st_ino)).encode())
         return
@@ -65,6 +73,15 @@ def _hash_source(digest, source) -> None:
         digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     if not names:
         digest.update(repr(type(source)).encode() + os.urandom(16))
+
+
+def _in_hub_snapshot(path: Path) -> bool:
+    """Whether ``path`` lies in a Hugging Face cache snapshot: models--org--name/snapshots/<commit>/."""
+    parts = path.parts
+    for i in range(len(parts) - 2):
+        if parts[i].startswith("models--") and parts[i + 1] == "snapshots" and _COMMIT.fullmatch(parts[i + 2]):
+            return True
+    return False
 
 
 def source_files(source) -> list[Path]:

@@ -138,8 +138,30 @@ def write_model_card(
         lines += ["The following models were included:", ""]
         lines += [f"* {_model_link(m)}" for m in dict.fromkeys(others)]
         lines.append("")
+    commits = hub_commit_lines([*([base_model] if base_model else []), *models])
+    if commits:
+        lines += ["Hub models were read at these commits:", "", *commits, ""]
     lines += ["## Recipe", "", "```yaml", recipe_text.rstrip("\n"), "```", ""]
     (Path(directory) / "README.md").write_text("\n".join(lines))
+
+
+def hub_commit_lines(references: Sequence[str]) -> list[str]:
+    """One line per Hub model (or adapter) of ``references`` naming the commit it was read at."""
+    from mksuite.common.errors import MkError
+    from mksuite.common.loading.hub import hub_commit
+    from mksuite.common.loading.reference import ModelReference
+
+    lines = []
+    for text in dict.fromkeys(references):
+        try:
+            ref = ModelReference.parse(text)
+        except MkError:
+            continue
+        for part in (ref, ref.lora):
+            sha = hub_commit(part.path, part.revision) if part is not None else None
+            if sha is not None:
+                lines.append(f"* `{ModelReference(part.path, part.revision)}`: commit `{sha}`")
+    return list(dict.fromkeys(lines))
 
 
 def _version() -> str:

@@ -15,22 +15,27 @@ SAMPLE_LIMIT = 10**6
 PROBABILITY_FLOOR = 1e-8
 
 
-def fusion_importance(base: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-    """``|B − A| ⊙ KL(softmax(B_row) ‖ softmax(A_row))`` in float32, rows along the last axis.
+def fusion_importance(base: torch.Tensor, other: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``|B − A| ⊙ KL(softmax(B_row) ‖ softmax(A_row))`` in ``dtype``, rows along the last axis.
 
     The KL divergence of each row (1-D tensors: one row) treats the raw weights as logits, a
-    heuristic of the method; it is broadcast over the row.
+    heuristic of the method; it is broadcast over the row. In float32 (``--precise``) the row
+    sums are thread-invariant dot products; in the merge dtype (mergekit's rounding, the
+    default) every step rounds to that dtype as mergekit's does.
     """
-    a = as_vectors(base.to(torch.float32), flatten=False)
-    b = as_vectors(other.to(torch.float32), flatten=False)
+    a = as_vectors(base.to(dtype), flatten=False)
+    b = as_vectors(other.to(dtype), flatten=False)
     p = torch.softmax(b, dim=-1) + PROBABILITY_FLOOR
     q = torch.softmax(a, dim=-1) + PROBABILITY_FLOOR
-    divergence = vector_dots(p, (p / q).log_(), -1).to(torch.float32)
+    if dtype == torch.float32:
+        divergence = vector_dots(p, (p / q).log_(), -1).to(torch.float32)
+    else:
+        divergence = (p * (p / q).log_()).sum(dim=-1, keepdim=True)
     return ((b - a).abs_() * divergence).reshape(base.shape)
 
 
 def fusion_threshold(importance: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """``median + 1.5·(q75 − q25)`` of the importance (not the usual ``q75 + 1.5·IQR``), float32.
+    """``median + 1.5·(q75 − q25)`` of the importance (not the usual ``q75 + 1.5·IQR``), in its dtype.
 
     Quantile q is the element at index ``floor(q·(n − 1))`` of the sorted values. Tensors with
     more than SAMPLE_LIMIT entries are estimated from SAMPLE_LIMIT of them drawn without
@@ -48,16 +53,25 @@ def fusion_threshold(importance: torch.Tensor, generator: torch.Generator) -> to
     return median + 1.5 * (q75 - q25)
 
 
-def arcee_fusion_merge(base: torch.Tensor, other: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def arcee_fusion_merge(
+    base: torch.Tensor, other: torch.Tensor, generator: torch.Generator, *, precise: bool = False
+) -> torch.Tensor:
     """The base with its entries of outstanding importance (≥ the threshold) taken from ``other``.
 
-    The selected entries are copied (``where``) rather than computed as ``A + (B − A)``, which
-    is the same value in exact arithmetic and keeps them bit-exact. Result in the base's dtype.
+    By default as mergekit computes it: importance, threshold and mask in the merge dtype (the
+    base's), and the result ``A + mask·(B − A)`` with the masked delta rounded to that dtype
+    and the sum in float32, so the result is float32 (the method's default output dtype).
+    With ``precise`` the importance is float32 and the selected entries are copied
+    (``where``), bit-exact, in the base's dtype.
     """
     require_same_shape([base, other], what="arcee_fusion")
-    importance = fusion_importance(base, other)
+    dtype = torch.float32 if precise else base.dtype
+    importance = fusion_importance(base, other, dtype)
     chosen = importance >= fusion_threshold(importance, generator)
-    return torch.where(chosen, other.to(base.dtype), base)
+    if precise:
+        return torch.where(chosen, other.to(base.dtype), base)
+    delta = chosen.to(base.dtype) * (other.to(base.dtype) - base)
+    return base.to(torch.float32) + delta.to(torch.float32)
 
 
 # --- declaration
@@ -65,7 +79,10 @@ def arcee_fusion_merge(base: torch.Tensor, other: torch.Tensor, generator: torch
 
 def _run_arcee_fusion(call: MethodCall) -> torch.Tensor:
     alone = base_and_one_other(call, "arcee_fusion")
-    return alone if alone is not None else arcee_fusion_merge(call.base, call.tensors[0], call.generator(0))
+    if alone is not None:
+        return alone
+    precise = bool(call.params.get("precise"))
+    return arcee_fusion_merge(call.base, call.tensors[0], call.generator(0), precise=precise)
 
 
 MERGE_METHODS = (
@@ -80,5 +97,6 @@ MERGE_METHODS = (
         merge=_run_arcee_fusion,
         embeddings="common rows",
         random=True,
+        default_out_dtype="float32",
     ),
 )

@@ -116,6 +116,9 @@ class MergeMethod:
     check: Callable[[PlannedInputs], None] | None = None
     # The model card lists the base model among the merged models (mergekit's slerp card does).
     card_lists_base: bool = False
+    # The dtype written where the recipe sets no out_dtype, when it is not the merge dtype
+    # (mergekit's arcee_fusion writes float32); None: the merge dtype.
+    default_out_dtype: str | None = None
 
     def global_parameters(self) -> tuple[ParameterSpec, ...]:
         return tuple(p for p in self.parameters if not p.per_model)

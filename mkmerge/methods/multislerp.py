@@ -9,6 +9,7 @@ import torch
 from mkmerge.methods.declaration import MergeMethod, MethodCall, ParameterSpec, PlannedInputs
 from mkmerge.methods.linear import WEIGHT
 from mkmerge.methods.reductions import require_same_shape
+from mkmerge.methods.slerp import TORCH_SUM_INVARIANT_ELEMENTS
 from mkmerge.methods.vectors import combine, gram_matrix, quadratic_norm
 from mksuite.common.errors import MergeError
 
@@ -20,8 +21,12 @@ def multislerp_merge(
     base: torch.Tensor | None = None,
     normalize_weights: bool = True,
     eps: float = 1e-8,
+    precise: bool = False,
 ) -> torch.Tensor:
     """The weighted mean direction of the inputs, scaled to their weighted mean norm.
+
+    Tensors of at most TORCH_SUM_INVARIANT_ELEMENTS entries are computed as mergekit does
+    (:func:`dtype_multislerp`) unless ``precise``; the rest as follows.
 
     mergekit takes a tangent step at the weighted mean ``m`` of the unit vectors, but the
     tangent vectors there sum to zero by construction, so its result is, up to rounding, the
@@ -51,6 +56,8 @@ def multislerp_merge(
                 hint="change the weights, or set `normalize_weights: false`",
             )
         w = w / total
+    if not precise and tensors[0].numel() <= TORCH_SUM_INVARIANT_ELEMENTS:
+        return dtype_multislerp(tensors, weights, base=base, normalize_weights=normalize_weights, eps=eps)
     anchor = base.to(torch.float32) if base is not None else None
     vectors = [t.to(torch.float32) - anchor if anchor is not None else t.to(torch.float32) for t in tensors]
     gram = gram_matrix(vectors)
@@ -70,6 +77,53 @@ def multislerp_merge(
     return combine(vectors, coefficients.tolist(), dtype=dtype, base=anchor)
 
 
+def dtype_multislerp(
+    tensors: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    *,
+    base: torch.Tensor | None,
+    normalize_weights: bool,
+    eps: float,
+) -> torch.Tensor:
+    """multislerp as mergekit computes it: every step a tensor operation in the merge dtype.
+
+    The unit vectors ``u_i``, their weighted mean ``m``, the tangent vectors at ``m̂`` and
+    their weighted sum ``T`` (zero up to rounding), then ``r = m̂·cos(‖T‖+eps) +
+    T·(sin(‖T‖+eps)/(‖T‖+eps))`` scaled by ``Σ w_i‖x_i‖``; in bfloat16 each step rounds to
+    bfloat16, which is what the result then carries.
+    """
+    dtype = (base if base is not None else tensors[0]).dtype
+    shape = tensors[0].shape
+    vectors = torch.stack([t.to(dtype).reshape(-1) for t in tensors])
+    if base is not None:
+        vectors = vectors - base.reshape(1, -1)
+    w = torch.tensor([float(x) for x in weights], dtype=dtype)
+    if normalize_weights:
+        w = w / w.sum()
+    w = w[:, None]
+    norms = vectors.norm(dim=-1, keepdim=True)
+    units = vectors / (norms + eps)
+    mean = (w * units).sum(0)
+    if float(mean.norm()) < eps:
+        if len(tensors) != 2:
+            raise MergeError(
+                f"the {len(tensors)} inputs cancel out (their weighted mean direction has norm "
+                f"{float(mean.norm()):.3g} < eps {eps:g}), so multislerp has no direction to follow",
+                hint="change the weights or leave out one of the opposing models",
+            )
+        out = (w * vectors).sum(0)
+    else:
+        direction = mean / mean.norm()
+        tangents = units - (units * direction).sum(-1, keepdim=True) * direction
+        step = (w * tangents).sum(0)
+        length = step.norm()
+        turned = direction * torch.cos(length + eps) + step * (torch.sin(length + eps) / (length + eps))
+        out = turned * (w * norms).sum(0)
+    if base is not None:
+        out = out + base.reshape(-1)
+    return out.reshape(shape)
+
+
 # --- declaration
 
 
@@ -82,6 +136,7 @@ def _run_multislerp(call: MethodCall) -> torch.Tensor:
         base=call.base,
         normalize_weights=bool(call.params["normalize_weights"]),
         eps=float(call.params["eps"]),
+        precise=bool(call.params.get("precise")),
     )
 
 

@@ -21,25 +21,52 @@ SLERP_CHUNK_FACTOR = 2
 PARALLEL_THRESHOLD = 0.9995
 # Norms at or below this are not divided by (the vector is used as it is).
 NORM_EPS = 1e-8
+# Up to this many elements torch's own float32 sums do not depend on its thread count, so
+# mergekit's coefficients (computed with them) are well defined and are reproduced exactly.
+TORCH_SUM_INVARIANT_ELEMENTS = 65536
 
 
-def slerp_merge(t: float, base: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+def slerp_merge(t: float, base: torch.Tensor, other: torch.Tensor, *, precise: bool = False) -> torch.Tensor:
     """Interpolate from ``base`` (t = 0) to ``other`` (t = 1) along the great circle.
 
     Both tensors are treated as one flat vector each, in float32. When they are nearly
     parallel or anti-parallel (``|cos θ| > 0.9995``) plain linear interpolation is used.
     The coefficients apply to the unnormalised tensors, so norms interpolate too. The
     result has the base's dtype; at t = 0 and t = 1 it is the endpoint bit for bit (and may
-    be the very tensor passed in). Dot products and norms are thread-invariant sums of
-    float32 products with float64 accumulation (see ``gram_sums``).
+    be the very tensor passed in). Tensors of at most TORCH_SUM_INVARIANT_ELEMENTS get
+    mergekit's coefficients (:func:`float32_slerp_scales`) unless ``precise``; otherwise dot
+    products and norms are thread-invariant sums of float32 products with float64
+    accumulation (see ``gram_sums``).
     """
     require_same_shape([base, other], what="slerp")
     if t == 0:
         return base
     if t == 1:
         return other.to(base.dtype)
+    if not precise and base.numel() <= TORCH_SUM_INVARIANT_ELEMENTS:
+        return _mix(base, other, *float32_slerp_scales(t, base, other))
     aa, cc, ac = gram_sums(base, other)
     return _mix(base, other, *slerp_scales(t, aa, cc, ac))
+
+
+def float32_slerp_scales(t: float, base: torch.Tensor, other: torch.Tensor) -> tuple[float, float]:
+    """The coefficients as mergekit computes them: every step a float32 tensor operation.
+
+    Norms, normalised vectors, their dot product and the trigonometry all round to float32
+    (float64 for float64 tensors), so the coefficients can differ from :func:`slerp_scales`
+    in their last bits.
+    """
+    dtype = torch.float64 if base.dtype == torch.float64 else torch.float32
+    a, c = base.reshape(-1).to(dtype), other.reshape(-1).to(dtype)
+    norm_a, norm_c = a.norm(), c.norm()
+    unit_a = a / norm_a if norm_a > NORM_EPS else a
+    unit_c = c / norm_c if norm_c > NORM_EPS else c
+    cos_theta = (unit_a * unit_c).sum()
+    if abs(float(cos_theta)) > PARALLEL_THRESHOLD:
+        return 1.0 - t, t
+    theta = torch.arccos(cos_theta)
+    sin_theta = torch.sin(theta)
+    return float(torch.sin((1.0 - t) * theta) / sin_theta), float(torch.sin(t * theta) / sin_theta)
 
 
 def slerp_scales(t: float, aa: float, cc: float, ac: float) -> tuple[float, float]:
@@ -117,7 +144,8 @@ def _run_slerp(call: MethodCall) -> torch.Tensor:
             f"{len(call.tensors)} other input(s) and {'a' if call.base is not None else 'no'} base",
             hint="list exactly two models, one of them the `base_model`",
         )
-    return slerp_merge(float(call.params["t"]), call.base, call.tensors[0])
+    precise = bool(call.params.get("precise"))
+    return slerp_merge(float(call.params["t"]), call.base, call.tensors[0], precise=precise)
 
 
 MERGE_METHODS = (

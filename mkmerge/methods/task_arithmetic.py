@@ -34,6 +34,7 @@ from mkmerge.methods.task_vector_core import (
     TaskVectorVariant,
     combine_weighted,
     required_generator,
+    rescale_factor,
 )
 from mkmerge.methods.task_vector_fused import fusable, fused_rules
 
@@ -91,17 +92,15 @@ RANDOM_SPARSIFIERS = frozenset({"random", "della"})
 """Sparsifiers that draw: each input needs its own seeded generator."""
 
 
-def rescale_l1(original: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+def rescale_l1(original: torch.Tensor, kept: torch.Tensor, *, precise: bool = False) -> torch.Tensor:
     """Scale ``kept`` so its L1 norm matches ``original``'s (skipped when either is ~0).
 
-    The factor is a float64 ratio of thread-invariant float64 norms, applied as a scalar
-    (float32 arithmetic for bfloat16/float16 tensors), so the rounding happens once.
+    The norms are thread-invariant float64 sums. By default the factor is computed as
+    mergekit does, from the norms rounded to the tensor's dtype (:func:`rescale_factor`);
+    with ``precise`` it is their float64 ratio. Either way it is applied as one scalar.
     """
-    before = l1_norm(original)
-    after = l1_norm(kept)
-    if before < RESCALE_EPS or after < RESCALE_EPS:
-        return kept
-    return kept * (before / after)
+    factor = rescale_factor(l1_norm(original), l1_norm(kept), None if precise else kept.dtype)
+    return kept if factor is None else kept * factor
 
 
 def sparsify(
@@ -112,12 +111,13 @@ def sparsify(
     rescale: bool,
     generator: torch.Generator | None = None,
     options: Mapping[str, float] | None = None,
+    precise: bool = False,
 ) -> torch.Tensor:
     """One delta through its sparsifier and the optional L1 rescale; density ≥ 1 keeps all."""
     if sparsifier == "none" or density >= 1:
         return delta
     kept = SPARSIFIERS[sparsifier](delta, density, generator, options or {})
-    return rescale_l1(delta, kept) if rescale else kept
+    return rescale_l1(delta, kept, precise=precise) if rescale else kept
 
 
 # --- the merge
@@ -136,6 +136,7 @@ def task_vector_merge(
     lambda_: float = 1.0,
     generators: Sequence[torch.Generator | None] | None = None,
     sparsifier_options: Sequence[Mapping[str, float]] | None = None,
+    precise: bool = False,
 ) -> torch.Tensor:
     """``W_b + λ·merge(sparsify(W_i − W_b))``, computed in the base's dtype (docs/methods.md).
 
@@ -145,7 +146,8 @@ def task_vector_merge(
     dim 0), the division, the lambda scaling (skipped when λ = 1), the final addition.
     With no ordinary inputs the base is returned as it is. ``generators`` (one per input) are
     needed by the :data:`RANDOM_SPARSIFIERS`; ``sparsifier_options`` (one mapping per input)
-    carry ``gamma`` for breadcrumbs and ``epsilon`` for della.
+    carry ``gamma`` for breadcrumbs and ``epsilon`` for della. ``precise``: the L1 rescale
+    factor as a float64 ratio instead of mergekit's, rounded to the dtype (:func:`rescale_l1`).
     """
     count = len(tensors)
     if not (len(weights) == len(densities) == count):
@@ -158,7 +160,7 @@ def task_vector_merge(
     generators = list(generators) if generators is not None else [None] * count
     options = list(sparsifier_options) if sparsifier_options is not None else [{}] * count
     if fusable(sparsifier, rescale, base, tensors):
-        rules = fused_rules(base, tensors, weights, densities, sparsifier, rescale, generators)
+        rules = fused_rules(base, tensors, weights, densities, sparsifier, rescale, generators, precise=precise)
         return fused.merge(base, tensors, rules, consensus=consensus, normalize=normalize, lambda_=lambda_)
     dtype, device = base.dtype, base.device
 
@@ -172,6 +174,7 @@ def task_vector_merge(
             rescale=rescale,
             generator=generators[i],
             options=options[i],
+            precise=precise,
         )
         # kept is always a fresh tensor here (at worst the delta itself), so scale in place.
         weighted.append(kept.mul_(torch.tensor(float(weights[i]), dtype=dtype, device=device)))

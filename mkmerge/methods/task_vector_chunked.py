@@ -20,7 +20,7 @@ from mkmerge.methods.chunked import ChunkedForm
 from mkmerge.methods.reductions import STREAMED_TERMS_MAX, exact_sum, l1_partials
 from mkmerge.methods.sort_order import kth_in_histogram, order_keys
 from mkmerge.methods.sparsifiers import dare_mask
-from mkmerge.methods.task_vector_core import RESCALE_EPS, TaskVectorVariant, combine_weighted
+from mkmerge.methods.task_vector_core import TaskVectorVariant, combine_weighted, rescale_factor
 from mkmerge.methods.task_vector_fused import equal_policy, fusable, sort_decides, top_k_count
 
 # Which digit of the magnitude keys a selection histogram counts: all 16 bits of a half
@@ -37,6 +37,7 @@ class InputPartial:
     spilled: bool = False  # the chunk's keys went to the input's spill file
     l1_before: list[float] | None = None  # L1 partials of the delta
     l1_after: list[float] | None = None  # L1 partials of the sparsified delta
+    dtype: torch.dtype | None = None  # the merge dtype (the rescale factor is rounded to it)
 
 
 @dataclass
@@ -93,7 +94,7 @@ def task_vector_chunked(variant: TaskVectorVariant) -> ChunkedForm:
     def _input_partial(index, call, i, tensor, state, selection, rescale) -> InputPartial | None:
         base, dtype = call.base, call.base.dtype
         density = float(call.per_model[i]["density"])
-        part = InputPartial()
+        part = InputPartial(dtype=dtype)
         if variant.sparsifier == "magnitude" and index < selection and not rescale and fused.applies(base, [tensor]):
             if index == 0:
                 (part.hist,) = fused.delta_histograms(base, [tensor])
@@ -162,7 +163,8 @@ def task_vector_chunked(variant: TaskVectorVariant) -> ChunkedForm:
             if parts[0].l1_after is not None:
                 after = exact_sum([x for p in parts for x in p.l1_after])
                 before = model_state.l1_before
-                model_state.factor = None if before < RESCALE_EPS or after < RESCALE_EPS else before / after
+                dtype = None if call.params.get("precise") else parts[0].dtype
+                model_state.factor = rescale_factor(before, after, dtype)
         return new_state
 
     def apply(call, state: list[InputState] | None):

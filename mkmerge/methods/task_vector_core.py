@@ -59,9 +59,18 @@ def required_generator(generator: torch.Generator | None) -> torch.Generator:
     return generator
 
 
-def rescale_factor(before: float, after: float) -> float | None:
-    """The L1 rescale factor of :func:`~mkmerge.methods.task_arithmetic.rescale_l1`, or None where it is skipped."""
-    return None if before < RESCALE_EPS or after < RESCALE_EPS else before / after
+def rescale_factor(before: float, after: float, dtype: torch.dtype | None = None) -> float | None:
+    """The L1 rescale factor of :func:`~mkmerge.methods.task_arithmetic.rescale_l1`, or None where it is skipped.
+
+    ``before`` and ``after`` are the (float64) L1 norms. With ``dtype`` the factor follows
+    mergekit: both norms rounded to the merge dtype and divided there, so in bfloat16 the
+    factor is a bfloat16 value. With None it is the float64 ratio (``--precise``).
+    """
+    if before < RESCALE_EPS or after < RESCALE_EPS:
+        return None
+    if dtype is None or dtype == torch.float64:
+        return before / after
+    return float(torch.tensor(before, dtype=dtype) / torch.tensor(after, dtype=dtype))
 
 
 def combine_weighted(

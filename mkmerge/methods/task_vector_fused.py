@@ -31,7 +31,9 @@ def equal_policy(kept: int, equal: int) -> int:
     return -1 if kept >= equal else max(0, kept)
 
 
-def fused_rules(base, tensors, weights, densities, sparsifier, rescale, generators) -> list[fused.InputRule]:
+def fused_rules(
+    base, tensors, weights, densities, sparsifier, rescale, generators, *, precise: bool = False
+) -> list[fused.InputRule]:
     """Per input, what :func:`fused.merge` needs to sparsify it as :func:`sparsify` would."""
     numel = base.numel()
     magnitude = [i for i in range(len(tensors)) if sparsifier == "magnitude" and float(densities[i]) < 1]
@@ -49,7 +51,7 @@ def fused_rules(base, tensors, weights, densities, sparsifier, rescale, generato
     dropped = [i for i in range(len(tensors)) if sparsifier == "random" and float(densities[i]) < 1]
     # DARE: each input's draws, mask and L1 rescale factor, the inputs side by side
     masked = dict(zip(dropped, fused.each_on_a_thread(
-        lambda i: random_rule(base, tensors[i], float(weights[i]), float(densities[i]), rescale, required_generator(generators[i])), dropped)))  # fmt: skip
+        lambda i: random_rule(base, tensors[i], float(weights[i]), float(densities[i]), rescale, required_generator(generators[i]), precise=precise), dropped)))  # fmt: skip
     rules = []
     for i in range(len(tensors)):
         weight = float(weights[i])
@@ -81,14 +83,14 @@ def fused_cuts(
 
 
 def random_rule(
-    base, tensor, weight: float, density: float, rescale: bool, generator: torch.Generator
+    base, tensor, weight: float, density: float, rescale: bool, generator: torch.Generator, *, precise: bool = False
 ) -> fused.InputRule:
     """One input's DARE drop as a fused rule: its mask and, with ``rescale``, the L1 factor."""
     mask = dare_mask(base.shape, density, generator).numpy()
     factor = None
     if rescale:
         before, after = fused.delta_l1_partials(base, tensor, mask)
-        factor = rescale_factor(exact_sum(before), exact_sum(after))
+        factor = rescale_factor(exact_sum(before), exact_sum(after), None if precise else base.dtype)
     return fused.InputRule(weight, fused.MODE_MASK, mask=mask, factor=factor)
 
 

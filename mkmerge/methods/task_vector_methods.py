@@ -124,6 +124,7 @@ def _runner(variant: TaskVectorVariant) -> Callable[[MethodCall], torch.Tensor]:
             lambda_=float(call.params["lambda"]),
             generators=generators,
             sparsifier_options=call.per_model,  # gamma / epsilon, where the method declares them
+            precise=bool(call.params.get("precise")),
         )
 
     return run

@@ -299,6 +299,8 @@ def test_a_bad_input_exits_with_the_code_the_table_gives_its_class(family, tmp_p
         (["RECIPE", "OUT", "--dtype", "float7"], 2),
         (["RECIPE", "OUT", "--shard-size", "lots"], 2),
         (["RECIPE", "EXISTING"], 8),
+        (["RECIPE", "OUT", "--private"], 2),
+        (["RECIPE", "OUT", "--push-to-hub", "not a/valid/repo id"], 2),
     ],
 )
 def test_bad_command_lines_exit_by_the_table(family, tmp_path, argv, code):

@@ -7,11 +7,11 @@ import huggingface_hub
 import pytest
 import torch
 from huggingface_hub import constants as hub_constants
-from huggingface_hub.utils import RepositoryNotFoundError
 from safetensors.torch import save_file
 
 from mksuite.common.errors import ModelNotFoundError
-from mksuite.common.loading import CONFIG_PATTERNS, ModelReference, open_model, resolve_model_path
+from mksuite.common.loading import ModelReference, open_model, resolve_model_path
+from mksuite.common.loading.hub import hub_commit
 
 MAIN_COMMIT = "a" * 40
 DEV_COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -78,6 +78,7 @@ def test_repo_id_resolves_to_the_main_snapshot_in_the_given_cache(hub_cache):
 def test_branch_revision_resolves_through_refs(hub_cache):
     cache, _, dev = hub_cache
     assert resolve_model_path(ModelReference("org/tiny", "dev"), cache_dir=cache) == dev
+    assert hub_commit("org/tiny", "dev") == DEV_COMMIT  # what the model card records
 
 
 def test_commit_hash_revision_resolves_to_that_snapshot(hub_cache):
@@ -154,61 +155,70 @@ def go_online(monkeypatch):
 
 
 @pytest.fixture
-def online(monkeypatch):
+def local_hub(tmp_path, monkeypatch):
+    """A Hub on 127.0.0.1 (tests/hub_server.py), online, with the cache under tmp_path/hub."""
+    from hub_server import HubServer
+
     go_online(monkeypatch)
-    calls = []
-
-    def fake_snapshot_download(repo_id, **kwargs):
-        calls.append(kwargs)
-        return "/fake/snapshot"
-
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
-    return monkeypatch, calls
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # no token or cache of the user's
+    with HubServer() as server:
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        yield server
 
 
-@pytest.mark.parametrize(
-    "repo_files, weights, not_weights",
-    [
-        (["config.json", "model.safetensors", "pytorch_model.bin"], "*.safetensors", "*.bin"),
-        (["config.json", "pytorch_model.bin", "tokenizer.model"], "*.bin", "*.safetensors"),
-    ],
-)
-def test_online_download_fetches_safetensors_if_the_repo_has_any_else_bin(online, repo_files, weights, not_weights):
-    monkeypatch, calls = online
-    monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo_id, revision=None: repo_files)
-    path = resolve_model_path(ModelReference("org/tiny", "dev"), cache_dir="/some/cache")
-    assert str(path) == "/fake/snapshot"
-    (call,) = calls
-    assert call["revision"] == "dev"
-    assert str(call["cache_dir"]) == "/some/cache"
-    assert weights in call["allow_patterns"] and not_weights not in call["allow_patterns"]
-    assert set(CONFIG_PATTERNS) <= set(call["allow_patterns"])
-    assert {"*.json", "tokenizer.model", "*.txt", "*.jinja", "*.tiktoken"} <= set(call["allow_patterns"])
+def test_online_resolution_downloads_small_files_and_leaves_safetensors_on_the_hub(local_hub, tmp_path):
+    weights = tmp_path / "w.safetensors"
+    save_file({"w": torch.ones(2, 2)}, str(weights))
+    files = {
+        "config.json": b'{"architectures": ["LlamaForCausalLM"]}',
+        "notes.txt": b"hello",
+        "chat_template.jinja": b"{{ x }}",
+        "model.safetensors": weights.read_bytes(),
+        "pytorch_model.bin": b"never fetched",
+    }
+    sha = local_hub.add_repo("org/tiny", files, branch="dev")
+    path = resolve_model_path(ModelReference("org/tiny", "dev"), cache_dir=tmp_path / "hub")
+    assert path == tmp_path / "hub" / "models--org--tiny" / "snapshots" / sha
+    assert sorted(p.name for p in path.iterdir()) == ["chat_template.jinja", "config.json", "notes.txt"]
+    assert sorted(local_hub.full_downloads("")) == [
+        f"/org/tiny/resolve/{sha}/{n}" for n in sorted(p.name for p in path.iterdir())
+    ]
+    model = open_model(path)  # the header comes by a range request; the data on first load
+    assert local_hub.full_downloads(".safetensors") == []
+    assert torch.equal(model.tensors.load("w"), torch.ones(2, 2))
+    assert local_hub.full_downloads(".safetensors") == [f"/org/tiny/resolve/{sha}/model.safetensors"]
+
+
+def test_a_repo_with_only_pickled_weights_has_them_downloaded_at_resolution(local_hub, tmp_path):
+    files = {"config.json": b"{}", "pytorch_model.bin": b"pickle bytes"}
+    sha = local_hub.add_repo("org/old", files)
+    path = resolve_model_path(ModelReference("org/old"), cache_dir=tmp_path / "hub")
+    assert (path / "pytorch_model.bin").read_bytes() == b"pickle bytes"
+    assert f"/org/old/resolve/{sha}/pytorch_model.bin" in local_hub.full_downloads("")
 
 
 def test_unreachable_hub_falls_back_to_the_cache(hub_cache, monkeypatch):
+    import socket
+
     cache, main, _ = hub_cache
     go_online(monkeypatch)
-
-    def unreachable(*args, **kwargs):
-        raise ConnectionError("no route to host")
-
-    monkeypatch.setattr(huggingface_hub, "list_repo_files", unreachable)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")  # closed: connection refused
     assert resolve_model_path(ModelReference("org/tiny"), cache_dir=cache) == main
     with pytest.raises(ModelNotFoundError, match="could not be reached") as caught:
         resolve_model_path(ModelReference("org/other"), cache_dir=cache)
-    assert "no route to host" in caught.value.message
+    assert "HF_HUB_OFFLINE" in caught.value.hint
 
 
-def test_repo_unknown_to_the_hub_is_model_not_found(online):
-    monkeypatch, calls = online
-    missing = RepositoryNotFoundError.__new__(RepositoryNotFoundError)
-    Exception.__init__(missing, "404")
-
-    def not_found(*args, **kwargs):
-        raise missing
-
-    monkeypatch.setattr(huggingface_hub, "list_repo_files", not_found)
+def test_repo_unknown_to_the_hub_is_model_not_found(local_hub, tmp_path):
     with pytest.raises(ModelNotFoundError, match="the Hub has no repository `org/ghost`"):
-        resolve_model_path(ModelReference("org/ghost"), cache_dir="/some/cache")
-    assert calls == []
+        resolve_model_path(ModelReference("org/ghost"), cache_dir=tmp_path / "hub")
+    assert local_hub.gets() == []
+
+
+def test_revision_unknown_to_the_hub_is_model_not_found(local_hub, tmp_path):
+    local_hub.add_repo("org/tiny", {"config.json": b"{}"})
+    with pytest.raises(ModelNotFoundError, match="has no revision `nope`"):
+        resolve_model_path(ModelReference("org/tiny", "nope"), cache_dir=tmp_path / "hub")

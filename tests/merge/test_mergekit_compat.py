@@ -97,3 +97,40 @@ def test_the_cli_flag_turns_truncation_on(tmp_path, vocabularies):
     result = run_cli(tmp_path, task_arithmetic(base, wide), "--unsafe-truncate-embeddings")
     assert result.exit_code == 0, result.output
     assert "UNSAFE: cutting to 128 rows" in " ".join(result.stderr.split())
+
+
+def test_arcee_fusion_writes_float32_as_mergekit_and_precise_keeps_the_recipe_dtype(tmp_path, tiny_family):
+    from safetensors import safe_open
+
+    from tiny_models import load_causal_lm, read_tensors
+
+    base, (ft1, _) = tiny_family("llama", dtype=torch.bfloat16)
+    text = f"merge_method: arcee_fusion\nbase_model: {base}\ndtype: bfloat16\nmodels:\n  - model: {base}\n  - model: {ft1}\n"
+    outputs = {}
+    for name, options in (("default", ()), ("precise", ("--precise",))):
+        (tmp_path / name).mkdir()
+        result = run_cli(tmp_path / name, text, *options)
+        assert result.exit_code == 0, result.output
+        out = tmp_path / name / "out"
+        with safe_open(out / "model.safetensors", "pt") as f:
+            dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}
+        assert dtypes == ({"F32"} if name == "default" else {"BF16"})
+        assert json.loads((out / "config.json").read_text()).get("dtype", "bfloat16") == "bfloat16"
+        load_causal_lm(out)  # loads either way
+        outputs[name] = read_tensors(out)
+    inputs = read_tensors(base), read_tensors(ft1)
+    for key, merged in outputs["precise"].items():
+        a, b = (t[key] for t in inputs)
+        # --precise copies the chosen entries: every entry is the base's or the other model's
+        assert torch.equal(torch.where(merged == b, b, a), merged)
+        # the default adds the masked delta in float32: the same choice wherever both are exact
+        assert outputs["default"][key].dtype == torch.float32
+
+
+def test_precise_is_not_an_mkstack_option_and_is_one_for_mkmoe():
+    from mkmoe.cli import app as moe_app
+    from mkstack.cli import stack_app
+
+    assert "--precise" in CliRunner().invoke(moe_app, ["build", "--help"], terminal_width=200).output
+    stack_help = CliRunner().invoke(stack_app, ["stack", "--help"], terminal_width=200).output
+    assert "--expand" in stack_help and "--precise" not in stack_help

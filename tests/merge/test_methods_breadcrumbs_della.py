@@ -20,7 +20,7 @@ from mkmerge.methods.sparsifiers import (
 from mkmerge.methods.task_arithmetic import sparsify, task_vector_merge
 from mksuite.common.errors import MergeError, RecipeError
 
-from method_helpers import bits, threads
+from method_helpers import bits, l1_factor, threads
 
 
 def fsum_l1(tensor: torch.Tensor) -> float:
@@ -66,7 +66,7 @@ def reference_della_mask(delta: torch.Tensor, density: float, epsilon: float, se
     return torch.tensor(keep, dtype=torch.bool).view(delta.shape)
 
 
-def reference_merge(base, tensors, weights, masks, *, consensus, normalize, rescale=False, lambda_=1.0):
+def reference_merge(base, tensors, weights, masks, *, consensus, normalize, rescale=False, lambda_=1.0, precise=False):
     """The family's steps 1-7 on given keep-masks, with stacked tensors and exact L1 norms."""
     dtype = base.dtype
     kept = []
@@ -74,7 +74,7 @@ def reference_merge(base, tensors, weights, masks, *, consensus, normalize, resc
         delta = tensor.to(dtype) - base
         sparse = delta * mask.to(dtype)
         if rescale and fsum_l1(delta) >= 1e-7 and fsum_l1(sparse) >= 1e-7:
-            sparse = sparse * (fsum_l1(delta) / fsum_l1(sparse))
+            sparse = sparse * l1_factor(fsum_l1(delta), fsum_l1(sparse), dtype, precise)
         kept.append(sparse)
     w = torch.tensor(weights, dtype=dtype).view(-1, *[1] * base.dim())
     weighted = torch.stack(kept) * w

@@ -288,10 +288,41 @@ def test_slerp_from_a_zero_base_scales_the_other_by_sin_of_t_quarter_turns():
     g = torch.Generator().manual_seed(11)
     c = torch.randn(50, generator=g)
     zero = torch.zeros(50)
-    assert torch.equal(slerp_merge(0.3, zero, c), c * math.sin(0.3 * math.acos(0.0)))
+    assert torch.equal(slerp_merge(0.3, zero, c, precise=True), c * math.sin(0.3 * math.acos(0.0)))
+    # mergekit's float32 steps: acos(0) and the sine rounded to float32
+    scale = torch.sin(0.3 * torch.arccos(torch.tensor(0.0))) / torch.sin(torch.arccos(torch.tensor(0.0)))
+    assert torch.equal(slerp_merge(0.3, zero, c), c * float(scale))
     assert torch.equal(slerp_merge(0.3, zero, zero), zero)
     tiny = torch.full((50,), 1e-12)  # norm below 1e-8: used unnormalised
     torch.testing.assert_close(slerp_merge(0.4, tiny, c).double(), slerp_reference(0.4, tiny, c))
+
+
+def mergekit_slerp_reference(t, a, c):
+    """slerp as mergekit 0.1.5 computes it (found by running it on float32 models): whole
+    tensors, every step a float32 tensor operation, the coefficients applied to the inputs."""
+    norm_a, norm_c = a.norm(), c.norm()
+    unit_a = a / norm_a if norm_a > 1e-8 else a
+    unit_c = c / norm_c if norm_c > 1e-8 else c
+    dot_ac = (unit_a * unit_c).sum()
+    theta = torch.arccos(dot_ac)
+    return torch.sin((1 - t) * theta) / torch.sin(theta) * a + torch.sin(t * theta) / torch.sin(theta) * c
+
+
+def test_float32_slerp_of_small_tensors_rounds_as_mergekit_and_large_ones_as_precise():
+    g = torch.Generator().manual_seed(13)
+    differs = 0
+    for shape in [(64,), (96, 64), (256, 256)]:
+        a, c = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+        out = slerp_merge(0.3, a, c)
+        precise = slerp_merge(0.3, a, c, precise=True)
+        torch.testing.assert_close(precise.double(), slerp_reference(0.3, a, c), rtol=1e-6, atol=1e-6)
+        assert torch.equal(out, mergekit_slerp_reference(0.3, a, c))
+        differs += not torch.equal(out, precise)
+    assert differs  # the two roundings are not the same
+    # past 65536 entries torch's own float32 sums depend on its thread count, so mergekit's
+    # numbers are not defined there: the thread-invariant (precise) coefficients are used
+    a, c = torch.randn(300, 300, generator=g), torch.randn(300, 300, generator=g)
+    assert torch.equal(slerp_merge(0.3, a, c), slerp_merge(0.3, a, c, precise=True))
 
 
 def test_slerp_returns_the_base_dtype_after_float32_math():

@@ -230,10 +230,43 @@ def test_multislerp_with_one_input_returns_it_and_zero_weight_sum_is_an_error():
 
 def test_multislerp_returns_the_dtype_it_is_given():
     tensors = [randn(8, 8, seed=32 + i).to(torch.bfloat16) for i in range(3)]
-    out = multislerp_merge(tensors, [1.0, 2.0, 3.0])
+    out = multislerp_merge(tensors, [1.0, 2.0, 3.0], precise=True)
     assert out.dtype == torch.bfloat16
     expected = multislerp_reference([t.float() for t in tensors], [1.0, 2.0, 3.0]).to(torch.bfloat16)
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+def mergekit_multislerp_reference(tensors, weights, *, base=None, normalize=True, eps=1e-8):
+    """multislerp as mergekit 0.1.5 computes it (found by running it): the spec's steps as
+    tensor operations in the inputs' dtype, the tangent step's scalar factor taken first."""
+    shape, dtype = tensors[0].shape, tensors[0].dtype
+    x = torch.stack([t.flatten() for t in tensors])
+    if base is not None:
+        x = x - base.flatten()
+    w = torch.tensor(weights, dtype=dtype)
+    w = (w / w.sum() if normalize else w).unsqueeze(1)
+    norms = x.norm(dim=-1, keepdim=True)
+    units = x / (norms + eps)
+    m = (w * units).sum(0)
+    m_hat = m / m.norm()
+    tangent = (w * (units - (units * m_hat).sum(-1, keepdim=True) * m_hat)).sum(0)
+    length = tangent.norm()
+    r = m_hat * torch.cos(length + eps) + tangent * (torch.sin(length + eps) / (length + eps))
+    out = (r * (w * norms).sum(0)).view(shape)
+    return out + base if base is not None else out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_base", [False, True])
+def test_multislerp_rounds_as_mergekit_in_the_merge_dtype(dtype, with_base):
+    tensors = [randn(48, 64, seed=50 + i).to(dtype) for i in range(3)]
+    base = randn(48, 64, seed=60).to(dtype) if with_base else None
+    out = multislerp_merge(tensors, [0.5, 0.3, 0.2], base=base)
+    assert out.dtype == dtype
+    assert torch.equal(out, mergekit_multislerp_reference(tensors, [0.5, 0.3, 0.2], base=base))
+    if dtype == torch.bfloat16:  # --precise: float32 math, one rounding at the end
+        precise = multislerp_merge(tensors, [0.5, 0.3, 0.2], base=base, precise=True)
+        assert not torch.equal(precise, out)
 
 
 def test_multislerp_is_the_same_for_any_thread_count():

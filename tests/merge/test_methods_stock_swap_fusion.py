@@ -256,16 +256,42 @@ def test_arcee_fusion_takes_the_other_models_entries_at_or_above_the_threshold(s
     # keep the test decisive: no importance sits within rounding distance of the threshold
     assert ((importance - threshold).abs() > 1e-6 * abs(threshold)).all()
     chosen = importance >= threshold
-    out = arcee_fusion_merge(base, other, generator(0))
     assert 0 < int(chosen.sum()) < chosen.numel()
-    assert torch.equal(out, torch.where(chosen, other, base))
+    # default: mergekit's A + mask·(B − A); --precise: the chosen entries copied bit for bit
+    assert torch.equal(arcee_fusion_merge(base, other, generator(0)), base + chosen * (other - base))
+    assert torch.equal(arcee_fusion_merge(base, other, generator(0), precise=True), torch.where(chosen, other, base))
 
 
-def test_arcee_fusion_of_equal_models_is_that_model_and_it_keeps_the_base_dtype():
+def test_arcee_fusion_of_equal_models_is_that_model_in_float32_or_the_base_dtype_when_precise():
     base = randn(8, 8, seed=15).to(torch.bfloat16)
-    assert torch.equal(arcee_fusion_merge(base, base.clone(), generator(0)), base)
-    out = arcee_fusion_merge(base, (base.float() + 1).to(torch.bfloat16), generator(0))
-    assert out.dtype == torch.bfloat16
+    assert torch.equal(arcee_fusion_merge(base, base.clone(), generator(0)), base.float())
+    assert torch.equal(arcee_fusion_merge(base, base.clone(), generator(0), precise=True), base)
+    other = (base.float() + 1).to(torch.bfloat16)
+    assert arcee_fusion_merge(base, other, generator(0)).dtype == torch.float32
+    assert arcee_fusion_merge(base, other, generator(0), precise=True).dtype == torch.bfloat16
+
+
+def mergekit_fusion_reference(a, b):
+    """arcee_fusion as mergekit 0.1.5 computes it (found by running it on bfloat16 models): every
+    step in the inputs' dtype, rows along the last axis, the masked delta added in float32."""
+    rows_a, rows_b = (a[None], b[None]) if a.dim() == 1 else (a, b)
+    p = torch.softmax(rows_b, -1) + 1e-8
+    q = torch.softmax(rows_a, -1) + 1e-8
+    kl = (p * (p / q).log()).sum(-1, keepdim=True)
+    importance = ((rows_b - rows_a).abs() * kl).reshape(a.shape)
+    ordered = importance.reshape(-1).sort().values
+    last = ordered.numel() - 1
+    q25, median, q75 = (ordered[int(x * last)] for x in (0.25, 0.5, 0.75))
+    mask = importance >= median + 1.5 * (q75 - q25)
+    return a.float() + (mask.to(a.dtype) * (b - a)).float()
+
+
+@pytest.mark.parametrize("shape", [(64,), (40, 64), (3, 5, 32)])
+def test_arcee_fusion_in_bfloat16_picks_and_rounds_as_mergekit(shape):
+    base = randn(*shape, seed=21).to(torch.bfloat16)
+    other = (base.float() + 0.2 * randn(*shape, seed=22) * randn(*shape, seed=23).exp()).to(torch.bfloat16)
+    out = arcee_fusion_merge(base, other, generator(0))
+    assert out.dtype == torch.float32 and bits(out) == bits(mergekit_fusion_reference(base, other))
 
 
 def test_fusion_threshold_of_a_large_tensor_comes_from_a_seeded_sample_independent_of_threads():

@@ -13,7 +13,7 @@ from mkmerge.methods.sparsifiers import magnitude_sparsify, random_sparsify, top
 from mkmerge.methods.task_arithmetic import rescale_l1, sparsify, task_vector_merge
 from mksuite.common.errors import MergeError
 
-from method_helpers import bits, threads
+from method_helpers import bits, l1_factor, threads
 
 
 def fsum_l1(tensor: torch.Tensor) -> float:
@@ -25,7 +25,18 @@ def generators(*seeds: int) -> list[torch.Generator]:
 
 
 def reference_merge(
-    base, tensors, weights, densities, *, sparsifier, consensus, normalize, rescale=False, lambda_=1.0, seeds=()
+    base,
+    tensors,
+    weights,
+    densities,
+    *,
+    sparsifier,
+    consensus,
+    normalize,
+    rescale=False,
+    lambda_=1.0,
+    seeds=(),
+    precise=False,
 ):
     """docs/methods.md written the plain way: torch's full sort for top-k (ties as it breaks them),
     stacked tensors, float64 L1 norms."""
@@ -50,7 +61,7 @@ def reference_merge(
             mask = (draws < density).to(dtype).view(delta.shape)
         sparse = delta * mask
         if rescale and fsum_l1(delta) >= 1e-7 and fsum_l1(sparse) >= 1e-7:
-            sparse = sparse * (fsum_l1(delta) / fsum_l1(sparse))
+            sparse = sparse * l1_factor(fsum_l1(delta), fsum_l1(sparse), dtype, precise)
         kept.append(sparse)
     deltas = torch.stack(kept)
     w = torch.tensor(weights, dtype=dtype).view(-1, *[1] * base.dim())
@@ -219,13 +230,29 @@ def test_no_ordinary_inputs_returns_the_base_itself():
 
 
 @pytest.mark.parametrize("consensus", [False, True])
-def test_dare_matches_the_plain_reference_with_the_same_seeds(consensus):
+@pytest.mark.parametrize("precise", [False, True])
+def test_dare_matches_the_plain_reference_with_the_same_seeds(consensus, precise):
     base, tensors = family(3, dtype=torch.bfloat16, seed=4)
     weights, densities = [0.5, 0.8, 0.3], [0.3, 0.6, 0.9]
-    kw = dict(sparsifier="random", consensus=consensus, normalize=False, rescale=True)
+    kw = dict(sparsifier="random", consensus=consensus, normalize=False, rescale=True, precise=precise)
     out = task_vector_merge(base, tensors, weights, densities, generators=generators(11, 12, 13), **kw)
     expected = reference_merge(base, tensors, weights, densities, seeds=(11, 12, 13), **kw)
     assert bits(out) == bits(expected)
+
+
+def test_bfloat16_rescale_factor_is_rounded_as_mergekit_rounds_it_unless_precise():
+    # One input, weight 1, no normalisation: the output is base + factor * kept delta, so the
+    # two factors show directly. In bfloat16 the ratio of the norms rounded to bfloat16 is
+    # itself a bfloat16 number; the precise one is the float64 ratio.
+    base, (tensor,) = family(1, shape=(64, 64), dtype=torch.bfloat16, seed=9)
+    delta = tensor - base
+    kept = delta * (delta.abs() >= delta.abs().flatten().kthvalue(delta.numel() // 2).values)
+    before, after = fsum_l1(delta), fsum_l1(kept)
+    rounded = float(torch.tensor(before, dtype=torch.bfloat16) / torch.tensor(after, dtype=torch.bfloat16))
+    assert rounded == float(torch.tensor(rounded, dtype=torch.bfloat16)) and rounded != before / after
+    for precise, factor in ((False, rounded), (True, before / after)):
+        out = rescale_l1(delta, kept, precise=precise)
+        assert bits(out) == bits(kept * factor)
 
 
 def test_dare_masks_are_reproducible_for_a_seed_and_differ_between_generators():

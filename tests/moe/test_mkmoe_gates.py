@@ -44,10 +44,18 @@ def test_prompt_gate_vector_is_normalised_positive_mean_minus_negative_mean():
 
 def test_cheap_embed_sums_rows_and_subtracts_unit_vectors():
     embedding = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
-    assert torch.equal(cheap_embed_vector(embedding, [0, 0], []), torch.tensor([1.0, 0.0]))
+    assert torch.equal(cheap_embed_vector(embedding, [[0], [0]], []), torch.tensor([1.0, 0.0]))
     # pos: (2, 0) -> (1, 0); neg: (1, 1) -> unit; gate = unit((1, 0) - (0.707, 0.707))
     expected = unit_rows(torch.tensor([1 - 1 / math.sqrt(2), -1 / math.sqrt(2)]))
-    torch.testing.assert_close(cheap_embed_vector(embedding, [0, 0], [2]), expected, atol=1e-7, rtol=0)
+    torch.testing.assert_close(cheap_embed_vector(embedding, [[0, 0]], [[2]]), expected, atol=1e-7, rtol=0)
+
+
+def test_cheap_embed_sums_each_prompt_then_the_prompts_as_mergekit_does():
+    g = torch.Generator().manual_seed(3)
+    embedding = torch.randn(50, 16, generator=g) * torch.logspace(-3, 3, 16)  # rounding shows in the order
+    prompts = [[int(i) for i in torch.randint(0, 50, (n,), generator=g)] for n in (7, 3, 12, 5)]
+    per_prompt = torch.stack([embedding[ids].sum(dim=0) for ids in prompts]).sum(dim=0)
+    assert torch.equal(cheap_embed_vector(embedding, prompts, []), unit_rows(per_prompt))
 
 
 def test_random_gates_are_reproducible_per_name_and_row():
@@ -169,7 +177,7 @@ def test_hidden_gates_match_unpadded_full_forward_with_negatives_subtracted(tiny
         {"model": ft2, "positive_prompts": PROMPTS[2:]},
     ]
     plan = plan_moe(parse_moe_config(moe_yaml(base, experts, gate_mode="hidden")))
-    gates = compute_gates(plan)
+    gates = compute_gates(plan, precise=True)
     model, tokenizer = load_causal_lm(base), load_tokenizer(base)
 
     def state(prompt):  # [layers, hidden] at the last token, prompt alone (no padding)
@@ -184,6 +192,45 @@ def test_hidden_gates_match_unpadded_full_forward_with_negatives_subtracted(tiny
     for layer, name in enumerate(plan.router_names):
         assert name == f"model.layers.{layer}.block_sparse_moe.gate.weight"
         torch.testing.assert_close(gates[name], torch.stack([expected0[layer], expected1[layer]]), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("gate_mode", ["hidden", "hidden_avg"])
+def test_default_hidden_gates_follow_mergekits_bfloat16_batches(tiny_family, gate_mode):
+    """mergekit-moe's rule, found by running it: the model in bfloat16 with transformers'
+    default attention; each expert's positive prompts, and its negative ones, one left-padded
+    batch of their own, no position ids; last position (hidden) or the bfloat16 sum over
+    every position, padding included, divided by the width (hidden_avg); bfloat16 means,
+    difference and normalisation."""
+    import transformers
+
+    base, (ft1, ft2) = tiny_family("llama")
+    experts = [
+        {"model": ft1, "positive_prompts": PROMPTS[:2], "negative_prompts": PROMPTS[2:]},
+        {"model": ft2, "positive_prompts": PROMPTS[1:]},
+    ]
+    plan = plan_moe(parse_moe_config(moe_yaml(base, experts, gate_mode=gate_mode)))
+    gates = compute_gates(plan)
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.bfloat16)
+    tokenizer = load_tokenizer(base)
+
+    def mean_state(prompts):  # [layers, hidden]
+        ids = [tokenizer(tokenizer.bos_token + p, add_special_tokens=False)["input_ids"] for p in prompts]
+        width = max(map(len, ids))
+        input_ids = torch.tensor([[tokenizer.bos_token_id] * (width - len(i)) + i for i in ids])
+        mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids])
+        with torch.no_grad():
+            hidden = model(input_ids=input_ids, attention_mask=mask, output_hidden_states=True).hidden_states[:3]
+        per_prompt = [h[:, -1] if gate_mode == "hidden" else h.sum(dim=1) / h.shape[1] for h in hidden]
+        return torch.stack(per_prompt).mean(dim=1)
+
+    rows = [mean_state(PROMPTS[:2]) - mean_state(PROMPTS[2:]), mean_state(PROMPTS[1:])]
+    expected = torch.stack(rows, dim=1)
+    expected = expected / expected.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+    for layer, name in enumerate(plan.router_names):
+        assert gates[name].dtype == torch.float32
+        assert torch.equal(gates[name], expected[layer].float())
+    precise = compute_gates(plan, precise=True)
+    assert not torch.equal(precise[plan.router_names[1]], gates[plan.router_names[1]])
 
 
 def test_similar_prompts_warn_about_degenerate_routing_naming_the_experts(tiny_family):
