@@ -135,7 +135,7 @@ _FUSED_LOOKING = re.compile(r"(^|\.)experts\.[A-Za-z_]")
 
 def _read_in_saved_layout(model: OpenedModel) -> None:
     """An input stored in transformers' in-memory layout (fused MoE experts) is read as the
-    per-expert tensors ``save_pretrained`` writes, which descriptions name (docs/moe.md)."""
+    per-expert tensors ``save_pretrained`` writes, which descriptions name (docs/architectures.md)."""
     config, tensors = model.config, model.files.tensors
     names = tensors.names()
     if not any(_FUSED_LOOKING.search(name) for name in names):

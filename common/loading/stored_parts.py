@@ -28,15 +28,16 @@ class StoredPartSource(TensorSource):
     def __init__(self, inner: TensorSource, parts: Mapping[str, StoredPart], *, model: str):
         self.inner = inner
         self._parts = dict(parts)
-        self._infos = {name: _piece_info(name, part, inner.info(part.stored)) for name, part in self._parts.items()}
+        self._infos = {
+            name: _piece_info(name, part, inner.info(part.stored), model) for name, part in self._parts.items()
+        }
         _check_complete(self._parts, inner, model)
-        split = {p.stored for p in self._parts.values()}
+        pieces: dict[str, list[str]] = {}
+        for name, part in self._parts.items():
+            pieces.setdefault(part.stored, []).append(name)
         listed: list[str] = []
         for name in inner.names():
-            if name in split:
-                listed.extend(n for n, p in self._parts.items() if p.stored == name)
-            else:
-                listed.append(name)
+            listed.extend(pieces.get(name, (name,)))
         self._names = list(dict.fromkeys(listed))
         self._listed = set(self._names)
 
@@ -101,13 +102,13 @@ class StoredPartSource(TensorSource):
         return f"StoredPartSource({self.inner!r}, {len(self._parts)} pieces)"
 
 
-def _piece_info(name: str, part: StoredPart, stored: TensorInfo) -> TensorInfo:
+def _piece_info(name: str, part: StoredPart, stored: TensorInfo, model: str) -> TensorInfo:
     if part.expert is None:
         return TensorInfo(name, stored.dtype, stored.shape)
     shape = stored.shape
     if len(shape) < 2 or part.expert >= shape[0] or shape[1] % part.parts:
         raise ShapeMismatchError(
-            f"`{part.stored}` has shape {list(shape)}, which cannot hold `{name}` "
+            f"{model}: `{part.stored}` has shape {list(shape)}, which cannot hold `{name}` "
             f"(expert {part.expert}, row band {part.part + 1} of {part.parts})",
             hint="check the model's expert count and sizes in config.json against its weights",
         )
