@@ -6,6 +6,7 @@ so everything here is cheap and happens before the first byte of weights moves.
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -14,10 +15,12 @@ from pathlib import Path
 import torch
 
 from mksuite.common.arch import ArchitectureDefinition, WeightInfo, infer_architecture
-from mksuite.common.arch.registry import choose_architecture, undescribed_tensors
+from mksuite.common.arch.registry import candidate_architectures, choose_architecture, fits, undescribed_tensors
+from mksuite.common.arch.stored_layout import stored_parts
 from mksuite.common.errors import ArchitectureError, MkError
 from mksuite.common.loading import ModelFiles, ModelReference, TensorInfo, open_model, resolve_model_path
 from mksuite.common.loading.lora import with_adapter
+from mksuite.common.loading.stored_parts import StoredPartSource
 
 
 @dataclass(frozen=True, eq=False)
@@ -98,6 +101,8 @@ def _with_lora(files: ModelFiles, ref: ModelReference, cache_dir: str | None, dt
 
 
 def _assign_architectures(models: list[OpenedModel], allow_crimes: bool) -> None:
+    for model in models:
+        _read_in_saved_layout(model)
     known = {id(m): choose_architecture(m.config, m.files.tensors.names()) for m in models}
     if any(arch is None for arch in known.values()):
         names = [sorted(m.files.tensors.names()) for m in models]
@@ -122,6 +127,31 @@ def _assign_architectures(models: list[OpenedModel], allow_crimes: bool) -> None
         object.__setattr__(model, "num_layers", _layers(model, chosen))
         if not chosen.inferred and not allow_crimes:
             _check_described(model)
+
+
+# A tensor of all experts at once: `experts.` followed by a name, not an expert index.
+_FUSED_LOOKING = re.compile(r"(^|\.)experts\.[A-Za-z_]")
+
+
+def _read_in_saved_layout(model: OpenedModel) -> None:
+    """An input stored in transformers' in-memory layout (fused MoE experts) is read as the
+    per-expert tensors ``save_pretrained`` writes, which descriptions name (docs/architectures.md)."""
+    config, tensors = model.config, model.files.tensors
+    names = tensors.names()
+    if not any(_FUSED_LOOKING.search(name) for name in names):
+        return  # checked first: reading transformers' conversion mapping imports transformers
+    for candidate in candidate_architectures(config):
+        try:
+            depth = candidate.num_layers(config)
+            wanted = [w.name for w in candidate.all_weights(depth)]
+        except ArchitectureError:
+            continue
+        if fits(candidate, config, names) and not undescribed_tensors(candidate, depth, names):
+            return  # stored as described (gpt-oss saves its experts fused)
+        parts = stored_parts(config.get("model_type"), wanted, names)
+        if parts and fits(candidate, config, {*names, *parts}):
+            model.files.tensors = StoredPartSource(tensors, parts, model=str(model.ref))
+            return
 
 
 def _check_described(model: OpenedModel) -> None:

@@ -209,7 +209,7 @@ def _plan_merge(
             0.0,
         )
 
-    return MergePlan(
+    plan = MergePlan(
         recipe=recipe,
         method=method,
         models=models,
@@ -226,6 +226,11 @@ def _plan_merge(
         vocabulary=vocabulary,
         chat_template=chat_template,
     )
+    if plan.uses_slices:
+        from mkstack.config_fixups import plan_config_warnings
+
+        plan_config_warnings(plan)  # a layer order no config.json can express is refused now, before any read
+    return plan
 
 
 class _TensorPlanner:

@@ -23,6 +23,10 @@ JSON schema ``mkmerge-plan/1`` (sizes in bytes, layer ranges inclusive, 0-based)
                    "inputs": [{"model": "A", "tensor": ..., "layer": 0 | null, "dtype": ..., "shape": [...],
                                "is_base": false, "parameters": {"weight": 0.5, "density": 0.5}}, ...]}, ...],
       "shards": [{"file": "model-00001-of-00003.safetensors", "tensors": 120, "bytes": ...}],
+      "unused_inputs": [{"model": "B", "tensors": 18, "bytes": ..., "summary": "layers 2–3 (all 9 tensors each)",
+                         "layers": [{"layers": [2, 3], "tensors_each": 9, "complete": true,
+                                     "tensors": ["model.layers.*.mlp.up_proj.weight", ...]}],
+                         "other": ["lm_head.weight"], "names": [every unused stored name]}],
       "memory": {"predicted_peak_bytes": ..., "baseline_bytes": ..., "read_bytes": ...,
                  "working_bytes": ..., "write_bytes": ..., "retained_bytes": ..., "peak_tensor": ...,
                  "prefetch_bytes": ..., "write_queue_bytes": ..., "device": "cpu"}
@@ -42,6 +46,7 @@ from __future__ import annotations
 
 from mkmerge.memory_estimate import MemoryEstimate
 from mkmerge.plan_report import PlanReport, TensorPlan
+from mkmerge.plan_unused import UnusedTensors
 from mksuite.common.plan_document import SCHEMA
 
 __all__ = ["SCHEMA", "report_json"]
@@ -89,6 +94,7 @@ def report_json(report: PlanReport, tool: str = "mkmerge") -> dict:
         "post_weights": [_weight_json(t) for t in report.section("post")],
         "tensors": [_tensor_json(t) for t in report.tensors],
         "shards": [{"file": s.file, "tensors": s.tensors, "bytes": s.nbytes} for s in report.shards],
+        "unused_inputs": [_unused_json(u) for u in report.unused],
         "memory": _memory_json(report.memory, report.device),
     }
 
@@ -123,6 +129,26 @@ def _tensor_json(tensor: TensorPlan) -> dict:
             }  # fmt: skip
             for i in tensor.inputs
         ],
+    }
+
+
+def _unused_json(unused: UnusedTensors) -> dict:
+    return {
+        "model": unused.label,
+        "tensors": len(unused.names),
+        "bytes": unused.nbytes,
+        "summary": unused.describe(),
+        "layers": [
+            {
+                "layers": [run.first, run.last],
+                "tensors_each": len(run.templates),
+                "complete": run.complete,
+                "tensors": list(run.templates),
+            }
+            for run in unused.layers
+        ],
+        "other": list(unused.others),
+        "names": list(unused.names),
     }
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from mkmerge.memory_estimate import MemoryEstimate, estimate_peak_memory
 from mkmerge.plan import MergePlan
+from mkmerge.plan_unused import UnusedTensors, unused_input_tensors
 from mkmerge.tasks import MergeTensor
 from mksuite.common.build import BuildOptions, output_layout
 from mksuite.common.graph import LoadTensor, OutputTensor, ScaleTensor, Task
@@ -120,6 +121,7 @@ class PlanReport:
     memory: MemoryEstimate
     device: str
     config_changes: Mapping[str, Mapping[str, object]]  # "key": {"from": donor's, "to": written}
+    unused: tuple[UnusedTensors, ...] = ()  # stored input tensors no output reads
 
     @property
     def output_bytes(self) -> int:
@@ -159,6 +161,7 @@ def plan_report(plan: MergePlan, options: BuildOptions, *, baseline_bytes: int) 
         memory=memory,
         device=str(options.device),
         config_changes=config_changes(plan.donor.config, plan.output_config()),
+        unused=unused_input_tensors(plan, labels),
     )
 
 

@@ -160,6 +160,8 @@ def render_plan(report: PlanReport, console: Console) -> None:
             for key, change in report.config_changes.items()
         )
         console.print(f"config.json changes from {report.config_from}'s: {escape(changes)}", highlight=False)
+    if report.unused:
+        console.print(_unused_table(report))
     _print_memory(report, console)
 
 
@@ -209,6 +211,15 @@ def _shards_table(report: PlanReport) -> Table:
         table.add_column(column)
     for shard in report.shards:
         table.add_row(shard.file, str(shard.tensors), human_bytes(shard.nbytes))
+    return table
+
+
+def _unused_table(report: PlanReport) -> Table:
+    table = Table(title="input tensors no output uses", title_justify="left")
+    for column in ("", "tensors", "size", "which"):
+        table.add_column(column, overflow="fold")
+    for unused in report.unused:
+        table.add_row(unused.label, str(len(unused.names)), human_bytes(unused.nbytes), escape(unused.describe()))
     return table
 
 

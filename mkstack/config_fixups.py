@@ -5,9 +5,10 @@ model's own config: lists whose length equals the source depth (``layer_types``,
 ``no_rope_layers``, ``mlp_layer_types``, ...) are re-indexed; lists of layer *indices*
 (``mlp_only_layers``) are re-mapped; ``layer_types`` that a config implies without storing
 (Gemma 2's alternation, Gemma 3's ``sliding_window_pattern``, Qwen 2's defaults) is asked
-from the transformers config class and written explicitly. Scalar thresholds that describe
-layers by position (``max_window_layers``, ``first_k_dense_replace``) cannot be remapped and
-are reported as warnings.
+from the transformers config class and written explicitly. Which layers are MoE
+(``decoder_sparse_step``, ``mlp_only_layers``, ``first_k_dense_replace``) follows the source
+layers too (``sparse_layers``), or the stack is refused. Other scalar thresholds that describe
+layers by position (``max_window_layers``) cannot be remapped and are reported as warnings.
 
 The settings live next to the architecture's layer-count key, so for a dotted key such as
 ``text_config.num_hidden_layers`` they are read and written inside ``text_config``.
@@ -21,6 +22,7 @@ from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 
 from mkstack.layer_map import LayerSource, layer_sources
+from mkstack.sparse_layers import rebuild_sparse_layers
 
 # Top-level lists that are not per-layer even when their length happens to equal the depth.
 NOT_PER_LAYER = frozenset(
@@ -99,7 +101,8 @@ def rebuild_layer_config(
         if all(members is None for members in member_sets.values()):
             continue
         section[key] = [j for j, s in enumerate(layers) if s.layer in (member_sets[s.model] or set())]
-    remapped = _remap_dense_prefix(section, layers, sources, used, parents)
+    sections = {model: _section(sources[model].config, parents) or {} for model in used}
+    remapped = rebuild_sparse_layers(section, layers, sections)
     notes += _positional_warnings(sources, used, parents, skip=remapped)
     return ConfigFixup(result, tuple(dict.fromkeys(notes)))
 
@@ -185,27 +188,6 @@ def implied_layer_types(section: dict, model_type: str | None, depth: int) -> li
     if isinstance(layer_types, list | tuple) and len(layer_types) == depth:
         return list(layer_types)
     return None
-
-
-def _remap_dense_prefix(
-    section: dict, layers: Sequence[LayerSource], sources: Mapping[Hashable, SourceLayout], used, parents
-) -> frozenset[str]:
-    """``first_k_dense_replace`` for the new order, when the dense layers still form a prefix.
-
-    DeepSeek-style models keep dense MLPs in their first k layers; a stack that keeps every
-    dense layer in front of every MoE layer is described by a new k exactly. Returns the keys
-    rebuilt here (the caller warns about the others).
-    """
-    key = "first_k_dense_replace"
-    ks = {model: (_section(sources[model].config, parents) or {}).get(key) for model in used}
-    if not all(isinstance(k, int) and not isinstance(k, bool) for k in ks.values()):
-        return frozenset()
-    dense = [s.layer < ks[s.model] for s in layers]
-    count = sum(dense)
-    if any(dense[count:]):
-        return frozenset()  # a dense layer after an MoE one: not expressible, left to the warning
-    section[key] = count
-    return frozenset({key})
 
 
 def _positional_warnings(

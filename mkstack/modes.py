@@ -154,14 +154,24 @@ def expand_slices(model: str, *, depth: int, every: int, zero_filters: Sequence[
 # also match) makes a pre-norm layer an identity map: what a zero write passes through a
 # post-norm (Gemma's) is still zero.
 RESIDUAL_WRITES: tuple[tuple[str, str], ...] = (
-    ("self_attn.o_proj.", "attention"),  # llama, mistral, qwen2/3, gemma2/3, phi3, mixtral, qwen MoE
-    ("attn.c_proj.", "attention"),  # gpt2
-    ("attention.dense.", "attention"),  # gpt_neox
+    ("self_attn.o_proj.", "attention"),  # llama, mistral, qwen2/3, gemma2/3, phi3, mixtral, qwen MoE, gpt-oss
+    ("attn.c_proj.", "attention"),  # gpt2, gpt_bigcode
+    ("attention.dense.", "attention"),  # gpt_neox; falcon's self_attention.dense
+    ("self_attn.dense.", "attention"),  # phi
+    ("attn.out_proj.", "attention"),  # gptj
+    ("attention.out_proj.", "attention"),  # exaone
     ("down_proj.", "mlp"),  # dense MLPs, MoE experts and shared experts
-    ("mlp.c_proj.", "mlp"),  # gpt2
-    ("mlp.dense_4h_to_h.", "mlp"),  # gpt_neox
-    (".w2.", "mlp"),  # mixtral experts (w1/w3 feed the activation)
+    ("experts.down_proj", "mlp"),  # experts stored fused, with their bias (gpt-oss)
+    ("mlp.c_proj.", "mlp"),  # gpt2, gpt_bigcode, starcoder2, exaone
+    ("mlp.dense_4h_to_h.", "mlp"),  # gpt_neox, falcon
+    ("mlp.fc2.", "mlp"),  # phi
+    ("mlp.fc_out.", "mlp"),  # gptj
+    (".w2.", "mlp"),  # mixtral and phimoe experts (w1/w3 feed the activation)
+    ("block_sparse_moe.output_linear.", "mlp"),  # granitemoe
+    ("mixer.out_proj.", "mixer"),  # mamba: the whole block writes through it
 )
+# Role sets whose zeroing makes a layer an identity: attention and MLP, or a single mixer.
+IDENTITY_ROLES = ({"attention", "mlp"}, {"mixer"})
 
 
 def residual_write_filters(arch: ArchitectureDefinition) -> tuple[str, ...]:
@@ -169,7 +179,7 @@ def residual_write_filters(arch: ArchitectureDefinition) -> tuple[str, ...]:
     names = [t.name for t in arch.layer_weight_templates]
     found = [(pattern, role) for pattern, role in RESIDUAL_WRITES if any(pattern in n for n in names)]
     roles = {role for _, role in found}
-    if roles != {"attention", "mlp"}:
+    if not any(needed <= roles for needed in IDENTITY_ROLES):
         missing = " and ".join(sorted({"attention", "mlp"} - roles))
         raise ArchitectureError(
             f"block expansion does not know the {missing} output projection of architecture `{arch.name}`, "

@@ -6,6 +6,7 @@ must load and run, (d) stacking ft1 layers [0,4) + ft2 layers [1,4) through mkst
 load with depth 7, and the same recipe through mkmerge must write the same config and tensors.
 (e) moe: mkmoe builds a MoE of two copies of the base, whose logits must equal the base's
 (within 1e-5), or refuses the type cleanly (exit 5: no MoE class fits it) for "n/a".
+(f) expand: block expansion of ft1 (``mkstack --expand --every 2``) must compute exactly ft1's logits.
 
     python scripts/sweep_architectures.py [model_type ...]
 """
@@ -136,6 +137,26 @@ def check_moe(base: Path, out: Path) -> str:
     return "ok"
 
 
+def check_expand(root: Path) -> str:
+    """``mkstack OUT --expand ft1 --every 2`` on the sweep's ft1: the inserted layers are identities,
+    so the expanded model's logits must equal ft1's bit for bit."""
+    import torch
+    from typer.testing import CliRunner
+
+    from mkstack.cli import stack_app
+
+    ft1, out = root / "ft1", root / "expand"
+    result = CliRunner().invoke(stack_app, [str(out), "--expand", str(ft1), "--every", "2", "--quiet"])
+    if result.exit_code != 0:
+        return f"exit {result.exit_code}: {' '.join(result.output.split())[:120]}"
+    if _depth(out) != 6:
+        return f"depth {_depth(out)}"
+    expanded, original = _logits(_load(out)), _logits(_load(ft1))
+    if torch.equal(expanded, original):
+        return "ok"
+    return f"logits differ by {(expanded - original).abs().max().item():.2g}"
+
+
 def _check_merge(name: str, recipe: str, out: Path, ft1: Path, app) -> str:
     import torch
 
@@ -161,7 +182,7 @@ def main(types: list[str]) -> int:
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     warnings.simplefilter("ignore")
-    columns = ("linear", "ties", "slerp", "stack", "moe")
+    columns = ("linear", "ties", "slerp", "stack", "moe", "expand")
     print(f"transformers {transformers.__version__}")
     print("| model_type | " + " | ".join(columns) + " |")
     print("|---" * (len(columns) + 1) + "|")
@@ -170,6 +191,7 @@ def main(types: list[str]) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             try:
                 row = sweep_type(model_type, Path(tmp))
+                row["expand"] = _attempt(lambda tmp=tmp: check_expand(Path(tmp)))
             except Exception as error:
                 row = {c: f"build failed: {type(error).__name__}" for c in columns}
         failures += sum(row[c] not in ("ok", "n/a") for c in columns)

@@ -87,7 +87,30 @@ def tiny_type_config(model_type: str, *, layers: int = 4) -> transformers.Pretra
             fields[key] = min(fields[key], 1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return transformers.AutoConfig.for_model(model_type, **fields)
+        config = transformers.AutoConfig.for_model(model_type, **fields)
+        for section in (config, getattr(config, "text_config", None)):
+            if section is not None:
+                _fit_derived_sizes(section)
+        return config
+
+
+def _fit_derived_sizes(section: transformers.PretrainedConfig) -> None:
+    """Derived head sizes that agree with the shrunk ones.
+
+    Shrinking leaves derived fields at their full-size values: MLA's ``qk_head_dim`` is the
+    sum of its nope and rope parts, and multimodal rope splits half a head's dimensions into
+    ``mrope_section`` (temporal, height, width), whose default assumes 128-wide heads.
+    """
+    nope, rope = getattr(section, "qk_nope_head_dim", None), getattr(section, "qk_rope_head_dim", None)
+    if isinstance(nope, int) and isinstance(rope, int) and hasattr(section, "qk_head_dim"):
+        section.qk_head_dim = nope + rope
+    if isinstance(getattr(section, "kv_lora_rank", None), int) and hasattr(section, "num_key_value_heads"):
+        # MLA expands its latent to one key per query head: grouping them again would not fit
+        section.num_key_value_heads = section.num_attention_heads
+    parameters = getattr(section, "rope_parameters", None)
+    if "mrope_section" in getattr(type(section), "ignore_keys_at_rope_validation", ()) and isinstance(parameters, dict):
+        half = (getattr(section, "head_dim", None) or section.hidden_size // section.num_attention_heads) // 2
+        parameters["mrope_section"] = [half - 2 * (half // 4), half // 4, half // 4]
 
 
 def build_type_model(model_type: str, out_dir: Path | str, *, seed: int = 0, layers: int = 4, base=None) -> Path:
@@ -95,7 +118,10 @@ def build_type_model(model_type: str, out_dir: Path | str, *, seed: int = 0, lay
     out_dir = Path(out_dir)
     cls = model_class(model_type)
     if base is not None:
-        model = cls.from_pretrained(base, dtype=torch.float32)
+        # The base's own config class: a type whose class is another's (exaone's LlamaForCausalLM)
+        # would otherwise be re-saved as that other type with its own tensor names.
+        config = transformers.AutoConfig.from_pretrained(base)
+        model = cls.from_pretrained(base, config=config, dtype=torch.float32)
         generator = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for param in model.parameters():

@@ -30,8 +30,11 @@ def _tensors(path: Path) -> dict:
 # gemma3: a vision-language model (stack inside the VLM).
 @pytest.mark.parametrize("model_type", ["qwen2", "olmoe", "gemma3"])
 def test_merges_and_stacks_load_with_the_right_depth_and_mkmerge_builds_what_mkstack_builds(model_type, tmp_path):
-    row = _sweep().sweep_type(model_type, tmp_path)
-    assert row == {"linear": "ok", "ties": "ok", "slerp": "ok", "stack": "ok"}
+    sweep = _sweep()
+    row = sweep.sweep_type(model_type, tmp_path)
+    merged_and_stacked = {column: row[column] for column in ("linear", "ties", "slerp", "stack")}
+    assert merged_and_stacked == {"linear": "ok", "ties": "ok", "slerp": "ok", "stack": "ok"}
+    assert sweep.check_expand(tmp_path) == "ok"
     stacked, merged = tmp_path / "stack", tmp_path / "stack_mkmerge"
     assert json.loads((stacked / "config.json").read_text()) == json.loads((merged / "config.json").read_text())
     ours, theirs = _tensors(stacked), _tensors(merged)
