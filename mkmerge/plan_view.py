@@ -73,7 +73,7 @@ def show_stage_plans(
             lora_merge_dtype=lora_merge_dtype, as_json=as_json, console=console,
         )  # fmt: skip
         return
-    running, plans = check_stages(
+    running, plans, _ = check_stages(
         list(stages), options, lazy=lazy, allow_crimes=allow_crimes, cache_dir=cache_dir,
         lora_merge_dtype=lora_merge_dtype,
     )  # fmt: skip
