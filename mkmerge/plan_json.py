@@ -24,7 +24,7 @@ JSON schema ``mkmerge-plan/1`` (sizes in bytes, layer ranges inclusive, 0-based)
       "shards": [{"file": "model-00001-of-00003.safetensors", "tensors": 120, "bytes": ...}],
       "memory": {"predicted_peak_bytes": ..., "baseline_bytes": ..., "read_bytes": ...,
                  "working_bytes": ..., "write_bytes": ..., "retained_bytes": ..., "peak_tensor": ...,
-                 "prefetch_bytes": ..., "write_queue_bytes": ..., "device": "cpu"}
+                 "prefetch_bytes": ..., "write_queue_bytes": ..., "compute_workers": 16, "device": "cpu"}
     }
 
 A multi-stage dry run prints ``{"schema": "mkmerge-plan/1", "stages": [{"document": 1,
@@ -130,5 +130,6 @@ def _memory_json(memory: MemoryEstimate, device: str) -> dict:
         "peak_tensor": memory.peak_tensor,
         "prefetch_bytes": memory.prefetch_bytes,
         "write_queue_bytes": memory.write_queue_bytes,
+        "compute_workers": memory.compute_workers,
         "device": device,
     }

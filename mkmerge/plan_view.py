@@ -181,6 +181,10 @@ def _shards_table(report: PlanReport) -> Table:
     return table
 
 
+def _workers(count: int) -> str:
+    return f"{count} outputs computed at once; " if count > 1 else ""
+
+
 def _print_memory(report: PlanReport, console: Console) -> None:
     memory = report.memory
     parts = [
@@ -197,7 +201,8 @@ def _print_memory(report: PlanReport, console: Console) -> None:
         highlight=False,
     )
     console.print(
-        f"  (reading ahead up to {human_bytes(memory.prefetch_bytes)}; a disk slower than the merge can add up to "
+        f"  ({_workers(memory.compute_workers)}reading ahead up to {human_bytes(memory.prefetch_bytes)}; "
+        "a disk slower than the merge can add up to "
         f"{human_bytes(memory.write_queue_bytes)} of queued writes)",
         highlight=False,
     )
