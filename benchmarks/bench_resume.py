@@ -37,6 +37,9 @@ from model_family import build_llama_family
 
 
 def recipe_text(method: str, base: Path, models: list[Path]) -> str:
+    if method == "linear":  # no base model: all three are averaged
+        entries = "".join(f"  - model: {m}\n    parameters: {{weight: 1.0}}\n" for m in (base, *models))
+        return f"merge_method: linear\nmodels:\n{entries}dtype: bfloat16\n"
     entries = "".join(f"  - model: {m}\n    parameters: {{weight: 0.5, density: 0.5}}\n" for m in models)
     return f"merge_method: {method}\nbase_model: {base}\nmodels:\n{entries}dtype: bfloat16\n"
 
