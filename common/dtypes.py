@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import torch
 
-FLOAT_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
+from mksuite.common.dtype_names import FLOAT_DTYPE_NAMES
+
+FLOAT_DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in FLOAT_DTYPE_NAMES}
 """The floating dtypes a model is computed and stored in (``--dtype``, ``torch_dtype``)."""
 
 RECIPE_DTYPES: dict[str, torch.dtype] = {**FLOAT_DTYPES, "int64": torch.int64}

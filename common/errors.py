@@ -45,8 +45,9 @@ code  raised as                            meaning
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Iterable
+
+from mksuite.common.suggest import suggestion
 
 
 class MkError(Exception):
@@ -208,6 +209,6 @@ class HubUploadError(MkError):
 
 
 def did_you_mean(name: str, known: Iterable[str]) -> str | None:
-    """A "did you mean X?" hint for a misspelled name, or None when nothing is close."""
-    matches = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
-    return f"did you mean `{matches[0]}`?" if matches else None
+    """A "did you mean X?" hint for a misspelled name, or None when nothing is close
+    (:func:`mksuite.common.suggest.suggestion`: typing slips, swaps included, rank first)."""
+    return suggestion(name, known)

@@ -7,6 +7,12 @@ prediction is the largest such sum:
 
     peak = baseline + max over C of (read(C) + working(C) + write(C) + retained(C))
 
+On the CPU, ``--threads N`` runs N compute workers, each computing one output's segment of
+the schedule (common/graph/segments.py); the segments in flight stay within the compute
+window in bytes (their reads plus their outputs). So while C runs, up to N - 1 following
+segments may compute beside it, as many as fit in the window with C's: each adds its
+heaviest step's inputs and temporaries, and the read-ahead starts after their loads.
+
 * **baseline** — the process before any tensor moves: Python, torch and the rest imported,
   the plan made. It is measured (:func:`current_rss_bytes`), never guessed.
 * **read(C)** — tensors the reader threads hold: C's own inputs as the method receives them
@@ -29,7 +35,7 @@ prediction is the largest such sum:
   under 32 MiB from per-thread heaps and keeps them when freed, so bytes that were live in
   such blocks earlier (their high-water mark) still count when a later tensor lives in
   large, separately mapped blocks — up to 64 MiB per allocating thread (readers and
-  compute), beyond which a heap returns its free top. The executor's periodic
+  each compute worker), beyond which a heap returns its free top. The executor's periodic
   ``malloc_trim`` gives some of it back earlier; this term ignores that and leans high.
 
 Not modelled: heap fragmentation beyond that (measured on a 0.5B model merged in row blocks,
@@ -55,7 +61,8 @@ from mkmerge.methods.working_set import DEFAULT_WORKING_SET, WorkingSet
 from mkmerge.tasks import ChunkStats, MergeTensor
 from mksuite.common.build import BuildOptions
 from mksuite.common.graph import CastTensor, LoadTensor, OutputTensor, ScaleTensor, SliceRows, Task, build_schedule
-from mksuite.common.graph.executor import DEFAULT_PREFETCH_BYTES, DEFAULT_WRITE_QUEUE_BYTES
+from mksuite.common.graph.executor import DEFAULT_PREFETCH_BYTES, DEFAULT_WRITE_QUEUE_BYTES, compute_workers
+from mksuite.common.graph.segments import DEFAULT_COMPUTE_WINDOW_BYTES, split_segments
 from mksuite.common.loading import TensorInfo
 
 # glibc serves blocks below its largest mmap threshold (32 MiB on 64-bit) from its heaps and
@@ -85,6 +92,22 @@ class MemoryEstimate:
     peak_tensor: str | None
     prefetch_bytes: int
     write_queue_bytes: int
+    compute_workers: int = 1  # outputs computed at once (--threads on the CPU)
+
+
+@dataclass(frozen=True)
+class _Step:
+    """One compute step: what it is fed, its temporaries, and the loads it reads."""
+
+    segment: int
+    fed: _Split
+    working: _Split
+    raw_bytes: int  # its loads as stored
+    reads_through: int  # one past the schedule index of its last load
+
+    @property
+    def nbytes(self) -> int:
+        return self.fed.total + self.working.total
 
 
 @dataclass(frozen=True)
@@ -132,38 +155,79 @@ def estimate_peak_memory(
 
     The steps are taken in the executor's schedule order: every merge (or statistics pass
     over a row block) and every output copied without a merge. ``tensor_info(load)`` gives
-    the stored dtype and shape of a load (from the headers).
+    the stored dtype and shape of a load (from the headers). With several compute workers
+    (``options.threads`` on the CPU), the segments that may compute beside a step count too.
     """
     prefetch = options.prefetch_bytes if options.prefetch_bytes is not None else DEFAULT_PREFETCH_BYTES
+    workers = compute_workers(options.device, options.threads)
     schedule = build_schedule(outputs)
     loads = [task for _, task in schedule.loads]
-    load_index = {task: i for i, task in enumerate(loads)}
+    steps = _steps(schedule, outputs, tensor_info, loads)
+    segments = split_segments(schedule)
+    heaviest: dict[int, _Step] = {}
+    for step in steps.values():
+        if step.segment not in heaviest or step.nbytes > heaviest[step.segment].nbytes:
+            heaviest[step.segment] = step
+    window = min(DEFAULT_COMPUTE_WINDOW_BYTES, prefetch)  # as the executor bounds it
     roots = {output.task: output for output in outputs}
-    sizes: dict[Task, _Value] = {}
-    best = MemoryEstimate(baseline_bytes, baseline_bytes, 0, 0, 0, 0, None, prefetch, write_queue_bytes)
+    best = MemoryEstimate(baseline_bytes, baseline_bytes, 0, 0, 0, 0, None, prefetch, write_queue_bytes, workers)
     write = _Split()
     heap_high_water = 0
-    retain_limit = (max(1, options.readers) + 1) * RETAINED_PER_THREAD
+    retain_limit = (max(1, options.readers) + workers) * RETAINED_PER_THREAD
     for position, task in enumerate(schedule.order):
-        output = roots.get(task)
-        if isinstance(task, (MergeTensor, ChunkStats)) or output is not None:
-            fed, working, own_loads = _step_cost(task, output, sizes, tensor_info)
-            after = max((load_index[load] for load in own_loads), default=-1) + 1
-            raw = sum(load.nbytes for load in own_loads)
+        step = steps.get(position)
+        if step is not None:
+            beside = [heaviest[k] for k in _computing_beside(segments, step.segment, workers, window)]
+            fed = sum((other.fed for other in beside), step.fed)
+            working = sum((other.working for other in beside), step.working)
+            raw = step.raw_bytes + sum(other.raw_bytes for other in beside)
+            after = max([step.reads_through, *(other.reads_through for other in beside)])
             read = fed + _prefetched(loads, after, max(0, prefetch - raw))
             live = read + working + write
             retained = min(max(0, heap_high_water - live.heap), retain_limit)
             total = baseline_bytes + live.total + retained
             if total > best.peak_bytes:
+                output = roots.get(task)
                 name = output.name if output is not None else getattr(task, "label", None)
                 best = MemoryEstimate(
                     total, baseline_bytes, read.total, working.total, write.total, retained,
-                    name, prefetch, write_queue_bytes,
+                    name, prefetch, write_queue_bytes, workers,
                 )  # fmt: skip
             heap_high_water = max(heap_high_water, live.heap)
         for finished in schedule.outputs_at.get(position, ()):
             write = _Split.of(finished.nbytes)
     return best
+
+
+def _steps(schedule, outputs: Sequence[OutputTensor], tensor_info, loads: Sequence[LoadTensor]) -> dict[int, _Step]:
+    """Schedule position -> the compute step there (merges, statistics passes, output roots)."""
+    load_index = {task: i for i, task in enumerate(loads)}
+    roots = {output.task: output for output in outputs}
+    sizes: dict[Task, _Value] = {}
+    steps: dict[int, _Step] = {}
+    segment = 0
+    for position, task in enumerate(schedule.order):
+        output = roots.get(task)
+        if isinstance(task, (MergeTensor, ChunkStats)) or output is not None:
+            fed, working, own_loads = _step_cost(task, output, sizes, tensor_info)
+            after = max((load_index[load] for load in own_loads), default=-1) + 1
+            steps[position] = _Step(segment, fed, working, sum(load.nbytes for load in own_loads), after)
+        if position in schedule.outputs_at:
+            segment += 1  # a segment ends at each output root (common/graph/segments.py)
+    return steps
+
+
+def _computing_beside(segments, first: int, workers: int, window: int) -> range:
+    """The segments after ``first`` that may compute while it does: up to ``workers - 1``,
+    as long as all of them with ``first`` fit in the window (run_in_window's rule)."""
+    in_flight = segments[first].nbytes if first < len(segments) else 0
+    last = first
+    while last + 1 < len(segments) and last + 1 < first + workers:
+        if in_flight + segments[last + 1].nbytes > window:
+            break
+        in_flight += segments[last + 1].nbytes
+        last += 1
+    return range(first + 1, last + 1)
 
 
 def _loads_of(root: Task) -> list[LoadTensor]:

@@ -184,6 +184,15 @@ def _plan_merge(
             weight,
             0.0,
         )
+    # One source layer's weight list serves all its tensors: derive it once, not once per tensor.
+    layer_weights: dict[tuple[ModelReference, int], list[WeightInfo]] = {}
+
+    def source_layer(model_ref: ModelReference, index: int) -> list[WeightInfo]:
+        key = (model_ref, index)
+        if key not in layer_weights:
+            layer_weights[key] = models[model_ref].arch.layer_weights(index, models[model_ref].num_layers)
+        return layer_weights[key]
+
     out_index = 0
     for output_slice in slices:
         for k in range(output_slice.length):
@@ -191,9 +200,7 @@ def _plan_merge(
             out_weights = arch.layer_weights(out_index, total_layers)
             for w, weight in enumerate(out_weights):
                 add(
-                    lambda src, k=k, w=w: models[src.model].arch.layer_weights(
-                        src.start + k, models[src.model].num_layers
-                    )[w],
+                    lambda src, k=k, w=w: source_layer(src.model, src.start + k)[w],
                     output_slice,
                     k,
                     weight,

@@ -29,7 +29,7 @@ JSON schema ``mkmerge-plan/1`` (sizes in bytes, layer ranges inclusive, 0-based)
                          "other": ["lm_head.weight"], "names": [every unused stored name]}],
       "memory": {"predicted_peak_bytes": ..., "baseline_bytes": ..., "read_bytes": ...,
                  "working_bytes": ..., "write_bytes": ..., "retained_bytes": ..., "peak_tensor": ...,
-                 "prefetch_bytes": ..., "write_queue_bytes": ..., "device": "cpu"}
+                 "prefetch_bytes": ..., "write_queue_bytes": ..., "compute_workers": 16, "device": "cpu"}
     }
 
 ``mkstack --dry-run --json`` prints this document (``"tool": "mkstack"``) with a
@@ -163,5 +163,6 @@ def _memory_json(memory: MemoryEstimate, device: str) -> dict:
         "peak_tensor": memory.peak_tensor,
         "prefetch_bytes": memory.prefetch_bytes,
         "write_queue_bytes": memory.write_queue_bytes,
+        "compute_workers": memory.compute_workers,
         "device": device,
     }

@@ -109,7 +109,7 @@ def plan_document(
 
 def _stage_reports(stages, options, lazy, allow_crimes, cache_dir, lora_merge_dtype):
     """The checks a multi-stage run makes first: (stages to compute, reports of those planned now)."""
-    running, plans = check_stages(
+    running, plans, _ = check_stages(
         list(stages), options, lazy=lazy, allow_crimes=allow_crimes, cache_dir=cache_dir,
         lora_merge_dtype=lora_merge_dtype,
     )  # fmt: skip
@@ -223,6 +223,10 @@ def _unused_table(report: PlanReport) -> Table:
     return table
 
 
+def _workers(count: int) -> str:
+    return f"{count} outputs computed at once; " if count > 1 else ""
+
+
 def _print_memory(report: PlanReport, console: Console) -> None:
     memory = report.memory
     parts = [
@@ -239,7 +243,8 @@ def _print_memory(report: PlanReport, console: Console) -> None:
         highlight=False,
     )
     console.print(
-        f"  (reading ahead up to {human_bytes(memory.prefetch_bytes)}; a disk slower than the merge can add up to "
+        f"  ({_workers(memory.compute_workers)}reading ahead up to {human_bytes(memory.prefetch_bytes)}; "
+        "a disk slower than the merge can add up to "
         f"{human_bytes(memory.write_queue_bytes)} of queued writes)",
         highlight=False,
     )

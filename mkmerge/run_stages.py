@@ -37,7 +37,7 @@ from mksuite.common.build import BuildOptions
 from mksuite.common.errors import MkError, OutputError
 from mksuite.common.graph import ProgressListener, RunStats
 from mksuite.common.input_models import open_input_models
-from mksuite.common.writing.output_dir import OutputDirectory
+from mksuite.common.writing.output_dir import OutputDirectory, output_directory
 from mksuite.common.writing.output_guard import RunInput, file_input, model_inputs
 
 WEIGHT_FILES = (
@@ -115,7 +115,7 @@ def run_stages(
 
     ``progress(stage)`` opens a progress listener for one stage's computation.
     """
-    running, plans = check_stages(
+    running, plans, outputs = check_stages(
         stages, options, lazy=lazy, allow_crimes=allow_crimes, cache_dir=cache_dir, lora_merge_dtype=lora_merge_dtype
     )
     results = []
@@ -126,7 +126,7 @@ def run_stages(
         with _within(stage), progress(stage) if progress else nullcontext() as listener:
             plan, stats = run_merge(
                 stage.recipe,
-                stage.out,
+                outputs[stage.document],  # checked above: run_merge checks only inputs added since
                 _options(stage, stages, options),
                 plan=plans.pop(stage.document, None),
                 allow_crimes=allow_crimes,
@@ -148,20 +148,25 @@ def check_stages(
     allow_crimes: bool = False,
     cache_dir: str | None = None,
     lora_merge_dtype: torch.dtype | None = None,
-) -> tuple[set[int], dict[int, MergePlan]]:
-    """Every check a run makes before its first read: (stages to compute, plans made now).
+) -> tuple[set[int], dict[int, MergePlan], dict[int, OutputDirectory]]:
+    """Every check a run makes before its first read: (stages to compute, plans made now,
+    their output directories, checked).
 
     A stage is planned now when no stage it uses is recomputed in this run; the others have
-    their own inputs opened (headers only). A dry run reports exactly what this finds.
+    their own inputs opened (headers only). A dry run reports exactly what this finds. Each
+    output directory is checked in full once, before planning; the inputs found by planning
+    are checked against it then, and those found later (when the stage runs) as they come.
     """
     running = stages_to_run(stages, lazy=lazy)
     _check_out_folder(stages, options)
     recomputed = {s.name for s in stages if s.document in running and s.name is not None}
     stage_paths = {str(s.out) for s in stages if s.name is not None}
     plans: dict[int, MergePlan] = {}
+    outputs: dict[int, OutputDirectory] = {}
     for stage in (s for s in stages if s.document in running):
         with _within(stage):
-            OutputDirectory(stage.out, overwrite=_options(stage, stages, options).overwrite).check()
+            overwrite = _options(stage, stages, options).overwrite
+            output = outputs[stage.document] = OutputDirectory(stage.out, overwrite=overwrite).check()
             if recomputed.intersection(stage.depends_on):
                 inputs = _open_outside_inputs(stage, stage_paths, allow_crimes, cache_dir, lora_merge_dtype)
             else:
@@ -174,8 +179,8 @@ def check_stages(
                 )
                 inputs = model_inputs(plans[stage.document].models.values(), cache_dir=cache_dir)
             inputs += _other_stages(stage, stages) + file_input("the recipe", stage.recipe.source_name)
-            OutputDirectory(stage.out, overwrite=_options(stage, stages, options).overwrite, inputs=inputs).check()
-    return running, plans
+            output_directory(output, overwrite=overwrite, inputs=inputs).check()
+    return running, plans, outputs
 
 
 def _other_stages(stage: Stage, stages: list[Stage]) -> list[RunInput]:

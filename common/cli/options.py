@@ -23,6 +23,7 @@ from typing import Annotated
 
 import typer
 
+from mksuite.common.dtype_names import FLOAT_DTYPE_NAMES
 from mksuite.common.errors import DeviceUnavailableError, RecipeError, did_you_mean
 
 # Help sections (Typer's rich_help_panel, which our plain help formatter groups by too).
@@ -312,17 +313,14 @@ def parse_size(text: str, *, option: str = "--shard-size") -> int:
     return value
 
 
-_FLOAT_DTYPES = ("float32", "float16", "bfloat16")
-
-
 def float_dtype_name(name: str, *, option: str) -> str:
     """'torch.bfloat16' -> 'bfloat16', refusing anything but the three float dtypes."""
     bare = name.removeprefix("torch.")
-    if bare not in _FLOAT_DTYPES:
+    if bare not in FLOAT_DTYPE_NAMES:
         raise RecipeError(
-            f"unknown dtype {name!r}; accepted: {', '.join(_FLOAT_DTYPES)}",
+            f"unknown dtype {name!r}; accepted: {', '.join(FLOAT_DTYPE_NAMES)}",
             field=option,
-            hint=did_you_mean(bare, _FLOAT_DTYPES),
+            hint=did_you_mean(bare, FLOAT_DTYPE_NAMES),
         )
     return bare
 

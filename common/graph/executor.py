@@ -75,6 +75,13 @@ class RunStats:
     seconds: float = 0.0
 
 
+def compute_workers(device: torch.device | str, threads: int | None) -> int:
+    """How many outputs compute at once: ``threads`` (default: torch's) on the CPU, one on a GPU."""
+    if torch.device(device).type != "cpu":
+        return 1
+    return max(1, threads or torch.get_num_threads())
+
+
 class Executor:
     """Runs output tensors' task graphs and streams results to a sink."""
 
@@ -128,10 +135,8 @@ class Executor:
             torch.set_num_threads(previous_threads)
 
     def compute_workers(self) -> int:
-        """How many outputs compute at once: ``threads`` (default: torch's) on the CPU, one on a GPU."""
-        if self.ctx.device.type != "cpu":
-            return 1
-        return max(1, self.threads or torch.get_num_threads())
+        """How many outputs compute at once (:func:`compute_workers`)."""
+        return compute_workers(self.ctx.device, self.threads)
 
 
 class _Run:

@@ -24,6 +24,8 @@ from mksuite.common.writing import ShardedWriter, plan_shards
 from mksuite.common.writing.output_dir import MARKER_FILE
 from mksuite.common.writing.verify import verify_output
 
+from tiny_models import copy_model
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -90,6 +92,51 @@ def test_resume_after_kill_9_is_byte_identical(reference, tmp_path, after):
     assert weight_bytes(out) == expected
     assert partials(tmp_path) == []
     assert not [p for p in out.iterdir() if p.name.startswith(".mksuite")]
+
+
+def test_resume_computes_only_what_the_journal_lacks(reference, tmp_path, monkeypatch):
+    """The resumed run hands the executor exactly the unjournaled tensors; killed after the
+    last tensor (embeddings and LM head included) was journaled, it computes nothing again."""
+    import mksuite.common.build as build
+
+    recipe, expected = reference
+    asked: list[list[str]] = []
+
+    class Recording(build.Executor):
+        def run(self, outputs, sink, copier=None):
+            asked.append([o.name for o in outputs])
+            return super().run(outputs, sink, copier)
+
+    monkeypatch.setattr(build, "Executor", Recording)
+    total = len(json.loads(expected["model.safetensors.index.json"])["weight_map"])
+    for after in (total - 3, total):
+        out = tmp_path / f"out{after}"
+        killed_run(recipe, out, after, "--shard-size", "40KB")
+        (partial,) = partials(tmp_path)
+        journaled = {json.loads(line)["tensor"] for line in (partial / ".mksuite-journal").read_text().splitlines()}
+        assert len(journaled) == after
+        asked.clear()
+        result = mkmerge(recipe, out, "--shard-size", "40KB")
+        assert result.exit_code == 0, result.output
+        (computed,) = asked
+        assert len(set(computed)) == total - after and not set(computed) & journaled
+        assert weight_bytes(out) == expected
+    assert {"model.embed_tokens.weight", "lm_head.weight"} <= journaled
+
+
+def test_changed_input_file_discards_the_partial(family, tmp_path):
+    """The journal trusts an input only while its size and modification time are unchanged."""
+    base, ft = family
+    ft = copy_model(ft, tmp_path / "ft")
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(recipe_text(base, ft))
+    killed_run(recipe, tmp_path / "out", 5)
+    weights = ft / "model.safetensors"
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    result = mkmerge(recipe, tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert "resuming" not in result.output and "removed" in result.output
 
 
 def test_changed_recipe_discards_the_partial_and_says_so(family, tmp_path):

@@ -368,7 +368,7 @@ CHILD = """
 import contextlib, io, json, sys
 from mkmerge.cli import main
 
-recipe, out = sys.argv[1:3]
+recipe, out, threads = sys.argv[1:4]
 
 def mkmerge(*args):
     sys.argv = ["mkmerge", *args]
@@ -380,9 +380,9 @@ def mkmerge(*args):
 
 printed = io.StringIO()
 with contextlib.redirect_stdout(printed):
-    mkmerge("plan", recipe, "--json")
+    mkmerge("plan", recipe, "--json", "--threads", threads)
 predicted = json.loads(printed.getvalue())["memory"]
-mkmerge(recipe, out, "--quiet")
+mkmerge(recipe, out, "--quiet", "--threads", threads)
 # VmHWM, not ru_maxrss: Linux carries the parent's high-water mark over into ru_maxrss when
 # the child execs python, so a big pytest process would count as this child's peak.
 with open("/proc/self/status") as status:
@@ -422,12 +422,13 @@ def test_tensors_merged_in_row_blocks_are_planned_once_with_their_block_count(tm
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/status and glibc heaps: Linux")
-def test_predicted_peak_memory_is_within_25_percent_of_the_measured_peak(tmp_path, random_llamas):
+@pytest.mark.parametrize("threads", [1, 2])
+def test_predicted_peak_memory_is_within_25_percent_of_the_measured_peak(tmp_path, random_llamas, threads):
     """A fresh interpreter plans (`mkmerge plan --json`), then runs the merge; VmHWM is its peak."""
     recipe = _linear(*random_llamas, weights=(0.2, 0.3, 0.5))
     recipe_path = write(tmp_path, recipe)
     child = subprocess.run(
-        [sys.executable, "-c", CHILD, str(recipe_path), str(tmp_path / "merged")],
+        [sys.executable, "-c", CHILD, str(recipe_path), str(tmp_path / "merged"), str(threads)],
         cwd=REPO_ROOT,
         env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
         capture_output=True,
@@ -439,4 +440,5 @@ def test_predicted_peak_memory_is_within_25_percent_of_the_measured_peak(tmp_pat
     memory, measured = report["memory"], report["measured"]
     predicted = memory["predicted_peak_bytes"]
     assert memory["read_bytes"] + memory["working_bytes"] > memory["baseline_bytes"] / 2, "the tensors matter"
+    assert memory["compute_workers"] == threads
     assert abs(predicted - measured) <= 0.25 * measured, (predicted, measured, memory)

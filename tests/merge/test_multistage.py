@@ -124,6 +124,27 @@ parameters:
     assert "t: [0, 0.5, 1]" in stages[1].recipe.text
 
 
+def test_each_stage_output_is_checked_in_full_once(family, tmp_path, monkeypatch):
+    """The full output check (name, location, existing contents) runs once per stage; inputs
+    learnt later (a stage's inputs that earlier stages produce) are checked as they come."""
+    from mksuite.common.writing import output_dir
+
+    base, a, b = family
+    checked: list[Path] = []
+    full_check = output_dir.OutputDirectory._check_name
+
+    def counting(self):
+        checked.append(self.final)
+        return full_check(self)
+
+    monkeypatch.setattr(output_dir.OutputDirectory, "_check_name", counting)
+    out = tmp_path / "final"
+    result = cli(write(tmp_path, three_stage_recipe(base, a, b)), out)
+    assert result.exit_code == 0, result.output
+    stage_dir = (tmp_path / "final.stages").absolute()
+    assert sorted(checked) == sorted([stage_dir / "s1", stage_dir / "s2", out.absolute()])
+
+
 def test_lazy_rerun_with_overwrite_reuses_the_intermediate_stages_and_recomputes_out(family, tmp_path):
     base, a, b = family
     recipe, out = write(tmp_path, three_stage_recipe(base, a, b)), tmp_path / "final"

@@ -10,7 +10,7 @@ import pytest
 
 from mkmerge.methods import METHODS
 from mkmerge.recipe import RecipeWarning, parse_recipe
-from mksuite.common.errors import RecipeError
+from mksuite.common.errors import RecipeError, did_you_mean
 from mksuite.common.recipe.suggest import closest, edit_distance, is_slip_of
 
 
@@ -136,6 +136,13 @@ def test_edit_distance_counts_a_swapped_pair_as_one_slip():
     assert edit_distance("abc", "xyz") == 3
     assert closest("modles", ["merge_method", "models", "slices", "modules"]) == "models"
     assert closest("xyz", ["models"]) is None
+
+
+def test_every_hint_ranks_slips_the_same_way():
+    """Hints outside recipes (methods, tensors, options) share the recipe keys' ranking."""
+    assert did_you_mean("modle", ["modules", "model"]) == "did you mean `model`?"  # difflib: modules
+    assert did_you_mean("TIES", ["linear", "ties"]) == "did you mean `ties`?"
+    assert did_you_mean("xyz", ["models"]) is None
 
 
 def test_slips_are_one_or_two_edits_of_a_word_of_some_length():
