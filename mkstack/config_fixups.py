@@ -118,7 +118,7 @@ def _fixup(plan, config: dict) -> ConfigFixup:
     key = plan.arch.num_layers_config_key
     if key is None:  # unreachable for stacks: inferred architectures are refused before planning
         return ConfigFixup(config, ())
-    layers = layer_sources(plan.recipe, plan.models)
+    layers = layer_sources(getattr(plan, "layer_recipe", None) or plan.recipe, plan.models)
     sources = {ref: SourceLayout(model.config, model.num_layers) for ref, model in plan.models.items()}
     return rebuild_layer_config(config, layer_key=key, layers=layers, sources=sources)
 

@@ -1,0 +1,62 @@
+"""Which tensor of an input model plays the part of an output tensor (docs/vlm.md).
+
+Inputs of one architecture share its description, so the weight at the same position of
+their description is the counterpart. A vision-language model merged with its text-only
+twin has another description: there the counterpart is the weight with the same text role
+(common/arch/roles.py), and tensors with no text role (vision tower, projector) have none
+in the text-only model: ``None``, the model takes no part in that tensor.
+"""
+
+from __future__ import annotations
+
+from mksuite.common.arch import ArchitectureDefinition, WeightInfo
+from mksuite.common.arch.roles import text_role
+from mksuite.common.input_models import OpenedModel
+
+PRE, POST = "pre", "post"
+
+
+class Counterparts:
+    """Counterparts of the output description's weights in each input model."""
+
+    def __init__(self, arch: ArchitectureDefinition):
+        self.arch = arch
+        self._roles: dict[tuple[int, int | None], dict[str, WeightInfo]] = {}  # (model id, layer) -> roles
+
+    def fixed(self, model: OpenedModel, section: str, index: int, out_weight: WeightInfo) -> WeightInfo | None:
+        """The counterpart of pre-weight (``section`` PRE) or post-weight ``index``."""
+        if self._same(model):
+            listing = model.arch.pre_weights if section == PRE else model.arch.post_weights
+            return listing(model.num_layers)[index]
+        return self._by_role(out_weight.name, self._role_table(model, None))
+
+    def layer(self, model: OpenedModel, layer: int, index: int) -> WeightInfo | None:
+        """The counterpart in ``model``'s layer ``layer`` of the output's ``index``-th layer weight."""
+        if self._same(model):
+            return model.arch.layer_weights(layer, model.num_layers)[index]
+        out_weight = self.arch.layer_weights(layer, model.num_layers)[index]
+        return self._by_role(out_weight.name, self._role_table(model, layer))
+
+    def _role_table(self, model: OpenedModel, layer: int | None) -> dict[str, WeightInfo]:
+        """Text role -> weight, for ``model``'s fixed weights (``layer`` None) or one layer's."""
+        key = (id(model), layer)
+        if key not in self._roles:
+            arch, depth = model.arch, model.num_layers
+            weights = (
+                (*arch.pre_weights(depth), *arch.post_weights(depth))
+                if layer is None
+                else arch.layer_weights(layer, depth)
+            )
+            self._roles[key] = {role: w for w in weights if (role := text_role(w.name)) is not None}
+        return self._roles[key]
+
+    def _same(self, model: OpenedModel) -> bool:
+        return model.arch.name == self.arch.name
+
+    @staticmethod
+    def _by_role(out_name: str, roles: dict[str, WeightInfo]) -> WeightInfo | None:
+        role = text_role(out_name)
+        if role is None:
+            return None  # a vision-tower or projector tensor: not the text-only model's
+        # A language-model tensor the model lacks: named by role, so the planner reports it missing.
+        return roles.get(role) or WeightInfo(name=role)
