@@ -168,3 +168,42 @@ def test_a_vlm_and_an_unrelated_text_family_stay_different_architectures(tmp_pat
     with pytest.raises(ArchitectureError) as info:
         _run(_linear(vlm, other, 0.5, 0.5), tmp_path / "out")
     assert "different architectures" in info.value.message and info.value.exit_code == 5
+
+
+def test_stacking_a_vlm_with_its_twin_keeps_the_vlm_and_maps_layers_by_role(twins, tmp_path):
+    import json
+
+    from mkstack.cli import stack_app
+
+    from run_helpers import invoke
+    from vlm_models import load_any, text_logits
+
+    vlm, text = twins
+    recipe = tmp_path / "stack.yml"
+    recipe.write_text(
+        f"merge_method: passthrough\nslices:\n  - sources:\n      - model: {vlm}\n        layer_range: [0, 3]\n"
+        f"  - sources:\n      - model: {text}\n        layer_range: [1, 4]\ndtype: float32\n"
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = invoke(stack_app, recipe, tmp_path / "stack")
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "stack"
+    assert json.loads((out / "config.json").read_text())["text_config"]["num_hidden_layers"] == 6
+    merged, vlm_tensors, text_tensors = read_tensors(out), read_tensors(vlm), read_tensors(text)
+    prefix = "language_model.model.layers."
+    for name, tensor in merged.items():
+        if name.startswith(prefix):
+            index, rest = name[len(prefix) :].split(".", 1)
+            index = int(index)
+            expected = (
+                vlm_tensors[f"{prefix}{index}.{rest}"]
+                if index < 3
+                else text_tensors[f"model.layers.{index - 2}.{rest}"]
+            )
+        elif _text_name(name) in ("model.norm.weight", "lm_head.weight"):
+            expected = text_tensors[_text_name(name)]  # after the layers: the last slice's model
+        else:
+            expected = vlm_tensors[name]
+        assert torch.equal(tensor, expected), name
+    assert torch.isfinite(text_logits(load_any(out), TOKENS)).all()
