@@ -91,3 +91,29 @@ def text_logits(model: transformers.PreTrainedModel, token_ids: list[int]) -> to
     """Logits for a text-only prompt (a VLM runs its language model alone)."""
     with torch.no_grad():
         return model(input_ids=torch.tensor([token_ids])).logits
+
+
+def resave_in_memory_layout(vlm_dir: Path | str, out_dir: Path | str) -> Path:
+    """``vlm_dir``'s weights under the names transformers uses in memory (``model.language_model.*``,
+    ``model.vision_tower.*``, top-level ``lm_head``), as some published checkpoints store them."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from tiny_models import read_tensors
+
+    def renamed(name: str) -> str:
+        if name.startswith("language_model.model."):
+            return "model.language_model." + name[len("language_model.model.") :]
+        if name.startswith("language_model.lm_head."):
+            return name[len("language_model.") :]
+        return "model." + name
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True)
+    for name in ("config.json", "generation_config.json"):
+        if (Path(vlm_dir) / name).exists():
+            shutil.copy(Path(vlm_dir) / name, out_dir / name)
+    tensors = {renamed(n): t.contiguous() for n, t in read_tensors(vlm_dir).items()}
+    save_file(tensors, out_dir / "model.safetensors", metadata={"format": "pt"})
+    return out_dir

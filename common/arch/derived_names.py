@@ -41,6 +41,7 @@ def describe_saved_tensors(model, config: dict, chosen: ModelClass) -> Architect
     ties = _ties(model, origin)
 
     per_layer: dict[str, set[int]] = defaultdict(set)
+    layer_aliases: dict[str, str] = {}  # rest of a layer name -> its in-memory template, where they differ
     experts: set[int] = set()
     pre: list[str] = []
     post: list[str] = []
@@ -53,6 +54,10 @@ def describe_saved_tensors(model, config: dict, chosen: ModelClass) -> Architect
             if expert:
                 experts.add(int(expert.group(3)))
             per_layer[rest].add(int(match.group(1)))
+            own = origin_to_saved_inverse(origin, name)
+            marker = f"{stack}.{match.group(1)}."
+            if not expert and own and own != name and own.startswith(marker):
+                layer_aliases.setdefault(rest, f"{stack}.${{{LAYER}}}.{own[len(marker) :]}")
             continue
         own = origin_to_saved_inverse(origin, name)
         at = order[own] if own is not None else -1
@@ -68,16 +73,20 @@ def describe_saved_tensors(model, config: dict, chosen: ModelClass) -> Architect
         WeightInfo(
             name=f"{saved_prefix}.${{{LAYER}}}.{rest}",
             optional=len(layers) < depth or _is_buffer(rest, buffers),
+            aliases=(layer_aliases[rest],) if rest in layer_aliases else (),
         )
         for rest, layers in templates.items()
     )
 
     def fixed(name: str) -> WeightInfo:
         tied = ties.get(name, ())
+        own = origin_to_saved_inverse(origin, name)
         return WeightInfo(
             name=name,
             is_embed=name in embeds,
             optional=bool(tied) or name in buffers or any(o in buffers for o in origin.get(name, ())),
+            # checkpoints saved in the in-memory layout (a VLM's `model.language_model.*`) name it so
+            aliases=(own,) if own and own != name else (),
             tied_names=tied,
         )
 

@@ -207,3 +207,18 @@ def test_stacking_a_vlm_with_its_twin_keeps_the_vlm_and_maps_layers_by_role(twin
             expected = vlm_tensors[name]
         assert torch.equal(tensor, expected), name
     assert torch.isfinite(text_logits(load_any(out), TOKENS)).all()
+
+
+def test_a_vlm_stored_in_the_in_memory_layout_merges_and_is_written_in_the_saved_layout(twins, tmp_path):
+    from vlm_models import load_any, resave_in_memory_layout, text_logits
+
+    vlm, text = twins
+    if "llama4" in vlm.parent.name:
+        pytest.skip("Llama 4 keeps its language model under language_model.model.* in memory too")
+    in_memory = resave_in_memory_layout(vlm, tmp_path / "in_memory")
+    assert any(n.startswith("model.language_model.") for n in read_tensors(in_memory))
+    out = _run(_linear(in_memory, text, 1.0, 0.0), tmp_path / "out")
+    merged = read_tensors(out)
+    assert set(merged) == set(read_tensors(vlm))  # the names save_pretrained writes
+    assert all(torch.equal(t, read_tensors(vlm)[n]) for n, t in merged.items())
+    assert torch.equal(text_logits(load_any(out), TOKENS), text_logits(load_any(vlm), TOKENS))
