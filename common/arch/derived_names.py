@@ -45,6 +45,7 @@ def describe_saved_tensors(model, config: dict, chosen: ModelClass) -> Architect
     experts: set[int] = set()
     pre: list[str] = []
     post: list[str] = []
+    position: dict[str, int] = {}
     first_layer_at = min((order[i] for i in internal if i.startswith(stack + ".")), default=0)
     for name in saved:
         match = layer_re.fullmatch(name)
@@ -61,6 +62,7 @@ def describe_saved_tensors(model, config: dict, chosen: ModelClass) -> Architect
             continue
         own = origin_to_saved_inverse(origin, name)
         at = order[own] if own is not None else -1
+        position[name] = at
         (pre if at < first_layer_at else post).append(name)
 
     expert_key = _expert_key(config, experts)
@@ -101,6 +103,7 @@ def describe_saved_tensors(model, config: dict, chosen: ModelClass) -> Architect
         post_weight_templates=tuple(fixed(n) for n in post),
         num_experts_config_keys=(expert_key,) if expert_key else (),
         source=f"derived from transformers' {chosen.name}",
+        module_order=tuple(sorted(position, key=position.__getitem__)),
     )
 
 

@@ -65,7 +65,10 @@ def model_modules(arch: ArchitectureDefinition, config: dict, num_layers: int) -
 
 
 def _side_module(arch: ArchitectureDefinition, config: dict, module: str, weights: list[WeightInfo]) -> ModulePart:
-    """A vision tower or projector: its numbered weights become a layer stack when it has one."""
+    """A vision tower or projector: its numbered weights become a layer stack when it has one;
+    the others are cut around it in the model's module order where the description knows it."""
+    rank = {name: i for i, name in enumerate(arch.module_order)}
+    weights = sorted(weights, key=lambda w: rank.get(w.name, len(rank)))
     numbered: dict[str, list[tuple[int, str, WeightInfo]]] = {}
     for weight in weights:
         match = _LAYER_SEGMENT.search(weight.name)

@@ -209,3 +209,50 @@ def test_layer_range_beyond_a_modules_depth_names_the_entry(vlms, tmp_path):
     error = info.value
     assert error.field == "modules.vision_tower.slices[0].sources[0].layer_range" and error.line == 7
     assert "which has 2 layers" in error.message
+
+
+VISION_STACKS = {
+    "mistral3": ("vision_tower", "vision_tower.transformer.layers."),
+    "gemma3": ("vision_tower", "vision_tower.encoder.layers."),
+    "llama4": ("vision_model", "vision_model.model.layers."),
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(VISION_STACKS))
+def test_vision_stack_is_resliced_in_each_family_and_the_output_loads(model_type, tmp_path):
+    from vlm_models import build_finetune, build_vlm, load_any, text_logits
+
+    module, stack = VISION_STACKS[model_type]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        a = build_vlm(model_type, tmp_path / "a", seed=0)
+        b = build_finetune(a, tmp_path / "b", seed=5)
+    recipe = f"""\
+merge_method: passthrough
+modules:
+  text_decoder:
+    models: [{{model: {a}}}]
+  {module}:
+    slices:
+      - sources: [{{model: {b}, layer_range: [0, 2]}}]
+      - sources: [{{model: {a}, layer_range: [0, 1]}}]
+  multi_modal_projector:
+    models: [{{model: {b}}}]
+dtype: float32
+"""
+    out = _run(recipe, tmp_path / "out")
+    assert json.loads((out / "config.json").read_text())["vision_config"]["num_hidden_layers"] == 3
+    merged, ta, tb = read_tensors(out), read_tensors(a), read_tensors(b)
+    layers = [n for n in merged if n.startswith(stack)]
+    assert {int(n[len(stack) :].split(".")[0]) for n in layers} == {0, 1, 2}
+    for name in layers:
+        index, rest = name[len(stack) :].split(".", 1)
+        model, layer = [(tb, 0), (tb, 1), (ta, 0)][int(index)]
+        assert torch.equal(merged[name], model[f"{stack}{layer}.{rest}"]), name
+    for name, tensor in merged.items():
+        if name.startswith("multi_modal_projector."):
+            assert torch.equal(tensor, tb[name]), name
+        elif name.startswith("language_model."):
+            assert torch.equal(tensor, ta[name]), name
+    assert set(merged) - set(layers) == set(ta) - {n for n in ta if n.startswith(stack)}
+    assert torch.isfinite(text_logits(load_any(out), TOKENS)).all()
