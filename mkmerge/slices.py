@@ -60,6 +60,14 @@ def referenced_models(recipe) -> list[ModelReference]:
 
 def output_slices(recipe, models: Mapping[ModelReference, OpenedModel]) -> list[PlannedSlice]:
     """Normalise the recipe into output slices, checking layer ranges against model depths."""
+    if recipe.modules:  # mkmerge plans these module by module (mkmerge/plan_modules.py)
+        raise RecipeError(
+            f"a `modules:` recipe ({', '.join(f'`{name}`' for name in recipe.modules)}) merges each module by its "
+            "own entry; this tool takes one `models:` or `slices:` list for the whole model",
+            field="modules",
+            line=recipe.line_of(("modules",)),
+            hint="run it with mkmerge, which re-slices each module (`text_decoder` layers included)",
+        )
     if recipe.models:
         return [_models_slice(recipe, models)]
     if not recipe.slices:

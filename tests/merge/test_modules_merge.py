@@ -256,3 +256,22 @@ dtype: float32
             assert torch.equal(tensor, ta[name]), name
     assert set(merged) - set(layers) == set(ta) - {n for n in ta if n.startswith(stack)}
     assert torch.isfinite(text_logits(load_any(out), TOKENS)).all()
+
+
+def test_mkstack_sends_a_modules_recipe_to_mkmerge_with_exit_2(vlms, tmp_path, no_tensor_reads):
+    from mkstack.cli import stack_app
+
+    from run_helpers import invoke
+
+    a, b, _ = vlms
+    recipe = tmp_path / "vlm.yml"
+    recipe.write_text(
+        f"merge_method: passthrough\nmodules:\n  text_decoder:\n    slices:\n"
+        f"      - sources: [{{model: {a}, layer_range: [0, 2]}}]\n"
+        f"      - sources: [{{model: {b}, layer_range: [1, 4]}}]\n"
+        f"  vision_tower:\n    models: [{{model: {a}}}]\n  multi_modal_projector:\n    models: [{{model: {b}}}]\n"
+    )
+    result = invoke(stack_app, recipe, tmp_path / "out")
+    assert result.exit_code == 2, result.output
+    assert "`modules:` recipe" in result.output and "mkmerge" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()
