@@ -27,7 +27,7 @@ from mkmerge.plan_inputs import (
 )
 from mkmerge.plan_modules import PlanPart, module_parts
 from mkmerge.plan_parameters import global_parameters, per_model_parameters
-from mkmerge.plan_roles import POST, PRE, Counterparts
+from mkmerge.plan_roles import POST, PRE, Counterparts, vision_mergeable, warn_vision_left_out
 from mkmerge.slices import PlannedSlice, output_slices, referenced_models
 from mkmerge.tasks import ChunkStats, CombineStats, MergeTensor
 from mkmerge.vocab import (
@@ -148,6 +148,7 @@ def _plan_merge(
     )
     slices = output_slices(recipe, models) if not recipe.modules else []
     donor = models[recipe.base_model] if recipe.base_model is not None else next(iter(models.values()))
+    warn_vision_left_out(donor, models)
     tokenizers = TokenizerCache()
     vocabulary = plan_vocabulary(recipe, models, tokenizers, allow_crimes=allow_crimes, cache_dir=cache_dir)
     chat_template = resolve_chat_template(recipe, models, tokenizers)
@@ -302,13 +303,8 @@ class _TensorPlanner:
         """A vision-tower or projector tensor only some inputs (the VLMs) have, copied from one
         of them when the method cannot merge just those: a lone VLM, the base among the
         text-only inputs, too few for the method, or weights that sum to zero. None: merge them."""
-        mergeable = (
-            len(inputs) > 1
-            and len(inputs) >= self.method.min_inputs
-            and (base_ref is None or any(i.is_base for i in inputs))
-            and not self._zero_weight_sum(output_slice, inputs, t)
-        )
-        if mergeable:
+        weights = [per_model_parameters(self.recipe, self.method, i, output_slice, t).get("weight") for i in inputs]
+        if vision_mergeable(self.method, [i.is_base for i in inputs], base_ref is not None, weights):
             return None
         donor = next((i for i in inputs if i.is_base), inputs[0])
         if donor.model.key not in self.vision_donors:
@@ -323,13 +319,6 @@ class _TensorPlanner:
         self.uses[(donor.model.key, donor.name)] = self.uses.get((donor.model.key, donor.name), -1) + 1
         shape = tuple(donor.model.info(donor.name).shape)
         return [OutputTensor(weight.name, out_dtype, shape, self._load(donor, compute, None, None))]
-
-    def _zero_weight_sum(self, output_slice: PlannedSlice, inputs: list[TensorInput], t: float) -> bool:
-        """Whether these inputs' `weight` values sum to zero (their normalised merge would divide by zero)."""
-        if not any(spec.name == "weight" and spec.per_model for spec in self.method.parameters):
-            return False
-        weights = [per_model_parameters(self.recipe, self.method, i, output_slice, t).get("weight") for i in inputs]
-        return all(isinstance(w, float) for w in weights) and sum(weights) == 0
 
     def _build(
         self, output_slice: PlannedSlice, weight: WeightInfo, inputs: list[TensorInput], t: float

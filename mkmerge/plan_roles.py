@@ -9,9 +9,14 @@ in the text-only model: ``None``, the model takes no part in that tensor.
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Mapping, Sequence
+
+from mkmerge.methods import MergeMethod
 from mksuite.common.arch import ArchitectureDefinition, WeightInfo
-from mksuite.common.arch.roles import text_role
+from mksuite.common.arch.roles import holds_vision, text_role
 from mksuite.common.input_models import OpenedModel
+from mksuite.common.loading import ModelReference
 
 PRE, POST = "pre", "post"
 
@@ -60,3 +65,27 @@ class Counterparts:
             return None  # a vision-tower or projector tensor: not the text-only model's
         # A language-model tensor the model lacks: named by role, so the planner reports it missing.
         return roles.get(role) or WeightInfo(name=role)
+
+
+def vision_mergeable(method: MergeMethod, is_base: Sequence[bool], has_base: bool, weights: Sequence) -> bool:
+    """Whether the method can merge a vision-tower or projector tensor from just the VLM inputs
+    that have it; else the planner copies it from one of them. Not when there is one of them,
+    fewer than the method takes, a base among the text-only inputs, or `weight` values (given as
+    numbers) that sum to zero, which a normalised merge would divide by."""
+    if len(is_base) < max(2, method.min_inputs) or (has_base and not any(is_base)):
+        return False
+    takes_weight = any(spec.name == "weight" and spec.per_model for spec in method.parameters)
+    return not (takes_weight and all(isinstance(w, float) for w in weights) and sum(weights) == 0)
+
+
+def warn_vision_left_out(donor: OpenedModel, models: Mapping[ModelReference, OpenedModel]) -> None:
+    """A text-only output takes nothing of the VLM inputs' vision towers and projectors: say so."""
+    if holds_vision(donor.arch):
+        return
+    vlms = [str(m.ref) for m in models.values() if holds_vision(m.arch)]
+    if vlms:
+        warnings.warn(
+            f"the output takes the architecture of {donor.ref} ({donor.arch.name}), which has no vision tower: "
+            f"the vision tower and projector of {', '.join(vlms)} are left out",
+            stacklevel=3,
+        )
