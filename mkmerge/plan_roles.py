@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 
 from mkmerge.methods import MergeMethod
 from mksuite.common.arch import ArchitectureDefinition, WeightInfo
-from mksuite.common.arch.roles import holds_vision, text_role
+from mksuite.common.arch.roles import holds_vision, nests_language_model, text_role
 from mksuite.common.input_models import OpenedModel
 from mksuite.common.loading import ModelReference
 
@@ -27,6 +27,7 @@ class Counterparts:
     def __init__(self, arch: ArchitectureDefinition):
         self.arch = arch
         self._roles: dict[tuple[int, int | None], dict[str, WeightInfo]] = {}  # (model id, layer) -> roles
+        self._nested = nests_language_model(arch)
 
     def fixed(self, model: OpenedModel, section: str, index: int, out_weight: WeightInfo) -> WeightInfo | None:
         """The counterpart of pre-weight (``section`` PRE) or post-weight ``index``."""
@@ -52,15 +53,15 @@ class Counterparts:
                 if layer is None
                 else arch.layer_weights(layer, depth)
             )
-            self._roles[key] = {role: w for w in weights if (role := text_role(w.name)) is not None}
+            nested = nests_language_model(arch)
+            self._roles[key] = {role: w for w in weights if (role := text_role(w.name, nested)) is not None}
         return self._roles[key]
 
     def _same(self, model: OpenedModel) -> bool:
         return model.arch.name == self.arch.name
 
-    @staticmethod
-    def _by_role(out_name: str, roles: dict[str, WeightInfo]) -> WeightInfo | None:
-        role = text_role(out_name)
+    def _by_role(self, out_name: str, roles: dict[str, WeightInfo]) -> WeightInfo | None:
+        role = text_role(out_name, self._nested)
         if role is None:
             return None  # a vision-tower or projector tensor: not the text-only model's
         # A language-model tensor the model lacks: named by role, so the planner reports it missing.

@@ -123,7 +123,7 @@ def _check_merge(name: str, recipe: str, out: Path, ft1: Path, app) -> str:
 def vlm_merge_check(model_type: str, root: Path) -> str:
     """The VLM-merge column: a vision-language model merged with its text-only twin.
 
-    linear VLM:0 + twin:1 must load as the VLM and give the twin's logits exactly (its
+    linear VLM:0 + twin:1 must load as the VLM and give the twin's logits (to 1e-6; its
     language weights taken by role, vision tower and projector from the VLM); "n/a" for a
     type that is no VLM or whose language model has no text-only class.
     """
@@ -150,7 +150,8 @@ def vlm_merge_check(model_type: str, root: Path) -> str:
     merged = load_any(root / "vlm_merge")
     if type(merged) is not type(load_any(vlm)):
         return f"output is {type(merged).__name__}"
-    same = torch.equal(text_logits(merged, TOKENS), text_logits(load_any(twin), TOKENS))
+    # Exact for most; PaliGemma runs its language model through another attention path (rounding).
+    same = torch.allclose(text_logits(merged, TOKENS), text_logits(load_any(twin), TOKENS), rtol=0, atol=1e-6)
     return "ok" if same else "logits differ from the twin"
 
 

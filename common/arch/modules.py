@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from .config_values import get_config_value
 from .definition import ArchitectureDefinition, WeightInfo
-from .roles import TEXT_DECODER, module_of
+from .roles import TEXT_DECODER, module_of, nests_language_model
 from .templates import LAYER
 
 _LAYER_SEGMENT = re.compile(r"\.(\d+)\.")
@@ -35,11 +35,12 @@ class ModulePart:
 
 def model_modules(arch: ArchitectureDefinition, config: dict, num_layers: int) -> dict[str, ModulePart]:
     """The modules of a model described by ``arch`` (bound to ``config``), in description order."""
+    nested = nests_language_model(arch)
     order: list[str] = []
     fixed: dict[str, list[tuple[str, WeightInfo]]] = {}
     for section, weights in (("pre", arch.pre_weight_templates), ("post", arch.post_weight_templates)):
         for weight in weights:
-            module = module_of(weight.name)
+            module = module_of(weight.name, nested)
             if module not in order:
                 order.append(module)
             fixed.setdefault(module, []).append((section, weight))

@@ -16,14 +16,18 @@ from tiny_models import read_tensors
 
 TOKENS = [1, 5, 9, 17, 33, 65, 7, 3]
 # How transformers writes a VLM's language model, spelled out here independently of the tool.
-_VLM_TO_TEXT = (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."))
+_VLM_TO_TEXT = (
+    ("language_model.model.", "model."),
+    ("language_model.lm_head.", "lm_head."),
+    ("model.text_model.", "model."),  # idefics3 / smolvlm
+)
 
 
 def _text_name(vlm_name: str) -> str | None:
     for prefix, text_prefix in _VLM_TO_TEXT:
         if vlm_name.startswith(prefix):
             return text_prefix + vlm_name[len(prefix) :]
-    return None
+    return "lm_head.weight" if vlm_name == "lm_head.weight" else None
 
 
 @pytest.fixture(scope="module", params=["mistral3", "gemma3", "llama4"])
@@ -223,3 +227,23 @@ def test_a_vlm_stored_in_the_in_memory_layout_merges_and_is_written_in_the_saved
     assert set(merged) == set(read_tensors(vlm))  # the names save_pretrained writes
     assert all(torch.equal(t, read_tensors(vlm)[n]) for n, t in merged.items())
     assert torch.equal(text_logits(load_any(out), TOKENS), text_logits(load_any(vlm), TOKENS))
+
+
+@pytest.mark.parametrize("model_type", ["llava", "llava_next", "idefics3", "paligemma", "aya_vision"])
+def test_other_vlm_families_take_their_twins_language_weights_exactly(model_type, tmp_path):
+    """llava_next has a learned `image_newline` beside its language model; idefics3 nests it as
+    `model.text_model`; paligemma's language model is gemma."""
+    from vlm_models import build_text_twin, build_vlm, load_any
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        vlm = build_vlm(model_type, tmp_path / "vlm", seed=0)
+        text = build_text_twin(vlm, tmp_path / "text", seed=1)
+    out = _run(_linear(vlm, text, 0.0, 1.0), tmp_path / "out")
+    merged, vlm_tensors, text_tensors = read_tensors(out), read_tensors(vlm), read_tensors(text)
+    assert set(merged) == set(vlm_tensors)
+    assert sum(_text_name(n) is not None for n in merged) == len(text_tensors)
+    for name, tensor in merged.items():
+        expected = text_tensors[_text_name(name)] if _text_name(name) is not None else vlm_tensors[name]
+        assert torch.equal(tensor, expected), name
+    assert type(load_any(out)).__name__ == type(load_any(vlm)).__name__
