@@ -7,6 +7,7 @@ raised here, before any tensor data is read.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Mapping
@@ -161,16 +162,15 @@ def _plan_merge(
     planner = _TensorPlanner(recipe, method, models, seed, vocabulary, chunk_bytes)
     planner.truncate_embeddings = unsafe_truncate_embeddings
     for part in parts:
-        for output_slice in part.slices:
-            check_slice(part.recipe, method, output_slice)
+        with _located_in(part):
+            for output_slice in part.slices:
+                check_slice(part.recipe, method, output_slice)
     outputs: list[OutputTensor] = []
     depths = {}
     for part in parts:
         planner.recipe, planner.models = part.recipe, part.models
-        try:
+        with _located_in(part):
             depths[part.name] = _plan_part(planner, part, outputs)
-        except RecipeError as error:
-            raise (part.recipe.located(error) if part.name else error) from None
     text = next(p for p in parts if p.name in (None, TEXT_DECODER))
     side_depths = {
         p.arch.num_layers_config_key: depths[p.name]
@@ -196,6 +196,15 @@ def _plan_merge(
         layer_recipe=text.recipe,
         module_depths=side_depths,
     )
+
+
+@contextlib.contextmanager
+def _located_in(part: PlanPart):
+    """Recipe errors raised while planning a `modules:` entry name their field inside it."""
+    try:
+        yield
+    except RecipeError as error:
+        raise (part.recipe.located(error) if part.name else error) from None
 
 
 def _plan_part(planner: _TensorPlanner, part: PlanPart, outputs: list[OutputTensor]) -> int:
@@ -314,8 +323,8 @@ class _TensorPlanner:
                 f"the vision-language inputs alone are copied from this model (first: {weight.name})",
                 stacklevel=2,
             )
-        compute = self.recipe.dtype or donor.model.info(donor.name).dtype
-        out_dtype = self.recipe.out_dtype or compute
+        compute = _dtype_name(weight.force_dtype) or self.recipe.dtype or donor.model.info(donor.name).dtype
+        out_dtype = _dtype_name(weight.force_dtype) or self.recipe.out_dtype or compute
         self.uses[(donor.model.key, donor.name)] = self.uses.get((donor.model.key, donor.name), -1) + 1
         shape = tuple(donor.model.info(donor.name).shape)
         return [OutputTensor(weight.name, out_dtype, shape, self._load(donor, compute, None, None))]

@@ -275,3 +275,17 @@ def test_mkstack_sends_a_modules_recipe_to_mkmerge_with_exit_2(vlms, tmp_path, n
     assert result.exit_code == 2, result.output
     assert "`modules:` recipe" in result.output and "mkmerge" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_method_input_count_errors_name_the_entry(vlms, tmp_path, no_tensor_reads):
+    a, b, _ = vlms
+    recipe = _modules_recipe(a, b).replace(
+        "merge_method: linear", f"merge_method: slerp\nbase_model: {a}\nparameters: {{t: 0.5}}"
+    )
+    with pytest.raises(RecipeError) as info:
+        _run(recipe, tmp_path / "out")
+    error = info.value
+    lines = recipe.splitlines()
+    vision_models = lines.index("  vision_tower:") + 2  # 1-based line of its `models:`
+    assert error.field == "modules.vision_tower.models" and error.line == vision_models
+    assert "takes exactly 2 input models" in error.message
