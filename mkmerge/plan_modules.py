@@ -17,11 +17,13 @@ from dataclasses import dataclass
 from mkmerge.slices import PlannedSlice, output_slices
 from mksuite.common.arch import ArchitectureDefinition
 from mksuite.common.arch.modules import model_modules
+from mksuite.common.arch.roles import TEXT_DECODER
 from mksuite.common.errors import RecipeError
 from mksuite.common.input_models import OpenedModel
 from mksuite.common.loading import ModelReference
 
 _OWN_FIELDS = ("models", "slices", "parameters")
+SINGLE_MODULE = "default"  # mergekit's name for the one module of a text-only model
 
 
 class ModuleView:
@@ -66,17 +68,17 @@ class PlanPart:
 def module_parts(recipe, models: Mapping[ModelReference, OpenedModel], donor: OpenedModel) -> list[PlanPart]:
     """One part per ``modules:`` entry, each with its models cut down to that module."""
     donor_modules = model_modules(donor.arch, donor.config, donor.num_layers)
-    _check_names(recipe, donor, list(donor_modules))
+    keys = {name: _module_key(name, list(donor_modules)) for name in recipe.modules}
+    _check_names(recipe, donor, list(donor_modules), keys)
     modules_of = {ref: model_modules(m.arch, m.config, m.num_layers) for ref, m in models.items()}
     parts = []
     for name, module in recipe.modules.items():
         view = ModuleView(recipe, name, module)
+        key = keys[name]
         cut = {
-            ref: dataclasses.replace(
-                model, arch=modules_of[ref][name].arch, num_layers=modules_of[ref][name].num_layers
-            )
+            ref: dataclasses.replace(model, arch=modules_of[ref][key].arch, num_layers=modules_of[ref][key].num_layers)
             for ref, model in models.items()
-            if name in modules_of[ref]
+            if key in modules_of[ref]
         }
         if recipe.base_model is not None and recipe.base_model not in cut:
             raise RecipeError(
@@ -98,21 +100,36 @@ def module_parts(recipe, models: Mapping[ModelReference, OpenedModel], donor: Op
             slices = output_slices(view, cut)
         except RecipeError as error:
             raise view.located(error) from None
-        parts.append(PlanPart(name, view, cut, donor_modules[name].arch, slices))
+        parts.append(PlanPart(key, view, cut, donor_modules[key].arch, slices))
     return parts
 
 
-def _check_names(recipe, donor: OpenedModel, names: list[str]) -> None:
+def _module_key(name: str, modules: list[str]) -> str:
+    """The module an entry's name means: mergekit calls a text-only model's one module `default`."""
+    return TEXT_DECODER if name == SINGLE_MODULE and modules == [TEXT_DECODER] else name
+
+
+def _check_names(recipe, donor: OpenedModel, names: list[str], keys: Mapping[str, str]) -> None:
     listed = ", ".join(f"`{n}`" for n in names)
-    for name in recipe.modules:
-        if name not in names:
+    seen: dict[str, str] = {}
+    for name, key in keys.items():
+        if key not in names:
             raise RecipeError(
                 f"the output model ({donor.ref}, {donor.arch.name}) has no module `{name}`; its modules are {listed}",
                 field=f"modules.{name}",
                 line=recipe.line_of(("modules", name)),
-                hint="name the modules as listed",
+                hint="name the modules as listed"
+                + (f" (`{SINGLE_MODULE}` also names a text-only model's one module)" if len(names) == 1 else ""),
             )
-    missing = [n for n in names if n not in recipe.modules]
+        if key in seen:
+            raise RecipeError(
+                f"`{seen[key]}` and `{name}` both name module `{key}`",
+                field=f"modules.{name}",
+                line=recipe.line_of(("modules", name)),
+                hint="keep one entry per module",
+            )
+        seen[key] = name
+    missing = [n for n in names if n not in seen]
     if missing:
         raise RecipeError(
             f"`modules:` has no entry for {', '.join(f'`{n}`' for n in missing)} of the output model "

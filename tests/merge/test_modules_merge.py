@@ -289,3 +289,20 @@ def test_method_input_count_errors_name_the_entry(vlms, tmp_path, no_tensor_read
     vision_models = lines.index("  vision_tower:") + 2  # 1-based line of its `models:`
     assert error.field == "modules.vision_tower.models" and error.line == vision_models
     assert "takes exactly 2 input models" in error.message
+
+
+def test_a_text_only_models_one_module_is_called_default_as_in_mergekit(family, tmp_path):
+    base, a, b = family
+    entry = (
+        f"    slices:\n      - sources:\n          - {{model: {a}, layer_range: [0, 3], parameters: {{weight: 0.3}}}}\n"
+        f"          - {{model: {b}, layer_range: [0, 3], parameters: {{weight: 0.6}}}}\n"
+    )
+    recipe = f"merge_method: linear\nmodules:\n  default:\n{entry}dtype: float32\n"
+    merged, ta, tb = read_tensors(_run(recipe, tmp_path / "out")), read_tensors(a), read_tensors(b)
+    assert set(merged) == set(ta)
+    for name, tensor in merged.items():
+        expected = (0.3 * ta[name].double() + 0.6 * tb[name].double()) / 0.9
+        torch.testing.assert_close(tensor.double(), expected, rtol=1e-6, atol=1e-7)
+    with pytest.raises(RecipeError) as info:
+        _run(recipe.replace("dtype:", f"  text_decoder:\n{entry}dtype:"), tmp_path / "twice")
+    assert info.value.field == "modules.text_decoder" and "both name module `text_decoder`" in info.value.message
