@@ -96,11 +96,6 @@ def text_logits(model: transformers.PreTrainedModel, token_ids: list[int]) -> to
 def resave_in_memory_layout(vlm_dir: Path | str, out_dir: Path | str) -> Path:
     """``vlm_dir``'s weights under the names transformers uses in memory (``model.language_model.*``,
     ``model.vision_tower.*``, top-level ``lm_head``), as some published checkpoints store them."""
-    import shutil
-
-    from safetensors.torch import save_file
-
-    from tiny_models import read_tensors
 
     def renamed(name: str) -> str:
         if name.startswith("language_model.model."):
@@ -108,6 +103,28 @@ def resave_in_memory_layout(vlm_dir: Path | str, out_dir: Path | str) -> Path:
         if name.startswith("language_model.lm_head."):
             return name[len("language_model.") :]
         return "model." + name
+
+    return _resaved(vlm_dir, out_dir, renamed)
+
+
+def resave_hub_vision_layout(vlm_dir: Path | str, out_dir: Path | str) -> Path:
+    """``vlm_dir``'s weights with the vision tower under ``vision_tower.vision_model.*``, as the
+    published Gemma 3 checkpoints store it (transformers 5 writes ``vision_tower.*``)."""
+
+    def renamed(name: str) -> str:
+        if name.startswith("vision_tower."):
+            return "vision_tower.vision_model." + name[len("vision_tower.") :]
+        return name
+
+    return _resaved(vlm_dir, out_dir, renamed)
+
+
+def _resaved(vlm_dir: Path | str, out_dir: Path | str, renamed) -> Path:
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from tiny_models import read_tensors
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True)

@@ -39,6 +39,7 @@ def describe_saved_tensors(model, config: dict, chosen: ModelClass) -> Architect
     vocab = _text_value(config, "vocab_size")
     embeds = {n for n in (origin_to_saved(origin, m) for m in _embedding_params(model, vocab)) if n}
     ties = _ties(model, origin)
+    hub_forms = _nested_prefix_names(model, origin)
 
     per_layer: dict[str, set[int]] = defaultdict(set)
     layer_aliases: dict[str, str] = {}  # rest of a layer name -> its in-memory template, where they differ
@@ -88,7 +89,7 @@ def describe_saved_tensors(model, config: dict, chosen: ModelClass) -> Architect
             is_embed=name in embeds,
             optional=bool(tied) or name in buffers or any(o in buffers for o in origin.get(name, ())),
             # checkpoints saved in the in-memory layout (a VLM's `model.language_model.*`) name it so
-            aliases=(own,) if own and own != name else (),
+            aliases=tuple(a for a in (own, hub_forms.get(name)) if a and a != name),
             tied_names=tied,
         )
 
@@ -108,6 +109,30 @@ def describe_saved_tensors(model, config: dict, chosen: ModelClass) -> Architect
 
 
 _EXPERT = re.compile(r"(^|\.)(experts\.)(\d+)\.")
+
+
+def _nested_prefix_names(model, origin: dict[str, tuple[str, ...]]) -> dict[str, str]:
+    """Saved name -> the name checkpoints give it when they keep a nested vision model's own
+    ``base_model_prefix`` (Gemma 3's published ``vision_tower.vision_model.*``, which transformers
+    loads into ``vision_tower.*``). Vision parts only: the language model has its own forms."""
+    from transformers import PreTrainedModel
+
+    from .roles import TEXT_DECODER, module_of
+
+    forms: dict[str, str] = {}
+    for module_name, module in model.named_modules():
+        prefix = getattr(module, "base_model_prefix", "") if isinstance(module, PreTrainedModel) else ""
+        if not module_name or not prefix or prefix in module._modules:
+            continue
+        inner = module_name + "."
+        for saved in origin:
+            own = origin_to_saved_inverse(origin, saved)
+            if own is None or not own.startswith(inner) or module_of(saved) == TEXT_DECODER:
+                continue
+            rest = own[len(inner) :]
+            if saved.endswith("." + rest):
+                forms.setdefault(saved, f"{saved[: -len(rest)]}{prefix}.{rest}")
+    return forms
 
 
 def _state_tensors(model) -> dict:

@@ -247,3 +247,24 @@ def test_other_vlm_families_take_their_twins_language_weights_exactly(model_type
         expected = text_tensors[_text_name(name)] if _text_name(name) is not None else vlm_tensors[name]
         assert torch.equal(tensor, expected), name
     assert type(load_any(out)).__name__ == type(load_any(vlm)).__name__
+
+
+def test_gemma3_in_its_published_vision_layout_merges_with_its_twin(tmp_path):
+    from vlm_models import build_text_twin, build_vlm, load_any, resave_hub_vision_layout, text_logits
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        vlm = build_vlm("gemma3", tmp_path / "vlm", seed=0)
+        text = build_text_twin(vlm, tmp_path / "text", seed=1)
+    published = resave_hub_vision_layout(vlm, tmp_path / "published")
+    assert any(n.startswith("vision_tower.vision_model.") for n in read_tensors(published))
+    out = _run(_linear(published, text, 0.5, 0.5), tmp_path / "out")
+    merged, vlm_tensors, text_tensors = read_tensors(out), read_tensors(vlm), read_tensors(text)
+    assert set(merged) == set(vlm_tensors)  # written as transformers 5 writes them
+    for name, tensor in merged.items():
+        if _text_name(name) is None:
+            assert torch.equal(tensor, vlm_tensors[name]), name
+        else:
+            expected = 0.5 * vlm_tensors[name].double() + 0.5 * text_tensors[_text_name(name)].double()
+            torch.testing.assert_close(tensor.double(), expected, rtol=1e-6, atol=1e-7)
+    assert torch.isfinite(text_logits(load_any(out), TOKENS)).all()
