@@ -87,7 +87,12 @@ def _side_module(arch: ArchitectureDefinition, config: dict, module: str, weight
         templates.setdefault(template, set()).add(index)
         flags.setdefault(template, weight)
     layer_weights = tuple(
-        dataclasses.replace(flags[t], name=t, optional=flags[t].optional or len(layers) < depth)
+        dataclasses.replace(
+            flags[t],
+            name=t,
+            aliases=_templated(flags[t].aliases, stack or ""),
+            optional=flags[t].optional or len(layers) < depth,
+        )
         for t, layers in templates.items()
     )
     fixed = [w for w in weights if id(w) not in in_stack]
@@ -105,6 +110,19 @@ def _side_module(arch: ArchitectureDefinition, config: dict, module: str, weight
         num_experts=None,
     )
     return ModulePart(module, described, depth)
+
+
+def _templated(aliases: tuple[str, ...], stack: str) -> tuple[str, ...]:
+    """A layer weight's other stored names as templates: the layer number after the stack's last
+    segment (``layers.1.`` in ``vision_tower.vision_model.encoder.layers.1.*``) becomes the placeholder."""
+    tail = stack.rsplit(".", 1)[-1]
+    pattern = re.compile(rf"(^|\.){re.escape(tail)}\.(\d+)\.")
+    templated = []
+    for alias in aliases:
+        match = pattern.search(alias)
+        if match:
+            templated.append(f"{alias[: match.start(2)]}${{{LAYER}}}{alias[match.end(2) :]}")
+    return tuple(templated)
 
 
 def _depth_key(config: dict, depth: int) -> str | None:

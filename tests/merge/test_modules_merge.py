@@ -218,26 +218,29 @@ VISION_STACKS = {
 }
 
 
-@pytest.mark.parametrize("model_type", sorted(VISION_STACKS))
+@pytest.mark.parametrize("model_type", [*sorted(VISION_STACKS), "gemma3-published"])
 def test_vision_stack_is_resliced_in_each_family_and_the_output_loads(model_type, tmp_path):
-    from vlm_models import build_finetune, build_vlm, load_any, text_logits
+    from vlm_models import build_finetune, build_vlm, load_any, resave_hub_vision_layout, text_logits
 
+    published = model_type.endswith("-published")  # read as vision_tower.vision_model.*, written as saved
+    model_type = model_type.removesuffix("-published")
     module, stack = VISION_STACKS[model_type]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         a = build_vlm(model_type, tmp_path / "a", seed=0)
         b = build_finetune(a, tmp_path / "b", seed=5)
+    ra, rb = (resave_hub_vision_layout(m, tmp_path / f"{m.name}_pub") for m in (a, b)) if published else (a, b)
     recipe = f"""\
 merge_method: passthrough
 modules:
   text_decoder:
-    models: [{{model: {a}}}]
+    models: [{{model: {ra}}}]
   {module}:
     slices:
-      - sources: [{{model: {b}, layer_range: [0, 2]}}]
-      - sources: [{{model: {a}, layer_range: [0, 1]}}]
+      - sources: [{{model: {rb}, layer_range: [0, 2]}}]
+      - sources: [{{model: {ra}, layer_range: [1, 2]}}]
   multi_modal_projector:
-    models: [{{model: {b}}}]
+    models: [{{model: {rb}}}]
 dtype: float32
 """
     out = _run(recipe, tmp_path / "out")
@@ -247,7 +250,7 @@ dtype: float32
     assert {int(n[len(stack) :].split(".")[0]) for n in layers} == {0, 1, 2}
     for name in layers:
         index, rest = name[len(stack) :].split(".", 1)
-        model, layer = [(tb, 0), (tb, 1), (ta, 0)][int(index)]
+        model, layer = [(tb, 0), (tb, 1), (ta, 1)][int(index)]
         assert torch.equal(merged[name], model[f"{stack}{layer}.{rest}"]), name
     for name, tensor in merged.items():
         if name.startswith("multi_modal_projector."):
