@@ -309,3 +309,31 @@ def test_a_text_only_models_one_module_is_called_default_as_in_mergekit(family, 
     with pytest.raises(RecipeError) as info:
         _run(recipe.replace("dtype:", f"  text_decoder:\n{entry}dtype:"), tmp_path / "twice")
     assert info.value.field == "modules.text_decoder" and "both name module `text_decoder`" in info.value.message
+
+
+def test_a_resliced_text_decoder_rebuilds_per_layer_settings(tmp_path):
+    from vlm_models import build_finetune, build_vlm, load_any, text_logits
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        a = build_vlm("gemma3", tmp_path / "a", seed=0)
+        b = build_finetune(a, tmp_path / "b", seed=5)
+    layer_types = json.loads((a / "config.json").read_text())["text_config"]["layer_types"]
+    recipe = f"""\
+merge_method: passthrough
+modules:
+  text_decoder:
+    slices:
+      - sources: [{{model: {a}, layer_range: [0, 3]}}]
+      - sources: [{{model: {b}, layer_range: [1, 4]}}]
+  vision_tower:
+    models: [{{model: {a}}}]
+  multi_modal_projector:
+    models: [{{model: {b}}}]
+dtype: float32
+"""
+    out = _run(recipe, tmp_path / "out")
+    text = json.loads((out / "config.json").read_text())["text_config"]
+    assert text["num_hidden_layers"] == 6
+    assert text["layer_types"] == layer_types[0:3] + layer_types[1:4]
+    assert torch.isfinite(text_logits(load_any(out), TOKENS)).all()
