@@ -7,7 +7,6 @@ raised here, before any tensor data is read.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
 from collections.abc import Mapping
@@ -17,7 +16,6 @@ import torch
 
 from mkmerge.methods import MergeMethod, PlannedInputs, get_method
 from mkmerge.methods.chunked import row_chunks
-from mkmerge.parameters import layer_position
 from mkmerge.plan_inputs import (
     TensorInput,
     base_of,
@@ -26,9 +24,9 @@ from mkmerge.plan_inputs import (
     target_shape,
     too_few_for_method,
 )
-from mkmerge.plan_modules import PlanPart, module_parts
+from mkmerge.plan_modules import PlanPart, located_in, module_parts, plan_part
 from mkmerge.plan_parameters import global_parameters, per_model_parameters
-from mkmerge.plan_roles import POST, PRE, Counterparts, vision_mergeable, warn_vision_left_out
+from mkmerge.plan_roles import vision_mergeable, warn_vision_left_out
 from mkmerge.slices import PlannedSlice, output_slices, referenced_models
 from mkmerge.tasks import ChunkStats, CombineStats, MergeTensor
 from mkmerge.vocab import (
@@ -162,15 +160,15 @@ def _plan_merge(
     planner = _TensorPlanner(recipe, method, models, seed, vocabulary, chunk_bytes)
     planner.truncate_embeddings = unsafe_truncate_embeddings
     for part in parts:
-        with _located_in(part):
+        with located_in(part):
             for output_slice in part.slices:
                 check_slice(part.recipe, method, output_slice)
     outputs: list[OutputTensor] = []
     depths = {}
     for part in parts:
         planner.recipe, planner.models = part.recipe, part.models
-        with _located_in(part):
-            depths[part.name] = _plan_part(planner, part, outputs)
+        with located_in(part):
+            depths[part.name] = plan_part(planner, part, outputs)
     text = next(p for p in parts if p.name in (None, TEXT_DECODER))
     side_depths = {
         p.arch.num_layers_config_key: depths[p.name]
@@ -196,39 +194,6 @@ def _plan_merge(
         layer_recipe=text.recipe,
         module_depths=side_depths,
     )
-
-
-@contextlib.contextmanager
-def _located_in(part: PlanPart):
-    """Recipe errors raised while planning a `modules:` entry name their field inside it."""
-    try:
-        yield
-    except RecipeError as error:
-        raise (part.recipe.located(error) if part.name else error) from None
-
-
-def _plan_part(planner: _TensorPlanner, part: PlanPart, outputs: list[OutputTensor]) -> int:
-    """Plan every output tensor of one part (the recipe, or one module) into ``outputs``; its depth."""
-    arch, models, slices = part.arch, part.models, part.slices
-    total_layers = sum(s.length for s in slices)
-
-    def add(weight_for, output_slice: PlannedSlice, out_weight: WeightInfo, t: float) -> None:
-        outputs.extend(planner.plan_tensor(output_slice, out_weight, weight_for, t))
-
-    first, last = slices[0], slices[-1]
-    roles = Counterparts(arch)  # a VLM's text-only twin is matched by role, not position
-    for i, weight in enumerate(arch.pre_weights(total_layers)):
-        add(lambda src, i=i, weight=weight: roles.fixed(models[src.model], PRE, i, weight), first, weight, 0.0)
-    out_index = 0
-    for output_slice in slices:
-        for k in range(output_slice.length):
-            t = layer_position(k, output_slice.length)
-            for w, weight in enumerate(arch.layer_weights(out_index, total_layers)):
-                add(lambda src, k=k, w=w: roles.layer(models[src.model], src.start + k, w), output_slice, weight, t)
-            out_index += 1
-    for i, weight in enumerate(arch.post_weights(total_layers)):
-        add(lambda src, i=i, weight=weight: roles.fixed(models[src.model], POST, i, weight), last, weight, 0.0)
-    return total_layers
 
 
 class _TensorPlanner:

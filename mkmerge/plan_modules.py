@@ -6,19 +6,25 @@ model, dtypes and tokenizer settings are the recipe's. The module tree comes fro
 model's description (common/arch/modules.py); layer ranges count the module's own layers
 (a vision tower's blocks for ``vision_tower``). The output is one model of the base (else
 first) model's architecture, so every one of its modules needs an entry.
+
+A plain recipe is planned as a single part: :func:`plan_part` walks any part's weights.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from mkmerge.parameters import layer_position
+from mkmerge.plan_roles import POST, PRE, Counterparts
 from mkmerge.slices import PlannedSlice, output_slices
-from mksuite.common.arch import ArchitectureDefinition
+from mksuite.common.arch import ArchitectureDefinition, WeightInfo
 from mksuite.common.arch.modules import model_modules
 from mksuite.common.arch.roles import TEXT_DECODER
 from mksuite.common.errors import RecipeError
+from mksuite.common.graph import OutputTensor
 from mksuite.common.input_models import OpenedModel
 from mksuite.common.loading import ModelReference
 
@@ -158,3 +164,41 @@ def _path(index: str) -> tuple:
         if number:
             parts.append(int(number))
     return tuple(parts)
+
+
+@contextlib.contextmanager
+def located_in(part: PlanPart):
+    """Recipe errors raised while planning a `modules:` entry name their field inside it."""
+    try:
+        yield
+    except RecipeError as error:
+        raise (part.recipe.located(error) if part.name else error) from None
+
+
+def plan_part(planner, part: PlanPart, outputs: list[OutputTensor]) -> int:
+    """Plan every output tensor of one part (the recipe, or one module) into ``outputs``; its depth.
+
+    ``planner`` plans one output tensor (mkmerge.plan's tensor planner, set to this part's
+    recipe and models). Fixed weights before the layers come from the first slice's sources,
+    those after from the last slice's, as mergekit does.
+    """
+    arch, models, slices = part.arch, part.models, part.slices
+    total_layers = sum(s.length for s in slices)
+
+    def add(weight_for, output_slice: PlannedSlice, out_weight: WeightInfo, t: float) -> None:
+        outputs.extend(planner.plan_tensor(output_slice, out_weight, weight_for, t))
+
+    first, last = slices[0], slices[-1]
+    roles = Counterparts(arch)  # a VLM's text-only twin is matched by role, not position
+    for i, weight in enumerate(arch.pre_weights(total_layers)):
+        add(lambda src, i=i, weight=weight: roles.fixed(models[src.model], PRE, i, weight), first, weight, 0.0)
+    out_index = 0
+    for output_slice in slices:
+        for k in range(output_slice.length):
+            t = layer_position(k, output_slice.length)
+            for w, weight in enumerate(arch.layer_weights(out_index, total_layers)):
+                add(lambda src, k=k, w=w: roles.layer(models[src.model], src.start + k, w), output_slice, weight, t)
+            out_index += 1
+    for i, weight in enumerate(arch.post_weights(total_layers)):
+        add(lambda src, i=i, weight=weight: roles.fixed(models[src.model], POST, i, weight), last, weight, 0.0)
+    return total_layers
