@@ -16,6 +16,7 @@ import torch
 
 from mksuite.common.arch import ArchitectureDefinition, WeightInfo, infer_architecture
 from mksuite.common.arch.registry import candidate_architectures, choose_architecture, fits, undescribed_tensors
+from mksuite.common.arch.roles import are_twins
 from mksuite.common.arch.stored_layout import stored_parts
 from mksuite.common.errors import ArchitectureError, MkError
 from mksuite.common.loading import ModelFiles, ModelReference, TensorInfo, open_model, resolve_model_path
@@ -117,12 +118,15 @@ def _assign_architectures(models: list[OpenedModel], allow_crimes: bool) -> None
     first = known[id(models[0])]
     for model in models:
         arch = known[id(model)]
-        if arch.name != first.name and not allow_crimes:
+        twin = arch.name != first.name and not first.inferred and not arch.inferred and are_twins(first, arch)
+        if arch.name != first.name and not allow_crimes and not twin:
             raise ArchitectureError(
                 f"inputs have different architectures: {models[0].ref} is {first.name}, {model.ref} is {arch.name}",
                 hint="pass --allow-crimes to merge them anyway (the first model's architecture is used)",
             )
-        chosen = first if allow_crimes else arch
+        # A VLM and its text-only twin keep their own descriptions: the planner matches
+        # their language-model tensors by role (common/arch/roles.py).
+        chosen = first if allow_crimes and not twin else arch
         object.__setattr__(model, "arch", chosen)
         object.__setattr__(model, "num_layers", _layers(model, chosen))
         if not chosen.inferred and not allow_crimes:

@@ -8,14 +8,14 @@ raised here, before any tensor data is read.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from mkmerge.methods import MergeMethod, PlannedInputs, get_method
 from mkmerge.methods.chunked import row_chunks
-from mkmerge.parameters import layer_position
 from mkmerge.plan_inputs import (
     TensorInput,
     base_of,
@@ -24,7 +24,9 @@ from mkmerge.plan_inputs import (
     target_shape,
     too_few_for_method,
 )
+from mkmerge.plan_modules import PlanPart, located_in, module_parts, plan_part
 from mkmerge.plan_parameters import global_parameters, per_model_parameters
+from mkmerge.plan_roles import vision_mergeable, warn_vision_left_out
 from mkmerge.slices import PlannedSlice, output_slices, referenced_models
 from mkmerge.tasks import ChunkStats, CombineStats, MergeTensor
 from mkmerge.vocab import (
@@ -37,6 +39,7 @@ from mkmerge.vocab import (
     written_vocab_size,
 )
 from mksuite.common.arch import ArchitectureDefinition, WeightInfo
+from mksuite.common.arch.roles import TEXT_DECODER
 from mksuite.common.build import DEFAULT_CHUNK_BYTES
 from mksuite.common.errors import MissingTensorError, RecipeError, ShapeMismatchError
 from mksuite.common.graph import CastTensor, LoadTensor, OutputTensor, SliceRows, Task
@@ -60,6 +63,8 @@ class MergePlan:
     vocab_size: int | None = None  # set when it must change in config.json (docs/vocabulary.md, §2.0)
     vocabulary: OutputVocabulary | None = None  # when the recipe builds a tokenizer
     chat_template: str | None = None
+    layer_recipe: object = None  # the recipe (or `modules:` entry) whose slices give the text layers
+    module_depths: dict[str, int] = field(default_factory=dict)  # config key -> depth of a re-sliced module
 
     @property
     def output_bytes(self) -> int:
@@ -71,6 +76,7 @@ class MergePlan:
             updates[self.arch.num_layers_config_key] = self.num_layers
         if self.vocab_size is not None:
             updates[vocab_size_key(self.arch)] = self.vocab_size
+        updates.update(self.module_depths)
         return updates
 
     def output_config(self) -> dict:
@@ -156,82 +162,55 @@ def _plan_merge(
     models = open_input_models(
         referenced_models(recipe), allow_crimes=allow_crimes, cache_dir=cache_dir, lora_merge_dtype=lora_merge_dtype
     )
-    slices = output_slices(recipe, models)
+    slices = output_slices(recipe, models) if not recipe.modules else []
     donor = models[recipe.base_model] if recipe.base_model is not None else next(iter(models.values()))
-    arch = donor.arch
+    warn_vision_left_out(donor, models)
     tokenizers = TokenizerCache()
     vocabulary = plan_vocabulary(recipe, models, tokenizers, allow_crimes=allow_crimes, cache_dir=cache_dir)
     chat_template = resolve_chat_template(recipe, models, tokenizers)
     if vocabulary is not None:
         models = {**models, **vocabulary.donor_models}
+    if recipe.modules:
+        parts = module_parts(recipe, models, donor)
+    else:
+        parts = [PlanPart(None, recipe, models, donor.arch, slices)]
     planner = _TensorPlanner(recipe, method, models, seed, vocabulary, chunk_bytes)
     planner.truncate_embeddings = unsafe_truncate_embeddings
     planner.precise = precise
-    for output_slice in slices:
-        check_slice(recipe, method, output_slice)
+    for part in parts:
+        with located_in(part):
+            for output_slice in part.slices:
+                check_slice(part.recipe, method, output_slice)
     outputs: list[OutputTensor] = []
-    total_layers = sum(s.length for s in slices)
-
-    def add(weight_for, output_slice: PlannedSlice, k: int | None, out_weight: WeightInfo, t: float) -> None:
-        outputs.extend(planner.plan_tensor(output_slice, out_weight, weight_for, t))
-
-    first, last = slices[0], slices[-1]
-    for i, weight in enumerate(arch.pre_weights(total_layers)):
-        add(
-            lambda src, i=i: models[src.model].arch.pre_weights(models[src.model].num_layers)[i],
-            first,
-            None,
-            weight,
-            0.0,
-        )
-    # One source layer's weight list serves all its tensors: derive it once, not once per tensor.
-    layer_weights: dict[tuple[ModelReference, int], list[WeightInfo]] = {}
-
-    def source_layer(model_ref: ModelReference, index: int) -> list[WeightInfo]:
-        key = (model_ref, index)
-        if key not in layer_weights:
-            layer_weights[key] = models[model_ref].arch.layer_weights(index, models[model_ref].num_layers)
-        return layer_weights[key]
-
-    out_index = 0
-    for output_slice in slices:
-        for k in range(output_slice.length):
-            t = layer_position(k, output_slice.length)
-            out_weights = arch.layer_weights(out_index, total_layers)
-            for w, weight in enumerate(out_weights):
-                add(
-                    lambda src, k=k, w=w: source_layer(src.model, src.start + k)[w],
-                    output_slice,
-                    k,
-                    weight,
-                    t,
-                )
-            out_index += 1
-    for i, weight in enumerate(arch.post_weights(total_layers)):
-        add(
-            lambda src, i=i: models[src.model].arch.post_weights(models[src.model].num_layers)[i],
-            last,
-            None,
-            weight,
-            0.0,
-        )
-
+    depths = {}
+    for part in parts:
+        planner.recipe, planner.models = part.recipe, part.models
+        with located_in(part):
+            depths[part.name] = plan_part(planner, part, outputs)
+    text = next(p for p in parts if p.name in (None, TEXT_DECODER))
+    side_depths = {
+        p.arch.num_layers_config_key: depths[p.name]
+        for p in parts
+        if p is not text and p.recipe.slices and p.arch.num_layers_config_key
+    }
     plan = MergePlan(
         recipe=recipe,
         method=method,
         models=models,
         donor=donor,
-        arch=arch,
-        num_layers=total_layers,
+        arch=donor.arch,
+        num_layers=depths[text.name],
         outputs=outputs,
         out_dtype=recipe.out_dtype,
         config_dtype=recipe.out_dtype or recipe.dtype,
-        uses_slices=bool(recipe.slices),
+        uses_slices=bool(text.recipe.slices),
         vocab_size=(
             vocabulary.size if vocabulary is not None else written_vocab_size(planner.embed_rows, donor, tokenizers)
         ),
         vocabulary=vocabulary,
         chat_template=chat_template,
+        layer_recipe=text.recipe,
+        module_depths=side_depths,
     )
     if plan.uses_slices:
         from mkstack.config_fixups import plan_config_warnings
@@ -261,6 +240,7 @@ class _TensorPlanner:
         self.truncate_embeddings = False  # --unsafe-truncate-embeddings: cut vocabularies to the smallest
         # --precise: the methods' more accurate arithmetic where mergekit rounds to the merge dtype.
         self.precise = False
+        self.vision_donors: set[str] = set()  # models vision tensors were copied from (warned once each)
 
     # -- one output tensor -------------------------------------------------------------------
     def plan_tensor(
@@ -270,9 +250,13 @@ class _TensorPlanner:
         base_ref = base_of(self.recipe, output_slice) if self.method.uses_base else None
         inputs, missing = [], []
         base_taken = False
+        partial = False  # some sources are text-only twins without this (vision) tensor
         for source in output_slice.sources:
             model = self.models[source.model]
             weight = weight_for(source)
+            if weight is None:
+                partial = True
+                continue
             name = model.locate(weight)
             is_base = source.model == base_ref and not base_taken
             base_taken = base_taken or is_base
@@ -295,6 +279,8 @@ class _TensorPlanner:
             return []
         if out_weight.optional and not any(i.model.has_own(weight_for(i.source)) for i in inputs):
             return []  # only reachable through a tie (e.g. lm_head -> embed_tokens): the output stays tied
+        if partial and (copied := self._vision_copy(output_slice, out_weight, inputs, base_ref, t)) is not None:
+            return copied
         if base_ref is not None and not any(i.is_base for i in inputs):
             if any(s.model == base_ref for s, _ in missing):
                 raise MissingTensorError(f"the base model {base_ref} has no tensor {out_weight.name}")
@@ -304,6 +290,34 @@ class _TensorPlanner:
             self.method, self.vocabulary, out_weight, inputs, truncate_embeddings=self.truncate_embeddings
         )
         return self._build(output_slice, out_weight, inputs, t)
+
+    def _vision_copy(
+        self,
+        output_slice: PlannedSlice,
+        weight: WeightInfo,
+        inputs: list[TensorInput],
+        base_ref: ModelReference | None,
+        t: float,
+    ) -> list[OutputTensor] | None:
+        """A vision-tower or projector tensor only some inputs (the VLMs) have, copied from one
+        of them when the method cannot merge just those: a lone VLM, the base among the
+        text-only inputs, too few for the method, or weights that sum to zero. None: merge them."""
+        weights = [per_model_parameters(self.recipe, self.method, i, output_slice, t).get("weight") for i in inputs]
+        if vision_mergeable(self.method, [i.is_base for i in inputs], base_ref is not None, weights):
+            return None
+        donor = next((i for i in inputs if i.is_base), inputs[0])
+        if donor.model.key not in self.vision_donors:
+            self.vision_donors.add(donor.model.key)
+            warnings.warn(
+                f"{donor.model.ref}: vision-tower and projector tensors that the method cannot merge from "
+                f"the vision-language inputs alone are copied from this model (first: {weight.name})",
+                stacklevel=2,
+            )
+        compute = _dtype_name(weight.force_dtype) or self.recipe.dtype or donor.model.info(donor.name).dtype
+        out_dtype = _dtype_name(weight.force_dtype) or self.recipe.out_dtype or compute
+        self.uses[(donor.model.key, donor.name)] = self.uses.get((donor.model.key, donor.name), -1) + 1
+        shape = tuple(donor.model.info(donor.name).shape)
+        return [OutputTensor(weight.name, out_dtype, shape, self._load(donor, compute, None, None))]
 
     def _build(
         self, output_slice: PlannedSlice, weight: WeightInfo, inputs: list[TensorInput], t: float

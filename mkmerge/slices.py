@@ -41,39 +41,37 @@ class PlannedSlice:
 
 
 def referenced_models(recipe) -> list[ModelReference]:
-    """Every model the recipe names, in document order, base first (the config donor rule)."""
-    if recipe.modules:
-        raise _modules_refusal(recipe)  # before any model is looked up
+    """Every model the recipe names, in document order, base first (the config donor rule).
+
+    A ``modules:`` recipe names its models module by module.
+    """
     refs: list[ModelReference] = []
     if recipe.base_model is not None:
         refs.append(recipe.base_model)
-    if recipe.models:
-        refs += [entry.model for entry in recipe.models]
-    for output_slice in recipe.slices or ():
-        if output_slice.base_model is not None:
-            refs.append(output_slice.base_model)
-        refs += [source.model for source in output_slice.sources]
+    for part in recipe.modules.values() if recipe.modules else (recipe,):
+        if part.models:
+            refs += [entry.model for entry in part.models]
+        for output_slice in part.slices or ():
+            if output_slice.base_model is not None:
+                refs.append(output_slice.base_model)
+            refs += [source.model for source in output_slice.sources]
     return list(dict.fromkeys(refs))
-
-
-def _modules_refusal(recipe) -> RecipeError:
-    names = ", ".join(f"`{name}`" for name in recipe.modules)
-    return RecipeError(
-        f"`modules:` recipes merge each module of a multi-module model ({names}) by its own recipe; "
-        "the planner does not carry them out yet",
-        field="modules",
-        line=recipe.line_of(("modules",)),
-        file=recipe.source_name,
-        hint="write the recipe with `models:` or `slices:`, which merge every module of the model by one recipe",
-    )
 
 
 def output_slices(recipe, models: Mapping[ModelReference, OpenedModel]) -> list[PlannedSlice]:
     """Normalise the recipe into output slices, checking layer ranges against model depths."""
+    if recipe.modules:  # mkmerge plans these module by module (mkmerge/plan_modules.py)
+        raise RecipeError(
+            f"a `modules:` recipe ({', '.join(f'`{name}`' for name in recipe.modules)}) merges each module by its "
+            "own entry; this tool takes one `models:` or `slices:` list for the whole model",
+            field="modules",
+            line=recipe.line_of(("modules",)),
+            hint="run it with mkmerge, which re-slices each module (`text_decoder` layers included)",
+        )
     if recipe.models:
         return [_models_slice(recipe, models)]
     if not recipe.slices:
-        raise _modules_refusal(recipe)
+        raise RecipeError("the recipe lists no `models:` or `slices:`", field="models", line=recipe.line_of(()))
     slices = []
     for i, raw in enumerate(recipe.slices):
         sources = []

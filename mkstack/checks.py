@@ -9,6 +9,7 @@ import warnings
 from collections.abc import Iterable, Mapping, Sequence
 
 from mksuite.common.arch.config_values import get_config_value
+from mksuite.common.arch.roles import nests_language_model, text_role
 from mksuite.common.errors import ArchitectureError, ShapeMismatchError
 from mksuite.common.input_models import OpenedModel, open_input_models
 from mksuite.common.loading import ModelReference
@@ -108,7 +109,13 @@ def _compare_layer_tensors(first: OpenedModel, other: OpenedModel) -> None:
         return
     mine = first.arch.layer_weights(0, first.num_layers)
     theirs = other.arch.layer_weights(0, other.num_layers)
-    for a, b in zip(mine, theirs):
+    if first.arch.name != other.arch.name:  # a VLM and its text-only twin: pair tensors by role
+        mine_nested, theirs_nested = nests_language_model(first.arch), nests_language_model(other.arch)
+        by_role = {text_role(w.name, theirs_nested): w for w in theirs}
+        pairs = [(a, by_role[r]) for a in mine if (r := text_role(a.name, mine_nested)) in by_role]
+    else:
+        pairs = list(zip(mine, theirs))
+    for a, b in pairs:
         name_a, name_b = first.locate(a), other.locate(b)
         if name_a is None or name_b is None:
             continue  # missing tensors are the planner's to report

@@ -85,7 +85,7 @@ def rebuild_layer_config(
     section[leaf] = len(layers)
     used = list(dict.fromkeys(source.model for source in layers))
     per_layer = {
-        model: _per_layer_lists(_section(sources[model].config, parents) or {}, sources[model]) for model in used
+        model: _per_layer_lists(_source_section(sources[model].config, parents), sources[model]) for model in used
     }
     for key in sorted({key for lists in per_layer.values() for key in lists}):
         lacking = [str(model) for model in used if key not in per_layer[model]]
@@ -97,7 +97,7 @@ def rebuild_layer_config(
             continue
         section[key] = [copy.deepcopy(per_layer[s.model][key][s.layer]) for s in layers]
     for key in INDEX_LISTS:
-        member_sets = {model: _index_set(_section(sources[model].config, parents) or {}, key) for model in used}
+        member_sets = {model: _index_set(_source_section(sources[model].config, parents), key) for model in used}
         if all(members is None for members in member_sets.values()):
             continue
         section[key] = [j for j, s in enumerate(layers) if s.layer in (member_sets[s.model] or set())]
@@ -121,12 +121,19 @@ def _fixup(plan, config: dict) -> ConfigFixup:
     key = plan.arch.num_layers_config_key
     if key is None:  # unreachable for stacks: inferred architectures are refused before planning
         return ConfigFixup(config, ())
-    layers = layer_sources(plan.recipe, plan.models)
+    layers = layer_sources(getattr(plan, "layer_recipe", None) or plan.recipe, plan.models)
     sources = {ref: SourceLayout(model.config, model.num_layers) for ref, model in plan.models.items()}
     return rebuild_layer_config(config, layer_key=key, layers=layers, sources=sources)
 
 
 # --- reading one source's settings --------------------------------------------------------
+
+
+def _source_section(config: dict, parents: Sequence[str]) -> dict:
+    """A source's layer settings: its ``parents`` section, or its top level when it has none
+    (the text-only twin of a VLM keeps at the top what the VLM keeps in ``text_config``)."""
+    section = _section(config, parents)
+    return section if section is not None else config
 
 
 def _section(config: dict, parents: Sequence[str]) -> dict | None:
@@ -195,7 +202,7 @@ def _positional_warnings(
 ) -> list[str]:
     notes = []
     for model in used:
-        section = _section(sources[model].config, parents) or {}
+        section = _source_section(sources[model].config, parents)
         for key, matters in POSITIONAL_SCALARS.items():
             if key not in skip and key in section and matters(section, section[key]):
                 notes.append(

@@ -167,6 +167,41 @@ def _check_merge(name: str, recipe: str, out: Path, ft1: Path, app) -> str:
     return "ok" if torch.isfinite(merged).all() else "non-finite logits"
 
 
+def vlm_merge_check(model_type: str, root: Path) -> str:
+    """The VLM-merge column: a vision-language model merged with its text-only twin.
+
+    linear VLM:0 + twin:1 must load as the VLM and give the twin's logits (to 1e-6; its
+    language weights taken by role, vision tower and projector from the VLM); "n/a" for a
+    type that is no VLM or whose language model has no text-only class.
+    """
+    import torch
+    from transformers.models.auto import modeling_auto
+
+    from mkmerge.cli import merge_app
+
+    from arch_models import model_class
+    from vlm_models import build_text_twin, build_vlm, load_any, text_logits
+
+    if model_type not in modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        return "n/a"
+    vlm = build_vlm(model_type, root / "vlm", seed=0)
+    text_type = json.loads((vlm / "config.json").read_text()).get("text_config", {}).get("model_type")
+    if text_type is None or model_class(text_type) is None:
+        return "n/a"
+    twin = build_text_twin(vlm, root / "twin", seed=1)
+    recipe = (
+        f"merge_method: linear\nmodels:\n  - model: {vlm}\n    parameters: {{weight: 0.0}}\n"
+        f"  - model: {twin}\n    parameters: {{weight: 1.0}}\ndtype: float32\n"
+    )
+    _merge(recipe, root / "vlm_merge", merge_app)
+    merged = load_any(root / "vlm_merge")
+    if type(merged) is not type(load_any(vlm)):
+        return f"output is {type(merged).__name__}"
+    # Exact for most; PaliGemma runs its language model through another attention path (rounding).
+    same = torch.allclose(text_logits(merged, TOKENS), text_logits(load_any(twin), TOKENS), rtol=0, atol=1e-6)
+    return "ok" if same else "logits differ from the twin"
+
+
 def _attempt(check) -> str:
     try:
         return check()
@@ -182,7 +217,7 @@ def main(types: list[str]) -> int:
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     warnings.simplefilter("ignore")
-    columns = ("linear", "ties", "slerp", "stack", "moe", "expand")
+    columns = ("linear", "ties", "slerp", "stack", "moe", "expand", "vlm merge")
     print(f"transformers {transformers.__version__}")
     print("| model_type | " + " | ".join(columns) + " |")
     print("|---" * (len(columns) + 1) + "|")
@@ -194,6 +229,7 @@ def main(types: list[str]) -> int:
                 row["expand"] = _attempt(lambda tmp=tmp: check_expand(Path(tmp)))
             except Exception as error:
                 row = {c: f"build failed: {type(error).__name__}" for c in columns}
+            row["vlm merge"] = _attempt(lambda t=model_type, d=Path(tmp) / "vlm": vlm_merge_check(t, d))
         failures += sum(row[c] not in ("ok", "n/a") for c in columns)
         print(f"| {model_type} | " + " | ".join(row[c] for c in columns) + " |", flush=True)
     return 1 if failures else 0

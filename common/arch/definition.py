@@ -65,6 +65,9 @@ class ArchitectureDefinition:
     num_experts_config_keys: tuple[str, ...] = ()
     num_experts: int | None = None
     source: str = ""
+    # Derived descriptions: every fixed weight's name in the model's module order (the pre and
+    # post lists follow the saved order); used to cut a vision tower around its own layers.
+    module_order: tuple[str, ...] = ()
 
     def num_layers(self, config: dict) -> int:
         """The model's depth: ``override_num_layers`` if set, else the config key's value."""

@@ -39,11 +39,14 @@ def describe_saved_tensors(model, config: dict, chosen: ModelClass) -> Architect
     vocab = _text_value(config, "vocab_size")
     embeds = {n for n in (origin_to_saved(origin, m) for m in _embedding_params(model, vocab)) if n}
     ties = _ties(model, origin)
+    hub_forms = _nested_prefix_names(model, origin)
 
     per_layer: dict[str, set[int]] = defaultdict(set)
+    layer_aliases: dict[str, str] = {}  # rest of a layer name -> its in-memory template, where they differ
     experts: set[int] = set()
     pre: list[str] = []
     post: list[str] = []
+    position: dict[str, int] = {}
     first_layer_at = min((order[i] for i in internal if i.startswith(stack + ".")), default=0)
     for name in saved:
         match = layer_re.fullmatch(name)
@@ -53,9 +56,14 @@ def describe_saved_tensors(model, config: dict, chosen: ModelClass) -> Architect
             if expert:
                 experts.add(int(expert.group(3)))
             per_layer[rest].add(int(match.group(1)))
+            own = origin_to_saved_inverse(origin, name)
+            marker = f"{stack}.{match.group(1)}."
+            if not expert and own and own != name and own.startswith(marker):
+                layer_aliases.setdefault(rest, f"{stack}.${{{LAYER}}}.{own[len(marker) :]}")
             continue
         own = origin_to_saved_inverse(origin, name)
         at = order[own] if own is not None else -1
+        position[name] = at
         (pre if at < first_layer_at else post).append(name)
 
     expert_key = _expert_key(config, experts)
@@ -68,16 +76,20 @@ def describe_saved_tensors(model, config: dict, chosen: ModelClass) -> Architect
         WeightInfo(
             name=f"{saved_prefix}.${{{LAYER}}}.{rest}",
             optional=len(layers) < depth or _is_buffer(rest, buffers),
+            aliases=(layer_aliases[rest],) if rest in layer_aliases else (),
         )
         for rest, layers in templates.items()
     )
 
     def fixed(name: str) -> WeightInfo:
         tied = ties.get(name, ())
+        own = origin_to_saved_inverse(origin, name)
         return WeightInfo(
             name=name,
             is_embed=name in embeds,
             optional=bool(tied) or name in buffers or any(o in buffers for o in origin.get(name, ())),
+            # checkpoints saved in the in-memory layout (a VLM's `model.language_model.*`) name it so
+            aliases=tuple(a for a in (own, hub_forms.get(name)) if a and a != name),
             tied_names=tied,
         )
 
@@ -92,10 +104,35 @@ def describe_saved_tensors(model, config: dict, chosen: ModelClass) -> Architect
         post_weight_templates=tuple(fixed(n) for n in post),
         num_experts_config_keys=(expert_key,) if expert_key else (),
         source=f"derived from transformers' {chosen.name}",
+        module_order=tuple(sorted(position, key=position.__getitem__)),
     )
 
 
 _EXPERT = re.compile(r"(^|\.)(experts\.)(\d+)\.")
+
+
+def _nested_prefix_names(model, origin: dict[str, tuple[str, ...]]) -> dict[str, str]:
+    """Saved name -> the name checkpoints give it when they keep a nested vision model's own
+    ``base_model_prefix`` (Gemma 3's published ``vision_tower.vision_model.*``, which transformers
+    loads into ``vision_tower.*``). Vision parts only: the language model has its own forms."""
+    from transformers import PreTrainedModel
+
+    from .roles import TEXT_DECODER, module_of
+
+    forms: dict[str, str] = {}
+    for module_name, module in model.named_modules():
+        prefix = getattr(module, "base_model_prefix", "") if isinstance(module, PreTrainedModel) else ""
+        if not module_name or not prefix or prefix in module._modules:
+            continue
+        inner = module_name + "."
+        for saved in origin:
+            own = origin_to_saved_inverse(origin, saved)
+            if own is None or not own.startswith(inner) or module_of(saved) == TEXT_DECODER:
+                continue
+            rest = own[len(inner) :]
+            if saved.endswith("." + rest):
+                forms.setdefault(saved, f"{saved[: -len(rest)]}{prefix}.{rest}")
+    return forms
 
 
 def _state_tensors(model) -> dict:

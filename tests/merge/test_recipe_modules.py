@@ -1,4 +1,4 @@
-"""mergekit's `modules:` form: parsed into a typed structure with line-numbered errors, then refused by the planner."""
+"""mergekit's `modules:` form: parsed into a typed structure with line-numbered errors (merging: test_modules_merge.py)."""
 
 from __future__ import annotations
 
@@ -89,17 +89,18 @@ def test_parameter_slips_inside_modules_are_caught():
     assert (error.field, error.line) == ("modules.vision_tower.parameters.wieght", 15)
 
 
-def test_planner_refuses_modules_before_any_model_is_looked_up():
-    with pytest.raises(RecipeError) as info:
-        referenced_models(parse(MODULES))
-    error = info.value
-    assert (error.field, error.line, error.file) == ("modules", 2, "vlm.yml")
-    assert "`text_decoder`, `vision_tower`" in error.message and "`models:` or `slices:`" in error.hint
+def test_referenced_models_cover_every_module_in_document_order():
+    recipe = parse(
+        MODULES.replace(
+            "          - model: a\n            layer_range", "          - model: c\n            layer_range"
+        )
+    )
+    assert [str(ref) for ref in referenced_models(recipe)] == ["a", "b", "c"]
 
 
-def test_cli_refuses_modules_with_exit_2_instead_of_crashing(tmp_path):
+def test_cli_reports_a_missing_module_model_with_exit_3_not_a_crash(tmp_path):
     recipe = tmp_path / "vlm.yml"
-    recipe.write_text(MODULES)
+    recipe.write_text(MODULES.replace("model: a", f"model: {tmp_path / 'nowhere'}"))
     result = subprocess.run(
         [sys.executable, "-m", "mkmerge", str(recipe), str(tmp_path / "out")],
         capture_output=True,
@@ -107,6 +108,6 @@ def test_cli_refuses_modules_with_exit_2_instead_of_crashing(tmp_path):
         timeout=120,
     )
     output = result.stdout + result.stderr
-    assert result.returncode == 2, output
-    assert "vlm.yml:2" in output and "modules" in output and "Traceback" not in output
+    assert result.returncode == 3, output
+    assert "nowhere" in output and "Traceback" not in output
     assert not (tmp_path / "out").exists()
