@@ -94,6 +94,13 @@ def _shared(**given) -> Any:
     return opts
 
 
+def _pushed(opts, tool: str, notify: Callable[[str], None] | None, result: BuildResult) -> BuildResult:
+    """``result``, once the output is uploaded when ``push_to_hub`` asks for it (silently
+    unless ``notify``)."""
+    opts.push_output(result.out, tool=tool, notify=notify or (lambda line: None))
+    return result
+
+
 def _build_options(opts, notify: Callable[[str], None] | None):
     # The command line prints --verify's one-line result; a library hands it to the caller.
     return dataclasses.replace(opts.build(), notify=notify)
@@ -197,20 +204,30 @@ def merge(
         )
         final = next((r for r in results if r.stage.name is None), None)
         computed = [r for r in results if not r.reused]
-        return BuildResult(
-            out=out,
-            tensors=final.stats.tensors
-            if final is not None and final.stats
-            else sum(r.stats.tensors for r in computed),
-            bytes_written=sum(r.stats.bytes_written for r in computed),
-            seconds=time.perf_counter() - started,
-            plan=final.plan if final is not None else None,
-            stages=outcomes,
+        return _pushed(
+            opts,
+            "mkmerge",
+            notify,
+            BuildResult(
+                out=out,
+                tensors=final.stats.tensors
+                if final is not None and final.stats
+                else sum(r.stats.tensors for r in computed),
+                bytes_written=sum(r.stats.bytes_written for r in computed),
+                seconds=time.perf_counter() - started,
+                plan=final.plan if final is not None else None,
+                stages=outcomes,
+            ),
         )
     context, listener = _progress(progress, "merging")
     with context:
         plan, stats = run_merge(stages[0].recipe, out, build, listener=listener, **common)
-    return BuildResult(out, stats.tensors, stats.bytes_written, time.perf_counter() - started, plan)
+    return _pushed(
+        opts,
+        "mkmerge",
+        notify,
+        BuildResult(out, stats.tensors, stats.bytes_written, time.perf_counter() - started, plan),
+    )
 
 
 def stack(
@@ -311,7 +328,12 @@ def stack(
             listener=listener,
             checked=checked,
         )
-    return BuildResult(Path(out), stats.tensors, stats.bytes_written, time.perf_counter() - started, plan)
+    return _pushed(
+        opts,
+        "mkstack",
+        notify,
+        BuildResult(Path(out), stats.tensors, stats.bytes_written, time.perf_counter() - started, plan),
+    )
 
 
 def moe(
@@ -367,4 +389,9 @@ def moe(
             listener=listener,
             on_stage=on_stage,
         )
-    return BuildResult(Path(out), stats.tensors, stats.bytes_written, time.perf_counter() - started, plan)
+    return _pushed(
+        opts,
+        "mkmoe",
+        notify,
+        BuildResult(Path(out), stats.tensors, stats.bytes_written, time.perf_counter() - started, plan),
+    )

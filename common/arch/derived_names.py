@@ -58,7 +58,9 @@ def describe_saved_tensors(model, config: dict, chosen: ModelClass) -> Architect
             per_layer[rest].add(int(match.group(1)))
             own = origin_to_saved_inverse(origin, name)
             marker = f"{stack}.{match.group(1)}."
-            if not expert and own and own != name and own.startswith(marker):
+            # same parameter, other module path (not a fused MoE tensor, which has its own
+            # conversion in common/arch/stored_layout.py)
+            if not expert and own and own != name and own.startswith(marker) and _same_leaf(own, name):
                 layer_aliases.setdefault(rest, f"{stack}.${{{LAYER}}}.{own[len(marker) :]}")
             continue
         own = origin_to_saved_inverse(origin, name)
@@ -109,6 +111,10 @@ def describe_saved_tensors(model, config: dict, chosen: ModelClass) -> Architect
 
 
 _EXPERT = re.compile(r"(^|\.)(experts\.)(\d+)\.")
+
+
+def _same_leaf(first: str, second: str) -> bool:
+    return first.rsplit(".", 1)[-1] == second.rsplit(".", 1)[-1]
 
 
 def _nested_prefix_names(model, origin: dict[str, tuple[str, ...]]) -> dict[str, str]:

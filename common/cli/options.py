@@ -192,15 +192,16 @@ class SharedOptions:
             if not self.dry_run:
                 check_can_upload(self.push_to_hub)
 
-    def push_output(self, out, *, tool: str) -> None:
-        """With --push-to-hub: upload the finished ``out`` and say where it went."""
+    def push_output(self, out, *, tool: str, notify=None) -> None:
+        """With --push-to-hub: upload the finished ``out`` and say where it went (to ``notify``,
+        by default the terminal)."""
         if self.push_to_hub is None or self.dry_run:
             return
         from mksuite.common.writing.hub_upload import upload_model
 
         url = upload_model(Path(out), self.push_to_hub, private=self.private, tool=tool)
         if not self.quiet:
-            _notify(f"uploaded {out} to {self.push_to_hub}: {url}")
+            (notify or _notify)(f"uploaded {out} to {self.push_to_hub}: {url}")
 
     def build(self, *, overwrite: bool | None = None):
         """The engine's BuildOptions (imports torch; raises DeviceUnavailableError without the device)."""

@@ -406,3 +406,14 @@ def test_push_to_hub_while_offline_refuses_before_building(family, tmp_path, no_
     assert result.exit_code == 12, result.output
     assert "HF_HUB_OFFLINE" in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_the_python_api_pushes_too_and_reports_through_notify(hub, family, tmp_path):
+    import mksuite
+
+    _, a, b = family
+    lines: list[str] = []
+    out = tmp_path / "out"
+    mksuite.merge(linear(str(a), str(b)), out, push_to_hub="me/api", private=True, notify=lines.append)
+    assert hub.repos["me/api"].private and hub.files("me/api") == directory_files(out)
+    assert any("me/api" in line for line in lines)
