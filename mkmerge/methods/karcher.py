@@ -10,11 +10,17 @@ import torch
 from mkmerge.methods import catalogue
 from mkmerge.methods.declaration import MergeMethod, MethodCall
 from mkmerge.methods.reductions import require_same_shape
+from mkmerge.methods.slerp import TORCH_SUM_INVARIANT_ELEMENTS
 from mkmerge.methods.vectors import combine, gram_matrix, quadratic_norm
 
 
-def karcher_merge(tensors: Sequence[torch.Tensor], *, max_iter: int = 10, tol: float = 1e-5) -> torch.Tensor:
+def karcher_merge(
+    tensors: Sequence[torch.Tensor], *, max_iter: int = 10, tol: float = 1e-5, precise: bool = False
+) -> torch.Tensor:
     """Equal-weight Karcher mean of the unit directions, scaled by the mean norm.
+
+    Tensors of at most TORCH_SUM_INVARIANT_ELEMENTS entries are computed as mergekit does
+    (:func:`stepwise_karcher`) unless ``precise``; the rest as follows.
 
     Each tensor is one flat vector ``W_i = n_i·u_i``. Inputs with ``n_i ≤ tol`` get no say in
     the direction but still count (as 0) in the mean norm ``Σ n_i / N``. The gradient
@@ -29,6 +35,8 @@ def karcher_merge(tensors: Sequence[torch.Tensor], *, max_iter: int = 10, tol: f
     if len(tensors) == 1:
         return tensors[0]
     require_same_shape(tensors, what="karcher")
+    if not precise and tensors[0].numel() <= TORCH_SUM_INVARIANT_ELEMENTS:
+        return stepwise_karcher(tensors, max_iter=max_iter, tol=tol)
     count = len(tensors)
     dtype = tensors[0].dtype
     vectors = [t.to(torch.float32) for t in tensors]
@@ -42,6 +50,42 @@ def karcher_merge(tensors: Sequence[torch.Tensor], *, max_iter: int = 10, tol: f
     beta = karcher_coefficients(directions, max_iter=max_iter, tol=tol)
     coefficients = [scale * float(beta[k]) / float(norms[i]) for k, i in enumerate(kept)]
     return combine([vectors[i] for i in kept], coefficients, dtype=dtype)
+
+
+def stepwise_karcher(tensors: Sequence[torch.Tensor], *, max_iter: int, tol: float) -> torch.Tensor:
+    """The Karcher mean as mergekit computes it: each step a float32 (float64 for float64
+    inputs) tensor operation on the flat vectors, so float32 merges give its numbers bit for
+    bit; the result is cast to the inputs' dtype."""
+    dtype = tensors[0].dtype
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    vectors = [t.reshape(-1).to(work) for t in tensors]
+    count = len(vectors)
+    norms = [v.norm() for v in vectors]
+    units = [v / n if n > 0 else torch.zeros_like(v) for v, n in zip(vectors, norms)]
+    kept = [i for i in range(count) if norms[i] > tol]
+    if not kept:
+        return torch.zeros(tensors[0].shape, dtype=dtype, device=tensors[0].device)
+    weights = [1.0 / count] * count  # equal weights, renormalised over the kept inputs
+    alpha = [weights[i] / sum(weights[j] for j in kept) for i in kept]
+    directions = [units[i] for i in kept]
+    mean = sum(a * u for a, u in zip(alpha, directions))
+    length = mean.norm()
+    point = mean / length if length >= tol else directions[0].clone()
+    for _ in range(max_iter):
+        tangent = torch.zeros_like(point)
+        for a, u in zip(alpha, directions):
+            cosine = torch.clamp((point * u).sum(), -1, 1)
+            theta = torch.arccos(cosine)
+            if theta < tol:
+                continue
+            tangent = tangent + a * (theta / torch.sin(theta)) * (u - cosine * point)
+        step = tangent.norm()
+        if step < tol:
+            break
+        point = torch.cos(step) * point + torch.sin(step) * (tangent / step)
+        point = point / point.norm()
+    scale = sum(w * n for w, n in zip(weights, norms))
+    return (scale * point).reshape(tensors[0].shape).to(dtype)
 
 
 def karcher_coefficients(directions: torch.Tensor, *, max_iter: int, tol: float) -> torch.Tensor:
@@ -81,7 +125,12 @@ def karcher_coefficients(directions: torch.Tensor, *, max_iter: int, tol: float)
 
 def _run_karcher(call: MethodCall) -> torch.Tensor:
     tensors = list(call.tensors) + ([call.base] if call.base is not None else [])
-    return karcher_merge(tensors, max_iter=int(call.params["max_iter"]), tol=float(call.params["tol"]))
+    return karcher_merge(
+        tensors,
+        max_iter=int(call.params["max_iter"]),
+        tol=float(call.params["tol"]),
+        precise=bool(call.params.get("precise")),
+    )
 
 
 MERGE_METHODS = (

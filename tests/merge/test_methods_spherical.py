@@ -317,6 +317,40 @@ def test_karcher_equals_the_spec_iteration(count):
     close(out, karcher_reference(tensors))
 
 
+def mergekit_karcher_reference(tensors, max_iter=10, tol=1e-5):
+    """The Karcher iteration as mergekit 0.1.5 runs it on float32 tensors (found by running
+    it): every step a float32 tensor operation, the angles and step from 0-dim tensors."""
+    xs = [t.flatten() for t in tensors]
+    norms = [x.norm() for x in xs]
+    units = [x / n for x, n in zip(xs, norms)]
+    alpha = 1.0 / len(xs)
+    u = sum(alpha * x for x in units)
+    u = u / u.norm()
+    for _ in range(max_iter):
+        tangent = torch.zeros_like(u)
+        for x in units:
+            c = torch.clamp((u * x).sum(), -1, 1)
+            theta = torch.arccos(c)
+            if theta < tol:
+                continue
+            tangent = tangent + alpha * (theta / torch.sin(theta)) * (x - c * u)
+        step = tangent.norm()
+        if step < tol:
+            break
+        u = torch.cos(step) * u + torch.sin(step) * (tangent / step)
+        u = u / u.norm()
+    return (sum(alpha * n for n in norms) * u).view(tensors[0].shape)
+
+
+def test_float32_karcher_of_small_tensors_is_mergekits_bit_for_bit():
+    tensors = [randn(40, 64, seed=70 + i) + 0.3 for i in range(3)]
+    out = karcher_merge(tensors)
+    assert torch.equal(out, mergekit_karcher_reference(tensors))
+    precise = karcher_merge(tensors, precise=True)
+    close(precise, karcher_reference(tensors))
+    assert not torch.equal(precise, out)
+
+
 @pytest.mark.parametrize("max_iter, tol", [(0, 1e-5), (1, 1e-5), (3, 1e-3), (50, 1e-9)])
 def test_karcher_honours_max_iter_and_tol(max_iter, tol):
     tensors = [randn(20, seed=60 + i) for i in range(3)]
