@@ -63,13 +63,19 @@ def run(recipe: Path, out: Path, env_extra: dict[str, str] | None = None) -> Tim
 
 
 def planned_bytes(recipe: Path) -> list[int]:
-    """Each output tensor's bytes, in plan order (the order the hook journals them in)."""
+    """Each output tensor's bytes, in the order the run computes and journals them (plan
+    order, tensors merged in many row blocks first: mksuite.common.build.compute_order)."""
+    from mksuite.common.build import front_loaded
+
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     shown = subprocess.run(
         [sys.executable, "-m", "mkmerge", "plan", str(recipe), "--json"], env=env, capture_output=True, text=True
     )
     assert shown.returncode == 0, shown.stderr
-    return [tensor["bytes"] for tensor in json.loads(shown.stdout)["tensors"]]
+    tensors = json.loads(shown.stdout)["tensors"]
+    first = front_loaded({t["name"]: t.get("row_blocks") or 1 for t in tensors})
+    tensors.sort(key=lambda t: t["name"] not in first)
+    return [tensor["bytes"] for tensor in tensors]
 
 
 def kill_point(sizes: list[int], at: float, by: str) -> int:
