@@ -30,7 +30,7 @@ def per_model_parameters(recipe, method: MergeMethod, inp: TensorInput, output_s
                     hint=f"set `{spec.name}` for that model, or once under the recipe's `parameters:`",
                 )
             value = spec.default
-        values[spec.name] = _convert(spec.kind, value)
+        values[spec.name] = spec.convert(value)
     return values
 
 
@@ -50,15 +50,5 @@ def global_parameters(recipe, method: MergeMethod, output_slice: PlannedSlice, n
                     line=recipe.line_of(("parameters",)) or recipe.line_of(("merge_method",)),
                 )
             value = spec.default
-        values[spec.name] = _convert(spec.kind, value)
+        values[spec.name] = spec.convert(value)
     return values
-
-
-def _convert(kind: type, value):
-    if value is None:
-        return None
-    if kind is bool:
-        return bool(value)
-    if kind is int:
-        return int(value)
-    return float(value)

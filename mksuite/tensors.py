@@ -121,7 +121,7 @@ def _parameters(spec, names: list[str], given: Mapping[str, Any]):
                 if parameter.default is REQUIRED:
                     raise RecipeError(f"merge method `{spec.name}` needs parameter `{parameter.name}`")
                 value = parameter.default
-            params[parameter.name] = _convert(parameter.kind, value)
+            params[parameter.name] = parameter.convert(value)
             continue
         values = _per_input(parameter.name, value, names)
         for index, item in enumerate(values):
@@ -132,8 +132,8 @@ def _parameters(spec, names: list[str], given: Mapping[str, Any]):
                         hint=f"{parameter.name}=[...] with one value per input, or one value for all",
                     )
                 item = parameter.default
-            per_model[index][parameter.name] = _convert(parameter.kind, item)
-    base_params = {p.name: _convert(p.kind, p.default) for p in spec.parameters if p.per_model and not p.required}
+            per_model[index][parameter.name] = parameter.convert(item)
+    base_params = {p.name: p.convert(p.default) for p in spec.parameters if p.per_model and not p.required}
     _check_bounds(spec, per_model, params)
     return tuple(per_model), base_params, params
 
@@ -164,13 +164,3 @@ def _check_bounds(spec, per_model: list[dict], params: dict) -> None:
                     f"{high if high is not None else 'inf'}]" + (f"; {parameter.domain}" if parameter.domain else ""),
                     field=parameter.name,
                 )
-
-
-def _convert(kind: type, value):
-    if value is None:
-        return None
-    if kind is bool:
-        return bool(value)
-    if kind is int:
-        return int(value)
-    return float(value)

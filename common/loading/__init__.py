@@ -12,7 +12,7 @@ Names are imported on first use (PEP 562): a caller that needs only :class:`Mode
 
 from __future__ import annotations
 
-import importlib
+from mksuite.common.lazy_exports import lazy_exports
 
 _HOME = {
     "CONFIG_PATTERNS": "hub",
@@ -38,15 +38,4 @@ _HOME = {
 
 __all__ = sorted(_HOME)
 
-
-def __getattr__(name: str):
-    module = _HOME.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_HOME))
+__getattr__, __dir__ = lazy_exports(__name__, _HOME)

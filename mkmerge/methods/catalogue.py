@@ -37,6 +37,16 @@ class ParameterSpec:
     def required(self) -> bool:
         return self.default is REQUIRED
 
+    def convert(self, value: Any) -> Any:
+        """A resolved value as the method reads it: ``kind`` applied, None kept."""
+        if value is None:
+            return None
+        if self.kind is bool:
+            return bool(value)
+        if self.kind is int:
+            return int(value)
+        return float(value)
+
 
 @dataclass(frozen=True)
 class TaskVectorVariant:

@@ -9,8 +9,7 @@ import torch
 
 from mkmerge.methods import catalogue
 from mkmerge.methods.declaration import MergeMethod, MethodCall
-from mkmerge.methods.reductions import require_same_shape
-from mkmerge.methods.slerp import TORCH_SUM_INVARIANT_ELEMENTS
+from mkmerge.methods.reductions import TORCH_SUM_INVARIANT_ELEMENTS, require_same_shape
 from mkmerge.methods.vectors import combine, gram_matrix, quadratic_norm
 
 

@@ -28,6 +28,10 @@ from mksuite.common.errors import ShapeMismatchError
 CHUNK = 1 << 14
 # Chunks converted to float64 at a time, bounding the temporary to 32 MiB.
 CHUNKS_PER_BLOCK = 256
+# Up to this many elements torch's own float32 sums (measured: 2 x its 32768 grain) do not
+# depend on its thread count, so results mergekit computes with them are well defined there
+# and the geometric methods reproduce them exactly (slerp, multislerp, karcher).
+TORCH_SUM_INVARIANT_ELEMENTS = 65536
 
 # Up to this many summands, every CPU kernel torch uses for ``stack(...).sum(dim=0)`` adds
 # them one after another into a zero-initialised float accumulator (its cascade only starts

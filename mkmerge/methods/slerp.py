@@ -9,7 +9,13 @@ import torch
 from mkmerge.methods import catalogue, fused
 from mkmerge.methods.chunked import ChunkedForm
 from mkmerge.methods.declaration import MergeMethod, MethodCall
-from mkmerge.methods.reductions import exact_sum, gram_partials, gram_sums, require_same_shape
+from mkmerge.methods.reductions import (
+    TORCH_SUM_INVARIANT_ELEMENTS,
+    exact_sum,
+    gram_partials,
+    gram_sums,
+    require_same_shape,
+)
 from mkmerge.methods.working_set import WorkingSet
 from mksuite.common.errors import MergeError
 
@@ -21,9 +27,6 @@ SLERP_CHUNK_FACTOR = 2
 PARALLEL_THRESHOLD = 0.9995
 # Norms at or below this are not divided by (the vector is used as it is).
 NORM_EPS = 1e-8
-# Up to this many elements torch's own float32 sums do not depend on its thread count, so
-# mergekit's coefficients (computed with them) are well defined and are reproduced exactly.
-TORCH_SUM_INVARIANT_ELEMENTS = 65536
 
 
 def slerp_merge(t: float, base: torch.Tensor, other: torch.Tensor, *, precise: bool = False) -> torch.Tensor:
